@@ -1,0 +1,260 @@
+"""Tiny random ``nemotron_h_omni`` checkpoints, built in code and never downloaded.
+
+Policy: a tiny checkpoint has every block type the real Nemotron 3 Nano Omni has
+(Mamba2 mixers, MoE with routed + shared experts and a sigmoid router with
+``e_score_correction_bias``, attention, RADIO vision with the Conv3D video
+embedder, Parakeet audio, both projectors), is written by transformers'
+``save_pretrained`` in the hub layout the real checkpoints use, in BF16, with a
+byte-level BPE tokenizer carrying the real model's placeholder tokens. Everything
+is seeded: the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omniquant.errors import ExportError
+
+# Placeholder tokens exactly as transformers' NemotronH omni processor spells them.
+IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
+AUDIO_TOKEN = "<so_embedding>"
+IMAGE_START, IMAGE_END = "<img>", "</img>"
+AUDIO_START, AUDIO_END = "<so_start>", "<so_end>"
+SPECIAL_TOKENS = [
+    "<pad>", "<s>", "</s>", "<unk>",
+    IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN, IMAGE_START, IMAGE_END, AUDIO_START, AUDIO_END,
+]  # fmt: skip
+
+# A fixed corpus for the tokenizer's BPE merges: deterministic, no download.
+_TOKENIZER_CORPUS = (
+    "the quick brown fox jumps over the lazy dog. what colour is the shape? "
+    "how many objects are in the image? which way does the square move? "
+    "is anything moving in the video? how many beeps do you hear? what is the pitch? "
+    "read the number in the document. answer with one word. red green blue yellow "
+    "circle square triangle left right up down yes no high low zero one two three four "
+    "five six seven eight nine ten. the chart shows sales by month. transcribe the audio."
+)
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Widths of one tiny-model preset. ``hidden`` must divide by 16 (NVFP4 blocks)."""
+
+    hidden: int
+    layers: tuple[str, ...]
+    experts: int
+    expert_width: int
+    mamba_heads: int
+    vision_hidden: int
+    vision_layers: int
+    audio_hidden: int
+    audio_layers: int
+    vocab_merges: int = 200
+
+
+# transformers' layer-type names: "linear_attention" is a Mamba2 mixer.
+_HYBRID = ("linear_attention", "moe", "full_attention", "moe", "linear_attention", "moe")
+SIZES: dict[str, TinySize] = {
+    # ~1 MB in BF16: the default for tests and the walking skeleton.
+    "tiny": TinySize(64, _HYBRID, 8, 64, 8, 32, 2, 32, 2),
+    # A few hundred million parameters: for memory/time benchmarks of quantize + export.
+    "bench": TinySize(1024, _HYBRID * 2, 32, 512, 32, 256, 4, 256, 4),
+}
+
+
+def tiny_config_dict(size: TinySize) -> dict[str, Any]:
+    """Return the kwargs of a ``NemotronH_Omni_Reasoning_V3_Config`` for ``size``."""
+    vocab = 256 + len(SPECIAL_TOKENS) + size.vocab_merges
+    text = {
+        "vocab_size": vocab,
+        "hidden_size": size.hidden,
+        "intermediate_size": 2 * size.hidden,
+        "layers_block_type": list(size.layers),
+        "mamba_num_heads": size.mamba_heads,
+        "mamba_head_dim": 2 * size.hidden // size.mamba_heads,
+        "n_groups": 2,
+        "ssm_state_size": 16,
+        "chunk_size": 16,
+        "conv_kernel": 4,
+        "expand": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": size.hidden // 4,
+        "moe_intermediate_size": size.expert_width,
+        "moe_shared_expert_intermediate_size": size.expert_width,
+        "n_routed_experts": size.experts,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "max_position_embeddings": 4096,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+    }
+    vision = {
+        "hidden_size": size.vision_hidden,
+        "num_hidden_layers": size.vision_layers,
+        "num_attention_heads": 2,
+        "patch_size": 16,
+        "max_img_size": 512,
+        "patch_dim": 3 * 16 * 16,
+        "video_patch_dim": 2 * 3 * 16 * 16,
+        "video_temporal_patch_size": 2,
+        "num_cls_tokens": 3,
+        "num_registers": 1,
+        "summary_idxs": [0, 1],
+    }
+    audio = {
+        "hidden_size": size.audio_hidden,
+        "num_hidden_layers": size.audio_layers,
+        "num_attention_heads": 2,
+        "intermediate_size": 2 * size.audio_hidden,
+        "subsampling_conv_channels": 16,
+        "num_mel_bins": 128,
+        "projection_hidden_size": 2 * size.hidden,
+        "projection_bias": False,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+        "layerdrop": 0.0,
+    }
+    return {
+        "text_config": text,
+        "vision_config": vision,
+        "audio_config": audio,
+        "projector_hidden_size": 2 * size.hidden,
+        "vision_hidden_size": size.vision_hidden,
+        "downsample_ratio": 0.5,
+        "video_pruning_rate": 0.0,
+        "video_temporal_patch_size": 2,
+    }
+
+
+def build_tokenizer(merges: int = 200):
+    """Build the byte-level BPE tokenizer with the omni placeholder tokens.
+
+    Special tokens get ids 0..len(SPECIAL_TOKENS)-1, so ``<pad>`` is 0, ``<s>`` 1
+    and ``</s>`` 2, matching the text config.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + len(SPECIAL_TOKENS) + merges,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={
+            "image_token": IMAGE_TOKEN,
+            "video_token": VIDEO_TOKEN,
+            "audio_token": AUDIO_TOKEN,
+        },
+    )
+
+
+def build_tiny_model(seed: int = 0, size: str = "tiny"):
+    """Build a seeded random omni model and its tokenizer (in memory, BF16).
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    import torch
+    from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3_Config,
+    )
+    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3,
+    )
+
+    spec = SIZES[size]
+    tokenizer = build_tokenizer(spec.vocab_merges)
+    kwargs = tiny_config_dict(spec)
+    kwargs["text_config"]["vocab_size"] = len(tokenizer)
+    config = NemotronH_Omni_Reasoning_V3_Config(
+        **kwargs,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+    )
+    # modelopt's exporter and serving loaders both need architectures set.
+    config.architectures = ["NemotronH_Omni_Reasoning_V3"]
+    torch.manual_seed(seed)
+    model = NemotronH_Omni_Reasoning_V3(config)
+    _randomize_router_bias(model, seed)
+    model = model.to(torch.bfloat16).eval()
+    return model, tokenizer
+
+
+def _randomize_router_bias(model, seed: int) -> None:
+    """Give ``e_score_correction_bias`` small non-zero values (it initialises to zeros)
+    so that a tiny checkpoint exercises the bias path the real router uses."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(torch.randn(buf.shape, generator=gen) * 0.01)
+
+
+def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = False) -> Path:
+    """Write a tiny random ``nemotron_h_omni`` checkpoint to ``out``.
+
+    Args:
+        out: Output directory; must not exist unless ``force``.
+        seed: RNG seed; the same seed gives byte-identical files.
+        size: A key of ``SIZES``.
+        force: Overwrite an existing directory.
+
+    Returns:
+        The output directory.
+    """
+    import shutil
+
+    out = Path(out)
+    if size not in SIZES:
+        raise ExportError(f"make-tiny: unknown --size {size!r}; choose one of {sorted(SIZES)}.")
+    if out.exists():
+        if not force:
+            raise ExportError(
+                f"make-tiny: output directory {out} already exists; pass --force to overwrite it."
+            )
+        shutil.rmtree(out)
+    model, tokenizer = build_tiny_model(seed, size)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _write_preprocessor_config(out, model.config)
+    return out
+
+
+def _write_preprocessor_config(out: Path, config) -> None:
+    """Record the processing parameters omniquant's processors read (patch size,
+    normalisation, audio sampling rate), in the processor-config file name hub
+    checkpoints use."""
+    vision = config.vision_config
+    payload = {
+        "processor_class": "NemotronH_Omni_Reasoning_V3Processor",
+        "patch_size": vision.patch_size,
+        "downsample_ratio": config.downsample_ratio,
+        "image_mean": list(vision.norm_mean),
+        "image_std": list(vision.norm_std),
+        "max_num_patches": 64,
+        "video_temporal_patch_size": config.video_temporal_patch_size,
+        "sampling_rate": 16000,
+        "feature_size": config.audio_config.num_mel_bins,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
