@@ -1,0 +1,85 @@
+"""The ``omniquant`` command line.
+
+Policy: the CLI only parses arguments, calls one stage function and prints its
+result. Anything the CLI can do, a Python call can do. User errors
+(``OmniquantError``) are printed without a traceback and exit non-zero; other
+exceptions are bugs and keep their traceback. Stage modules are imported inside
+the commands so that ``omniquant --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from omniquant.errors import OmniquantError
+
+app = typer.Typer(
+    name="omniquant",
+    help="Quantize omni-modal models to FP8/NVFP4, export serving checkpoints, "
+    "build engine bundles and report the quality cliff.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Quantize omni-modal models to FP8/NVFP4 and report what was lost."""
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+@app.command("make-tiny")
+def make_tiny_cmd(
+    out: Annotated[Path, typer.Option(help="Output directory for the checkpoint.")],
+    seed: Annotated[int, typer.Option(help="RNG seed; same seed, same bytes.")] = 0,
+    size: Annotated[str, typer.Option(help="Preset: tiny (~1 MB) or bench (~300M params).")] = "tiny",
+    force: Annotated[bool, typer.Option(help="Overwrite an existing output directory.")] = False,
+) -> None:
+    """Write a tiny random nemotron_h_omni checkpoint in the hub layout."""
+    from omniquant.tiny import make_tiny
+
+    path = make_tiny(out, seed=seed, size=size, force=force)
+    _console().print(f"wrote tiny nemotron_h_omni checkpoint to {path}")
+
+
+# Further commands are registered by the modules below; each keeps its own
+# stage imports inside the command body.
+from omniquant import _cli_commands  # noqa: E402,F401  (registers commands on `app`)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: run the app, turning ``OmniquantError`` into a clean message."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except OmniquantError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        # Usage errors (typer vendors click) arrive here in non-standalone mode.
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+            exc.show()
+            return exc.exit_code
+        if type(exc).__name__ == "Abort":
+            print("aborted", file=sys.stderr)
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

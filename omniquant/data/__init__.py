@@ -1,0 +1,1 @@
+"""Calibration and evaluation data: manifests, media readers, processing, batches."""

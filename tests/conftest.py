@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny checkpoints built in code (never downloaded), GPU markers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def _sm() -> int:
+    if not torch.cuda.is_available():
+        return 0
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def requires_sm(min_sm: int):
+    """Skip unless a CUDA GPU of compute capability >= ``min_sm`` (e.g. 90, 100) is present."""
+    return pytest.mark.skipif(_sm() < min_sm, reason=f"needs a CUDA GPU with SM >= {min_sm}")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random nemotron_h_omni checkpoint (seed 0), shared by the session. Read-only."""
+    from omniquant.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
