@@ -57,7 +57,12 @@ class TinySize:
 
 
 # transformers' layer-type names: "linear_attention" is a Mamba2 mixer.
-_HYBRID = ("linear_attention", "moe", "full_attention", "moe", "linear_attention", "moe")
+# Mamba at 0, 2, 6 and attention at 4: layers 2 and 6 are the attention's Mamba
+# neighbours (kept BF16 by fp8_omni) while layer 0 is an ordinary Mamba layer.
+_HYBRID = (
+    "linear_attention", "moe", "linear_attention", "moe",
+    "full_attention", "moe", "linear_attention", "moe",
+)  # fmt: skip
 SIZES: dict[str, TinySize] = {
     # ~1 MB in BF16: the default for tests and the walking skeleton.
     "tiny": TinySize(64, _HYBRID, 8, 64, 8, 32, 2, 32, 2),

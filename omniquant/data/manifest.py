@@ -1,0 +1,310 @@
+"""Calibration-set manifests: a directory with ``manifest.jsonl``, one sample per line.
+
+Policy: a manifest is validated whole before any model work. Every problem of every
+line (bad JSON, missing or unknown fields, media that are missing, unreadable or
+corrupt, prompt markers that do not match the media) is collected first; then either
+one ``DataError`` lists them all, or, with ``skip_bad``, the bad lines are dropped and
+returned so the caller can warn with a count. Media are really decoded here (Pillow
+verify + load, PyAV first frame, soundfile full read), not just stat'ed.
+
+Line format (JSON object; unknown keys are an error)::
+
+    {"id": "chart-03",                  # required, unique in the manifest
+     "prompt": "<image>\\nWhat is the tallest bar?",   # required text
+     "image": "img/chart-03.png",       # or "images": [...]; paths relative to the manifest
+     "video": "vid/scroll.mp4",         # at most one video; not together with images
+     "video_frames": 16,                # or "video_fps": 2.0 (how frames are sampled)
+     "audio": "aud/beeps.flac",         # or a list of paths
+     "answer": "March"}                 # optional reference answer
+
+Prompt markers: ``<image>``, ``<video>`` and ``<audio>`` in the prompt mark where each
+medium goes, in order. For each modality the prompt has either no marker (its media are
+then put before the text, see ``processing``) or exactly one marker per file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from omniquant.errors import DataError
+
+MANIFEST_NAME = "manifest.jsonl"
+IMAGE_MARKER = "<image>"
+VIDEO_MARKER = "<video>"
+AUDIO_MARKER = "<audio>"
+
+
+class ManifestEntry(BaseModel):
+    """One manifest line, with media paths as written (relative to ``root``).
+
+    Attributes:
+        id: Sample id, unique within the manifest.
+        prompt: Prompt text, optionally with ``<image>``/``<video>``/``<audio>`` markers.
+        images: Image paths (the line's ``image`` or ``images``).
+        video: Video path.
+        audio: Audio paths (the line's ``audio``, a string or a list).
+        answer: Reference answer text.
+        video_fps: Sample the video at this many frames per second.
+        video_frames: Sample this many frames uniformly from the video.
+        root: Directory the media paths are relative to (the manifest's directory).
+        line: 1-based line number in ``manifest.jsonl`` (0 for entries built in code).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1)
+    prompt: str
+    images: tuple[str, ...] = ()
+    video: str | None = None
+    audio: tuple[str, ...] = ()
+    answer: str | None = None
+    video_fps: float | None = Field(default=None, gt=0)
+    video_frames: int | None = Field(default=None, gt=0)
+    root: Path = Path(".")
+    line: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalize(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "image" in data:
+            if "images" in data:
+                raise ValueError("give 'image' or 'images', not both")
+            data["images"] = [data.pop("image")]
+        if isinstance(data.get("images"), str):
+            data["images"] = [data["images"]]
+        if isinstance(data.get("audio"), str):
+            data["audio"] = [data["audio"]]
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ManifestEntry:
+        if self.images and self.video:
+            raise ValueError(
+                "a sample carries images or a video, not both (the model cannot tell them "
+                "apart in the sequence); split it into two lines"
+            )
+        if (self.video_fps is not None or self.video_frames is not None) and not self.video:
+            raise ValueError("video_fps/video_frames given without a video")
+        if self.video_fps is not None and self.video_frames is not None:
+            raise ValueError("give video_fps or video_frames, not both")
+        for rel in self.media_relpaths():
+            if not rel:
+                raise ValueError("empty media path")
+            if Path(rel).is_absolute():
+                raise ValueError(f"media path {rel!r} is absolute; make it relative to the manifest")
+        for marker, count in (
+            (IMAGE_MARKER, len(self.images)),
+            (VIDEO_MARKER, 1 if self.video else 0),
+            (AUDIO_MARKER, len(self.audio)),
+        ):
+            found = self.prompt.count(marker)
+            if found and found != count:
+                raise ValueError(
+                    f"prompt has {found} {marker} marker(s) but the line names {count} such "
+                    f"file(s); use one marker per file, or none to put the media first"
+                )
+        return self
+
+    def media_relpaths(self) -> list[str]:
+        """Media paths as written in the manifest: images, then video, then audio."""
+        return [*self.images, *([self.video] if self.video else []), *self.audio]
+
+    def resolve(self, rel: str) -> Path:
+        """Absolute path of a media path of this entry."""
+        return (self.root / rel).resolve()
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A manifest line that failed validation.
+
+    Attributes:
+        line: 1-based line number.
+        path: The media path at fault, as written in the manifest (``None`` when the
+            line itself is bad: JSON, fields, markers). When several files of one line
+            are bad, the first.
+        reason: What is wrong; with several problems on one line, all of them, each
+            after the first prefixed by its path.
+    """
+
+    line: int
+    path: str | None
+    reason: str
+
+
+class ValidatedManifest(NamedTuple):
+    """Result of ``validate_manifest``: the good entries and the lines skipped."""
+
+    entries: list[ManifestEntry]
+    skipped: list[BadLine]
+
+
+def manifest_file(path: str | Path) -> Path:
+    """The ``manifest.jsonl`` of a calibration-set directory (or the file itself)."""
+    path = Path(path)
+    file = path / MANIFEST_NAME if path.is_dir() else path
+    if not file.is_file():
+        where = f"{path} has no {MANIFEST_NAME}" if path.is_dir() else f"{path} does not exist"
+        raise DataError(
+            f"Calibration set: {where}. A calibration set is a directory with a "
+            f"{MANIFEST_NAME} file (one JSON sample per line)."
+        )
+    return file
+
+
+def load_manifest(path: str | Path) -> list[ManifestEntry]:
+    """Parse and schema-check a manifest without decoding media.
+
+    Args:
+        path: A calibration-set directory or its ``manifest.jsonl``.
+
+    Returns:
+        The entries in file order.
+
+    Raises:
+        DataError: One error listing every bad line (JSON, fields, markers, ids).
+    """
+    file = manifest_file(path)
+    entries, problems = _parse(file)
+    if problems:
+        raise DataError(_format_problems(file, problems, len(entries) + len(problems)))
+    if not entries:
+        raise DataError(f"Calibration manifest {file} has no samples.")
+    return entries
+
+
+def validate_manifest(path: str | Path, skip_bad: bool = False) -> ValidatedManifest:
+    """Validate a whole manifest, decoding every media file it names.
+
+    Args:
+        path: A calibration-set directory or its ``manifest.jsonl``.
+        skip_bad: Drop bad lines instead of failing; they are returned in ``skipped``.
+
+    Returns:
+        ``(entries, skipped)``: the good entries in file order and one ``BadLine`` per
+        dropped line (empty without ``skip_bad``).
+
+    Raises:
+        DataError: Without ``skip_bad``, one error listing every bad line with the
+            manifest path, line number, media path and reason. With ``skip_bad``, only
+            when no good line is left.
+    """
+    from omniquant.data import media
+
+    checkers = {"image": media.check_image, "video": media.check_video, "audio": media.check_audio}
+    file = manifest_file(path)
+    entries, problems = _parse(file)
+    total = len(entries) + len(problems)
+    good: list[ManifestEntry] = []
+    for entry in entries:
+        found: list[tuple[str, str]] = []
+        for kind, rels in (
+            ("image", entry.images),
+            ("video", (entry.video,) if entry.video else ()),
+            ("audio", entry.audio),
+        ):
+            for rel in rels:
+                try:
+                    checkers[kind](entry.resolve(rel))
+                except media.MediaError as err:
+                    found.append((rel, err.reason))
+        if found:
+            problems.append(_bad_line(entry.line, entry.id, found))
+        else:
+            good.append(entry)
+    problems.sort(key=lambda p: p[0].line)
+    if problems and not skip_bad:
+        raise DataError(_format_problems(file, problems, total))
+    if not good:
+        raise DataError(
+            _format_problems(file, problems, total, tail="No usable sample is left.")
+            if problems
+            else f"Calibration manifest {file} has no samples."
+        )
+    return ValidatedManifest(good, [bad for bad, _ in problems])
+
+
+# A problem is (BadLine, sample id or None when the line could not be parsed).
+_Problem = tuple[BadLine, "str | None"]
+
+
+def _bad_line(line: int, sample_id: str | None, found: list[tuple[str | None, str]]) -> _Problem:
+    path, reason = found[0]
+    rest = [f"{p}: {r}" if p else r for p, r in found[1:]]
+    return BadLine(line, path, "; ".join([reason, *rest])), sample_id
+
+
+def _parse(file: Path) -> tuple[list[ManifestEntry], list[_Problem]]:
+    entries: list[ManifestEntry] = []
+    problems: list[_Problem] = []
+    seen: dict[str, int] = {}
+    root = file.parent.resolve()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"Calibration manifest {file}: cannot read it: {err}") from err
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            problems.append(_bad_line(number, None, [(None, f"bad JSON: {err}")]))
+            continue
+        if not isinstance(data, dict):
+            problems.append(_bad_line(number, None, [(None, "a line must be a JSON object")]))
+            continue
+        reserved = sorted({"root", "line"} & data.keys())
+        if reserved:
+            problems.append(
+                _bad_line(number, None, [(None, f"unknown field(s) {', '.join(reserved)}")])
+            )
+            continue
+        try:
+            entry = ManifestEntry.model_validate({**data, "root": root, "line": number})
+        except ValidationError as err:
+            problems.append(_bad_line(number, data.get("id"), [(None, _pydantic_reason(err))]))
+            continue
+        if entry.id in seen:
+            reason = f"duplicate id {entry.id!r} (first on line {seen[entry.id]})"
+            problems.append(_bad_line(number, entry.id, [(None, reason)]))
+            continue
+        seen[entry.id] = number
+        entries.append(entry)
+    return entries, problems
+
+
+def _pydantic_reason(err: ValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        where = ".".join(str(x) for x in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            parts.append(f"missing field {where!r}")
+        elif item["type"] == "extra_forbidden":
+            allowed = "id, prompt, image, images, video, video_fps, video_frames, audio, answer"
+            parts.append(f"unknown field {where!r} (allowed: {allowed})")
+        elif where:
+            parts.append(f"field {where!r}: {message} (got {item.get('input')!r})")
+        else:
+            parts.append(message)
+    return "; ".join(parts)
+
+
+def _format_problems(file: Path, problems: list[_Problem], total: int, tail: str = "") -> str:
+    lines = [f"Calibration manifest {file}: {len(problems)} of {total} samples are bad:"]
+    for bad, sample_id in problems:
+        who = f"line {bad.line}" + (f" (id {sample_id!r})" if sample_id else "")
+        lines.append(f"  {who}: {bad.path}: {bad.reason}" if bad.path else f"  {who}: {bad.reason}")
+    lines.append(
+        tail or "Fix or remove these lines, or skip them (--skip-bad, or skip_bad=True in Python)."
+    )
+    return "\n".join(lines)

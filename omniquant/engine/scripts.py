@@ -1,0 +1,147 @@
+"""Launch commands and scripts of a bundle: trtllm-serve, trtllm-bench, vLLM.
+
+Policy: every command runs from the bundle directory and names the bundle's own
+files (``checkpoint``, ``llm_api_options.yaml``), so a bundle can be moved or
+copied to the GPU host as one folder. The same command strings go into the
+scripts and into ``bundle.json``; scripts ``cd`` to their own folder first and pass
+extra arguments through. Efficient Video Sampling is set the way each server
+documents it: the ``TLLM_VIDEO_PRUNING_RATIO`` environment variable for
+TensorRT-LLM (read when its model module is imported), ``--video-pruning-rate`` for
+vLLM. vLLM gets the same serving choices as the options file where it has a flag
+for them: float32 Mamba state, an FP8 KV cache for FP8-KV and NVFP4 checkpoints.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+CHECKPOINT_DIR = "checkpoint"
+OPTIONS_FILE = "llm_api_options.yaml"
+BENCH_DATASET = "bench_dataset.jsonl"
+BENCH_REPORT = "bench_report.json"
+EVS_ENV = "TLLM_VIDEO_PRUNING_RATIO"
+
+
+@dataclass(frozen=True)
+class LaunchCommands:
+    """Shell commands to run from the bundle directory.
+
+    Attributes:
+        env: Environment variables every TensorRT-LLM command needs.
+        serve: ``trtllm-serve`` command.
+        bench_dataset: ``trtllm-bench prepare-dataset`` command (synthetic text requests).
+        bench: ``trtllm-bench throughput`` command with the PyTorch backend.
+        vllm_serve: Equivalent ``vllm serve`` command.
+    """
+
+    env: dict[str, str]
+    serve: str
+    bench_dataset: str
+    bench: str
+    vllm_serve: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "cwd": "bundle directory",
+            "env": dict(self.env),
+            "serve": self.serve,
+            "bench_dataset": self.bench_dataset,
+            "bench": self.bench,
+            "vllm_serve": self.vllm_serve,
+        }
+
+
+def _join(*parts: object) -> str:
+    return " ".join(shlex.quote(str(p)) for p in parts)
+
+
+def _rate(q: float) -> str:
+    return format(q, "g")
+
+
+def make_commands(
+    *,
+    max_batch_size: int,
+    max_seq_len: int,
+    video_pruning_rate: float | None,
+    vllm_fp8_kv_cache: bool,
+) -> LaunchCommands:
+    """Build the launch commands for one bundle."""
+    env = {EVS_ENV: _rate(video_pruning_rate)} if video_pruning_rate is not None else {}
+    serve = _join(
+        "trtllm-serve", "serve", CHECKPOINT_DIR, "--trust_remote_code",
+        "--extra_llm_api_options", OPTIONS_FILE,
+        "--max_batch_size", max_batch_size, "--max_seq_len", max_seq_len,
+    )  # fmt: skip
+    # Synthetic text requests sized to fit max_seq_len: measures the language model.
+    input_mean = min(1024, max_seq_len // 2)
+    output_mean = min(256, max_seq_len // 4)
+    bench_dataset = _join(
+        "trtllm-bench", "--model", CHECKPOINT_DIR, "prepare-dataset", "--trust-remote-code",
+        "--output", BENCH_DATASET, "token-norm-dist",
+        "--num-requests", max(32, 4 * max_batch_size),
+        "--input-mean", input_mean, "--output-mean", output_mean,
+        "--input-stdev", 0, "--output-stdev", 0,
+    )  # fmt: skip
+    bench = _join(
+        "trtllm-bench", "--model", CHECKPOINT_DIR, "--model_path", CHECKPOINT_DIR,
+        "throughput", "--backend", "pytorch", "--extra_llm_api_options", OPTIONS_FILE,
+        "--dataset", BENCH_DATASET, "--max_batch_size", max_batch_size,
+        "--max_seq_len", max_seq_len, "--report_json", BENCH_REPORT,
+    )  # fmt: skip
+    vllm = [
+        "vllm", "serve", CHECKPOINT_DIR, "--trust-remote-code",
+        "--max-num-seqs", max_batch_size, "--max-model-len", max_seq_len,
+        "--mamba-ssm-cache-dtype", "float32",
+    ]  # fmt: skip
+    if vllm_fp8_kv_cache:
+        vllm += ["--kv-cache-dtype", "fp8"]
+    if video_pruning_rate is not None:
+        vllm += ["--video-pruning-rate", _rate(video_pruning_rate)]
+    return LaunchCommands(
+        env=env, serve=serve, bench_dataset=bench_dataset, bench=bench, vllm_serve=_join(*vllm)
+    )
+
+
+def _script(header: list[str], env: dict[str, str], body: list[str]) -> str:
+    lines = ["#!/usr/bin/env bash", *(f"# {h}" for h in header)]
+    lines += ["set -euo pipefail", 'cd "$(dirname "${BASH_SOURCE[0]}")"']
+    for key, value in env.items():
+        lines.append(f"export {key}={shlex.quote(value)}  # Efficient Video Sampling pruning rate")
+    return "\n".join(lines + body) + "\n"
+
+
+def render_scripts(commands: LaunchCommands, *, banner: str, trtllm_min: str) -> dict[str, str]:
+    """Script file name -> text for ``serve.sh``, ``bench.sh`` and ``vllm_serve.sh``."""
+    # bench.sh lets $DATASET replace the default dataset file in both commands.
+    dataset_cmd = commands.bench_dataset.replace(BENCH_DATASET, '"$DATASET"')
+    bench_cmd = commands.bench.replace(BENCH_DATASET, '"$DATASET"')
+    needs = f"Needs TensorRT-LLM >= {trtllm_min} on a GPU host. Extra arguments are passed through."
+    return {
+        "serve.sh": _script(
+            [f"OpenAI-compatible TensorRT-LLM server. {banner}", needs],
+            commands.env,
+            [f'exec {commands.serve} "$@"'],
+        ),
+        "bench.sh": _script(
+            [
+                f"TensorRT-LLM throughput benchmark (PyTorch backend). {banner}",
+                needs,
+                f"Uses $DATASET (absolute, or relative to this folder) if set, else writes synthetic text requests to {BENCH_DATASET}.",
+            ],
+            commands.env,
+            [
+                f'DATASET="${{DATASET:-{BENCH_DATASET}}}"',
+                'if [ ! -f "$DATASET" ]; then',
+                f"  {dataset_cmd}",
+                "fi",
+                f'exec {bench_cmd} "$@"',
+            ],
+        ),
+        "vllm_serve.sh": _script(
+            [f"The same checkpoint served by vLLM. {banner}", "Needs a vLLM with Nemotron omni support."],
+            {},
+            [f'exec {commands.vllm_serve} "$@"'],
+        ),
+    }

@@ -1,0 +1,15 @@
+"""Model adapters: one class per model family, registered by ``model_type``.
+
+Stages ask the adapter (``adapter_for(model_dir)``) for everything
+architecture-specific: loading, module groups, the per-modality forward, and the
+mapping between transformers' module names and the on-disk (hub) tensor names.
+"""
+
+from __future__ import annotations
+
+from omniquant.models.base import LoadedModel, ModelAdapter, adapter_for, load_model, register_adapter
+
+# Importing the module registers the adapter.
+from omniquant.models import nemotron_omni  # noqa: E402,F401
+
+__all__ = ["LoadedModel", "ModelAdapter", "adapter_for", "load_model", "register_adapter"]

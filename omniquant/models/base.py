@@ -1,0 +1,100 @@
+"""Adapter interface and registry.
+
+Policy: per-architecture knowledge lives in exactly one adapter class per model
+family. Nothing outside ``omniquant/models`` branches on ``model_type``.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from omniquant.errors import ModelLoadError
+
+_REGISTRY: dict[str, type[ModelAdapter]] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: register ``cls`` for each of its ``model_types``."""
+    for model_type in cls.model_types:
+        _REGISTRY[model_type] = cls
+    return cls
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory with everything stages need next to it."""
+
+    model: Any
+    tokenizer: Any
+    path: Path
+    adapter: ModelAdapter
+    config_dict: dict = field(default_factory=dict)
+
+
+class ModelAdapter(ABC):
+    """What a stage may ask about a model family."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: Module groups that are encoders/projectors: a rule may quantize them only by
+    #: naming the group explicitly (the field's most common silent failure).
+    guarded_groups: ClassVar[frozenset[str]] = frozenset()
+
+    @abstractmethod
+    def load(self, path: Path, dtype: str = "bfloat16") -> LoadedModel:
+        """Load a checkpoint directory."""
+
+    @abstractmethod
+    def quant_root_name(self) -> str:
+        """Attribute name of the submodule handed to ``mtq.quantize``."""
+
+    @abstractmethod
+    def module_groups(self, model) -> dict[str, list[str]]:
+        """Map group name -> quantizable module names (full names in ``model``)."""
+
+    @abstractmethod
+    def forward(self, model, sample, **kwargs):
+        """Run the whole model on one ``Sample``; returns the model output."""
+
+    @abstractmethod
+    def hub_name(self, native_name: str) -> str:
+        """On-disk (hub layout) name of a native tensor or module name."""
+
+
+def read_config(path: Path) -> dict:
+    """Read ``path/config.json`` with errors that name the file and the fix."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"--model {path}: directory does not exist; pass a checkpoint directory.")
+    if not path.is_dir():
+        raise ModelLoadError(f"--model {path}: not a directory; pass a checkpoint directory.")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(
+            f"--model {path}: no config.json; this is not a Hugging Face checkpoint directory "
+            "(create one with `omniquant make-tiny --out DIR` or download a nemotron_h_omni checkpoint)."
+        )
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{cfg_file}: invalid JSON ({exc}).") from exc
+
+
+def adapter_for(path: Path | str) -> ModelAdapter:
+    """Return the adapter for the checkpoint at ``path`` (by its ``model_type``)."""
+    cfg = read_config(Path(path))
+    model_type = cfg.get("model_type")
+    if model_type not in _REGISTRY:
+        raise ModelLoadError(
+            f"{Path(path) / 'config.json'}: model_type {model_type!r} is not supported; "
+            f"omniquant supports {sorted(_REGISTRY)}."
+        )
+    return _REGISTRY[model_type]()
+
+
+def load_model(path: Path | str, dtype: str = "bfloat16") -> LoadedModel:
+    """Load the checkpoint at ``path`` with its registered adapter."""
+    return adapter_for(path).load(Path(path), dtype=dtype)

@@ -1,0 +1,234 @@
+"""Adapter for transformers' ``nemotron_h_omni`` (Nemotron 3 Nano Omni).
+
+Policy:
+- Only ``language_model`` (the NemotronH hybrid backbone) is handed to modelopt;
+  the forward loop drives the whole omni model so the backbone sees real image,
+  video and audio embeddings. Quantizing the whole omni model crashes in modelopt
+  0.47 (it wraps Parakeet attention for KV quantization and breaks its signature).
+- Module groups partition every Linear-like module of the model; selectors are
+  named subsets (e.g. the Mamba layers next to attention) that recipes may use.
+- Video goes through ``get_video_features`` and ``mm_encoder_outputs``:
+  ``forward(pixel_values_videos=...)`` is broken in transformers 5.23.
+- On-disk names follow the hub layout (``language_model.backbone.*``), which is
+  what ``save_pretrained`` writes and serving stacks read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import ClassVar
+
+from omniquant.errors import ModelLoadError
+from omniquant.models.base import LoadedModel, ModelAdapter, read_config, register_adapter
+
+_LAYER_RE = re.compile(r"^language_model\.model\.layers\.(\d+)\.mixer\.")
+
+#: Group names in the order they are reported.
+GROUPS = (
+    "mamba_in_out",
+    "mamba_conv1d",
+    "routed_experts",
+    "shared_experts",
+    "router",
+    "moe_latent",
+    "dense_mlp",
+    "attention_qkv",
+    "attention_o",
+    "embeddings",
+    "lm_head",
+    "vision_tower",
+    "vision_projector",
+    "audio_tower",
+    "audio_projector",
+)
+
+
+@register_adapter
+class NemotronOmniAdapter(ModelAdapter):
+    """Nemotron 3 Nano Omni: NemotronH backbone + RADIO vision + Parakeet audio."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("nemotron_h_omni",)
+    guarded_groups: ClassVar[frozenset[str]] = frozenset(
+        {"vision_tower", "vision_projector", "audio_tower", "audio_projector"}
+    )
+    #: Groups whose modules are fused 3-D expert containers (one module, E experts).
+    fused_expert_groups: ClassVar[frozenset[str]] = frozenset({"routed_experts"})
+
+    # ------------------------------------------------------------------ loading
+    def load(self, path: Path, dtype: str = "bfloat16") -> LoadedModel:
+        """Load model and tokenizer from a checkpoint directory (hub layout)."""
+        import torch
+        from transformers import AutoTokenizer
+        from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
+            NemotronH_Omni_Reasoning_V3,
+        )
+
+        path = Path(path)
+        cfg = read_config(path)
+        if not any(path.glob("*.safetensors")):
+            raise ModelLoadError(f"--model {path}: no *.safetensors weights in the directory.")
+        try:
+            model = NemotronH_Omni_Reasoning_V3.from_pretrained(path, dtype=getattr(torch, dtype))
+        except Exception as exc:  # transformers raises many types; name the directory
+            raise ModelLoadError(f"--model {path}: transformers could not load it: {exc}") from exc
+        model.eval()
+        # modelopt's exporter needs architectures on the sub-config it exports.
+        if not model.language_model.config.architectures:
+            model.language_model.config.architectures = ["NemotronHForCausalLM"]
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"--model {path}: no usable tokenizer ({exc}); the directory needs tokenizer.json "
+                "and tokenizer_config.json."
+            ) from exc
+        return LoadedModel(model=model, tokenizer=tokenizer, path=path, adapter=self, config_dict=cfg)
+
+    def quant_root_name(self) -> str:
+        return "language_model"
+
+    # ------------------------------------------------------------ module groups
+    def module_groups(self, model) -> dict[str, list[str]]:
+        """Partition the model's weight-carrying modules into named groups.
+
+        Leaf ``nn.Linear`` modules, the fused expert containers, ``conv1d``,
+        embeddings and routers each land in exactly one group.
+        """
+        from torch import nn
+
+        groups: dict[str, list[str]] = {g: [] for g in GROUPS}
+        for name, module in model.named_modules():
+            group = self._group_of(name, module, nn)
+            if group is not None:
+                groups[group].append(name)
+        return groups
+
+    def _group_of(self, name: str, module, nn) -> str | None:
+        cls = type(module).__name__
+        if name.startswith("language_model."):
+            if name == "language_model.lm_head":
+                return "lm_head"
+            if name == "language_model.model.embeddings":
+                return "embeddings"
+            if cls == "NemotronHExperts":
+                return "routed_experts"
+            if cls == "NemotronHTopkRouter":
+                return "router"
+            if not isinstance(module, (nn.Linear, nn.Conv1d)):
+                return None
+            leaf = name.rsplit(".", 1)[-1]
+            if ".mixer.shared_experts." in name:
+                return "shared_experts"
+            if leaf == "conv1d":
+                return "mamba_conv1d"
+            if leaf in ("in_proj", "out_proj"):
+                return "mamba_in_out"
+            if leaf in ("q_proj", "k_proj", "v_proj"):
+                return "attention_qkv"
+            if leaf == "o_proj":
+                return "attention_o"
+            if leaf in ("fc1_latent_proj", "fc2_latent_proj"):
+                return "moe_latent"
+            if leaf in ("up_proj", "down_proj"):
+                return "dense_mlp"
+            return None
+        if not isinstance(module, (nn.Linear,)):
+            return None
+        if name.startswith("vision_model."):
+            return "vision_tower"
+        if name.startswith("multi_modal_projector."):
+            return "vision_projector"
+        if name.startswith("audio_tower."):
+            return "audio_tower"
+        if name.startswith("embed_audio."):
+            return "audio_projector"
+        return None
+
+    def selectors(self, model) -> dict[str, list[str]]:
+        """Named subsets of groups that recipes may select.
+
+        ``attention_neighbours``: Mamba in/out projections of the nearest Mamba layer
+        before and after each attention layer (NVIDIA keeps these BF16 in its FP8
+        Nano recipe, next to the BF16 attention layers).
+        """
+        types = list(model.config.text_config.layers_block_type)
+        mamba = [i for i, t in enumerate(types) if t == "linear_attention"]
+        neighbours: set[int] = set()
+        for i, t in enumerate(types):
+            if t != "full_attention":
+                continue
+            before = [m for m in mamba if m < i]
+            after = [m for m in mamba if m > i]
+            if before:
+                neighbours.add(before[-1])
+            if after:
+                neighbours.add(after[0])
+        groups = self.module_groups(model)
+        picked = [n for n in groups["mamba_in_out"] if self.layer_index(n) in neighbours]
+        return {"attention_neighbours": picked}
+
+    @staticmethod
+    def layer_index(name: str) -> int | None:
+        """Backbone layer index of a module name, or None outside the backbone layers."""
+        m = _LAYER_RE.match(name)
+        return int(m.group(1)) if m else None
+
+    # ---------------------------------------------------------------- naming
+    def hub_name(self, native_name: str) -> str:
+        """Map a native name under ``language_model`` to its hub-layout name.
+
+        transformers' ``nemotron_h`` conversion mapping renames ``backbone.`` to
+        ``model.`` on load (and merges per-expert tensors, which modelopt's export
+        splits again), so the reverse for per-expert or plain names is the prefix.
+        Tower names are never renamed by omniquant: their tensors are copied from
+        the source files under their source names.
+        """
+        if native_name.startswith("language_model.model."):
+            return "language_model.backbone." + native_name[len("language_model.model."):]
+        if native_name.startswith("language_model."):
+            return native_name
+        raise ValueError(f"hub_name: {native_name!r} is outside language_model")
+
+    # ---------------------------------------------------------------- forward
+    @contextlib.contextmanager
+    def video_pruning(self, model, rate: float | None):
+        """Temporarily set the EVS pruning rate (None keeps the config's rate)."""
+        if rate is None:
+            yield
+            return
+        old = model.video_pruning_rate
+        model.video_pruning_rate = float(rate)
+        try:
+            yield
+        finally:
+            model.video_pruning_rate = old
+
+    def forward(self, model, sample, **kwargs):
+        """Run the omni model on one ``Sample`` (batch size 1)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        inputs = {"input_ids": sample.input_ids}
+        if sample.pixel_values is not None:
+            inputs["pixel_values"] = sample.pixel_values
+            inputs["image_grid_hw"] = sample.image_grid_hw
+        if sample.pixel_values_videos is not None:
+            feats = model.get_video_features(sample.pixel_values_videos).pooler_output
+            inputs["mm_encoder_outputs"] = {
+                "video": BaseModelOutputWithPooling(pooler_output=(feats,))
+            }
+        if sample.input_features is not None:
+            inputs["input_features"] = sample.input_features
+            inputs["input_features_mask"] = sample.input_features_mask
+        inputs.update(kwargs)
+        inputs.setdefault("use_cache", False)
+        return model(**inputs)
+
+    def placeholder_ids(self, model) -> dict[str, int]:
+        """Token ids whose positions receive encoder features, per modality.
+
+        Video uses the image token id (see ``omniquant.data.batch``).
+        """
+        cfg = model.config
+        return {"image": cfg.image_token_id, "audio": cfg.audio_token_id}

@@ -1,0 +1,216 @@
+"""The quantization plan: recipe rules resolved against the real model, before calibration.
+
+Policy:
+- Every rule is resolved against the loaded model's module groups; a rule that
+  matches nothing is an error (modelopt silently ignores such patterns, which is
+  how encoders end up quantized by accident).
+- A glob rule that would quantize a guarded group (vision/audio towers,
+  projectors) is an error: encoders are only touched by naming their group.
+- NVFP4 modules whose input width does not divide the block size are listed,
+  all of them, before any calibration.
+- ``to_modelopt_config`` is the one place a plan becomes a modelopt config. It
+  names every quantizer exactly (no wildcards beyond the per-expert list), so
+  what modelopt quantizes is exactly what the plan says.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass, field
+
+from omniquant.errors import PlanError, RecipeError
+from omniquant.recipe import Recipe
+
+#: Groups that a recipe may set to fp8/nvfp4 (serving engines have no quantized
+#: path for the others).
+QUANTIZABLE_GROUPS = frozenset(
+    {
+        "mamba_in_out",
+        "routed_experts",
+        "shared_experts",
+        "moe_latent",
+        "dense_mlp",
+        "attention_qkv",
+        "attention_o",
+    }
+)
+
+FP8_CFG = {"num_bits": (4, 3), "axis": None}
+NVFP4_CFG = {
+    "num_bits": (2, 1),
+    "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)},
+}
+_FORMAT_CFG = {"fp8": FP8_CFG, "nvfp4": NVFP4_CFG}
+
+
+@dataclass
+class Plan:
+    """Per-module formats for every grouped module of the model."""
+
+    module_format: dict[str, str]
+    module_group: dict[str, str]
+    kv_cache: str
+    quant_root: str
+    kv_modules: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Group -> {format: number of modules} (groups with no modules omitted)."""
+        out: dict[str, Counter] = {}
+        for name, fmt in self.module_format.items():
+            out.setdefault(self.module_group[name], Counter())[fmt] += 1
+        return {g: dict(sorted(c.items())) for g, c in out.items()}
+
+    def quantized(self) -> dict[str, str]:
+        """Module name -> format for modules not in BF16."""
+        return {n: f for n, f in self.module_format.items() if f != "bf16"}
+
+    def group_precision(self) -> dict[str, str]:
+        """Group -> precision summary ('fp8', 'nvfp4', 'bf16' or 'mixed:...')."""
+        out = {}
+        for group, counts in self.counts().items():
+            fmts = sorted(counts)
+            out[group] = fmts[0] if len(fmts) == 1 else "mixed:" + "+".join(fmts)
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "counts": self.counts(),
+            "kv_cache": self.kv_cache,
+            "quantized_modules": dict(sorted(self.quantized().items())),
+        }
+
+
+def resolve_plan(recipe: Recipe, loaded) -> Plan:
+    """Resolve ``recipe``'s rules against the loaded model.
+
+    Raises:
+        RecipeError: a rule names an unknown group or selector.
+        PlanError: a rule matches nothing, touches a guarded group implicitly,
+            quantizes a non-quantizable group, or NVFP4 shapes do not divide.
+    """
+    adapter, model = loaded.adapter, loaded.model
+    groups = adapter.module_groups(model)
+    selectors = adapter.selectors(model) if hasattr(adapter, "selectors") else {}
+    module_group = {name: g for g, names in groups.items() for name in names}
+    module_format = {name: "bf16" for name in module_group}
+    errors: list[str] = []
+
+    for idx, rule in enumerate(recipe.quantization.rules):
+        where = f"quantization.rules.{idx} {rule.describe()}"
+        if rule.group is not None:
+            if rule.group in groups:
+                matched = list(groups[rule.group])
+            elif rule.group in selectors:
+                matched = list(selectors[rule.group])
+            else:
+                known = sorted([g for g in groups if groups[g]] + list(selectors))
+                raise RecipeError(
+                    f"{where}: unknown group {rule.group!r}; groups of this model: {', '.join(known)}."
+                )
+            explicit = True
+        else:
+            matched = [n for n in module_group if fnmatch.fnmatchcase(n, rule.modules)]
+            explicit = False
+        if not matched:
+            errors.append(
+                f"{where}: matches no module of this model; fix the pattern or remove the rule "
+                "(run `omniquant inspect MODEL` to list module names and groups)."
+            )
+            continue
+        if rule.format != "bf16":
+            guarded = sorted({module_group[n] for n in matched} & adapter.guarded_groups)
+            if guarded and not explicit:
+                hits = [n for n in matched if module_group[n] in adapter.guarded_groups]
+                errors.append(
+                    f"{where}: would quantize {len(hits)} module(s) of the encoder/projector "
+                    f"group(s) {', '.join(guarded)} (e.g. {hits[0]}) without naming them; "
+                    "narrow the pattern to the language model (language_model.*)."
+                )
+                continue
+            bad = sorted({module_group[n] for n in matched} - QUANTIZABLE_GROUPS)
+            if bad:
+                errors.append(
+                    f"{where}: group(s) {', '.join(bad)} cannot be quantized to {rule.format} by "
+                    f"omniquant (quantizable groups: {', '.join(sorted(QUANTIZABLE_GROUPS))}); "
+                    "set format: bf16 for them."
+                )
+                continue
+        for n in matched:
+            module_format[n] = rule.format
+
+    if errors:
+        raise PlanError("recipe cannot be applied to this model:\n  " + "\n  ".join(errors))
+
+    _check_nvfp4_divisibility(module_format, model, recipe.quantization.nvfp4_block_size)
+    kv_modules = []
+    if recipe.quantization.kv_cache == "fp8":
+        kv_modules = [n.rsplit(".", 1)[0] for n in groups.get("attention_o", [])]
+    return Plan(
+        module_format=module_format,
+        module_group=module_group,
+        kv_cache=recipe.quantization.kv_cache,
+        quant_root=adapter.quant_root_name(),
+        kv_modules=kv_modules,
+    )
+
+
+def _check_nvfp4_divisibility(module_format: dict[str, str], model, block: int) -> None:
+    offenders = []
+    modules = dict(model.named_modules())
+    for name, fmt in module_format.items():
+        if fmt != "nvfp4":
+            continue
+        mod = modules[name]
+        for label, width in _input_widths(name, mod):
+            if width % block:
+                offenders.append(f"{label} (input width {width})")
+    if offenders:
+        raise PlanError(
+            f"NVFP4 needs every quantized module's input width divisible by the block size "
+            f"{block}; these are not:\n  " + "\n  ".join(offenders) + "\n"
+            "Keep them in fp8 or bf16 with a later rule."
+        )
+
+
+def _input_widths(name: str, module) -> list[tuple[str, int]]:
+    if hasattr(module, "in_features"):
+        return [(name, module.in_features)]
+    out = []
+    for proj in ("up_proj", "down_proj", "gate_up_proj"):
+        w = getattr(module, proj, None)
+        if w is not None and getattr(w, "dim", lambda: 0)() == 3:
+            out.append((f"{name}.{proj}", int(w.shape[-1])))
+    return out
+
+
+def to_modelopt_config(plan: Plan, recipe: Recipe) -> dict:
+    """Translate a plan into a modelopt ``mtq.quantize`` config (names relative to the quant root)."""
+    prefix = plan.quant_root + "."
+    entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
+    for name, fmt in sorted(plan.quantized().items()):
+        rel = name[len(prefix):]
+        cfg = _FORMAT_CFG[fmt]
+        if plan.module_group[name] == "routed_experts":
+            for proj in ("up_proj", "down_proj"):
+                entries.append({"quantizer_name": f"{rel}.{proj}_weight_quantizers.*", "cfg": cfg})
+                entries.append({"quantizer_name": f"{rel}.{proj}_input_quantizer", "cfg": cfg})
+        else:
+            entries.append({"quantizer_name": f"{rel}.weight_quantizer", "cfg": cfg})
+            entries.append({"quantizer_name": f"{rel}.input_quantizer", "cfg": cfg})
+    for attn in plan.kv_modules:
+        rel = attn[len(prefix):]
+        for q in ("k_bmm_quantizer", "v_bmm_quantizer"):
+            entries.append({"quantizer_name": f"{rel}.{q}", "cfg": FP8_CFG})
+    return {"quant_cfg": entries, "algorithm": recipe.quantization.algorithm}
+
+
+def render_plan(plan: Plan) -> str:
+    """A plain-text table: group, modules per format."""
+    counts = plan.counts()
+    fmts = ["nvfp4", "fp8", "bf16"]
+    lines = [f"{'group':<18}" + "".join(f"{f:>8}" for f in fmts)]
+    for group, c in counts.items():
+        lines.append(f"{group:<18}" + "".join(f"{c.get(f, 0):>8}" for f in fmts))
+    lines.append(f"kv cache: {plan.kv_cache}")
+    return "\n".join(lines)

@@ -1,0 +1,247 @@
+"""Recipe files: what stays in which precision, validated before any model work.
+
+Policy:
+- A recipe is YAML validated by pydantic models with ``extra="forbid"``. A bad
+  recipe fails at load with the file, the field path, the bad value and what is
+  allowed. ``--set key=value`` overrides go through the same validation.
+- Built-in recipes live in the repository's top-level ``recipes/`` directory
+  (``<precision>_<scope>.yaml``), each opening with a comment block that says what
+  is kept in which precision and why.
+- The recipe's identity (``recipe_sha256``) is the SHA-256 of the effective
+  recipe (after overrides) as canonical JSON, so two runs with the same effective
+  settings share it whatever the YAML formatting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from omniquant.errors import RecipeError
+
+Format = Literal["fp8", "nvfp4", "bf16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Metadata(_Strict):
+    """Who the recipe is for."""
+
+    name: str
+    description: str = ""
+    model_types: list[str] = Field(default_factory=lambda: ["nemotron_h_omni"])
+
+
+class ExpertCoverage(_Strict):
+    """What to do with experts that received few calibration tokens.
+
+    ``error``: fail naming layers and experts under ``min_tokens``. ``warn``: record
+    and warn. ``force_all_experts``: route every calibration token through every
+    expert for statistics only (outputs unchanged), so every expert is calibrated.
+    """
+
+    policy: Literal["error", "warn", "force_all_experts"] = "error"
+    min_tokens: int = Field(default=1, ge=0)
+
+
+class Calibration(_Strict):
+    """Calibration data and settings."""
+
+    set: str = "synthetic"
+    size: int = Field(default=32, ge=1)
+    batch_size: Literal[1] = 1
+    evs_rate: float | None = Field(default=None, ge=0.0, lt=1.0)
+    seed: int = 0
+    expert_coverage: ExpertCoverage = Field(default_factory=ExpertCoverage)
+
+
+class Rule(_Strict):
+    """Select modules by adapter group/selector name or by glob, and set a format."""
+
+    group: str | None = None
+    modules: str | None = None
+    format: Format
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> Rule:
+        if (self.group is None) == (self.modules is None):
+            raise ValueError("a rule needs exactly one of 'group' or 'modules'")
+        return self
+
+    def describe(self) -> str:
+        sel = f"group: {self.group}" if self.group is not None else f"modules: {self.modules!r}"
+        return f"{{{sel}, format: {self.format}}}"
+
+
+class Quantization(_Strict):
+    """Ordered rules (later rules win), KV cache format and calibration algorithm."""
+
+    rules: list[Rule] = Field(min_length=1)
+    kv_cache: Literal["fp8", "none"] = "none"
+    algorithm: Literal["max", "mse"] = "max"
+    nvfp4_block_size: Literal[16] = 16
+
+
+class Export(_Strict):
+    """How the checkpoint is written."""
+
+    dtype: Literal["bfloat16"] = "bfloat16"
+
+
+class Recipe(_Strict):
+    """A whole recipe file."""
+
+    metadata: Metadata
+    calibration: Calibration = Field(default_factory=Calibration)
+    quantization: Quantization
+    export: Export = Field(default_factory=Export)
+
+    def canonical_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()
+
+    def formats(self) -> set[str]:
+        return {r.format for r in self.quantization.rules}
+
+
+def builtin_recipe_dir() -> Path:
+    """The repository's ``recipes/`` directory (the package is installed from a checkout)."""
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Built-in recipe name -> file."""
+    d = builtin_recipe_dir()
+    return {p.stem: p for p in sorted(d.glob("*.yaml"))} if d.is_dir() else {}
+
+
+def resolve_recipe_path(name_or_path: str | Path) -> Path:
+    """A built-in name (``fp8_omni``) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise RecipeError(f"--recipe {name_or_path}: no such recipe file.")
+        return p
+    builtins = builtin_recipes()
+    if str(name_or_path) in builtins:
+        return builtins[str(name_or_path)]
+    raise RecipeError(
+        f"--recipe {name_or_path}: unknown recipe name; built-in recipes are "
+        f"{', '.join(sorted(builtins)) or '(none found)'}, or pass a path to a .yaml file."
+    )
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+    """Load, override and validate a recipe.
+
+    Args:
+        name_or_path: Built-in recipe name or YAML path.
+        overrides: ``key.path=value`` strings; values are parsed as YAML scalars/lists.
+
+    Returns:
+        ``(recipe, path)``.
+
+    Raises:
+        RecipeError: naming the file, the field path, the bad value and what is allowed.
+    """
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping with 'metadata' and 'quantization'.")
+    for item in overrides or []:
+        _apply_override(data, item, path)
+    try:
+        return Recipe.model_validate(data), path
+    except ValidationError as exc:
+        raise RecipeError(_format_validation_error(path, exc, data)) from exc
+
+
+def _apply_override(data: dict, item: str, path: Path) -> None:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected key.path=value (e.g. calibration.size=16).")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {item!r}: value is not valid YAML ({exc}).") from exc
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(
+                    f"--set {item!r}: {'.'.join(parts[:i])} is a list of {len(node)} "
+                    f"items; {part!r} is not an index into it."
+                )
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise RecipeError(f"--set {item!r}: {'.'.join(parts[:i])} is not a section.")
+
+
+def _allowed_fields(loc: tuple, data: dict) -> list[str]:
+    """Field names allowed at the parent of ``loc`` (for 'extra field' errors)."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        candidates = [ann, *(inner or ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return []
+        model = nxt
+    return sorted(model.model_fields)
+
+
+def _format_validation_error(path: Path, exc: ValidationError, data: dict) -> str:
+    lines = [f"{path}: invalid recipe:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_fields(loc, data)
+            lines.append(
+                f"  {where}: unknown field {loc[-1]!r}; allowed fields here: {', '.join(allowed)}"
+            )
+        elif err["type"] == "missing":
+            lines.append(f"  {where}: required field is missing")
+        else:
+            shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else "..."
+            lines.append(f"  {where}: bad value {shown}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def recipe_header(path: Path) -> str:
+    """The leading comment block of a recipe file (its description for humans)."""
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        out.append(line.lstrip("# ").rstrip())
+    return "\n".join(out).strip()
