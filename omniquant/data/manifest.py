@@ -99,7 +99,9 @@ class ManifestEntry(BaseModel):
             if not rel:
                 raise ValueError("empty media path")
             if Path(rel).is_absolute():
-                raise ValueError(f"media path {rel!r} is absolute; make it relative to the manifest")
+                raise ValueError(
+                    f"media path {rel!r} is absolute; make it relative to the manifest"
+                )
         for marker, count in (
             (IMAGE_MARKER, len(self.images)),
             (VIDEO_MARKER, 1 if self.video else 0),

@@ -151,7 +151,7 @@ def sample_frame_indices(
         step = source_fps / fps
         if step <= 1:
             return list(range(total_frames))
-        count = int(math.floor((total_frames - 1) / step)) + 1
+        count = math.floor((total_frames - 1) / step) + 1
         return sorted({min(total_frames - 1, round(k * step)) for k in range(count)})
     if num_frames is None:
         num_frames = DEFAULT_VIDEO_FRAMES

@@ -1,0 +1,211 @@
+"""Post-export audit: a checkpoint that cannot lie.
+
+Policy: runs at the end of every quantize (before the output is moved into
+place) and as ``omniquant inspect DIR --audit``. It reads only the files on disk
+and checks:
+- every quantized weight has all its scales, with the right dtypes and shapes;
+- no NaN, Inf or zero per-tensor scale; no NaN/Inf E4M3 block scale, none outside
+  the E4M3 range, and no zero block scale on a block that holds non-zero codes;
+- every 2-D weight is either quantized or listed in ``exclude_modules``, and no
+  quantized weight is excluded;
+- KV-cache scales are present when ``kv_cache_quant_algo`` is FP8;
+- shard checksums match ``omniquant.json``.
+A failed audit names every offending tensor.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from omniquant.errors import AuditError
+
+E4M3_MAX = 448.0
+
+
+@dataclass
+class AuditReport:
+    """Audit outcome."""
+
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    checked_weights: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def read_quant_config(path: Path) -> dict:
+    """The ``quantization`` section of ``hf_quant_config.json`` ({} for a BF16 checkpoint)."""
+    f = Path(path) / "hf_quant_config.json"
+    if not f.is_file():
+        return {}
+    return json.loads(f.read_text()).get("quantization", {})
+
+
+def layer_format(module: str, quant: dict) -> str | None:
+    """'fp8' / 'nvfp4' for a quantized hub module, None if excluded or unquantized."""
+    algo = quant.get("quant_algo")
+    if not algo:
+        return None
+    if algo == "MIXED_PRECISION":
+        entry = quant.get("quantized_layers", {}).get(module)
+        return entry["quant_algo"].lower() if entry else None
+    if is_excluded(module, quant.get("exclude_modules", [])):
+        return None
+    return algo.lower()
+
+
+def is_excluded(module: str, patterns: list[str]) -> bool:
+    return any(module == p or fnmatch.fnmatchcase(module, p) for p in patterns)
+
+
+def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditReport:
+    """Audit a checkpoint directory written by omniquant.
+
+    Raises:
+        AuditError: if ``raise_on_error`` and the audit found problems.
+    """
+    from safetensors import safe_open
+
+    from omniquant.export import sha256_file
+
+    path = Path(path)
+    report = AuditReport(path=path)
+    meta_file = path / "omniquant.json"
+    if not meta_file.is_file():
+        report.problems.append(
+            f"{meta_file}: missing; this is not a finished omniquant checkpoint "
+            "(an interrupted run, or not written by omniquant)."
+        )
+        return _finish(report, raise_on_error)
+    meta = json.loads(meta_file.read_text())
+    quant = read_quant_config(path)
+
+    for shard, digest in sorted(meta.get("shards", {}).items()):
+        f = path / shard
+        if not f.is_file():
+            report.problems.append(f"{shard}: listed in omniquant.json but missing")
+        elif sha256_file(f) != digest:
+            report.problems.append(f"{shard}: sha256 does not match omniquant.json (file changed or corrupt)")
+
+    tensors: dict[str, tuple[str, torch.Tensor | None]] = {}
+    for shard in sorted(meta.get("shards", {})):
+        f = path / shard
+        if not f.is_file():
+            continue
+        with safe_open(f, "pt") as fh:
+            for k in fh.keys():
+                tensors[k] = (shard, fh.get_tensor(k))
+
+    excluded_patterns = quant.get("exclude_modules", [])
+    weights = {k[: -len(".weight")] for k, (_, t) in tensors.items() if k.endswith(".weight") and t.dim() == 2}
+    for module in sorted(weights):
+        w = tensors[f"{module}.weight"][1]
+        fmt = _stored_format(w)
+        declared = layer_format(module, quant)
+        if fmt is None:  # high-precision weight
+            if declared is not None:
+                report.problems.append(
+                    f"{module}.weight: stored as {w.dtype} but hf_quant_config declares it {declared}"
+                )
+            elif quant and not is_excluded(module, excluded_patterns):
+                report.problems.append(
+                    f"{module}: unquantized 2-D weight missing from exclude_modules (a loader "
+                    "targeting Linear would treat it as quantized)"
+                )
+            continue
+        report.checked_weights += 1
+        if declared != fmt:
+            report.problems.append(
+                f"{module}.weight: stored as {fmt} but hf_quant_config declares "
+                f"{declared or 'it unquantized/excluded'}"
+            )
+        _check_scales(module, fmt, w, tensors, report)
+
+    for k, (_, t) in tensors.items():
+        leaf = k.rsplit(".", 1)[-1]
+        if leaf in ("weight_scale", "weight_scale_2", "input_scale"):
+            if k.rsplit(".", 1)[0] not in weights:
+                report.problems.append(f"{k}: scale without a weight beside it")
+    if quant.get("kv_cache_quant_algo") == "FP8":
+        kv = [k for k in tensors if k.endswith((".k_scale", ".v_scale"))]
+        if not kv:
+            report.problems.append("kv_cache_quant_algo is FP8 but no k_scale/v_scale tensors exist")
+        for k in kv:
+            _check_scalar(k, tensors[k][1], report)
+    return _finish(report, raise_on_error)
+
+
+def _stored_format(w: torch.Tensor) -> str | None:
+    if w.dtype == torch.float8_e4m3fn:
+        return "fp8"
+    if w.dtype == torch.uint8:
+        return "nvfp4"
+    return None
+
+
+def _check_scalar(name: str, t: torch.Tensor | None, report: AuditReport) -> None:
+    if t is None:
+        report.problems.append(f"{name}: missing")
+        return
+    if t.dtype != torch.float32 or t.numel() != 1:
+        report.problems.append(f"{name}: expected a float32 scalar, got {t.dtype} {tuple(t.shape)}")
+        return
+    v = float(t)
+    if v != v or v in (float("inf"), float("-inf")):
+        report.problems.append(f"{name}: scale is {v}")
+    elif v <= 0:
+        report.problems.append(f"{name}: scale is {v} (must be > 0)")
+
+
+def _check_scales(module: str, fmt: str, w: torch.Tensor, tensors: dict, report: AuditReport) -> None:
+    def get(suffix):
+        item = tensors.get(f"{module}.{suffix}")
+        return None if item is None else item[1]
+
+    _check_scalar(f"{module}.input_scale", get("input_scale"), report)
+    if fmt == "fp8":
+        _check_scalar(f"{module}.weight_scale", get("weight_scale"), report)
+        return
+    _check_scalar(f"{module}.weight_scale_2", get("weight_scale_2"), report)
+    bs = get("weight_scale")
+    out_f, packed_in = w.shape
+    want = (out_f, packed_in * 2 // 16)
+    if bs is None:
+        report.problems.append(f"{module}.weight_scale: missing")
+        return
+    if bs.dtype != torch.float8_e4m3fn or tuple(bs.shape) != want:
+        report.problems.append(
+            f"{module}.weight_scale: expected float8_e4m3fn {want}, got {bs.dtype} {tuple(bs.shape)}"
+        )
+        return
+    f = bs.float()
+    bad = ~torch.isfinite(f)
+    if bad.any():
+        report.problems.append(f"{module}.weight_scale: {int(bad.sum())} NaN/Inf block scale(s)")
+    if (f.abs() > E4M3_MAX).any():
+        report.problems.append(f"{module}.weight_scale: block scale(s) outside the E4M3 range")
+    nonzero_blocks = (w.view(out_f, -1, 8) != 0).any(-1)  # 8 packed bytes = 16 values
+    zero_on_data = (f == 0) & nonzero_blocks
+    if zero_on_data.any():
+        report.problems.append(
+            f"{module}.weight_scale: {int(zero_on_data.sum())} zero block scale(s) on non-zero blocks"
+        )
+
+
+def _finish(report: AuditReport, raise_on_error: bool) -> AuditReport:
+    if raise_on_error and report.problems:
+        shown = report.problems[:50]
+        more = len(report.problems) - len(shown)
+        raise AuditError(
+            f"audit of {report.path} failed ({len(report.problems)} problem(s)):\n  "
+            + "\n  ".join(shown)
+            + (f"\n  ... and {more} more" if more else "")
+        )
+    return report

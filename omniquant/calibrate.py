@@ -1,0 +1,233 @@
+"""Calibration: drive the whole omni model over samples while modelopt quantizes the backbone.
+
+Policy:
+- The quantizer never sees a data loader, only ``forward_loop(model)``
+  (modelopt's seam). The loop runs the *whole* omni model per sample so the
+  backbone is calibrated on real image/video/audio embeddings.
+- Statistics are measured, not inferred: tokens reaching the backbone are counted
+  at the language model's input (after EVS), and expert token counts are read
+  from the routers' own top-k choices.
+- Expert coverage is a policy: ``error`` (default) fails naming layers and
+  experts below ``min_tokens``; ``force_all_experts`` additionally runs every
+  calibration token through every expert with zero routing weight, for statistics
+  only, so every per-expert quantizer is calibrated and outputs do not change.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from omniquant.data.batch import Sample
+from omniquant.errors import CalibrationError
+
+MODALITIES = ("text", "image", "video", "audio")
+
+
+@dataclass
+class CalibrationStats:
+    """What reached the backbone during calibration."""
+
+    samples: int = 0
+    tokens_by_modality: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MODALITIES, 0))
+    evs_rate: float = 0.0
+    video_tokens_before_evs: int = 0
+    video_tokens_after_evs: int = 0
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    force_all_experts: bool = False
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "samples": self.samples,
+            "tokens_by_modality": dict(self.tokens_by_modality),
+            "evs": {
+                "pruning_rate": self.evs_rate,
+                "video_tokens_before": self.video_tokens_before_evs,
+                "video_tokens_after": self.video_tokens_after_evs,
+            },
+            "expert_tokens": {k: list(v) for k, v in self.expert_tokens.items()},
+            "force_all_experts": self.force_all_experts,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class _Probe:
+    """Hooks that measure tokens per modality and per expert."""
+
+    def __init__(self, loaded, force_all_experts: bool):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.force = force_all_experts
+        self.seq_len_at_backbone = 0
+        self.expert_tokens: dict[str, torch.Tensor] = {}
+        self._handles = []
+        self._forcing = False
+
+    def __enter__(self):
+        lm = self.model.language_model
+
+        def pre_hook(_mod, args, kwargs):
+            emb = kwargs.get("inputs_embeds")
+            self.seq_len_at_backbone = int(emb.shape[1]) if emb is not None else 0
+
+        self._handles.append(lm.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for name, mod in self.model.named_modules():
+            cls = type(mod).__name__
+            if cls == "NemotronHTopkRouter":
+                layer = name.rsplit(".", 1)[0]  # ...mixer
+                self.expert_tokens[layer] = torch.zeros(mod.num_experts, dtype=torch.long)
+                self._handles.append(mod.register_forward_hook(self._router_hook(layer)))
+            elif hasattr(mod, "up_proj") and hasattr(mod, "num_experts") and name.endswith("experts"):
+                if self.force:
+                    self._handles.append(mod.register_forward_hook(self._force_hook()))
+        return self
+
+    def _router_hook(self, layer: str):
+        def hook(_mod, _args, output):
+            if self._forcing:
+                return
+            topk_indices = output[2]
+            counts = torch.bincount(topk_indices.reshape(-1), minlength=self.expert_tokens[layer].numel())
+            self.expert_tokens[layer] += counts.cpu()
+
+        return hook
+
+    def _force_hook(self):
+        def hook(mod, args, output):
+            if self._forcing:
+                return None
+            hidden = args[0]
+            n_tok = hidden.shape[0]
+            idx = torch.arange(mod.num_experts, device=hidden.device).expand(n_tok, -1)
+            weights = torch.zeros(n_tok, mod.num_experts, dtype=torch.float32, device=hidden.device)
+            self._forcing = True
+            try:
+                mod(hidden, idx, weights)  # statistics only: output discarded
+            finally:
+                self._forcing = False
+            return None
+
+        return hook
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def run_calibration(
+    loaded,
+    samples: list[Sample],
+    quantize_fn: Callable[[Callable], None] | None,
+    *,
+    evs_rate: float | None = None,
+    force_all_experts: bool = False,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> CalibrationStats:
+    """Run ``samples`` through the whole model inside ``quantize_fn(forward_loop)``.
+
+    Args:
+        loaded: The ``LoadedModel``.
+        samples: Calibration samples (batch size 1 each).
+        quantize_fn: Receives ``forward_loop`` and must call it (e.g. a closure over
+            ``mtq.quantize``). ``None`` runs the loop directly (statistics only).
+        evs_rate: EVS pruning rate during calibration; ``None`` keeps the model config's.
+        force_all_experts: See module docstring.
+        progress: Called after each sample with ``(done, total, tokens_by_modality)``.
+    """
+    model, adapter = loaded.model, loaded.adapter
+    stats = CalibrationStats(force_all_experts=force_all_experts)
+    rate = model.video_pruning_rate if evs_rate is None else float(evs_rate)
+    stats.evs_rate = float(rate)
+    ph = adapter.placeholder_ids(model)
+    t0 = time.perf_counter()
+
+    def forward_loop(_quant_root=None) -> None:
+        # modelopt may call the loop more than once (e.g. mse); count only the first pass.
+        first = stats.samples == 0
+        with _Probe(loaded, force_all_experts) as probe, torch.no_grad(), adapter.video_pruning(model, rate):
+            for i, sample in enumerate(samples):
+                adapter.forward(model, sample)
+                if first:
+                    _count(stats, sample, probe.seq_len_at_backbone, ph)
+                    stats.samples += 1
+                    if progress:
+                        progress(i + 1, len(samples), stats.tokens_by_modality)
+            if first:
+                stats.expert_tokens = {k: v.tolist() for k, v in probe.expert_tokens.items()}
+
+    if quantize_fn is None:
+        forward_loop()
+    else:
+        quantize_fn(forward_loop)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _count(stats: CalibrationStats, sample: Sample, seq_after: int, ph: dict[str, int]) -> None:
+    ids = sample.input_ids
+    n_total = int(ids.numel())
+    n_img_ph = int((ids == ph["image"]).sum())
+    n_audio = int((ids == ph["audio"]).sum()) if sample.input_features is not None else 0
+    if sample.pixel_values_videos is not None:
+        video_before, n_image = n_img_ph, 0
+        video_after = seq_after - (n_total - video_before)
+    else:
+        video_before = video_after = 0
+        n_image = n_img_ph if sample.pixel_values is not None else 0
+    t = stats.tokens_by_modality
+    t["text"] += n_total - n_img_ph - n_audio
+    t["image"] += n_image
+    t["video"] += video_after
+    t["audio"] += n_audio
+    stats.video_tokens_before_evs += video_before
+    stats.video_tokens_after_evs += video_after
+
+
+def check_expert_coverage(stats: CalibrationStats, policy: str, min_tokens: int) -> list[str]:
+    """Apply the coverage policy; returns warning lines (policy ``warn``).
+
+    Raises:
+        CalibrationError: policy ``error`` and some expert got fewer than ``min_tokens``.
+    """
+    starved = []
+    for layer, counts in stats.expert_tokens.items():
+        low = [i for i, c in enumerate(counts) if c < min_tokens]
+        if low:
+            starved.append(f"{layer}: experts {', '.join(map(str, low))}")
+    if not starved or policy == "force_all_experts":
+        return []
+    msg = (
+        f"{len(starved)} MoE layer(s) have experts that received fewer than {min_tokens} "
+        "calibration token(s):\n  " + "\n  ".join(starved)
+    )
+    if policy == "error":
+        raise CalibrationError(
+            msg + "\nTheir input scales would be guessed, not measured. Use more or more diverse "
+            "calibration data (--calib, calibration.size), or set "
+            "calibration.expert_coverage.policy=force_all_experts to calibrate every expert on "
+            "every token (statistics only; outputs are unchanged)."
+        )
+    return [msg]
+
+
+def iter_progress(quiet: bool) -> Callable[[int, int, dict], None] | None:
+    """A rich progress callback showing samples/s and tokens per modality (None if quiet)."""
+    if quiet:
+        return None
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    start = time.perf_counter()
+
+    def cb(done: int, total: int, tokens: dict) -> None:
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        toks = " ".join(f"{k}={v}" for k, v in tokens.items())
+        end = "\n" if done == total else "\r"
+        console.print(f"calibrating {done}/{total}  {rate:.1f} samples/s  tokens: {toks}", end=end)
+
+    return cb

@@ -1,0 +1,281 @@
+"""NVFP4 (E2M1 values, E4M3 block scales, fp32 global scale) serving numerics in pure torch.
+
+Policy: reproduce, on CPU and bit for bit, the numerics of modelopt 0.47 for NVFP4
+checkpoints, starting from the exported bytes. We write this ourselves instead of
+calling modelopt because modelopt's NVFP4 fake-quant forward needs CUDA ("amax must be
+a CUDA tensor for dynamic block quantization") and our evaluation runs on CPU.
+
+Checkpoint conventions (modelopt ``export_hf_checkpoint``, NVIDIA's hub NVFP4 releases):
+
+- ``weight``: uint8 ``[..., in / 2]``, two E2M1 codes per byte, element ``2i`` in the
+  LOW nibble and element ``2i + 1`` in the HIGH nibble. A code is ``sign << 3 | magnitude``
+  with magnitudes ``0, 0.5, 1, 1.5, 2, 3, 4, 6`` (see :data:`E2M1_VALUES`).
+- ``weight_scale``: ``float8_e4m3fn`` ``[..., in / 16]``, one scale per 16 consecutive
+  input elements.
+- ``weight_scale_2``: fp32 global scale, ``amax / (6 * 448)``.
+- ``input_scale``: fp32 activation global scale, ``amax / (6 * 448)``.
+- Dequantized weight: ``e2m1 * (weight_scale.float() * weight_scale_2)`` in fp32
+  (modelopt's ``NVFP4QTensor.dequantize`` order), then cast.
+
+Weights follow ``NVFP4QTensor.quantize``: block scale ``block_amax / (6 * global)``,
+all-zero blocks get scale 1.0, clamped to ``[2**-9, 448]`` and rounded to E4M3; values
+divided by ``block_scale * global`` and rounded to the nearest E2M1 value, ties to even
+(0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4; above 6 saturates).
+
+Activations follow modelopt's dynamic-block fake quant (the Triton kernel
+``fp4_fake_quant_block`` it runs on SM >= 89): per 16-element block,
+``scale = e4m3(min(block_amax / (6 * global), 448)) * global``, a scale below 1e-5 is
+replaced by 1.0, values become ``e2m1(|x| / scale) * scale`` with ``x``'s sign.
+Known differences, all at rounding ties or in degenerate blocks:
+
+- Triton's fp32 ``/`` is ``div.full.f32`` (up to 2 ulp); we divide exactly (IEEE), so a
+  quotient that lands exactly on an E2M1 tie can round differently on the GPU.
+- TensorRT-LLM's ``fp4_quantize`` multiplies by reciprocals instead of dividing and
+  zeroes a block whose E4M3 scale underflows, where modelopt substitutes scale 1.0
+  (blocks with amax below about 6e-5 become zeros under modelopt's rule).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omniquant.numerics.fp8 import E4M3_MAX, _as_scale, _check_high_precision
+
+__all__ = [
+    "E2M1_MAX",
+    "E2M1_VALUES",
+    "dequantize_nvfp4",
+    "fake_quant_nvfp4_activation",
+    "pack_e2m1",
+    "quantize_nvfp4",
+    "unpack_e2m1",
+]
+
+E2M1_MAX = 6.0
+"""Largest E2M1 magnitude."""
+
+E2M1_VALUES = torch.tensor(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    dtype=torch.float32,
+)
+"""float32 value of each 4-bit E2M1 code (index = code). Code 8 (negative zero) maps to
++0.0, as in modelopt, so dequantized zeros are +0.0."""
+
+# Rounding boundaries between consecutive E2M1 magnitudes; a value exactly on a boundary
+# goes to the even code, i.e. down at 0.25/1.25/2.5/5 and up at 0.75/1.75/3.5.
+_E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float32)
+_E2M1_MAGNITUDES = E2M1_VALUES[:8]
+_E4M3_MIN_SUBNORMAL = 2.0**-9
+# modelopt's Triton kernel replaces a (dequantized) activation block scale below this by 1.0.
+_ACTIVATION_MIN_BLOCK_SCALE = 1e-5
+
+
+def _check_block_size(block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+
+
+def _check_last_dim(x: torch.Tensor, name: str, block_size: int) -> None:
+    if x.dim() == 0 or x.shape[-1] % block_size != 0:
+        last = x.shape[-1] if x.dim() else "none (0-d tensor)"
+        raise ValueError(
+            f"{name} of shape {tuple(x.shape)}: last dimension {last} is not divisible by the "
+            f"NVFP4 block size {block_size}; NVFP4 needs the input-feature dimension to be a "
+            f"multiple of {block_size} (pad it or keep this tensor out of NVFP4)"
+        )
+
+
+def _e2m1_magnitude_codes(abs_scaled: torch.Tensor) -> torch.Tensor:
+    """Round non-negative float32 values to E2M1 magnitude codes 0..7 (ties to even, saturating)."""
+    bounds = _E2M1_BOUNDS.to(abs_scaled.device)
+    # bucketize (right=False) counts the bounds strictly below the value, so a tie goes down;
+    # bump the ties whose upper neighbour has the even code.
+    codes = torch.bucketize(abs_scaled, bounds, out_int32=True)
+    tie_up = (abs_scaled == 0.75) | (abs_scaled == 1.75) | (abs_scaled == 3.5)
+    return (codes + tie_up).to(torch.uint8)
+
+
+def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit E2M1 codes two per byte: element ``2i`` low nibble, ``2i + 1`` high nibble.
+
+    Args:
+        codes: uint8 tensor of codes 0..15 whose last dimension is even.
+
+    Returns:
+        uint8 tensor of shape ``[..., n / 2]``, modelopt's ``weight`` layout.
+
+    Raises:
+        ValueError: ``codes`` is not uint8, has an odd last dimension, or holds a value > 15.
+    """
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise ValueError(f"codes has dtype {got}; expected torch.uint8 E2M1 codes 0..15")
+    if codes.dim() == 0 or codes.shape[-1] % 2 != 0:
+        raise ValueError(
+            f"codes of shape {tuple(codes.shape)}: the last dimension must be even to pack "
+            "two E2M1 codes per byte"
+        )
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError(
+            f"codes of shape {tuple(codes.shape)} holds {int(codes.max())}; E2M1 codes are 0..15"
+        )
+    return (codes[..., 1::2] << 4) | codes[..., 0::2]
+
+
+def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
+    """Unpack bytes into E2M1 codes, inverse of :func:`pack_e2m1`.
+
+    Args:
+        packed: uint8 tensor ``[..., n / 2]``.
+
+    Returns:
+        uint8 tensor of codes 0..15 with shape ``[..., n]``.
+
+    Raises:
+        ValueError: ``packed`` is not a uint8 tensor with at least one dimension.
+    """
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() == 0:
+        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
+        shape = tuple(packed.shape) if isinstance(packed, torch.Tensor) else "?"
+        raise ValueError(
+            f"packed of shape {shape} has dtype {got}; expected a uint8 tensor of packed "
+            "E2M1 pairs with at least one dimension"
+        )
+    codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def quantize_nvfp4(
+    w: torch.Tensor,
+    global_scale: torch.Tensor | float | None = None,
+    block_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize a weight to NVFP4 with the bytes modelopt's ``NVFP4QTensor.quantize`` writes.
+
+    Args:
+        w: float32, bfloat16 or float16 tensor ``[..., in]``, ``in`` divisible by
+            ``block_size`` (and even).
+        global_scale: ``weight_scale_2``; defaults to ``amax(|w|) / (6 * 448)`` computed in
+            float32. For an all-zero ``w`` the amax is taken as 6.0 (as modelopt's export
+            sanitizes a zero amax), so the scale is 1/448 rather than 0.
+        block_size: elements per block scale (16 for NVFP4).
+
+    Returns:
+        ``(packed, block_scales, global_scale)``: uint8 ``[..., in / 2]``,
+        ``float8_e4m3fn`` ``[..., in / block_size]`` and the float32 global scale
+        (0-d when computed here, else the given one as float32).
+
+    Raises:
+        ValueError: bad dtype, a last dimension not divisible by ``block_size``, a
+            non-finite ``w``, or a ``global_scale`` that is not positive and finite.
+    """
+    _check_high_precision(w, "w")
+    _check_block_size(block_size)
+    _check_last_dim(w, "w", block_size)
+    if w.shape[-1] % 2 != 0:
+        raise ValueError(f"w of shape {tuple(w.shape)}: the last dimension must be even to pack")
+    blocks = w.reshape(*w.shape[:-1], w.shape[-1] // block_size, block_size)
+    block_amax = blocks.abs().amax(dim=-1).float()
+    if global_scale is None:
+        amax = block_amax.amax() if block_amax.numel() else torch.zeros((), device=w.device)
+        if not bool(torch.isfinite(amax)):
+            raise ValueError(f"w of shape {tuple(w.shape)} contains NaN or inf; cannot quantize")
+        amax = torch.where(amax == 0, torch.full_like(amax, E2M1_MAX), amax)
+        global_scale_f32 = amax / (E2M1_MAX * E4M3_MAX)
+    else:
+        global_scale_f32 = _as_scale(global_scale, block_amax, "global_scale")
+
+    # Same operation order as modelopt (get_weights_scaling_factor), so the bytes match.
+    block_scale = block_amax / (E2M1_MAX * global_scale_f32)
+    block_scale = torch.where(block_scale == 0, torch.ones_like(block_scale), block_scale)
+    block_scales = block_scale.clamp(min=_E4M3_MIN_SUBNORMAL, max=E4M3_MAX).to(
+        torch.float8_e4m3fn
+    )
+    scaled = blocks.float() / (block_scales.float() * global_scale_f32).unsqueeze(-1)
+    codes = _e2m1_magnitude_codes(scaled.abs()) | ((scaled < 0).to(torch.uint8) << 3)
+    return pack_e2m1(codes.reshape(w.shape)), block_scales, global_scale_f32
+
+
+def dequantize_nvfp4(
+    packed: torch.Tensor,
+    block_scales: torch.Tensor,
+    global_scale: torch.Tensor | float,
+    dtype: torch.dtype = torch.bfloat16,
+    block_size: int = 16,
+) -> torch.Tensor:
+    """Dequantize NVFP4 bytes: ``e2m1 * (block_scale.float() * global_scale)`` in fp32, cast once.
+
+    Args:
+        packed: uint8 ``[..., in / 2]`` (checkpoint ``weight``).
+        block_scales: ``float8_e4m3fn`` ``[..., in / block_size]`` (``weight_scale``).
+        global_scale: positive fp32 ``weight_scale_2``; per tensor, or broadcastable to
+            ``block_scales`` (e.g. ``[experts, 1, 1]`` for stacked experts).
+        dtype: output dtype.
+        block_size: elements per block scale.
+
+    Returns:
+        Tensor ``[..., in]`` in ``dtype``, equal bit for bit to modelopt's
+        ``NVFP4QTensor.dequantize``.
+
+    Raises:
+        ValueError: wrong dtypes, or shapes of ``packed`` and ``block_scales`` that do not
+            describe the same ``[..., in]`` tensor.
+    """
+    _check_block_size(block_size)
+    codes = unpack_e2m1(packed)
+    if not isinstance(block_scales, torch.Tensor) or block_scales.dtype != torch.float8_e4m3fn:
+        got = block_scales.dtype if isinstance(block_scales, torch.Tensor) else "?"
+        hint = " (view uint8 bytes with .view(torch.float8_e4m3fn))" if got == torch.uint8 else ""
+        raise ValueError(
+            f"block_scales has dtype {got}; expected torch.float8_e4m3fn{hint}"
+        )
+    _check_last_dim(codes, "unpacked weight", block_size)
+    expected = (*codes.shape[:-1], codes.shape[-1] // block_size)
+    if tuple(block_scales.shape) != expected:
+        raise ValueError(
+            f"block_scales of shape {tuple(block_scales.shape)} do not match packed of shape "
+            f"{tuple(packed.shape)}: {codes.shape[-1]} unpacked elements per row with block "
+            f"size {block_size} need block_scales of shape {expected}"
+        )
+    global_scale_f32 = _as_scale(global_scale, block_scales, "global_scale")
+    values = E2M1_VALUES.to(packed.device)[codes.long()]
+    per_block = block_scales.float() * global_scale_f32
+    blocks = values.view(*expected, block_size) * per_block.unsqueeze(-1)
+    return blocks.reshape(codes.shape).to(dtype)
+
+
+def fake_quant_nvfp4_activation(
+    x: torch.Tensor, global_scale: torch.Tensor | float, block_size: int = 16
+) -> torch.Tensor:
+    """Dynamic NVFP4 quantize-dequantize of an activation under a stored global scale.
+
+    Reproduces modelopt's CUDA fake quant (see the module docstring) on any device.
+
+    Args:
+        x: float32, bfloat16 or float16 tensor ``[..., features]``, ``features``
+            divisible by ``block_size``; blocks run along the last dimension.
+        global_scale: positive per-tensor ``input_scale`` (``amax / (6 * 448)``).
+        block_size: elements per dynamic block scale.
+
+    Returns:
+        Tensor of ``x``'s shape and dtype; every element is an E2M1 value times its
+        block's scale. An all-zero block stays zero.
+
+    Raises:
+        ValueError: bad dtype, a last dimension not divisible by ``block_size``, or an
+            invalid ``global_scale``.
+    """
+    _check_high_precision(x, "x")
+    _check_block_size(block_size)
+    _check_last_dim(x, "x", block_size)
+    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+    abs_blocks = blocks.abs()
+    block_amax = abs_blocks.amax(dim=-1, keepdim=True)
+    global_scale_f32 = _as_scale(global_scale, block_amax, "global_scale")
+    scale = (block_amax / (E2M1_MAX * global_scale_f32)).clamp(max=E4M3_MAX)
+    scale = scale.to(torch.float8_e4m3fn).float() * global_scale_f32
+    scale = torch.where(scale >= _ACTIVATION_MIN_BLOCK_SCALE, scale, torch.ones_like(scale))
+    magnitudes = _E2M1_MAGNITUDES.to(x.device)[_e2m1_magnitude_codes(abs_blocks / scale).long()]
+    rescaled = magnitudes * scale
+    out = torch.where(blocks >= 0, rescaled, -rescaled)
+    return out.reshape(x.shape).to(x.dtype)

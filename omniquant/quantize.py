@@ -1,0 +1,221 @@
+"""The quantize stage: recipe + model + calibration data -> audited checkpoint directory.
+
+Policy:
+- Pre-flight first, in order of cost: recipe validation, output directory,
+  calibration data validation, model load, plan resolution. No calibration starts
+  before all of them pass.
+- The output is built in a temporary sibling directory and renamed into place
+  only after the audit passes; an interrupted or failed run removes it, and a run
+  killed outright leaves only a ``.omniquant-tmp-*`` directory without
+  ``omniquant.json`` (which ``inspect`` and the audit refuse).
+- Same inputs and seed give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from omniquant.errors import ExportError
+
+OMNIQUANT_JSON = "omniquant.json"
+
+
+@dataclass
+class QuantizeResult:
+    """What a quantize run produced."""
+
+    out: Path
+    manifest: dict
+    plan_text: str
+    warnings: list[str]
+
+
+def versions() -> dict[str, str]:
+    import modelopt
+    import torch
+    import transformers
+
+    import omniquant
+
+    return {
+        "omniquant": omniquant.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "modelopt": modelopt.__version__,
+    }
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(f"--out {out}: already exists; pass --force to overwrite it.")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a directory.")
+    if not out.parent.exists():
+        raise ExportError(f"--out {out}: parent directory {out.parent} does not exist.")
+
+
+def load_calibration_samples(loaded, calib: str, size: int, seed: int, skip_bad: bool = False):
+    """Samples for calibration: the built-in ``synthetic`` set, a shipped set name or a directory.
+
+    Returns:
+        ``(samples, skipped)`` where ``skipped`` lists manifest problems tolerated by ``skip_bad``.
+    """
+    if calib == "synthetic":
+        from omniquant.data.synthetic import synthetic_samples
+
+        return synthetic_samples(loaded, size, seed), []
+    from omniquant.data.sets import load_calibration_set
+
+    return load_calibration_set(loaded, calib, size=size, skip_bad=skip_bad)
+
+
+def quantize(
+    model: str | Path,
+    recipe: str | Path,
+    out: str | Path,
+    *,
+    calib: str | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    skip_bad: bool = False,
+    quiet: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> QuantizeResult:
+    """Quantize ``model`` with ``recipe`` and write an audited checkpoint to ``out``.
+
+    Args:
+        model: Source checkpoint directory (hub layout, BF16).
+        recipe: Built-in recipe name or YAML path.
+        out: Output directory (must not exist unless ``force``).
+        calib: Calibration set (``synthetic``, a shipped name, or a directory);
+            overrides ``calibration.set`` of the recipe.
+        overrides: ``key=value`` recipe overrides.
+        force: Replace an existing ``out``.
+        skip_bad: Skip unreadable calibration samples with a warning instead of failing.
+        quiet: No progress bar.
+        log: Receives human-readable progress lines (plan, stats, warnings).
+    """
+    from omniquant.audit import audit_checkpoint
+    from omniquant.calibrate import check_expert_coverage, iter_progress, run_calibration
+    from omniquant.models import load_model
+    from omniquant.plan import render_plan, resolve_plan, to_modelopt_config
+    from omniquant.recipe import load_recipe
+
+    say = log or (lambda _msg: None)
+    rec, recipe_path = load_recipe(recipe, overrides)
+    if calib is not None:
+        rec.calibration.set = calib
+    out = Path(out).absolute()
+    _check_out(out, force)
+
+    if rec.calibration.set != "synthetic":
+        from omniquant.data.sets import preflight_calibration_set
+
+        preflight_calibration_set(rec.calibration.set, skip_bad=skip_bad)
+
+    loaded = load_model(model)
+    plan = resolve_plan(rec, loaded)
+    plan_text = render_plan(plan)
+    say(f"plan ({rec.metadata.name}):\n{plan_text}")
+
+    samples, skipped = load_calibration_samples(
+        loaded, rec.calibration.set, rec.calibration.size, rec.calibration.seed, skip_bad
+    )
+    warnings_out: list[str] = []
+    if skipped:
+        warnings_out.append(f"skipped {len(skipped)} bad calibration sample(s)")
+        for item in skipped:
+            say(f"warning: skipped {item}")
+
+    import modelopt.torch.quantization as mtq
+
+    mo_config = to_modelopt_config(plan, rec)
+    root = getattr(loaded.model, loaded.adapter.quant_root_name())
+    cov = rec.calibration.expert_coverage
+    stats = run_calibration(
+        loaded,
+        samples,
+        lambda loop: mtq.quantize(root, mo_config, loop),
+        evs_rate=rec.calibration.evs_rate,
+        force_all_experts=cov.policy == "force_all_experts",
+        progress=iter_progress(quiet),
+    )
+    warnings_out += check_expert_coverage(stats, cov.policy, cov.min_tokens)
+    for w in warnings_out:
+        say(f"warning: {w}")
+
+    tmp = out.parent / f".omniquant-tmp-{out.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    with _cleanup_on_interrupt(tmp):
+        written = _write_quiet(loaded, plan, tmp)
+        manifest = {
+            "format_version": 1,
+            "source": {"path": str(loaded.path), "model_type": loaded.config_dict.get("model_type")},
+            "recipe": {
+                "name": rec.metadata.name,
+                "path": str(recipe_path),
+                "effective": rec.model_dump(mode="json"),
+            },
+            "recipe_sha256": rec.sha256(),
+            "versions": versions(),
+            "calibration": {"set": rec.calibration.set, **stats.to_json()},
+            "plan": plan.to_json(),
+            "quantized": plan.group_precision(),
+            "shards": written["shards"],
+            "warnings": warnings_out,
+            "created_unix": int(time.time()),
+        }
+        (tmp / OMNIQUANT_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        audit_checkpoint(tmp, raise_on_error=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    say(f"wrote {out}")
+    return QuantizeResult(out=out, manifest=manifest, plan_text=plan_text, warnings=warnings_out)
+
+
+def _write_quiet(loaded, plan, tmp: Path) -> dict:
+    """modelopt's exporter prints per-expert fallbacks to stdout; keep stdout for our output."""
+    import contextlib
+    import io
+    import warnings
+
+    from omniquant.export import write_checkpoint
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return write_checkpoint(loaded, plan, tmp)
+
+
+class _cleanup_on_interrupt:
+    """Remove ``tmp`` on any failure, Ctrl-C or SIGTERM (turned into KeyboardInterrupt)."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        try:
+            self._old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not in the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        if exc_type is not None and self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
