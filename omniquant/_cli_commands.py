@@ -8,18 +8,106 @@ from __future__ import annotations
 
 from omniquant.cli import app, _console  # noqa: F401
 
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: Annotated[Path, typer.Option(help="Source BF16 checkpoint directory (hub layout).")],
+    recipe: Annotated[str, typer.Option(help="Built-in recipe name or path to a recipe YAML.")],
+    out: Annotated[Path, typer.Option(help="Output checkpoint directory.")],
+    calib: Annotated[
+        Optional[str],
+        typer.Option(help="Calibration set: 'synthetic', a shipped set name, or a directory."),
+    ] = None,
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Recipe override key.path=value (repeatable)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing output directory.")] = False,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip unreadable calibration samples (warn with a count).")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Calibrate on multimodal samples, quantize the backbone with modelopt, export and audit."""
+    from omniquant.quantize import quantize
+
+    console = _console()
+    res = quantize(
+        model, recipe, out, calib=calib, overrides=set_ or [], force=force,
+        skip_bad=skip_bad, quiet=quiet, log=console.print,
+    )
+    cal = res.manifest["calibration"]
+    toks = ", ".join(f"{k} {v}" for k, v in cal["tokens_by_modality"].items())
+    console.print(f"calibrated on {cal['samples']} samples ({toks} tokens)")
+    console.print(f"audit passed; checkpoint at {res.out}")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
+    json_: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
+    audit: Annotated[bool, typer.Option(help="Run the integrity audit; non-zero exit on failure.")] = False,
+) -> None:
+    """Show module groups with precision, parameters, bytes and bits per weight."""
+    from omniquant.inspect_ckpt import inspect_checkpoint, render_inspect, summary_json
+
+    summary = inspect_checkpoint(path)
+    if audit:
+        from omniquant.audit import audit_checkpoint
+
+        report = audit_checkpoint(path, raise_on_error=True)
+        summary["audit"] = {"ok": report.ok, "checked_weights": report.checked_weights}
+    if json_:
+        typer.echo(summary_json(summary))
+        return
+    console = _console()
+    console.print(render_inspect(summary), markup=False)
+    if audit:
+        console.print(f"audit passed ({summary['audit']['checked_weights']} quantized weights checked)")
+
+
+recipes_app = typer.Typer(help="List and show built-in recipes.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context) -> None:
+    """List built-in recipes with their descriptions."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from omniquant.recipe import builtin_recipes, load_recipe
+
+    console = _console()
+    for name, path in builtin_recipes().items():
+        rec, _ = load_recipe(path)
+        console.print(f"{name:<20} {rec.metadata.description}", markup=False)
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="Built-in recipe name or path.")]) -> None:
+    """Print a recipe file as written (comments included)."""
+    from omniquant.recipe import load_recipe
+
+    _, path = load_recipe(name)  # validates
+    typer.echo(path.read_text(), nl=False)
+
 
 # --- build-engine (issue 7) -------------------------------------------------
-from enum import Enum  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Annotated, Optional  # noqa: E402
+# Same names as omniquant.engine.targets.TARGETS, spelt out so the CLI stays cheap to import.
+_ENGINE_TARGETS = ("hopper", "blackwell")
 
-import typer  # noqa: E402
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
 
+import typer
 
-class _EngineTarget(str, Enum):
-    hopper = "hopper"
-    blackwell = "blackwell"
+_EngineTarget = Enum("_EngineTarget", [(name, name) for name in _ENGINE_TARGETS], type=str)
 
 
 @app.command("build-engine")
@@ -30,7 +118,7 @@ def build_engine_cmd(
     max_batch_size: Annotated[int, typer.Option(help="Largest runtime batch (and CUDA graph).")] = 8,
     max_seq_len: Annotated[int, typer.Option(help="Longest request, prompt + output, in tokens.")] = 8192,
     video_pruning_rate: Annotated[
-        Optional[float], typer.Option(help="Efficient Video Sampling rate in [0, 1); unset = off.")
+        float | None, typer.Option(help="Efficient Video Sampling rate in [0, 1); unset = off.")
     ] = None,
     link: Annotated[bool, typer.Option(help="Symlink the checkpoint instead of copying it.")] = False,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle directory.")] = False,

@@ -191,6 +191,31 @@ class NemotronOmniAdapter(ModelAdapter):
             return native_name
         raise ValueError(f"hub_name: {native_name!r} is outside language_model")
 
+    _HUB_GROUPS = (
+        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.(in_proj|out_proj)\."), "mamba_in_out"),
+        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.conv1d\."), "mamba_conv1d"),
+        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.experts\."), "routed_experts"),
+        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.shared_experts\."), "shared_experts"),
+        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.gate\."), "router"),
+        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.fc[12]_latent_proj\."), "moe_latent"),
+        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.(q_proj|k_proj|v_proj)\."), "attention_qkv"),
+        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.o_proj\."), "attention_o"),
+        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.(up_proj|down_proj)\."), "dense_mlp"),
+        (re.compile(r"^language_model\.backbone\.embeddings\."), "embeddings"),
+        (re.compile(r"^language_model\.lm_head\."), "lm_head"),
+        (re.compile(r"^vision_model\."), "vision_tower"),
+        (re.compile(r"^mlp1\."), "vision_projector"),
+        (re.compile(r"^sound_encoder\."), "audio_tower"),
+        (re.compile(r"^sound_projection\."), "audio_projector"),
+    )
+
+    def hub_tensor_group(self, name: str) -> str:
+        """Group of an on-disk tensor name; norms, SSM parameters etc. are ``other``."""
+        for pattern, group in self._HUB_GROUPS:
+            if pattern.match(name):
+                return group
+        return "other"
+
     # ---------------------------------------------------------------- forward
     @contextlib.contextmanager
     def video_pruning(self, model, rate: float | None):
