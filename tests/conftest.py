@@ -24,3 +24,20 @@ def tiny_dir(tmp_path_factory):
     from omniquant.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+_QUANTIZED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def quantized(tiny_dir, tmp_path_factory):
+    """Factory: ``quantized(recipe)`` -> a checkpoint of the tiny model, built once per recipe."""
+    from omniquant.quantize import quantize
+
+    def build(recipe: str):
+        if recipe not in _QUANTIZED:
+            out = tmp_path_factory.mktemp(f"q_{recipe}") / "ckpt"
+            _QUANTIZED[recipe] = quantize(tiny_dir, recipe, out).out
+        return _QUANTIZED[recipe]
+
+    return build

@@ -1,0 +1,150 @@
+"""Recipe schema, overrides and plan resolution: every failure names the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from omniquant.errors import PlanError, RecipeError
+from omniquant.models import load_model
+from omniquant.plan import resolve_plan, to_modelopt_config
+from omniquant.recipe import builtin_recipes, load_recipe, recipe_header
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    return load_model(tiny_dir)
+
+
+def _write(tmp_path, body: str):
+    p = tmp_path / "r.yaml"
+    p.write_text(body)
+    return p
+
+
+BASE = """metadata: {name: t}
+quantization:
+  rules:
+    - {group: routed_experts, format: fp8}
+"""
+
+
+def test_builtins_have_header_comments():
+    names = set(builtin_recipes())
+    assert names == {"fp8_omni", "nvfp4_omni", "nvfp4_aggressive"}
+    for name, path in builtin_recipes().items():
+        assert path.read_text().startswith(f"# {name}:")
+        assert "BF16" in recipe_header(path)
+
+
+def test_typo_field(tmp_path):
+    p = _write(tmp_path, BASE.replace("quantization:", "quantization:\n  kv_cahce: fp8"))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: invalid recipe:")
+    assert "quantization.kv_cahce: unknown field 'kv_cahce'; allowed fields here: algorithm, kv_cache, nvfp4_block_size, rules" in msg
+
+
+def test_bad_format_name(tmp_path):
+    p = _write(tmp_path, BASE.replace("format: fp8", "format: fp9"))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert "quantization.rules.0.format: bad value \"fp9\": Input should be 'fp8', 'nvfp4' or 'bf16'" in str(e.value)
+
+
+def test_override_goes_through_validation():
+    rec, _ = load_recipe("fp8_omni", ["calibration.size=3", "quantization.rules.0.format=nvfp4"])
+    assert rec.calibration.size == 3 and rec.quantization.rules[0].format == "nvfp4"
+    with pytest.raises(RecipeError, match=r"calibration.evs_rate: bad value 1.5"):
+        load_recipe("fp8_omni", ["calibration.evs_rate=1.5"])
+    with pytest.raises(RecipeError, match=r"calibration.sizes: unknown field"):
+        load_recipe("fp8_omni", ["calibration.sizes=3"])
+    with pytest.raises(RecipeError, match=r"is a list of 4 items; '9' is not an index"):
+        load_recipe("fp8_omni", ["quantization.rules.9.format=fp8"])
+
+
+def test_sha_tracks_effective_recipe():
+    a, _ = load_recipe("fp8_omni")
+    b, _ = load_recipe("fp8_omni", ["calibration.size=16"])  # same as the file
+    c, _ = load_recipe("fp8_omni", ["calibration.size=8"])
+    assert a.sha256() == b.sha256() != c.sha256()
+
+
+def test_zero_match_rule(tmp_path, loaded):
+    p = _write(tmp_path, BASE + "    - {modules: 'language_model.model.layers.*.mixer.nothing', format: fp8}\n")
+    rec, _ = load_recipe(p)
+    with pytest.raises(PlanError) as e:
+        resolve_plan(rec, loaded)
+    assert "quantization.rules.1 {modules: 'language_model.model.layers.*.mixer.nothing', format: fp8}: matches no module" in str(e.value)
+
+
+def test_unknown_group(tmp_path, loaded):
+    rec, _ = load_recipe(_write(tmp_path, BASE.replace("routed_experts", "experts")))
+    with pytest.raises(RecipeError, match="unknown group 'experts'; groups of this model: .*routed_experts"):
+        resolve_plan(rec, loaded)
+
+
+def test_encoder_guard_fires_on_glob(tmp_path, loaded):
+    rec, _ = load_recipe(_write(tmp_path, BASE + "    - {modules: '*q_proj', format: fp8}\n"))
+    with pytest.raises(PlanError) as e:
+        resolve_plan(rec, loaded)
+    msg = str(e.value)
+    assert "would quantize" in msg and "audio_tower, vision_tower" in msg and "without naming them" in msg
+
+
+def test_encoder_named_explicitly_is_refused_for_now(tmp_path, loaded):
+    rec, _ = load_recipe(_write(tmp_path, BASE + "    - {group: vision_tower, format: fp8}\n"))
+    with pytest.raises(PlanError, match="vision_tower cannot be quantized to fp8"):
+        resolve_plan(rec, loaded)
+
+
+def test_later_rules_win_and_bf16_glob_allowed(tmp_path, loaded):
+    rec, _ = load_recipe(_write(tmp_path, BASE + "    - {modules: 'language_model.model.layers.1.*', format: bf16}\n"))
+    plan = resolve_plan(rec, loaded)
+    assert plan.module_format["language_model.model.layers.1.mixer.experts"] == "bf16"
+    assert plan.module_format["language_model.model.layers.3.mixer.experts"] == "fp8"
+
+
+def test_divisibility_lists_every_offender(tmp_path):
+    import torch
+    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import NemotronH_Omni_Reasoning_V3
+
+    from omniquant.tiny import SIZES, TinySize, build_tiny_model, tiny_config_dict  # noqa: F401
+    from omniquant.models.base import LoadedModel
+    from omniquant.models.nemotron_omni import NemotronOmniAdapter
+
+    model, tok = build_tiny_model(0)
+    cfg = model.config
+    cfg.text_config.moe_intermediate_size = 40  # down_proj input width 40: not divisible by 16
+    cfg.text_config.moe_shared_expert_intermediate_size = 40
+    torch.manual_seed(0)
+    bad = NemotronH_Omni_Reasoning_V3(cfg)
+    loaded = LoadedModel(model=bad, tokenizer=tok, path=tmp_path, adapter=NemotronOmniAdapter())
+    rec, _ = load_recipe("nvfp4_aggressive")
+    with pytest.raises(PlanError) as e:
+        resolve_plan(rec, loaded)
+    msg = str(e.value)
+    for layer in (1, 3, 5, 7):
+        assert f"language_model.model.layers.{layer}.mixer.experts.down_proj (input width 40)" in msg
+        assert f"language_model.model.layers.{layer}.mixer.shared_experts.down_proj (input width 40)" in msg
+    assert "experts.up_proj" not in msg
+
+
+def test_modelopt_translation_exact(loaded):
+    rec, _ = load_recipe("nvfp4_omni")
+    cfg = to_modelopt_config(resolve_plan(rec, loaded), rec)
+    entries = cfg["quant_cfg"]
+    assert entries[0] == {"quantizer_name": "*", "enable": False}
+    names = {e["quantizer_name"]: e.get("cfg") for e in entries[1:]}
+    nv = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
+    fp8 = {"num_bits": (4, 3), "axis": None}
+    assert names["model.layers.1.mixer.experts.up_proj_weight_quantizers.*"] == nv
+    assert names["model.layers.1.mixer.experts.down_proj_input_quantizer"] == nv
+    assert names["model.layers.0.mixer.in_proj.weight_quantizer"] == fp8
+    assert names["model.layers.4.mixer.o_proj.input_quantizer"] == fp8
+    assert names["model.layers.4.mixer.k_bmm_quantizer"] == fp8
+    assert "model.layers.4.mixer.q_proj.weight_quantizer" not in names
+    assert not any("vision" in n or "audio" in n or "lm_head" in n for n in names)
+    assert cfg["algorithm"] == "max"
+    # 4 MoE layers x 2 projections x 2 quantizers; (6 mamba + 8 shared + 1 o_proj) x 2; 2 kv
+    assert len(entries) == 1 + 16 + 2 * (6 + 8 + 1) + 2

@@ -1,0 +1,72 @@
+"""Package set-up, import cost, error handling of the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from omniquant.cli import main
+
+
+def test_import_is_cheap():
+    code = (
+        "import sys, omniquant, omniquant.cli, omniquant.errors\n"
+        "bad = [m for m in ('tensorrt_llm', 'modelopt', 'torch.cuda') if m in sys.modules]\n"
+        "import torch\n"
+        "print(bad, torch.cuda.is_initialized())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] False"
+
+
+def test_bad_model_path(tmp_path, capsys):
+    rc = main(["quantize", "--model", str(tmp_path / "nope"), "--recipe", "fp8_omni",
+               "--out", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"--model {tmp_path / 'nope'}: directory does not exist" in err
+    assert "Traceback" not in err
+
+
+def test_non_omni_model_dir(tmp_path, capsys):
+    d = tmp_path / "llama"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    rc = main(["quantize", "--model", str(d), "--recipe", "fp8_omni", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "model_type 'llama' is not supported; omniquant supports ['nemotron_h_omni']" in err
+
+
+def test_dir_without_config(tmp_path, capsys):
+    rc = main(["quantize", "--model", str(tmp_path), "--recipe", "fp8_omni", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_existing_output_dir(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out", str(out)])
+    assert rc == 2
+    assert f"--out {out}: already exists; pass --force to overwrite it." in capsys.readouterr().err
+
+
+def test_unknown_recipe_name(tiny_dir, tmp_path, capsys):
+    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp9_omni", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--recipe fp9_omni: unknown recipe name; built-in recipes are fp8_omni, nvfp4_aggressive, nvfp4_omni" in err
+
+
+def test_usage_error_exit_code(capsys):
+    assert main(["make-tiny"]) == 2  # --out missing
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["recipes"]])
+def test_help_and_listing(argv, capsys):
+    assert main(argv) == 0
+    assert capsys.readouterr().out
