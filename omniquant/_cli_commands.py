@@ -151,6 +151,8 @@ def build_engine_cmd(
         f"checkpoint {result.checkpoint_mode}"
     )
     say(f"wrote {result.path}: {', '.join(result.files)}")
+    for warning in result.warnings:
+        say(f"warning: {warning}")
     ready, reason = engine_host_status()
     if validate and ready:
         report = validate_engine(result.path)

@@ -29,11 +29,16 @@ import shutil
 import stat
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from omniquant.engine.checkpoint import CheckpointInfo, place_checkpoint, read_checkpoint
+from omniquant.engine.checkpoint import (
+    CheckpointInfo,
+    place_checkpoint,
+    read_checkpoint,
+    serving_warnings,
+)
 from omniquant.engine.options import build_llm_api_options, dump_llm_api_options
 from omniquant.engine.scripts import CHECKPOINT_DIR, OPTIONS_FILE, make_commands, render_scripts
 from omniquant.engine.targets import Target, get_target, nvfp4_on_hopper_message
@@ -62,6 +67,7 @@ class BundleResult:
         files: Top-level bundle entries.
         engine_validated: Always False here; ``validate_engine`` sets it.
         note: Why the engine is not validated and where it will be.
+        warnings: Problems that will stop the engine on the GPU host (also in bundle.json).
     """
 
     path: Path
@@ -76,6 +82,7 @@ class BundleResult:
     files: tuple[str, ...]
     engine_validated: bool
     note: str
+    warnings: tuple[str, ...] = ()
 
 
 def check_compatibility(info: CheckpointInfo, target: Target) -> None:
@@ -113,7 +120,9 @@ def _check_out(out: Path, checkpoint: Path, force: bool) -> None:
             f"{checkpoint}; choose another --out"
         )
     if (out.exists() or out.is_symlink()) and not force:
-        raise EngineError(f"{out}: already exists; choose another --out or pass --force to replace it")
+        raise EngineError(
+            f"{out}: already exists; choose another --out or pass --force to replace it"
+        )
 
 
 def tensorrt_llm_version() -> str | None:
@@ -131,8 +140,8 @@ def tensorrt_llm_version() -> str | None:
 def validate_command(bundle: Path) -> str:
     """The Python call that validates ``bundle`` on a GPU host."""
     return (
-        f"python -c \"from omniquant.engine import validate_engine; "
-        f"validate_engine({str(bundle)!r})\""
+        f'python -c "from omniquant.engine import validate_engine; '
+        f'validate_engine({str(bundle)!r})"'
     )
 
 
@@ -246,6 +255,7 @@ def build_engine_bundle(
     )
     scripts = render_scripts(commands, banner=banner, trtllm_min=TENSORRT_LLM_MIN_VERSION)
     note = pending_note(out)
+    warnings = serving_warnings(info)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.building-{uuid.uuid4().hex[:8]}"
@@ -253,8 +263,8 @@ def build_engine_bundle(
     try:
         checksums = place_checkpoint(info, staging / CHECKPOINT_DIR, link=link)
         (staging / OPTIONS_FILE).write_text(
-            f"# LLM API options (extra_llm_api_options) for {spec.name}, precision "
-            f"{info.quant.precision}. {banner}\n" + dump_llm_api_options(options)
+            f"# TensorRT-LLM LLM API options (extra_llm_api_options). {banner}\n"
+            + dump_llm_api_options(options)
         )
         for name, text in scripts.items():
             (staging / name).write_text(text)
@@ -262,7 +272,7 @@ def build_engine_bundle(
         quant = info.quant
         manifest = {
             "schema_version": BUNDLE_SCHEMA_VERSION,
-            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
             "target": spec.name,
             "sm": spec.sm,
             "precision": quant.precision,
@@ -301,6 +311,7 @@ def build_engine_bundle(
             "scripts": sorted(scripts),
             "engine_validated": False,
             "note": note,
+            "warnings": warnings,
             "validation": None,
         }
         write_bundle_json(staging, manifest)
@@ -329,4 +340,5 @@ def build_engine_bundle(
         files=files,
         engine_validated=False,
         note=note,
+        warnings=tuple(warnings),
     )

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +45,9 @@ _QUANT_ALGOS: dict[str, Precision] = {"FP8": "fp8", "NVFP4": "nvfp4", "MIXED_PRE
 _LAYER_ALGOS = ("FP8", "NVFP4")
 _KV_ALGOS = ("FP8",)
 NVFP4_GROUP_SIZE = 16
+# Architectures TensorRT-LLM (>= 1.3.0rc13) registers for the Nemotron Nano VL / omni
+# family; a checkpoint whose config.json names another fails there with "Unknown architecture".
+TRTLLM_ARCHITECTURES = ("NemotronH_Nano_Omni_Reasoning_V3", "NemotronH_Nano_VL_V2")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 16 * 1024 * 1024
 
@@ -279,19 +283,27 @@ def read_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     )
 
 
+def serving_warnings(info: CheckpointInfo) -> list[str]:
+    """Problems that do not stop bundling but will stop the engine on the GPU host."""
+    warnings = []
+    if not set(info.architectures) & set(TRTLLM_ARCHITECTURES):
+        warnings.append(
+            f"{info.path / 'config.json'}: architectures {info.architectures} has none of "
+            f"{', '.join(TRTLLM_ARCHITECTURES)}, the names TensorRT-LLM registers for this model "
+            f"family; loading will fail with 'Unknown architecture' unless the checkpoint carries "
+            f"the hub config.json"
+        )
+    return warnings
+
+
 def _hash_file(src: Path, dst: Path | None) -> str:
     """sha256 of ``src``, copying it to ``dst`` in the same pass when given."""
     digest = hashlib.sha256()
-    with open(src, "rb") as fin:
-        fout = open(dst, "wb") if dst is not None else None
-        try:
-            while chunk := fin.read(_CHUNK):
-                digest.update(chunk)
-                if fout is not None:
-                    fout.write(chunk)
-        finally:
+    with open(src, "rb") as fin, open(dst, "wb") if dst is not None else nullcontext() as fout:
+        while chunk := fin.read(_CHUNK):
+            digest.update(chunk)
             if fout is not None:
-                fout.close()
+                fout.write(chunk)
     if dst is not None:
         shutil.copystat(src, dst)
     return digest.hexdigest()

@@ -67,9 +67,11 @@ class CudaGraphOptions(_Strict):
     enable_padding: bool
 
     @model_validator(mode="after")
-    def _consistent(self) -> "CudaGraphOptions":
+    def _consistent(self) -> CudaGraphOptions:
         # TensorRT-LLM derives max_batch_size from batch_sizes and rejects a mismatch.
-        if any(b < 1 for b in self.batch_sizes) or self.batch_sizes != sorted(set(self.batch_sizes)):
+        if any(b < 1 for b in self.batch_sizes) or self.batch_sizes != sorted(
+            set(self.batch_sizes)
+        ):
             raise ValueError("batch_sizes must be distinct positive integers in ascending order")
         if self.max_batch_size != self.batch_sizes[-1]:
             raise ValueError(
@@ -96,7 +98,7 @@ class LlmApiOptions(_Strict):
     moe_config: MoeOptions
 
     @model_validator(mode="after")
-    def _graphs_fit_batch(self) -> "LlmApiOptions":
+    def _graphs_fit_batch(self) -> LlmApiOptions:
         if self.cuda_graph_config.max_batch_size > self.max_batch_size:
             raise ValueError(
                 f"cuda_graph_config.max_batch_size {self.cuda_graph_config.max_batch_size} "
@@ -154,7 +156,9 @@ def validate_llm_api_options(data: Any, source: str | Path) -> LlmApiOptions:
         EngineError: Naming ``source``, each bad key path and what is wrong with it.
     """
     if not isinstance(data, dict):
-        raise EngineError(f"{source}: expected a mapping of LLM API options, got {type(data).__name__}")
+        raise EngineError(
+            f"{source}: expected a mapping of LLM API options, got {type(data).__name__}"
+        )
     try:
         return LlmApiOptions.model_validate(data)
     except ValidationError as exc:

@@ -140,7 +140,10 @@ def render_scripts(commands: LaunchCommands, *, banner: str, trtllm_min: str) ->
             ],
         ),
         "vllm_serve.sh": _script(
-            [f"The same checkpoint served by vLLM. {banner}", "Needs a vLLM with Nemotron omni support."],
+            [
+                f"The same checkpoint served by vLLM. {banner}",
+                "Needs a vLLM with Nemotron omni support.",
+            ],
             {},
             [f'exec {commands.vllm_serve} "$@"'],
         ),

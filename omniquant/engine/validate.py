@@ -27,10 +27,11 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from omniquant.engine.bundle import (
     TENSORRT_LLM_MIN_VERSION,
@@ -119,7 +120,9 @@ def engine_host_status() -> tuple[bool, str]:
     return True, f"{device[0]} (SM{device[1]})"
 
 
-def write_smoke_media(directory: Path, modalities: tuple[str, ...] = MEDIA_MODALITIES) -> dict[str, Path]:
+def write_smoke_media(
+    directory: Path, modalities: tuple[str, ...] = MEDIA_MODALITIES
+) -> dict[str, Path]:
     """Synthesise small smoke-test media: a PNG, an 8 fps MP4 and a 16 kHz WAV.
 
     Uses Pillow, OpenCV and soundfile, which TensorRT-LLM's media loaders need anyway.
@@ -226,7 +229,7 @@ def validate_engine(
     if not _tensorrt_llm_importable():
         raise EngineError(
             "tensorrt_llm is not installed: the engine warm-up runs only on a GPU host with "
-            'TensorRT-LLM; install it there with pip install --extra-index-url '
+            "TensorRT-LLM; install it there with pip install --extra-index-url "
             'https://pypi.nvidia.com "omniquant[trtllm]"'
         )
     device = _cuda_device()
@@ -252,6 +255,11 @@ def validate_engine(
     _check_version(version)
 
     modalities = tuple(m for m in manifest["model"]["modalities"] if m in MEDIA_MODALITIES)
+    unknown = sorted(set(media or {}) - set(MEDIA_MODALITIES))
+    if unknown:
+        raise EngineError(
+            f"media key {unknown[0]!r} is not a smoke-test modality; use {', '.join(MEDIA_MODALITIES)}"
+        )
     given = {k: Path(v) for k, v in (media or {}).items() if k in modalities}
     for kind, path in given.items():
         if not path.is_file():
@@ -292,7 +300,9 @@ def validate_engine(
             )
             text, tokens, latency = _generate(llm, inputs, sampling)
             report.smoke.append(
-                SmokeResult(kind, SMOKE_PROMPTS[kind], str(smoke_media[kind]), text, tokens, latency)
+                SmokeResult(
+                    kind, SMOKE_PROMPTS[kind], str(smoke_media[kind]), text, tokens, latency
+                )
             )
     except Exception as exc:
         manifest["validation"] = {**report.as_dict(), "error": f"{type(exc).__name__}: {exc}"}
@@ -307,7 +317,7 @@ def validate_engine(
             llm.shutdown()
 
     report.engine_validated = all(r.ok for r in report.smoke)
-    report.validated_utc = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    report.validated_utc = datetime.now(UTC).isoformat(timespec="seconds")
     manifest["engine_validated"] = report.engine_validated
     manifest["note"] = (
         f"engine loaded and smoke-tested on {device_name} (SM{sm}) with tensorrt_llm {version}"
