@@ -1,0 +1,201 @@
+"""quantize -> export -> audit on the tiny model: layout, formats, manifests, safety."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from omniquant.audit import audit_checkpoint
+from omniquant.cli import main
+from omniquant.errors import AuditError
+from omniquant.inspect_ckpt import inspect_checkpoint
+
+SCALE_LEAVES = {"weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale"}
+
+
+def _tensors(d):
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_fp8_names_formats_and_untouched_towers(tiny_dir, quantized):
+    out = quantized("fp8_omni")
+    src, dst = _tensors(tiny_dir), _tensors(out)
+    assert set(src) <= set(dst)
+    extra = set(dst) - set(src)
+    assert extra and all(k.rsplit(".", 1)[-1] in SCALE_LEAVES for k in extra)
+    for k in extra:  # every scale sits beside a source tensor
+        base = k.rsplit(".", 1)[0]
+        assert f"{base}.weight" in src
+
+    fp8 = {k for k, v in dst.items() if v.dtype == torch.float8_e4m3fn}
+    expect = set()
+    for layer in (1, 3, 5, 7):
+        for e in range(8):
+            for p in ("up_proj", "down_proj"):
+                expect.add(f"language_model.backbone.layers.{layer}.mixer.experts.{e}.{p}.weight")
+        for p in ("up_proj", "down_proj"):
+            expect.add(f"language_model.backbone.layers.{layer}.mixer.shared_experts.{p}.weight")
+    # Mamba layer 0 is FP8; layers 2 and 6 neighbour the attention layer 4 and stay BF16.
+    expect |= {f"language_model.backbone.layers.0.mixer.{p}.weight" for p in ("in_proj", "out_proj")}
+    assert fp8 == expect
+    for k in fp8:
+        base = k[: -len(".weight")]
+        assert dst[f"{base}.weight_scale"].dtype == torch.float32 and dst[f"{base}.weight_scale"].numel() == 1
+        assert dst[f"{base}.input_scale"].dtype == torch.float32
+    assert "language_model.backbone.layers.4.mixer.k_proj.k_scale" in dst
+    assert "language_model.backbone.layers.4.mixer.v_proj.v_scale" in dst
+
+    untouched_prefixes = ("vision_model.", "sound_encoder.", "mlp1.", "sound_projection.", "language_model.lm_head.")
+    checked = 0
+    for k, v in src.items():
+        if k not in fp8:
+            assert dst[k].dtype == v.dtype and torch.equal(dst[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+            checked += k.startswith(untouched_prefixes)
+    assert checked > 50
+
+
+def test_fp8_quant_configs(tiny_dir, quantized):
+    out = quantized("fp8_omni")
+    hq = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert hq["quant_algo"] == "FP8" and hq["kv_cache_quant_algo"] == "FP8"
+    assert "quantized_layers" not in hq
+    excl = set(hq["exclude_modules"])
+    with safe_open(tiny_dir / "model.safetensors", "pt") as fh:
+        linear_like = {k[:-7] for k in fh.keys() if k.endswith(".weight") and len(fh.get_slice(k).get_shape()) == 2}
+    quantized_mods = {k[:-7] for k, v in _tensors(out).items() if v.dtype == torch.float8_e4m3fn}
+    assert excl == linear_like - quantized_mods
+    for needle in ("vision_model.radio_model.model.blocks.0.attn.qkv", "sound_encoder.encoder.layers.0.self_attn.q_proj",
+                   "mlp1.1", "sound_projection.linear1", "language_model.lm_head",
+                   "language_model.backbone.layers.1.mixer.gate", "language_model.backbone.layers.2.mixer.in_proj"):  # fmt: skip
+        assert needle in excl
+    cfg = json.loads((out / "config.json").read_text())
+    src_cfg = json.loads((tiny_dir / "config.json").read_text())
+    assert cfg.pop("quantization_config") == {"quant_method": "modelopt", **hq}
+    assert cfg == src_cfg
+    for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
+        assert (out / f).read_bytes() == (tiny_dir / f).read_bytes()
+
+
+def test_manifest_fields(quantized):
+    out = quantized("fp8_omni")
+    meta = json.loads((out / "omniquant.json").read_text())
+    assert meta["recipe"]["name"] == "fp8_omni" and len(meta["recipe_sha256"]) == 64
+    assert set(meta["versions"]) == {"torch", "transformers", "modelopt", "omniquant"}
+    cal = meta["calibration"]
+    assert cal["samples"] == 16
+    assert set(cal["tokens_by_modality"]) == {"text", "image", "video", "audio"}
+    assert all(v > 0 for v in cal["tokens_by_modality"].values())
+    assert len(cal["expert_tokens"]) == 4 and all(len(v) == 8 for v in cal["expert_tokens"].values())
+    assert meta["quantized"]["routed_experts"] == "fp8" and meta["quantized"]["vision_tower"] == "bf16"
+    assert meta["plan"]["counts"]["mamba_in_out"] == {"bf16": 4, "fp8": 2}
+    for shard, digest in meta["shards"].items():
+        assert hashlib.sha256((out / shard).read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("recipe", ["fp8_omni", "nvfp4_omni", "nvfp4_aggressive"])
+def test_builtin_recipes_pass_audit(recipe, quantized):
+    report = audit_checkpoint(quantized(recipe))
+    assert report.ok, report.problems
+    assert report.checked_weights > 0
+
+
+def test_nvfp4_omni_mixed_layout(quantized):
+    out = quantized("nvfp4_omni")
+    summary = inspect_checkpoint(out)
+    g = summary["groups"]
+    assert g["routed_experts"]["precision"] == "nvfp4"
+    assert g["mamba_in_out"]["precision"] == "fp8"
+    assert g["shared_experts"]["precision"] == "fp8" and g["attention_o"]["precision"] == "fp8"
+    assert g["vision_tower"]["precision"] == "bf16" and g["audio_tower"]["precision"] == "bf16"
+    assert 4.5 < g["routed_experts"]["bits_per_weight"] < 4.6  # 4 bits + E4M3 per 16 + fp32 scalars
+    assert summary["total"]["bits_per_weight"] < 16
+    hq = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
+    assert hq["quant_algo"] == "MIXED_PRECISION"
+    layers = hq["quantized_layers"]
+    assert layers["language_model.backbone.layers.1.mixer.experts.3.up_proj"] == {"quant_algo": "NVFP4", "group_size": 16}
+    assert layers["language_model.backbone.layers.0.mixer.in_proj"] == {"quant_algo": "FP8"}
+    assert not set(layers) & set(hq["exclude_modules"])
+    t = _tensors(out)
+    w = t["language_model.backbone.layers.1.mixer.experts.3.up_proj.weight"]
+    assert w.dtype == torch.uint8 and tuple(w.shape) == (64, 32)
+    assert t["language_model.backbone.layers.1.mixer.experts.3.up_proj.weight_scale"].dtype == torch.float8_e4m3fn
+    assert tuple(t["language_model.backbone.layers.1.mixer.experts.3.up_proj.weight_scale"].shape) == (64, 4)
+    assert t["language_model.backbone.layers.1.mixer.experts.3.up_proj.weight_scale_2"].dtype == torch.float32
+
+
+def test_inspect_cli_json(quantized, capsys):
+    assert main(["inspect", str(quantized("nvfp4_omni")), "--json", "--audit"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["audit"]["ok"] is True and data["precision"] == "MIXED_PRECISION"
+
+
+def test_two_runs_identical_checksums(tiny_dir, quantized, tmp_path):
+    first = json.loads((quantized("nvfp4_omni") / "omniquant.json").read_text())
+    assert main(["quantize", "--model", str(tiny_dir), "--recipe", "nvfp4_omni", "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    second = json.loads((tmp_path / "again" / "omniquant.json").read_text())
+    assert first["shards"] == second["shards"]
+    assert first["recipe_sha256"] == second["recipe_sha256"]
+
+
+def test_nan_scale_fails_audit_naming_tensor(quantized, tmp_path):
+    out = tmp_path / "corrupt"
+    shutil.copytree(quantized("nvfp4_omni"), out)
+    t = _tensors(out)
+    name = "language_model.backbone.layers.3.mixer.experts.2.down_proj.weight_scale_2"
+    t[name] = torch.tensor(float("nan"))
+    save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(AuditError) as e:
+        audit_checkpoint(out, raise_on_error=True)
+    msg = str(e.value)
+    assert f"{name}: scale is nan" in msg
+    assert "model.safetensors: sha256 does not match omniquant.json" in msg
+    assert main(["inspect", str(out), "--audit"]) == 3
+
+
+def test_nan_block_scale_byte(quantized, tmp_path):
+    out = tmp_path / "corrupt_block"
+    shutil.copytree(quantized("nvfp4_omni"), out)
+    t = _tensors(out)
+    name = "language_model.backbone.layers.1.mixer.experts.0.up_proj.weight_scale"
+    raw = t[name].view(torch.uint8).clone()
+    raw[0, 0] = 0x7F  # E4M3 NaN
+    t[name] = raw.view(torch.float8_e4m3fn)
+    save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    report = audit_checkpoint(out)
+    assert f"{name}: 1 NaN/Inf block scale(s)" in report.problems
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+import omniquant.export as ex
+orig = ex.write_checkpoint
+def killer(loaded, plan, out):
+    result = orig(loaded, plan, out)
+    os.kill(os.getpid(), getattr(signal, sys.argv[3]))
+    return result
+ex.write_checkpoint = killer
+from omniquant.quantize import quantize
+quantize(sys.argv[1], "fp8_omni", sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_killed_run_leaves_no_finished_checkpoint(tiny_dir, tmp_path, sig):
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(tiny_dir), str(out), sig], capture_output=True)
+    assert proc.returncode != 0
+    assert not out.exists()
+    leftovers = list(tmp_path.glob(".omniquant-tmp-*"))
+    if sig == "SIGTERM":
+        assert leftovers == []  # cleaned up
+    for d in leftovers:  # SIGKILL cannot be caught: what remains is marked unfinished
+        assert not (d / "omniquant.json").exists()
+        assert not audit_checkpoint(d).ok
