@@ -123,9 +123,7 @@ def dequantize_fp8(
         got = q.dtype if isinstance(q, torch.Tensor) else type(q).__name__
         shape = tuple(q.shape) if isinstance(q, torch.Tensor) else "?"
         hint = " (view uint8 bytes with .view(torch.float8_e4m3fn))" if got == torch.uint8 else ""
-        raise ValueError(
-            f"q of shape {shape} has dtype {got}; expected torch.float8_e4m3fn{hint}"
-        )
+        raise ValueError(f"q of shape {shape} has dtype {got}; expected torch.float8_e4m3fn{hint}")
     scale_f32 = _as_scale(scale, q, "scale")
     return (q.float() * scale_f32).to(dtype)
 

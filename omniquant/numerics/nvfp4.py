@@ -61,10 +61,9 @@ E2M1_VALUES = torch.tensor(
 """float32 value of each 4-bit E2M1 code (index = code). Code 8 (negative zero) maps to
 +0.0, as in modelopt, so dequantized zeros are +0.0."""
 
-# Rounding boundaries between consecutive E2M1 magnitudes; a value exactly on a boundary
-# goes to the even code, i.e. down at 0.25/1.25/2.5/5 and up at 0.75/1.75/3.5.
-_E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=torch.float32)
 _E2M1_MAGNITUDES = E2M1_VALUES[:8]
+# Byte -> (value of the low nibble, value of the high nibble): one gather dequantizes a byte.
+_E2M1_PAIR_VALUES = torch.stack((E2M1_VALUES.repeat(16), E2M1_VALUES.repeat_interleave(16)), dim=-1)
 _E4M3_MIN_SUBNORMAL = 2.0**-9
 # modelopt's Triton kernel replaces a (dequantized) activation block scale below this by 1.0.
 _ACTIVATION_MIN_BLOCK_SCALE = 1e-5
@@ -86,13 +85,20 @@ def _check_last_dim(x: torch.Tensor, name: str, block_size: int) -> None:
 
 
 def _e2m1_magnitude_codes(abs_scaled: torch.Tensor) -> torch.Tensor:
-    """Round non-negative float32 values to E2M1 magnitude codes 0..7 (ties to even, saturating)."""
-    bounds = _E2M1_BOUNDS.to(abs_scaled.device)
-    # bucketize (right=False) counts the bounds strictly below the value, so a tie goes down;
-    # bump the ties whose upper neighbour has the even code.
-    codes = torch.bucketize(abs_scaled, bounds, out_int32=True)
-    tie_up = (abs_scaled == 0.75) | (abs_scaled == 1.75) | (abs_scaled == 3.5)
-    return (codes + tie_up).to(torch.uint8)
+    """Round non-negative float32 values to E2M1 magnitude codes 0..7 (ties to even, saturating).
+
+    Counts the rounding boundaries a value has passed: a value exactly on a boundary passes
+    it only where the upper neighbour has the even code (0.75, 1.75, 3.5). Same codes as
+    modelopt's ``searchsorted`` + tie fix-up, with uint8 comparisons (several times faster).
+    """
+    codes = (abs_scaled > 0.25).to(torch.uint8)
+    codes += abs_scaled >= 0.75
+    codes += abs_scaled > 1.25
+    codes += abs_scaled >= 1.75
+    codes += abs_scaled > 2.5
+    codes += abs_scaled >= 3.5
+    codes += abs_scaled > 5.0
+    return codes
 
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
@@ -176,10 +182,10 @@ def quantize_nvfp4(
         raise ValueError(f"w of shape {tuple(w.shape)}: the last dimension must be even to pack")
     blocks = w.reshape(*w.shape[:-1], w.shape[-1] // block_size, block_size)
     block_amax = blocks.abs().amax(dim=-1).float()
+    amax = block_amax.amax() if block_amax.numel() else torch.zeros((), device=w.device)
+    if not bool(torch.isfinite(amax)):
+        raise ValueError(f"w of shape {tuple(w.shape)} contains NaN or inf; cannot quantize")
     if global_scale is None:
-        amax = block_amax.amax() if block_amax.numel() else torch.zeros((), device=w.device)
-        if not bool(torch.isfinite(amax)):
-            raise ValueError(f"w of shape {tuple(w.shape)} contains NaN or inf; cannot quantize")
         amax = torch.where(amax == 0, torch.full_like(amax, E2M1_MAX), amax)
         global_scale_f32 = amax / (E2M1_MAX * E4M3_MAX)
     else:
@@ -188,9 +194,7 @@ def quantize_nvfp4(
     # Same operation order as modelopt (get_weights_scaling_factor), so the bytes match.
     block_scale = block_amax / (E2M1_MAX * global_scale_f32)
     block_scale = torch.where(block_scale == 0, torch.ones_like(block_scale), block_scale)
-    block_scales = block_scale.clamp(min=_E4M3_MIN_SUBNORMAL, max=E4M3_MAX).to(
-        torch.float8_e4m3fn
-    )
+    block_scales = block_scale.clamp(min=_E4M3_MIN_SUBNORMAL, max=E4M3_MAX).to(torch.float8_e4m3fn)
     scaled = blocks.float() / (block_scales.float() * global_scale_f32).unsqueeze(-1)
     codes = _e2m1_magnitude_codes(scaled.abs()) | ((scaled < 0).to(torch.uint8) << 3)
     return pack_e2m1(codes.reshape(w.shape)), block_scales, global_scale_f32
@@ -222,26 +226,34 @@ def dequantize_nvfp4(
             describe the same ``[..., in]`` tensor.
     """
     _check_block_size(block_size)
-    codes = unpack_e2m1(packed)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() == 0:
+        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
+        shape = tuple(packed.shape) if isinstance(packed, torch.Tensor) else "?"
+        raise ValueError(
+            f"packed of shape {shape} has dtype {got}; expected uint8 packed E2M1 pairs"
+        )
     if not isinstance(block_scales, torch.Tensor) or block_scales.dtype != torch.float8_e4m3fn:
         got = block_scales.dtype if isinstance(block_scales, torch.Tensor) else "?"
         hint = " (view uint8 bytes with .view(torch.float8_e4m3fn))" if got == torch.uint8 else ""
+        raise ValueError(f"block_scales has dtype {got}; expected torch.float8_e4m3fn{hint}")
+    shape = (*packed.shape[:-1], packed.shape[-1] * 2)
+    if shape[-1] % block_size != 0:
         raise ValueError(
-            f"block_scales has dtype {got}; expected torch.float8_e4m3fn{hint}"
+            f"packed of shape {tuple(packed.shape)} unpacks to {shape[-1]} elements per row, "
+            f"not divisible by the NVFP4 block size {block_size}"
         )
-    _check_last_dim(codes, "unpacked weight", block_size)
-    expected = (*codes.shape[:-1], codes.shape[-1] // block_size)
+    expected = (*shape[:-1], shape[-1] // block_size)
     if tuple(block_scales.shape) != expected:
         raise ValueError(
             f"block_scales of shape {tuple(block_scales.shape)} do not match packed of shape "
-            f"{tuple(packed.shape)}: {codes.shape[-1]} unpacked elements per row with block "
+            f"{tuple(packed.shape)}: {shape[-1]} unpacked elements per row with block "
             f"size {block_size} need block_scales of shape {expected}"
         )
     global_scale_f32 = _as_scale(global_scale, block_scales, "global_scale")
-    values = E2M1_VALUES.to(packed.device)[codes.long()]
+    values = _E2M1_PAIR_VALUES.to(packed.device)[packed.int()]
     per_block = block_scales.float() * global_scale_f32
-    blocks = values.view(*expected, block_size) * per_block.unsqueeze(-1)
-    return blocks.reshape(codes.shape).to(dtype)
+    blocks = values.view(*expected, block_size).mul_(per_block.unsqueeze(-1))
+    return blocks.reshape(shape).to(dtype)
 
 
 def fake_quant_nvfp4_activation(
@@ -268,14 +280,15 @@ def fake_quant_nvfp4_activation(
     _check_high_precision(x, "x")
     _check_block_size(block_size)
     _check_last_dim(x, "x", block_size)
-    blocks = x.float().reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
-    abs_blocks = blocks.abs()
-    block_amax = abs_blocks.amax(dim=-1, keepdim=True)
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size).float()
+    scaled = blocks.abs()
+    block_amax = scaled.amax(dim=-1, keepdim=True)
     global_scale_f32 = _as_scale(global_scale, block_amax, "global_scale")
-    scale = (block_amax / (E2M1_MAX * global_scale_f32)).clamp(max=E4M3_MAX)
+    scale = (block_amax / (E2M1_MAX * global_scale_f32)).clamp_(max=E4M3_MAX)
     scale = scale.to(torch.float8_e4m3fn).float() * global_scale_f32
     scale = torch.where(scale >= _ACTIVATION_MIN_BLOCK_SCALE, scale, torch.ones_like(scale))
-    magnitudes = _E2M1_MAGNITUDES.to(x.device)[_e2m1_magnitude_codes(abs_blocks / scale).long()]
-    rescaled = magnitudes * scale
-    out = torch.where(blocks >= 0, rescaled, -rescaled)
+    codes = _e2m1_magnitude_codes(scaled.div_(scale))
+    rescaled = _E2M1_MAGNITUDES.to(x.device)[codes.int()].mul_(scale)
+    # where(x >= 0, r, -r), not copysign: x = -0.0 must give +r, as in modelopt's kernel.
+    out = torch.where(blocks >= 0, rescaled, rescaled.neg())
     return out.reshape(x.shape).to(x.dtype)
