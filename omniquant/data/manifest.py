@@ -141,6 +141,13 @@ class BadLine:
     path: str | None
     reason: str
 
+    def __str__(self) -> str:
+        return (
+            f"line {self.line}: {self.path}: {self.reason}"
+            if self.path
+            else f"line {self.line}: {self.reason}"
+        )
+
 
 class ValidatedManifest(NamedTuple):
     """Result of ``validate_manifest``: the good entries and the lines skipped."""

@@ -34,6 +34,8 @@ TARGET_SAMPLING_RATE = 16000
 # Frames taken from a video whose manifest line names neither ``video_frames`` nor
 # ``video_fps``: enough for 8 tubelets, small enough for CPU calibration.
 DEFAULT_VIDEO_FRAMES = 16
+# Parakeet's analysis window (400 samples at 16 kHz): shorter audio cannot be featurized.
+MIN_AUDIO_SECONDS = 0.025
 
 
 class MediaError(DataError):
@@ -260,7 +262,7 @@ def read_audio(path: str | Path, target_rate: int = TARGET_SAMPLING_RATE) -> tor
     ``target_rate``.
 
     Raises:
-        MediaError: Missing file, undecodable data or an empty signal.
+        MediaError: Missing file, undecodable data, or shorter than ``MIN_AUDIO_SECONDS``.
     """
     import soundfile as sf
 
@@ -271,6 +273,11 @@ def read_audio(path: str | Path, target_rate: int = TARGET_SAMPLING_RATE) -> tor
         raise MediaError(path, f"cannot decode audio: {err}") from err
     if data.shape[0] == 0:
         raise MediaError(path, "cannot decode audio: the file has no samples")
+    if data.shape[0] < MIN_AUDIO_SECONDS * rate:
+        raise MediaError(
+            path, f"audio is {data.shape[0] / rate * 1000:.1f} ms long; at least "
+            f"{MIN_AUDIO_SECONDS * 1000:.0f} ms (one analysis window) is needed"
+        )  # fmt: skip
     mono = data.mean(axis=1)
     return torch.from_numpy(resample_audio(mono, int(rate), target_rate).copy())
 

@@ -1,0 +1,150 @@
+"""Manifest parsing and whole-manifest validation (one error listing every bad line)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omniquant.data.manifest import BadLine, load_manifest, validate_manifest
+from omniquant.errors import DataError
+
+
+def _png(path: Path, size=(40, 30)) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(path)
+
+
+def _wav(path: Path, seconds=0.5, rate=16000) -> None:
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(str(path), 0.3 * np.sin(2 * np.pi * 440 * t), rate)
+
+
+def _write_manifest(root: Path, lines: list) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n"
+    (root / "manifest.jsonl").write_text(text)
+    return root
+
+
+@pytest.fixture
+def bad_set(tmp_path: Path) -> Path:
+    """Two good lines and three bad media: a truncated PNG, an MP4 that is not a video,
+    a missing WAV."""
+    root = tmp_path / "set"
+    _png(root / "img" / "good.png")
+    _png(root / "img" / "trunc.png", size=(64, 64))
+    data = (root / "img" / "trunc.png").read_bytes()
+    (root / "img" / "trunc.png").write_bytes(data[: len(data) // 2])
+    (root / "vid").mkdir(parents=True)
+    (root / "vid" / "fake.mp4").write_text("this is not a video\n" * 20)
+    _wav(root / "aud" / "good.wav")
+    return _write_manifest(
+        root,
+        [
+            {"id": "ok-image", "prompt": "<image> what?", "image": "img/good.png"},
+            {"id": "trunc", "prompt": "what?", "image": "img/trunc.png"},
+            {"id": "fake", "prompt": "what?", "video": "vid/fake.mp4"},
+            {"id": "nowav", "prompt": "what?", "audio": "aud/missing.wav"},
+            {"id": "ok-audio", "prompt": "<audio> hear", "audio": "aud/good.wav"},
+        ],
+    )
+
+
+def test_bad_media_fail_with_one_message_listing_all(bad_set: Path):
+    with pytest.raises(DataError) as info:
+        validate_manifest(bad_set)
+    message = str(info.value)
+    assert message.startswith(
+        f"Calibration manifest {bad_set / 'manifest.jsonl'}: 3 of 5 samples are bad:"
+    )
+    lines = message.splitlines()
+    assert lines[1].startswith("  line 2 (id 'trunc'): img/trunc.png: cannot decode image: ")
+    assert lines[2].startswith("  line 3 (id 'fake'): vid/fake.mp4: cannot decode video: ")
+    assert lines[3] == "  line 4 (id 'nowav'): aud/missing.wav: file not found"
+    assert "--skip-bad" in lines[4]
+    assert len(lines) == 5
+
+
+def test_skip_bad_returns_good_entries_and_three_skipped(bad_set: Path):
+    entries, skipped = validate_manifest(bad_set, skip_bad=True)
+    assert [e.id for e in entries] == ["ok-image", "ok-audio"]
+    assert [(s.line, s.path) for s in skipped] == [
+        (2, "img/trunc.png"),
+        (3, "vid/fake.mp4"),
+        (4, "aud/missing.wav"),
+    ]
+    assert all(isinstance(s, BadLine) and s.reason for s in skipped)
+    assert skipped[2].reason == "file not found"
+    assert entries[0].resolve(entries[0].images[0]) == (bad_set / "img" / "good.png").resolve()
+
+
+def test_schema_problems_are_listed_per_line(tmp_path: Path):
+    _png(tmp_path / "s" / "a.png")
+    root = _write_manifest(
+        tmp_path / "s",
+        [
+            '{"id": "x", "prompt": ',
+            {"prompt": "no id"},
+            {"id": "y", "prompt": "p", "colour": "red"},
+            {"id": "z", "prompt": "p", "image": "a.png", "video": "v.mp4"},
+            {"id": "m", "prompt": "<image> <image>", "image": "a.png"},
+            {"id": "ok", "prompt": "fine"},
+            {"id": "ok", "prompt": "again"},
+            {"id": "f", "prompt": "p", "video": "v.mp4", "video_fps": 2, "video_frames": 3},
+            "[1, 2]",
+        ],
+    )
+    with pytest.raises(DataError) as info:
+        load_manifest(root)
+    lines = str(info.value).splitlines()
+    assert lines[0].endswith("8 of 9 samples are bad:")
+    assert lines[1].startswith("  line 1: bad JSON: ")
+    assert lines[2] == "  line 2: missing field 'id'"
+    assert lines[3].startswith("  line 3 (id 'y'): unknown field 'colour' (allowed: id, prompt,")
+    assert lines[4].startswith("  line 4 (id 'z'): a sample carries images or a video, not both")
+    assert lines[5].startswith(
+        "  line 5 (id 'm'): prompt has 2 <image> marker(s) but the line names 1"
+    )
+    assert lines[6] == "  line 7 (id 'ok'): duplicate id 'ok' (first on line 6)"
+    assert lines[7] == "  line 8 (id 'f'): give video_fps or video_frames, not both"
+    assert lines[8] == "  line 9: a line must be a JSON object"
+
+
+def test_entry_forms_are_normalized(tmp_path: Path):
+    root = _write_manifest(
+        tmp_path / "s",
+        [
+            {"id": "a", "prompt": "p", "image": "x.png", "answer": "yes"},
+            {"id": "b", "prompt": "p", "images": ["x.png", "y.png"], "audio": ["a.wav", "b.flac"]},
+            {"id": "c", "prompt": "p", "video": "v.webm", "video_fps": 2.5, "audio": "a.wav"},
+            "",
+        ],
+    )
+    a, b, c = load_manifest(root)
+    assert (a.images, a.answer, a.line) == (("x.png",), "yes", 1)
+    assert b.media_relpaths() == ["x.png", "y.png", "a.wav", "b.flac"]
+    assert (c.video, c.video_fps, c.audio) == ("v.webm", 2.5, ("a.wav",))
+    assert c.root == root.resolve()
+
+
+def test_missing_manifest_and_empty_manifest(tmp_path: Path):
+    with pytest.raises(DataError, match=r"has no manifest.jsonl"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"has no samples"):
+        validate_manifest(tmp_path)
+
+
+def test_skip_bad_with_nothing_left_fails(tmp_path: Path):
+    root = _write_manifest(tmp_path / "s", [{"id": "a", "prompt": "p", "audio": "gone.wav"}])
+    with pytest.raises(DataError, match=r"No usable sample is left"):
+        validate_manifest(root, skip_bad=True)
