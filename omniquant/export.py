@@ -93,7 +93,7 @@ def _modelopt_hub_state_dict(loaded) -> tuple[dict[str, torch.Tensor], dict]:
 
     root_name = loaded.adapter.quant_root_name()
     root = getattr(loaded.model, root_name)
-    post_sd, mo_config = _export_transformers_checkpoint(root, torch.bfloat16)
+    post_sd, mo_config = _export_transformers_checkpoint(root, torch.float32)
     hub_sd = revert_weight_conversion_quant_aware(root, dict(post_sd))
     return {f"{root_name}.{k}": v for k, v in hub_sd.items()}, mo_config
 

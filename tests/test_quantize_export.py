@@ -199,3 +199,21 @@ def test_killed_run_leaves_no_finished_checkpoint(tiny_dir, tmp_path, sig):
     for d in leftovers:  # SIGKILL cannot be caught: what remains is marked unfinished
         assert not (d / "omniquant.json").exists()
         assert not audit_checkpoint(d).ok
+
+
+def test_exported_nvfp4_dequantizes_like_modelopt(quantized):
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    from omniquant.numerics import dequantize_nvfp4
+
+    t = _tensors(quantized("nvfp4_aggressive"))
+    names = [k[:-7] for k, v in t.items() if k.endswith(".weight") and v.dtype == torch.uint8]
+    assert len(names) == 82
+    for module in names:
+        packed, bs, gs = t[f"{module}.weight"], t[f"{module}.weight_scale"], t[f"{module}.weight_scale_2"]
+        shape = (packed.shape[0], packed.shape[1] * 2)
+        ref = NVFP4QTensor(torch.Size(shape), torch.bfloat16, packed).dequantize(
+            dtype=torch.bfloat16, scale=bs, double_scale=gs, block_sizes={-1: 16}
+        )
+        ours = dequantize_nvfp4(packed, bs, gs, dtype=torch.bfloat16)
+        assert torch.equal(ours.view(torch.int16), ref.view(torch.int16)), module

@@ -33,6 +33,8 @@ class LoadedModel:
     path: Path
     adapter: ModelAdapter
     config_dict: dict = field(default_factory=dict)
+    #: Set when the model emulates serving numerics of a quantized checkpoint.
+    emulation: dict | None = None
 
 
 class ModelAdapter(ABC):

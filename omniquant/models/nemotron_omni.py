@@ -70,7 +70,10 @@ class NemotronOmniAdapter(ModelAdapter):
         if not any(path.glob("*.safetensors")):
             raise ModelLoadError(f"--model {path}: no *.safetensors weights in the directory.")
         try:
-            model = NemotronH_Omni_Reasoning_V3.from_pretrained(path, dtype=getattr(torch, dtype))
+            # eager experts: modelopt intercepts their per-expert F.linear calls.
+            model = NemotronH_Omni_Reasoning_V3.from_pretrained(
+                path, dtype=getattr(torch, dtype), experts_implementation="eager"
+            )
         except Exception as exc:  # transformers raises many types; name the directory
             raise ModelLoadError(f"--model {path}: transformers could not load it: {exc}") from exc
         model.eval()
