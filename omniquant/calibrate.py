@@ -23,6 +23,7 @@ import torch
 
 from omniquant.data.batch import Sample
 from omniquant.errors import CalibrationError
+from omniquant.models.fused_experts import patch_expert_linears
 
 MODALITIES = ("text", "image", "video", "audio")
 
@@ -37,8 +38,15 @@ class CalibrationStats:
     video_tokens_before_evs: int = 0
     video_tokens_after_evs: int = 0
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    #: layer -> projection -> per-expert max |input| seen by that expert's GEMM
+    #: (0 where the expert saw no activation at all).
+    expert_input_amax: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     force_all_experts: bool = False
     seconds: float = 0.0
+
+    def experts_without_activations(self) -> int:
+        """Expert GEMMs (layer x projection x expert) that never saw an input."""
+        return sum(v == 0 for per in self.expert_input_amax.values() for vals in per.values() for v in vals)
 
     def to_json(self) -> dict:
         return {
@@ -50,6 +58,7 @@ class CalibrationStats:
                 "video_tokens_after": self.video_tokens_after_evs,
             },
             "expert_tokens": {k: list(v) for k, v in self.expert_tokens.items()},
+            "experts_without_activations": self.experts_without_activations(),
             "force_all_experts": self.force_all_experts,
             "seconds": round(self.seconds, 3),
         }
@@ -64,7 +73,9 @@ class _Probe:
         self.force = force_all_experts
         self.seq_len_at_backbone = 0
         self.expert_tokens: dict[str, torch.Tensor] = {}
+        self.expert_input_amax: dict[str, dict[str, torch.Tensor]] = {}
         self._handles = []
+        self._undo = []
         self._forcing = False
 
     def __enter__(self):
@@ -82,9 +93,22 @@ class _Probe:
                 self.expert_tokens[layer] = torch.zeros(mod.num_experts, dtype=torch.long)
                 self._handles.append(mod.register_forward_hook(self._router_hook(layer)))
             elif hasattr(mod, "up_proj") and hasattr(mod, "num_experts") and name.endswith("experts"):
+                layer = name.rsplit(".", 1)[0]
+                amax = {p: torch.zeros(mod.num_experts) for p in ("up_proj", "down_proj")}
+                self.expert_input_amax[layer] = amax
+                self._undo.append(patch_expert_linears(mod, self._amax_observer(amax)))
                 if self.force:
                     self._handles.append(mod.register_forward_hook(self._force_hook()))
         return self
+
+    @staticmethod
+    def _amax_observer(amax: dict[str, torch.Tensor]):
+        def observe(proj: str, idx: int, x: torch.Tensor) -> torch.Tensor:
+            if x.numel():
+                amax[proj][idx] = max(float(amax[proj][idx]), float(x.detach().abs().max()))
+            return x
+
+        return observe
 
     def _router_hook(self, layer: str):
         def hook(_mod, _args, output):
@@ -117,6 +141,9 @@ class _Probe:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
 
 
 def run_calibration(
@@ -159,6 +186,10 @@ def run_calibration(
                         progress(i + 1, len(samples), stats.tokens_by_modality)
             if first:
                 stats.expert_tokens = {k: v.tolist() for k, v in probe.expert_tokens.items()}
+                stats.expert_input_amax = {
+                    layer: {p: t.tolist() for p, t in per.items()}
+                    for layer, per in probe.expert_input_amax.items()
+                }
 
     if quantize_fn is None:
         forward_loop()
@@ -216,18 +247,28 @@ def check_expert_coverage(stats: CalibrationStats, policy: str, min_tokens: int)
 
 
 def iter_progress(quiet: bool) -> Callable[[int, int, dict], None] | None:
-    """A rich progress callback showing samples/s and tokens per modality (None if quiet)."""
+    """A progress callback showing samples/s and tokens per modality (None if quiet).
+
+    On a terminal it redraws one line; otherwise (CI logs) it prints a line at
+    every quarter so logs stay readable.
+    """
     if quiet:
         return None
-    from rich.console import Console
+    import sys
 
-    console = Console(stderr=True, highlight=False)
+    tty = sys.stderr.isatty()
     start = time.perf_counter()
+    last_quarter = [0]
 
     def cb(done: int, total: int, tokens: dict) -> None:
         rate = done / max(time.perf_counter() - start, 1e-9)
         toks = " ".join(f"{k}={v}" for k, v in tokens.items())
-        end = "\n" if done == total else "\r"
-        console.print(f"calibrating {done}/{total}  {rate:.1f} samples/s  tokens: {toks}", end=end)
+        line = f"calibrating {done}/{total}  {rate:.1f} samples/s  tokens: {toks}"
+        if tty:
+            sys.stderr.write("\r\x1b[2K" + line + ("\n" if done == total else ""))
+            sys.stderr.flush()
+        elif (4 * done) // total > last_quarter[0]:
+            last_quarter[0] = (4 * done) // total
+            print(line, file=sys.stderr)
 
     return cb

@@ -174,34 +174,13 @@ def install_serving_numerics(model, adapter, act: dict, kv: dict) -> int:
 
 
 def _wrap_experts(mod, table: dict) -> None:
-    """Quantize the inputs of a fused-experts module's per-expert ``F.linear`` calls.
+    """Quantize the inputs of a fused-experts module's per-expert ``F.linear`` calls."""
+    from omniquant.models.fused_experts import patch_expert_linears
 
-    The fused module slices 3-D parameters per expert; which projection and which
-    expert a call belongs to is read from the weight view's storage and offset.
-    """
     quant = {key: _act_fn(fmt, scale) for key, (fmt, scale) in table.items()}
-    orig_forward = mod.forward
 
-    def forward(*args, **kwargs):
-        import torch.nn.functional as F
+    def fn(proj: str, idx: int, x: torch.Tensor) -> torch.Tensor:
+        q = quant.get((proj, idx))
+        return x if q is None else q(x)
 
-        f_linear = F.linear
-        up, down = mod.up_proj, mod.down_proj
-
-        def linear(x, weight, bias=None):
-            for proj, param in (("up_proj", up), ("down_proj", down)):
-                if weight.untyped_storage().data_ptr() == param.untyped_storage().data_ptr():
-                    idx = (weight.storage_offset() - param.storage_offset()) // param.stride(0)
-                    q = quant.get((proj, idx))
-                    if q is not None:
-                        x = q(x)
-                    break
-            return f_linear(x, weight, bias)
-
-        F.linear = linear
-        try:
-            return orig_forward(*args, **kwargs)
-        finally:
-            F.linear = f_linear
-
-    mod.forward = forward
+    patch_expert_linears(mod, fn)

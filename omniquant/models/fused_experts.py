@@ -1,0 +1,53 @@
+"""Per-expert hooks for transformers' fused 3-D expert containers (``NemotronHExperts``).
+
+Policy: the fused container runs ``F.linear`` once per projection per routed
+expert on views of its 3-D parameters. Which projection and which expert a call
+belongs to is read from the weight view's storage and offset, the same invariant
+modelopt's ``_QuantFusedExperts`` relies on (it needs the eager experts kernel).
+This module is the one place that knows it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+ExpertFn = Callable[[str, int, torch.Tensor], torch.Tensor]
+
+
+def patch_expert_linears(mod, fn: ExpertFn, projections=("up_proj", "down_proj")) -> Callable[[], None]:
+    """Route every per-expert ``F.linear`` input of ``mod`` through ``fn(proj, expert, x)``.
+
+    Returns:
+        A function that restores the module's original forward.
+    """
+    orig_forward = mod.forward
+
+    def forward(*args, **kwargs):
+        import torch.nn.functional as F
+
+        f_linear = F.linear
+        params = [(p, getattr(mod, p)) for p in projections]
+
+        def linear(x, weight, bias=None):
+            ptr = weight.untyped_storage().data_ptr()
+            for proj, param in params:
+                if ptr == param.untyped_storage().data_ptr():
+                    idx = (weight.storage_offset() - param.storage_offset()) // param.stride(0)
+                    x = fn(proj, int(idx), x)
+                    break
+            return f_linear(x, weight, bias)
+
+        F.linear = linear
+        try:
+            return orig_forward(*args, **kwargs)
+        finally:
+            F.linear = f_linear
+
+    mod.forward = forward
+
+    def undo() -> None:
+        mod.forward = orig_forward
+
+    return undo
