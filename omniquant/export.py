@@ -21,6 +21,7 @@ Policy:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -86,6 +87,32 @@ def quantized_hub_modules(loaded, plan) -> dict[str, str]:
     return out
 
 
+@contextlib.contextmanager
+def _single_rounding_fp8():
+    """Make modelopt's FP8 weight packing divide in fp32.
+
+    modelopt 0.47's ``to_quantized_weight`` computes ``weight / scale`` in the
+    weight's dtype; for BF16 weights that rounds to BF16 before the cast to E4M3,
+    and ties land one FP8 step away from what its own fake-quantized model (and a
+    single rounding) gives. Upcasting one weight at a time keeps memory flat.
+    """
+    import modelopt.torch.export.unified_export_hf as ueh
+    from modelopt.torch.export.model_config import QUANTIZATION_FP8
+
+    orig = ueh.to_quantized_weight
+
+    def to_quantized_weight(weight, weights_scaling_factor, quantization, *args, **kwargs):
+        if quantization == QUANTIZATION_FP8 and weight.dtype in (torch.bfloat16, torch.float16):
+            weight = weight.float()
+        return orig(weight, weights_scaling_factor, quantization, *args, **kwargs)
+
+    ueh.to_quantized_weight = to_quantized_weight
+    try:
+        yield
+    finally:
+        ueh.to_quantized_weight = orig
+
+
 def _modelopt_hub_state_dict(loaded) -> tuple[dict[str, torch.Tensor], dict]:
     """Quantized language-model tensors from modelopt, under hub names."""
     from modelopt.torch.export.quant_aware_conversion import revert_weight_conversion_quant_aware
@@ -93,7 +120,8 @@ def _modelopt_hub_state_dict(loaded) -> tuple[dict[str, torch.Tensor], dict]:
 
     root_name = loaded.adapter.quant_root_name()
     root = getattr(loaded.model, root_name)
-    post_sd, mo_config = _export_transformers_checkpoint(root, torch.float32)
+    with _single_rounding_fp8():
+        post_sd, mo_config = _export_transformers_checkpoint(root, torch.bfloat16)
     hub_sd = revert_weight_conversion_quant_aware(root, dict(post_sd))
     return {f"{root_name}.{k}": v for k, v in hub_sd.items()}, mo_config
 
