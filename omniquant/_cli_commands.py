@@ -175,3 +175,68 @@ def build_engine_cmd(
             f"installed: run this command there, or {result.commands['validate']}"
         )
     say(f"serve: {result.path / 'serve.sh'}")
+
+
+# --- report (issue 5) -------------------------------------------------------
+
+
+@app.command("report")
+def report_cmd(
+    baseline: Annotated[Path, typer.Option(help="BF16 checkpoint directory: the reference.")],
+    candidate: Annotated[
+        list[Path], typer.Option(help="Quantized checkpoint directory to compare (repeatable).")
+    ],
+    tasks: Annotated[
+        str, typer.Option(help="Task set: a shipped name (omni-smoke) or a directory with tasks.jsonl.")
+    ],
+    out: Annotated[Path, typer.Option(help="Directory for report.json, report.md and report.html.")],
+    sensitivity: Annotated[
+        bool,
+        typer.Option(help="Quantize one module group at a time, rank groups by KL, suggest a recipe."),
+    ] = False,
+    sensitivity_format: Annotated[
+        str, typer.Option(help="Format of the sensitivity probes: nvfp4 or fp8.")
+    ] = "nvfp4",
+    recovery_threshold: Annotated[
+        float, typer.Option(help="Verdicts name tasks whose accuracy recovery is below this.")
+    ] = 0.95,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy decoding budget per sample.")] = 16,
+    force: Annotated[bool, typer.Option(help="Overwrite report files already in --out.")] = False,
+) -> None:
+    """Evaluate exported checkpoints on omni tasks and write the quality-cliff report."""
+    from omniquant.report import build_report
+
+    console = _console()
+
+    def say(text: str) -> None:
+        console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+    report = build_report(
+        baseline,
+        list(candidate),
+        tasks,
+        out,
+        sensitivity=sensitivity,
+        sensitivity_format=sensitivity_format,
+        recovery_threshold=recovery_threshold,
+        max_new_tokens=max_new_tokens,
+        force=force,
+        log=say,
+    )
+    say(
+        f"{'model':<22}{'precision':<18}{'bits/w':>8}{'size MB':>10}{'accuracy':>10}"
+        f"{'min recov':>10}{'KL mean':>11}{'top-1':>8}"
+    )
+    for m in [report["baseline"], *report["candidates"]]:
+        overall = m["overall"]
+        recov = min((t["recovery"] for t in m["tasks"].values()), default=1.0)
+        say(
+            f"{m['name'][:21]:<22}{m['precision'][:17]:<18}{m['bits_per_weight']:>8.3f}"
+            f"{m['size_bytes'] / 1e6:>10.3f}{overall['accuracy']:>10.3f}{100 * recov:>9.1f}%"
+            f"{overall['kl_mean']:>11.3g}{100 * overall['top1_agreement']:>7.1f}%"
+        )
+    for line in report["verdicts"]:
+        say(line)
+    if report.get("sensitivity"):
+        say(report["sensitivity"]["suggestion"]["text"])
+    say(f"report: {out / 'report.html'} (also report.json, report.md)")

@@ -1,0 +1,102 @@
+"""Fidelity of a candidate's next-token distributions to the baseline's over an answer span.
+
+Policy:
+- The reference answer (plus the end-of-sequence token) is teacher-forced after the
+  prompt; at each answer position we compare the baseline's next-token
+  distribution P with the candidate's Q: ``KL(P || Q)`` in nats and whether both
+  put their top-1 on the same token. A sample's value is the mean over its span.
+- The baseline's distributions are stored once (its model is freed before any
+  candidate loads). For vocabularies up to ``FULL_VOCAB_LIMIT`` tokens the whole
+  log-softmax is kept (exact KL). Above it only the baseline's top ``k`` tokens are
+  kept plus their complement mass; KL is then computed over the ``k + 1``-way
+  partition (top-k tokens, "everything else"), which is a lower bound of the full KL
+  (coarse-graining never increases KL) and exact when the tail carries no mass.
+  Top-1 agreement is exact either way (the baseline's top-1 is always kept).
+- Log-softmax in float32 whatever the model dtype. Tiny negative KL from rounding
+  is clamped to 0; identical logits give exactly 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FULL_VOCAB_LIMIT = 32768
+DEFAULT_TOPK = 256
+
+
+@dataclass
+class SpanDistribution:
+    """The baseline's next-token distributions over one answer span.
+
+    Attributes:
+        logprobs: ``(A, V)`` full log-probabilities, or ``(A, k)`` for the top-k form.
+        indices: ``None`` (full form) or ``(A, k)`` token ids of the kept log-probs,
+            sorted by decreasing probability.
+    """
+
+    logprobs: torch.Tensor
+    indices: torch.Tensor | None = None
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, topk: int | None = None) -> SpanDistribution:
+        """Store the distributions of ``(A, V)`` logits.
+
+        Args:
+            logits: Logits at the positions that predict the answer tokens.
+            topk: Keep only the top ``k`` (``None``: full vocabulary up to
+                ``FULL_VOCAB_LIMIT`` tokens, else ``DEFAULT_TOPK``).
+        """
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if topk is None:
+            topk = None if logp.shape[-1] <= FULL_VOCAB_LIMIT else DEFAULT_TOPK
+        if topk is None or topk >= logp.shape[-1]:
+            return cls(logprobs=logp.clone())
+        values, indices = logp.topk(topk, dim=-1)
+        return cls(logprobs=values.clone(), indices=indices.clone())
+
+    @property
+    def positions(self) -> int:
+        """Number of answer positions."""
+        return int(self.logprobs.shape[0])
+
+    def nbytes(self) -> int:
+        """Memory held by this span."""
+        n = self.logprobs.numel() * self.logprobs.element_size()
+        if self.indices is not None:
+            n += self.indices.numel() * self.indices.element_size()
+        return n
+
+    def compare(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position ``KL(baseline || candidate)`` and top-1 agreement.
+
+        Args:
+            logits: The candidate's ``(A, V)`` logits at the same positions.
+
+        Returns:
+            ``(kl, agree)``: float tensors of shape ``(A,)``; ``agree`` is 1.0 where
+            both top-1 tokens are equal.
+        """
+        if logits.shape[0] != self.positions:
+            raise ValueError(
+                f"answer span has {self.positions} positions in the baseline but "
+                f"{logits.shape[0]} in the candidate"
+            )
+        logq = torch.log_softmax(logits.float(), dim=-1)
+        if self.indices is None:
+            logp = self.logprobs
+            kl = (logp.exp() * (logp - logq)).sum(-1)
+            agree = (logp.argmax(-1) == logq.argmax(-1)).float()
+        else:
+            logp = self.logprobs
+            logq_kept = logq.gather(-1, self.indices)
+            p_kept, q_kept = logp.exp(), logq_kept.exp()
+            kl = (p_kept * (logp - logq_kept)).sum(-1)
+            p_tail = (1.0 - p_kept.sum(-1)).clamp_min(0.0)
+            q_tail = (1.0 - q_kept.sum(-1)).clamp_min(1e-30)
+            kl = kl + torch.where(
+                p_tail > 0, p_tail * (p_tail.clamp_min(1e-30).log() - q_tail.log()), 0.0
+            )
+            agree = (self.indices[:, 0] == logq.argmax(-1)).float()
+        return kl.clamp_min(0.0), agree

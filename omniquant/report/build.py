@@ -1,0 +1,412 @@
+"""The quality-cliff report: evaluate exported checkpoints and write JSON, Markdown and HTML.
+
+Policy:
+- Measure the artifact: baseline and candidates alike are loaded from their files
+  with ``omniquant.serving.load_emulated`` (serving numerics, on any machine).
+- Pre-flight before any model work: arguments, output directory, the whole task set
+  (every media file decoded), every checkpoint directory (config, weights, size on
+  disk) and, for ``sensitivity``, that the baseline is BF16.
+- One model in memory at a time: the baseline runs first and keeps only its
+  answer-span distributions (``omniquant.evaluate.fidelity``), then it is freed and
+  each candidate is loaded, evaluated and freed in turn.
+- Samples are processed once with the baseline's processor; each candidate must
+  carry the same tokenizer and processing settings (they are exports of one model),
+  else the comparison would not be sample for sample and the report refuses.
+- The three files are written to temporary names and renamed into place, so a
+  failed run never leaves a report that mixes two runs.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from omniquant.errors import OmniquantError, ReportError
+
+REPORT_FILES = ("report.json", "report.md", "report.html")
+FORMAT_VERSION = 1
+
+
+def _check_args(
+    sensitivity_format: str,
+    evs_rates,
+    recovery_threshold: float,
+    bootstrap: int,
+    max_new_tokens: int,
+) -> tuple[float, ...]:
+    if sensitivity_format not in ("nvfp4", "fp8"):
+        raise ReportError(f"--sensitivity-format {sensitivity_format!r}: choose nvfp4 or fp8.")
+    rates = tuple(sorted({float(r) for r in evs_rates}))
+    bad = [r for r in rates if not 0.0 <= r < 1.0]
+    if bad:
+        raise ReportError(
+            f"evs_rates {list(evs_rates)}: every EVS rate must be in [0, 1); got {bad}."
+        )
+    if not 0.0 < recovery_threshold <= 1.0:
+        raise ReportError(
+            f"--recovery-threshold {recovery_threshold}: must be in (0, 1] (e.g. 0.95)."
+        )
+    if bootstrap < 0:
+        raise ReportError(f"--bootstrap {bootstrap}: must be >= 0 (0 disables the intervals).")
+    if max_new_tokens < 1:
+        raise ReportError(f"--max-new-tokens {max_new_tokens}: must be >= 1.")
+    return rates
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out}: exists and is not a directory.")
+    existing = [f for f in REPORT_FILES if (out / f).exists()]
+    if existing and not force:
+        raise ReportError(
+            f"--out {out}: already holds {', '.join(existing)}; pass --force to overwrite, "
+            "or choose another directory."
+        )
+    if not out.exists() and not out.parent.is_dir():
+        raise ReportError(f"--out {out}: parent directory {out.parent} does not exist.")
+
+
+def describe_checkpoint(path: Path, role: str) -> dict:
+    """What the files of a checkpoint say: name, precision, size, recipe, calibration.
+
+    Raises:
+        ReportError: Not a readable checkpoint directory (names the flag and the fix).
+    """
+    from omniquant.inspect_ckpt import inspect_checkpoint
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(
+            f"--{role} {path}: no such directory; pass a checkpoint directory (the BF16 source "
+            "or an `omniquant quantize` output)."
+        )
+    try:
+        summary = inspect_checkpoint(path)
+    except OmniquantError as err:
+        reason = str(err).removeprefix(f"--model {path}: ").removeprefix(f"{path}: ")
+        raise ReportError(f"--{role} {path}: {reason}") from err
+    meta = {}
+    meta_file = path / "omniquant.json"
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ReportError(
+                f"--{role} {path}: omniquant.json is not valid JSON ({err})."
+            ) from err
+    recipe = (meta.get("recipe") or {}).get("name")
+    return {
+        "name": recipe or path.name,
+        "path": str(path.resolve()),
+        "recipe": recipe,
+        "precision": summary["precision"],
+        "kv_cache": summary["kv_cache"],
+        "bits_per_weight": summary["total"]["bits_per_weight"],
+        "size_bytes": summary["total"]["bytes"],
+        "params": summary["total"]["params"],
+        "group_precision": {g: v["precision"] for g, v in summary["groups"].items()},
+        "calibration": meta.get("calibration"),
+    }
+
+
+def _unique_names(infos: list[dict]) -> None:
+    seen: dict[str, int] = {}
+    for info in infos:
+        base = info["name"]
+        seen[base] = seen.get(base, 0) + 1
+        if seen[base] > 1:
+            info["name"] = f"{base} ({seen[base]})"
+
+
+def _check_same_processing(processor, candidate: Path) -> None:
+    from omniquant.data.processing import OmniProcessor
+
+    other = OmniProcessor.from_pretrained(candidate)
+    if (
+        other.settings != processor.settings
+        or other.tokenizer.get_vocab() != processor.tokenizer.get_vocab()
+    ):
+        raise ReportError(
+            f"--candidate {candidate}: its tokenizer or processing settings differ from the "
+            "baseline's; a report compares exports of one model. Pass the checkpoint it was "
+            "quantized from as --baseline."
+        )
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _evaluation_block(ev, loaded_s: float) -> dict:
+    return {
+        "samples": len(ev.samples),
+        "seconds": round(ev.seconds, 3),
+        "samples_per_s": round(ev.samples_per_s, 3),
+        "load_seconds": round(loaded_s, 3),
+    }
+
+
+def build_report(
+    baseline: Path,
+    candidates: list[Path],
+    tasks: str | Path,
+    out: Path,
+    *,
+    sensitivity: bool = False,
+    sensitivity_format: str = "nvfp4",
+    evs_rates: tuple[float, ...] | list[float] = (0.0, 0.25, 0.5, 0.75),
+    recovery_threshold: float = 0.95,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    force: bool = False,
+    max_new_tokens: int = 16,
+    topk: int | None = None,
+    sensitivity_calib: str = "synthetic",
+) -> dict:
+    """Evaluate ``baseline`` and ``candidates`` on a task set and write the report.
+
+    Args:
+        baseline: The BF16 checkpoint directory (the reference for fidelity).
+        candidates: Quantized checkpoint directories (FP8, NVFP4, mixed; BF16 works too).
+        tasks: Shipped task-set name or a directory with ``tasks.jsonl``.
+        out: Directory for ``report.json``, ``report.md`` and ``report.html``.
+        sensitivity: Also rank module groups by the KL each adds alone in
+            ``sensitivity_format`` and suggest a recipe.
+        sensitivity_format: ``nvfp4`` or ``fp8``.
+        evs_rates: EVS pruning rates for the video sweep (empty: no sweep).
+        recovery_threshold: Verdicts name tasks whose recovery is below this.
+        bootstrap: Paired bootstrap resamples for the accuracy-delta intervals.
+        seed: Bootstrap seed.
+        log: Receives progress lines.
+        force: Overwrite report files already in ``out``.
+        max_new_tokens: Greedy decoding budget per sample.
+        topk: Stored baseline distribution size (``None``: full vocabulary for
+            vocabularies up to 32768 tokens, else the top 256).
+        sensitivity_calib: Calibration set of the sensitivity probes.
+
+    Returns:
+        The report as written to ``report.json``.
+
+    Raises:
+        ReportError: Bad arguments, output directory, checkpoints or (with
+            ``sensitivity``) a baseline that is not BF16.
+        DataError: A bad task set (every bad line listed).
+    """
+    from omniquant.data.processing import OmniProcessor
+    from omniquant.evaluate.evs import evs_sweep, video_items
+    from omniquant.evaluate.runner import evaluate_model
+    from omniquant.evaluate.tasks import prepare_task_items, resolve_task_set, validate_task_set
+    from omniquant.plan import QUANTIZABLE_GROUPS
+    from omniquant.report.render import write_html, write_markdown
+    from omniquant.report.stats import summarize, verdict
+    from omniquant.serving import load_emulated
+
+    say = log or (lambda _m: None)
+    started = time.time()
+    # ---------------------------------------------------------------- pre-flight
+    rates = _check_args(
+        sensitivity_format, evs_rates, recovery_threshold, bootstrap, max_new_tokens
+    )
+    out = Path(out)
+    _check_out(out, force)
+    if not candidates:
+        raise ReportError(
+            "no --candidate given; pass one or more quantized checkpoint directories."
+        )
+    task_dir = resolve_task_set(tasks)
+    entries = validate_task_set(task_dir)
+    base_info = describe_checkpoint(Path(baseline), "baseline")
+    cand_infos = [describe_checkpoint(Path(c), "candidate") for c in candidates]
+    _unique_names([base_info, *cand_infos])
+    if sensitivity and base_info["precision"] != "BF16":
+        raise ReportError(
+            f"--baseline {baseline}: --sensitivity quantizes groups from the baseline, which must be "
+            f"a BF16 checkpoint (it is {base_info['precision']})."
+        )
+
+    # ---------------------------------------------------------------- baseline
+    say(f"baseline {base_info['name']}: loading {baseline}")
+    t0 = time.perf_counter()
+    loaded = load_emulated(baseline)
+    load_s = time.perf_counter() - t0
+    processor = OmniProcessor.from_pretrained(baseline)
+    items = prepare_task_items(processor, entries)
+    groups_present = sorted(
+        g
+        for g, mods in loaded.adapter.module_groups(loaded.model).items()
+        if mods and g in QUANTIZABLE_GROUPS
+    )
+    base_eval = evaluate_model(
+        loaded, items, keep_spans=True, max_new_tokens=max_new_tokens, topk=topk
+    )
+    for s in base_eval.samples:  # the baseline against itself, by definition
+        s.kl, s.top1 = 0.0, 1.0
+    base_info["emulation"] = loaded.emulation
+    base_info["evaluation"] = _evaluation_block(base_eval, load_s)
+    say(
+        f"baseline {base_info['name']}: {len(items)} samples at {base_eval.samples_per_s:.2f} samples/s"
+    )
+    base_evs, evs_reference = evs_sweep(
+        loaded, items, rates, max_new_tokens=max_new_tokens, topk=topk
+    )
+    base_info["evs"] = base_evs
+    del loaded
+    gc.collect()
+    spans = base_eval.spans
+
+    # ---------------------------------------------------------------- candidates
+    cand_evals = []
+    for path, info in zip(candidates, cand_infos):
+        _check_same_processing(processor, Path(path))
+        say(f"candidate {info['name']}: loading {path}")
+        t0 = time.perf_counter()
+        loaded = load_emulated(path)
+        load_s = time.perf_counter() - t0
+        ev = evaluate_model(
+            loaded, items, reference=spans, max_new_tokens=max_new_tokens, topk=topk
+        )
+        info["emulation"] = loaded.emulation
+        info["evaluation"] = _evaluation_block(ev, load_s)
+        say(f"candidate {info['name']}: {ev.samples_per_s:.2f} samples/s")
+        info["evs"], _ = evs_sweep(
+            loaded, items, rates, reference=evs_reference, max_new_tokens=max_new_tokens, topk=topk
+        )
+        del loaded
+        gc.collect()
+        cand_evals.append(ev)
+
+    # ---------------------------------------------------------------- sensitivity
+    sens = None
+    if sensitivity:
+        from omniquant.report.sensitivity import group_sensitivity
+
+        scratch = out.parent if out.parent.is_dir() else None
+        with tempfile.TemporaryDirectory(prefix=".omniquant-sensitivity-", dir=scratch) as tmp:
+            sens = group_sensitivity(
+                Path(baseline),
+                items,
+                spans,
+                groups_present,
+                sensitivity_format,
+                Path(tmp),
+                calib=sensitivity_calib,
+                topk=topk,
+                log=say,
+            )
+
+    # ---------------------------------------------------------------- aggregate
+    base_summary = summarize(base_eval.samples, None, resamples=bootstrap, seed=seed)
+    base_info.update(base_summary)
+    base_info["samples"] = [s.to_json() for s in base_eval.samples]
+    base_info["verdict"] = "baseline (reference for recovery and fidelity)"
+    verdicts = []
+    for info, ev in zip(cand_infos, cand_evals):
+        summary = summarize(ev.samples, base_eval.samples, resamples=bootstrap, seed=seed)
+        info.update(summary)
+        info["samples"] = [s.to_json() for s in ev.samples]
+        info["verdict"], info["tasks_below_threshold"] = verdict(
+            info["name"], summary, recovery_threshold
+        )
+        verdicts.append(info["verdict"])
+
+    task_meta = {
+        task: {"metric": t["metric"], "modalities": t["modalities"], "n": t["n"]}
+        for task, t in base_summary["tasks"].items()
+    }
+    report = {
+        "format_version": FORMAT_VERSION,
+        "created_unix": int(started),
+        "task_set": {
+            "path": str(task_dir),
+            "name": task_dir.name,
+            "samples": len(items),
+            "tasks": task_meta,
+            "modalities": {m: v["n"] for m, v in base_summary["modalities"].items()},
+        },
+        "settings": {
+            "recovery_threshold": recovery_threshold,
+            "bootstrap": bootstrap,
+            "seed": seed,
+            "max_new_tokens": max_new_tokens,
+            "decoding": "greedy, no KV cache, stop at EOS",
+            "multiple_choice": "highest mean log-probability per choice token",
+            "fidelity": {
+                "span": "reference answer tokens + EOS, teacher-forced",
+                "kl": "KL(baseline || candidate), nats, mean over span then over samples",
+                "distribution": _distribution_note(spans),
+            },
+            "evs_rates": list(rates),
+            "sensitivity": sensitivity,
+            "sensitivity_format": sensitivity_format if sensitivity else None,
+        },
+        "baseline": base_info,
+        "candidates": cand_infos,
+        "verdicts": verdicts,
+        "evs": {
+            "rates": list(rates),
+            "video_samples": len(video_items(items)),
+            "reference": f"baseline at EVS rate {rates[0]}" if rates else None,
+        },
+        "sensitivity": sens,
+        "peak_rss_mb": _peak_rss_mb(),
+        "versions": _versions(),
+    }
+    _check_finite(report)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    _write_atomic(out / "report.md", write_markdown(report))
+    _write_atomic(out / "report.html", write_html(report))
+    say(f"wrote {out / 'report.html'}")
+    return report
+
+
+def _distribution_note(spans: dict) -> str:
+    first = next(iter(spans.values()), None)
+    if first is None or first.indices is None:
+        return "full vocabulary (exact KL)"
+    return f"baseline top-{first.indices.shape[-1]} + tail mass (KL lower bound)"
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    import omniquant
+
+    return {
+        "omniquant": omniquant.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _check_finite(obj, where: str = "report") -> None:
+    """JSON has no NaN/inf; a non-finite number here is a bug, caught before writing."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ValueError(f"{where} is {obj}")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_finite(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_finite(v, f"{where}[{i}]")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

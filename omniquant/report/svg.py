@@ -1,0 +1,294 @@
+"""Inline SVG charts for the HTML report: grouped bars, horizontal bars, lines, heatmaps.
+
+Policy: plots are plain SVG strings written by hand, embedded inline in
+``report.html``. No plotting dependency, no fonts or scripts to fetch: the report
+opens offline in any browser and its bytes are deterministic (same numbers, same
+file). Every text node is escaped. Values that are ``None`` are drawn as a small
+"n/a" mark, never as zero, so a missing number cannot pass for a measured one.
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+
+#: Colour per series index; the first is used for the baseline.
+PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+_FONT = 'font-family="Helvetica, Arial, sans-serif"'
+
+
+def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 1:
+        return f"{value:.2f}".rstrip("0").rstrip(".")
+    return f"{value:.3g}"
+
+
+def nice_max(value: float) -> float:
+    """A round axis maximum at or above ``value`` (1, 2, 2.5 or 5 times a power of ten)."""
+    if value <= 0:
+        return 1.0
+    exp = math.floor(math.log10(value))
+    for step in (1, 2, 2.5, 5, 10):
+        top = step * 10**exp
+        if top >= value * (1 - 1e-9):
+            return float(top)
+    return float(10 ** (exp + 1))
+
+
+def _open(width: int, height: int, title: str) -> list[str]:
+    return [
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">'
+        ),
+        f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
+        (
+            f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="14" '
+            f'font-weight="bold" {_FONT}>{escape(title)}</text>'
+        ),
+    ]
+
+
+def _legend(names: list[str], x: float, y: float, colors: list[str]) -> list[str]:
+    out = []
+    for i, (name, color) in enumerate(zip(names, colors)):
+        yy = y + 16 * i
+        out.append(f'<rect x="{x:.1f}" y="{yy - 9:.1f}" width="10" height="10" fill="{color}"/>')
+        out.append(
+            f'<text x="{x + 14:.1f}" y="{yy:.1f}" font-size="11" {_FONT}>{escape(name)}</text>'
+        )
+    return out
+
+
+def _y_axis(
+    left: float, top: float, plot_h: float, plot_w: float, y_max: float, label: str
+) -> list[str]:
+    out = []
+    for k in range(5):
+        value = y_max * k / 4
+        y = top + plot_h - plot_h * k / 4
+        out.append(
+            f'<line x1="{left:.1f}" y1="{y:.1f}" x2="{left + plot_w:.1f}" y2="{y:.1f}" stroke="#e5e5e5"/>'
+        )
+        out.append(
+            f'<text x="{left - 6:.1f}" y="{y + 4:.1f}" text-anchor="end" font-size="10" {_FONT}>'
+            f"{_fmt(value)}</text>"
+        )
+    out.append(
+        f'<line x1="{left:.1f}" y1="{top:.1f}" x2="{left:.1f}" y2="{top + plot_h:.1f}" stroke="#333"/>'
+    )
+    out.append(
+        f'<text x="14" y="{top + plot_h / 2:.1f}" font-size="11" text-anchor="middle" '
+        f'transform="rotate(-90 14 {top + plot_h / 2:.1f})" {_FONT}>{escape(label)}</text>'
+    )
+    return out
+
+
+def bar_chart(
+    categories: list[str],
+    series: list[tuple[str, list[float | None]]],
+    title: str,
+    y_label: str,
+    y_max: float | None = None,
+    width: int = 760,
+    height: int = 320,
+    colors: list[str] | None = None,
+) -> str:
+    """Grouped vertical bars: one group per category, one bar per series.
+
+    ``colors`` gives each series its colour (default: the palette in order), so one
+    model keeps its colour across charts.
+    """
+    colors = colors or [PALETTE[i % len(PALETTE)] for i in range(len(series))]
+    legend_w = 150
+    left, top, bottom = 56, 34, 70
+    plot_w, plot_h = width - left - legend_w - 10, height - top - bottom
+    values = [v for _, vals in series for v in vals if v is not None]
+    y_max = y_max if y_max is not None else nice_max(max(values, default=0.0))
+    out = _open(width, height, title) + _y_axis(left, top, plot_h, plot_w, y_max, y_label)
+    n_cat, n_ser = max(len(categories), 1), max(len(series), 1)
+    group_w = plot_w / n_cat
+    bar_w = max(2.0, min(28.0, group_w * 0.8 / n_ser))
+    for ci, cat in enumerate(categories):
+        gx = left + group_w * ci + (group_w - bar_w * n_ser) / 2
+        for si, (_, vals) in enumerate(series):
+            x = gx + si * bar_w
+            value = vals[ci] if ci < len(vals) else None
+            if value is None:
+                out.append(
+                    f'<text x="{x + bar_w / 2:.1f}" y="{top + plot_h - 3:.1f}" font-size="8" '
+                    f'text-anchor="middle" fill="#999" {_FONT}>n/a</text>'
+                )
+                continue
+            h = plot_h * min(max(value, 0.0), y_max) / y_max
+            out.append(
+                f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar_w - 1:.1f}" '
+                f'height="{max(h, 0.0):.1f}" fill="{colors[si]}"><title>{escape(series[si][0])} '
+                f"{escape(cat)}: {_fmt(value)}</title></rect>"
+            )
+            # A zero-height bar stays visible as a coloured baseline tick.
+            out.append(
+                f'<rect x="{x:.1f}" y="{top + plot_h - 2:.1f}" width="{bar_w - 1:.1f}" height="2" '
+                f'fill="{colors[si]}"/>'
+            )
+        out.append(
+            f'<text x="{left + group_w * (ci + 0.5):.1f}" y="{top + plot_h + 14:.1f}" font-size="10" '
+            f'text-anchor="end" transform="rotate(-25 {left + group_w * (ci + 0.5):.1f} '
+            f'{top + plot_h + 14:.1f})" {_FONT}>{escape(cat)}</text>'
+        )
+    out.append(
+        f'<line x1="{left:.1f}" y1="{top + plot_h:.1f}" x2="{left + plot_w:.1f}" '
+        f'y2="{top + plot_h:.1f}" stroke="#333"/>'
+    )
+    out += _legend([name for name, _ in series], width - legend_w + 4, top + 10, colors)
+    return "\n".join(out + ["</svg>"])
+
+
+def hbar_chart(
+    labels: list[str], values: list[float | None], title: str, x_label: str, width: int = 760
+) -> str:
+    """Horizontal bars, one per label, in the given order (e.g. a ranking)."""
+    row_h, left, top = 22, 150, 34
+    height = top + row_h * max(len(labels), 1) + 40
+    plot_w = width - left - 80
+    x_max = nice_max(max((v for v in values if v is not None), default=0.0))
+    out = _open(width, height, title)
+    for i, (label, value) in enumerate(zip(labels, values)):
+        y = top + i * row_h
+        out.append(
+            f'<text x="{left - 6}" y="{y + 15}" text-anchor="end" font-size="11" {_FONT}>{escape(label)}</text>'
+        )
+        if value is None:
+            out.append(
+                f'<text x="{left + 4}" y="{y + 15}" font-size="10" fill="#999" {_FONT}>n/a</text>'
+            )
+            continue
+        w = plot_w * max(value, 0.0) / x_max
+        color = PALETTE[3] if i == 0 and value > 0 else PALETTE[0]
+        out.append(
+            f'<rect x="{left}" y="{y + 3}" width="{max(w, 2.0):.1f}" height="{row_h - 6}" fill="{color}">'
+            f"<title>{escape(label)}: {_fmt(value)}</title></rect>"
+        )
+        out.append(
+            f'<text x="{left + max(w, 2.0) + 4:.1f}" y="{y + 15}" font-size="10" {_FONT}>{_fmt(value)}</text>'
+        )
+    axis_y = top + row_h * max(len(labels), 1) + 4
+    out.append(
+        f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="#333"/>'
+    )
+    out.append(
+        f'<text x="{left + plot_w / 2:.1f}" y="{axis_y + 26}" text-anchor="middle" font-size="11" '
+        f"{_FONT}>{escape(x_label)} (axis 0 to {_fmt(x_max)})</text>"
+    )
+    return "\n".join(out + ["</svg>"])
+
+
+def line_chart(
+    series: list[tuple[str, list[tuple[float, float | None, str]]]],
+    title: str,
+    x_label: str,
+    y_label: str,
+    y_max: float | None = None,
+    width: int = 760,
+    height: int = 320,
+    colors: list[str] | None = None,
+) -> str:
+    """Lines with labelled points: ``series`` is ``[(name, [(x, y, point label), ...])]``."""
+    colors = colors or [PALETTE[i % len(PALETTE)] for i in range(len(series))]
+    legend_w = 150
+    left, top, bottom = 56, 34, 50
+    plot_w, plot_h = width - left - legend_w - 10, height - top - bottom
+    xs = [x for _, pts in series for x, _, _ in pts]
+    ys = [y for _, pts in series for _, y, _ in pts if y is not None]
+    x_max = nice_max(max(xs, default=0.0))
+    y_max = y_max if y_max is not None else nice_max(max(ys, default=0.0))
+    out = _open(width, height, title) + _y_axis(left, top, plot_h, plot_w, y_max, y_label)
+    for k in range(5):
+        value = x_max * k / 4
+        x = left + plot_w * k / 4
+        out.append(
+            f'<text x="{x:.1f}" y="{top + plot_h + 14:.1f}" text-anchor="middle" font-size="10" '
+            f"{_FONT}>{_fmt(value)}</text>"
+        )
+    out.append(
+        f'<line x1="{left}" y1="{top + plot_h:.1f}" x2="{left + plot_w:.1f}" y2="{top + plot_h:.1f}" stroke="#333"/>'
+    )
+    out.append(
+        f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" font-size="11" '
+        f"{_FONT}>{escape(x_label)}</text>"
+    )
+    for si, (name, pts) in enumerate(series):
+        coords = [
+            (
+                left + plot_w * x / x_max,
+                top + plot_h - plot_h * min(max(y, 0.0), y_max) / y_max,
+                label,
+            )
+            for x, y, label in pts
+            if y is not None
+        ]
+        if len(coords) > 1:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in coords)
+            out.append(
+                f'<polyline points="{path}" fill="none" stroke="{colors[si]}" stroke-width="2"/>'
+            )
+        for x, y, label in coords:
+            out.append(
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{colors[si]}">'
+                f"<title>{escape(name)} {escape(label)}</title></circle>"
+            )
+            if si == 0:
+                out.append(
+                    f'<text x="{x + 5:.1f}" y="{y - 6:.1f}" font-size="9" fill="#555" {_FONT}>{escape(label)}</text>'
+                )
+    out += _legend([name for name, _ in series], width - legend_w + 4, top + 10, colors)
+    return "\n".join(out + ["</svg>"])
+
+
+def heatmap(
+    row_labels: list[str],
+    col_labels: list[str],
+    matrix: list[list[float]],
+    title: str,
+    width: int = 760,
+) -> str:
+    """Cells shaded from white (0) to dark blue (the largest value of the map).
+
+    Zero cells get a red outline: for expert token counts they are uncalibrated experts.
+    """
+    left, top = 150, 40
+    n_rows, n_cols = max(len(row_labels), 1), max(len(col_labels), 1)
+    cell_w = max(4.0, min(40.0, (width - left - 20) / n_cols))
+    cell_h = 20
+    height = top + cell_h * n_rows + 36
+    peak = max((v for row in matrix for v in row), default=0.0) or 1.0
+    out = _open(width, height, title)
+    for ci, label in enumerate(col_labels):
+        if n_cols <= 40 or ci % max(1, n_cols // 20) == 0:
+            out.append(
+                f'<text x="{left + cell_w * (ci + 0.5):.1f}" y="{top - 6}" text-anchor="middle" '
+                f'font-size="9" {_FONT}>{escape(label)}</text>'
+            )
+    for ri, label in enumerate(row_labels):
+        y = top + ri * cell_h
+        out.append(
+            f'<text x="{left - 6}" y="{y + 14}" text-anchor="end" font-size="10" {_FONT}>{escape(label)}</text>'
+        )
+        for ci, value in enumerate(matrix[ri]):
+            shade = max(0.0, min(1.0, value / peak))
+            r, g, b = (int(255 - shade * (255 - c)) for c in (8, 48, 107))
+            stroke = ' stroke="#d62728" stroke-width="2"' if value == 0 else ' stroke="#ffffff"'
+            out.append(
+                f'<rect x="{left + ci * cell_w:.1f}" y="{y}" width="{cell_w:.1f}" height="{cell_h}" '
+                f'fill="rgb({r},{g},{b})"{stroke}><title>{escape(label)} expert {escape(col_labels[ci])}: '
+                f"{_fmt(value)}</title></rect>"
+            )
+    out.append(
+        f'<text x="{left}" y="{height - 10}" font-size="10" {_FONT}>white = 0, dark = {_fmt(peak)} tokens; '
+        "red outline = expert that received no calibration token</text>"
+    )
+    return "\n".join(out + ["</svg>"])
