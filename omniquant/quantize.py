@@ -61,7 +61,9 @@ def _check_out(out: Path, force: bool) -> None:
         raise ExportError(f"--out {out}: parent directory {out.parent} does not exist.")
 
 
-def load_calibration_samples(loaded, calib: str, size: int, seed: int, skip_bad: bool = False):
+def load_calibration_samples(
+    loaded, calib: str, size: int, seed: int, skip_bad: bool = False, validated=None
+):
     """Samples for calibration: the built-in ``synthetic`` set, a shipped set name or a directory.
 
     Returns:
@@ -73,7 +75,7 @@ def load_calibration_samples(loaded, calib: str, size: int, seed: int, skip_bad:
         return synthetic_samples(loaded, size, seed), []
     from omniquant.data.sets import load_calibration_set
 
-    return load_calibration_set(loaded, calib, size=size, skip_bad=skip_bad)
+    return load_calibration_set(loaded, calib, size=size, skip_bad=skip_bad, validated=validated)
 
 
 def quantize(
@@ -115,10 +117,11 @@ def quantize(
     out = Path(out).absolute()
     _check_out(out, force)
 
+    validated = None
     if rec.calibration.set != "synthetic":
         from omniquant.data.sets import preflight_calibration_set
 
-        preflight_calibration_set(rec.calibration.set, skip_bad=skip_bad)
+        validated = preflight_calibration_set(rec.calibration.set, skip_bad=skip_bad)
 
     loaded = load_model(model)
     plan = resolve_plan(rec, loaded)
@@ -126,7 +129,7 @@ def quantize(
     say(f"plan ({rec.metadata.name}):\n{plan_text}")
 
     samples, skipped = load_calibration_samples(
-        loaded, rec.calibration.set, rec.calibration.size, rec.calibration.seed, skip_bad
+        loaded, rec.calibration.set, rec.calibration.size, rec.calibration.seed, skip_bad, validated
     )
     warnings_out: list[str] = []
     if skipped:
@@ -166,7 +169,11 @@ def quantize(
             },
             "recipe_sha256": rec.sha256(),
             "versions": versions(),
-            "calibration": {"set": rec.calibration.set, **stats.to_json()},
+            "calibration": {
+                "set": rec.calibration.set,
+                "skipped_samples": [str(item) for item in skipped],
+                **stats.to_json(),
+            },
             "plan": plan.to_json(),
             "quantized": plan.group_precision(),
             "shards": written["shards"],

@@ -128,3 +128,32 @@ def test_force_all_experts_end_to_end(starved_dir, tmp_path):
     cal = res.manifest["calibration"]
     assert cal["force_all_experts"] is True
     assert res.manifest["warnings"] == []
+
+
+from tests.test_data_manifest import bad_set  # noqa: E402,F401  (fixture)
+
+
+def test_bad_calibration_set_fails_before_model_work(tiny_dir, bad_set, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "o"
+    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--calib", str(bad_set), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert "3 of 5 samples are bad:" in captured.err
+    for needle in ("img/trunc.png: cannot decode image", "vid/fake.mp4: cannot decode video", "aud/missing.wav: file not found"):
+        assert needle in captured.err
+    assert "plan (" not in captured.out  # failed before the model was loaded and planned
+    assert not out.exists()
+
+
+def test_skip_bad_proceeds_and_reports(tiny_dir, bad_set, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "o"
+    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--calib", str(bad_set),
+               "--skip-bad", "--quiet", "--out", str(out),
+               "--set", "calibration.expert_coverage.policy=warn"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "skipped 3 bad calibration sample(s)" in captured.out
+    meta = json.loads((out / "omniquant.json").read_text())
+    assert len(meta["calibration"]["skipped_samples"]) == 3
+    assert meta["calibration"]["samples"] == 2
+    assert "skipped 3 bad calibration sample(s)" in meta["warnings"]

@@ -100,6 +100,7 @@ def load_calibration_set(
     size: int | None = None,
     skip_bad: bool = False,
     processor: OmniProcessor | None = None,
+    validated: ValidatedManifest | None = None,
 ) -> tuple[list[Sample], list[BadLine]]:
     """Validate a calibration set and process its samples for ``loaded``'s model.
 
@@ -109,6 +110,8 @@ def load_calibration_set(
         size: Use the first ``size`` good samples (all when ``None``).
         skip_bad: Skip bad lines (manifest or processing problems) instead of failing.
         processor: A ready processor (default: ``OmniProcessor.from_pretrained(loaded.path)``).
+        validated: The result of ``preflight_calibration_set`` for this set, so media are
+            not decoded twice (default: validate here).
 
     Returns:
         ``(samples, skipped)``; ``skipped`` holds one ``BadLine`` per skipped line.
@@ -119,8 +122,9 @@ def load_calibration_set(
     """
     from omniquant.data.processing import OmniProcessor
 
-    root = resolve_calib_set(name_or_dir)
-    entries, skipped = validate_manifest(root, skip_bad=skip_bad)
+    if validated is None:
+        validated = validate_manifest(resolve_calib_set(name_or_dir), skip_bad=skip_bad)
+    entries, skipped = validated
     processor = processor or OmniProcessor.from_pretrained(loaded.path)
     samples: list[Sample] = []
     failed: list[BadLine] = []
