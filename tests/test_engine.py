@@ -820,3 +820,20 @@ def test_cli_build_engine_validates_where_it_can(
         and "engine warm-up and smoke test skipped (--no-validate)" in capsys.readouterr().out
     )
     assert len(_FakeLLM.instances) == 1
+
+
+def test_bundles_from_real_quantized_checkpoints(quantized, tmp_path):
+    """End to end with checkpoints omniquant itself exported (not hand-written fixtures)."""
+    from omniquant.errors import EngineError
+
+    fp8 = build_engine_bundle(quantized("fp8_omni"), "hopper", tmp_path / "fp8_hopper")
+    options = yaml.safe_load((fp8.path / "llm_api_options.yaml").read_text())
+    assert options["kv_cache_config"]["dtype"] == "fp8"
+    assert options["kv_cache_config"]["mamba_ssm_cache_dtype"] == "float32"
+    bundle = json.loads((fp8.path / "bundle.json").read_text())
+    assert bundle["precision"] == "fp8" and bundle["target"] == "hopper"
+
+    with pytest.raises(EngineError, match="fp8_omni"):
+        build_engine_bundle(quantized("nvfp4_omni"), "hopper", tmp_path / "nv_hopper")
+    nv = build_engine_bundle(quantized("nvfp4_omni"), "blackwell", tmp_path / "nv_bw")
+    assert json.loads((nv.path / "bundle.json").read_text())["precision"] == "mixed"
