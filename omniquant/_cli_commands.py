@@ -240,3 +240,31 @@ def report_cmd(
     if report.get("sensitivity"):
         say(report["sensitivity"]["suggestion"]["text"])
     say(f"report: {out / 'report.html'} (also report.json, report.md)")
+
+
+@app.command("cliff")
+def cliff_cmd(
+    model: Annotated[
+        Optional[Path], typer.Option(help="BF16 checkpoint (default: the bundled demo model).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("omniquant-cliff"),
+    recipe: Annotated[
+        Optional[list[str]], typer.Option(help="Recipe (repeatable; default: fp8_omni, nvfp4_omni, nvfp4_aggressive).")
+    ] = None,
+    calib: Annotated[Optional[str], typer.Option(help="Calibration set name or directory.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Task set name or directory.")] = None,
+    sensitivity: Annotated[bool, typer.Option(help="Also rank module groups by the KL each adds.")] = False,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing output directory.")] = False,
+) -> None:
+    """The main job: quantize with each recipe, evaluate against BF16, report the quality cliff."""
+    from omniquant.cliff import DEFAULT_RECIPES, render_cliff_table, run_cliff
+
+    console = _console()
+    res = run_cliff(
+        model, out, recipes=recipe or DEFAULT_RECIPES, calib=calib, tasks=tasks,
+        sensitivity=sensitivity, force=force, log=console.print,
+    )
+    typer.echo(render_cliff_table(res.report))
+    for c in res.report["candidates"]:
+        typer.echo(c['verdict'])
+    console.print(f"report: {res.out / 'report' / 'report.html'}  ({res.seconds:.0f} s)")

@@ -1,0 +1,114 @@
+"""The main job: BF16 -> FP8 -> NVFP4 on one model, evaluated and reported.
+
+Policy: ``cliff`` is composition only. It quantizes the model with each recipe
+(``quantize``), evaluates the exported checkpoints against the BF16 source with the
+report (``build_report``: serving numerics from the files on disk), prints a
+short accuracy/recovery table and says where the report is. With no ``--model``
+it uses the bundled demo model with its shipped calibration and task sets.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from omniquant.errors import ExportError
+
+DEFAULT_RECIPES = ("fp8_omni", "nvfp4_omni", "nvfp4_aggressive")
+
+
+@dataclass
+class CliffResult:
+    """Where things went and what they say."""
+
+    out: Path
+    report: dict
+    checkpoints: dict[str, Path]
+    seconds: float
+
+
+def run_cliff(
+    model: str | Path | None = None,
+    out: str | Path = "omniquant-cliff",
+    *,
+    recipes: tuple[str, ...] | list[str] = DEFAULT_RECIPES,
+    calib: str | None = None,
+    tasks: str | None = None,
+    sensitivity: bool = False,
+    force: bool = False,
+    quiet: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> CliffResult:
+    """Quantize ``model`` with every recipe and report the quality cliff.
+
+    Args:
+        model: BF16 checkpoint directory; ``None`` uses the bundled demo model.
+        out: Output directory (``checkpoints/<recipe>/`` and ``report/``).
+        recipes: Recipe names or files, in cliff order.
+        calib: Calibration set; default: the demo's set for the demo model, else each
+            recipe's own.
+        tasks: Task set; default: the demo's evaluation set.
+        sensitivity: Also rank module groups by the KL each adds alone.
+        force: Replace an existing ``out``.
+        quiet: No progress bars.
+        log: Receives progress lines.
+    """
+    from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir
+    from omniquant.models.base import read_config
+    from omniquant.quantize import quantize
+    from omniquant.recipe import load_recipe
+    from omniquant.report import build_report
+
+    say = log or (lambda _m: None)
+    t0 = time.perf_counter()
+    is_demo = model is None
+    model_dir = demo_model_dir() if is_demo else Path(model)
+    read_config(model_dir)  # fail early on a bad --model
+    for r in recipes:
+        load_recipe(r)  # fail early on a bad recipe
+    out = Path(out).absolute()
+    if out.exists():
+        if not force:
+            raise ExportError(f"--out {out}: already exists; pass --force to overwrite it.")
+        shutil.rmtree(out)
+    (out / "checkpoints").mkdir(parents=True)
+    if calib is None and is_demo:
+        calib = DEMO_CALIB
+    tasks = tasks or DEMO_TASKS
+
+    checkpoints: dict[str, Path] = {}
+    for r in recipes:
+        name = Path(r).stem
+        say(f"quantizing with {name} ...")
+        res = quantize(model_dir, r, out / "checkpoints" / name, calib=calib, quiet=quiet)
+        checkpoints[name] = res.out
+    say("evaluating BF16 and candidates with serving numerics ...")
+    report = build_report(
+        model_dir, list(checkpoints.values()), tasks, out / "report", sensitivity=sensitivity, log=say
+    )
+    return CliffResult(out=out, report=report, checkpoints=checkpoints, seconds=time.perf_counter() - t0)
+
+
+def render_cliff_table(report: dict) -> str:
+    """Accuracy per task for BF16 and each candidate, with recovery in parentheses."""
+    base = report["baseline"]
+    cands = report["candidates"]
+    names = ["bf16"] + [c["name"] for c in cands]
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = [f"{'task':<22}" + "".join(f"{n:>{width}}" for n in names)]
+    for task, b in base["tasks"].items():
+        row = f"{task:<22}" + f"{b['accuracy']:>{width}.2f}"
+        for c in cands:
+            t = c["tasks"][task]
+            rec = "-" if t["recovery"] is None else f"{t['recovery']:.2f}"
+            row += f"{t['accuracy']:.2f} ({rec})".rjust(width)
+        lines.append(row)
+    lines.append(
+        f"{'bits/weight':<22}"
+        + f"{base['bits_per_weight']:>{width}.2f}"
+        + "".join(f"{c['bits_per_weight']:>{width}.2f}" for c in cands)
+    )
+    return "\n".join(lines)
