@@ -140,6 +140,18 @@ def _check_same_processing(processor, candidate: Path) -> None:
 
 
 def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MB (``VmHWM`` on Linux).
+
+    Not ``ru_maxrss`` where ``/proc`` exists: it survives ``exec``, so a process started
+    by a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # pragma: no cover - not on POSIX
