@@ -44,11 +44,13 @@ def test_resolve_shipped_name_and_directory(tmp_path: Path):
 
 
 def test_unknown_name_lists_shipped_sets():
+    shipped = shipped_calib_sets()
+    assert "omni-mix" in shipped
     with pytest.raises(DataError) as info:
         resolve_calib_set("omni-max")
     assert str(info.value) == (
         "Unknown calibration set 'omni-max': it is neither a shipped set nor a directory. "
-        "Shipped sets: omni-mix. Or pass a directory with a manifest.jsonl."
+        f"Shipped sets: {', '.join(shipped)}. Or pass a directory with a manifest.jsonl."
     )
 
 

@@ -20,10 +20,10 @@ modalities, so any prefix covers all of them).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from omniquant.data.locate import SetLocator
 from omniquant.data.manifest import MANIFEST_NAME, BadLine, ValidatedManifest, validate_manifest
 from omniquant.errors import DataError
 
@@ -34,52 +34,33 @@ if TYPE_CHECKING:
 CALIB_ROOT_ENV = "OMNIQUANT_CALIB_DATA"
 
 
+CALIBRATION_SETS = SetLocator(
+    kind="calibration set",
+    env=CALIB_ROOT_ENV,
+    dirname="calib_data",
+    index=MANIFEST_NAME,
+    hint="one JSON sample per line",
+)
+
+
 def calib_root() -> Path:
     """The directory shipped calibration sets live in (see the module's lookup rule)."""
-    override = os.environ.get(CALIB_ROOT_ENV)
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "calib_data"
+    return CALIBRATION_SETS.root()
 
 
 def shipped_calib_sets() -> list[str]:
     """Names of the shipped calibration sets, sorted."""
-    root = calib_root()
-    if not root.is_dir():
-        return []
-    return sorted(d.name for d in root.iterdir() if (d / MANIFEST_NAME).is_file())
+    return CALIBRATION_SETS.shipped()
 
 
 def resolve_calib_set(name_or_dir: str | Path) -> Path:
-    """Resolve ``--calib NAME|DIR`` to a calibration-set directory.
-
-    Args:
-        name_or_dir: A shipped set name (``omni-mix``) or a directory with a manifest.
-
-    Returns:
-        The set's directory (absolute).
+    """Resolve ``--calib NAME|DIR`` to a calibration-set directory (absolute).
 
     Raises:
         DataError: Neither a shipped name nor a directory with ``manifest.jsonl``; the
             message lists the shipped names.
     """
-    shipped = shipped_calib_sets()
-    text = str(name_or_dir)
-    if isinstance(name_or_dir, str) and text in shipped:
-        return (calib_root() / text).resolve()
-    path = Path(name_or_dir)
-    if path.is_dir():
-        if not (path / MANIFEST_NAME).is_file():
-            raise DataError(
-                f"Calibration set directory {path} has no {MANIFEST_NAME}; a calibration set "
-                f"is a directory with one JSON sample per line in {MANIFEST_NAME}."
-            )
-        return path.resolve()
-    names = ", ".join(shipped) if shipped else f"none found under {calib_root()}"
-    raise DataError(
-        f"Unknown calibration set {text!r}: it is neither a shipped set nor a directory. "
-        f"Shipped sets: {names}. Or pass a directory with a {MANIFEST_NAME}."
-    )
+    return CALIBRATION_SETS.resolve(name_or_dir)
 
 
 def preflight_calibration_set(name_or_dir: str | Path, skip_bad: bool = False) -> ValidatedManifest:
@@ -122,8 +103,9 @@ def load_calibration_set(
     """
     from omniquant.data.processing import OmniProcessor
 
+    root = resolve_calib_set(name_or_dir)
     if validated is None:
-        validated = validate_manifest(resolve_calib_set(name_or_dir), skip_bad=skip_bad)
+        validated = validate_manifest(root, skip_bad=skip_bad)
     entries, skipped = validated
     processor = processor or OmniProcessor.from_pretrained(loaded.path)
     samples: list[Sample] = []

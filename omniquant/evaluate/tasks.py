@@ -34,13 +34,13 @@ same name as a shipped set as a path (``./omni-smoke``) to use it instead.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from omniquant.data.locate import SetLocator
 from omniquant.data.manifest import ManifestEntry
 from omniquant.errors import DataError
 
@@ -58,60 +58,26 @@ _MEDIA_FIELDS = ("image", "images", "video", "video_fps", "video_frames", "audio
 _ALLOWED = ("id", "task", "modality", "prompt", *_MEDIA_FIELDS, "answer", "metric", "choices")
 
 
-class TaskEntry(BaseModel):
-    """One ``tasks.jsonl`` line.
+class TaskEntry(ManifestEntry):
+    """One ``tasks.jsonl`` line: a calibration ``ManifestEntry`` (prompt, media and
+    their rules) plus what evaluation needs.
 
     Attributes:
-        id: Sample id, unique within the set.
         task: Task name (results are aggregated per task).
         modality: The modality the task tests: text, image, video or audio.
-        prompt: Prompt text, with optional ``<image>``/``<video>``/``<audio>`` markers.
-        answer: Reference answer.
+        answer: Reference answer (required here).
         metric: ``exact_match``, ``multiple_choice`` or ``wer``.
         choices: Answer options (``multiple_choice`` only).
-        images: Image paths (``image`` or ``images`` on the line).
-        video: Video path.
-        video_fps: Sample the video at this many frames per second.
-        video_frames: Sample this many frames uniformly.
-        audio: Audio paths.
-        root: Directory media paths are relative to (the set's directory).
-        line: 1-based line number in ``tasks.jsonl`` (0 for entries built in code).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    id: str = Field(min_length=1)
     task: str = Field(min_length=1)
     modality: Literal["text", "image", "video", "audio"]
-    prompt: str
     answer: str = Field(min_length=1)
     metric: Literal["exact_match", "multiple_choice", "wer"]
     choices: tuple[str, ...] | None = None
-    images: tuple[str, ...] = ()
-    video: str | None = None
-    video_fps: float | None = Field(default=None, gt=0)
-    video_frames: int | None = Field(default=None, gt=0)
-    audio: tuple[str, ...] = ()
-    root: Path = Path(".")
-    line: int = 0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _normalize(cls, data):
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        if "image" in data:
-            if "images" in data:
-                raise ValueError("give 'image' or 'images', not both")
-            data["images"] = [data.pop("image")]
-        for key in ("images", "audio"):
-            if isinstance(data.get(key), str):
-                data[key] = [data[key]]
-        return data
 
     @model_validator(mode="after")
-    def _check(self) -> TaskEntry:
+    def _check_task(self) -> TaskEntry:
         from omniquant.evaluate.metrics import normalize_answer
 
         present = {
@@ -126,9 +92,8 @@ class TaskEntry(BaseModel):
                 "medium the task tests, or drop the media"
             )
         if self.modality != "text" and not present[self.modality]:
-            field_name = "image" if self.modality == "image" else self.modality
             raise ValueError(
-                f"modality {self.modality!r} but the line has no {field_name!r} file; add it "
+                f"modality {self.modality!r} but the line has no {self.modality!r} file; add it "
                 "or fix the modality"
             )
         if self.metric == "multiple_choice":
@@ -145,34 +110,7 @@ class TaskEntry(BaseModel):
                 )
         elif self.choices is not None:
             raise ValueError(f"'choices' is only for metric 'multiple_choice', not {self.metric!r}")
-        # Media rules (markers, images xor video, relative paths) are the calibration
-        # manifest's; checking through it keeps one definition.
-        try:
-            self.manifest_entry()
-        except ValidationError as err:
-            raise ValueError(
-                "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
-            )
         return self
-
-    def manifest_entry(self) -> ManifestEntry:
-        """The line as a calibration ``ManifestEntry`` (what ``OmniProcessor`` takes)."""
-        return ManifestEntry(
-            id=self.id,
-            prompt=self.prompt,
-            images=self.images,
-            video=self.video,
-            audio=self.audio,
-            answer=self.answer,
-            video_fps=self.video_fps,
-            video_frames=self.video_frames,
-            root=self.root,
-            line=self.line,
-        )
-
-    def media_relpaths(self) -> list[str]:
-        """Media paths as written: images, then video, then audio."""
-        return [*self.images, *([self.video] if self.video else []), *self.audio]
 
 
 @dataclass
@@ -190,52 +128,33 @@ class TaskItem:
     choice_ids: list[torch.Tensor] = field(default_factory=list)
 
 
+TASK_SETS = SetLocator(
+    kind="task set",
+    env=TASKS_ROOT_ENV,
+    dirname="tasks",
+    index=TASKS_NAME,
+    hint="one JSON task sample per line (see tasks/README.md)",
+)
+
+
 def tasks_root() -> Path:
     """The directory shipped task sets live in (see the module's lookup rule)."""
-    override = os.environ.get(TASKS_ROOT_ENV)
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "tasks"
+    return TASK_SETS.root()
 
 
 def shipped_task_sets() -> list[str]:
     """Names of the shipped task sets, sorted."""
-    root = tasks_root()
-    if not root.is_dir():
-        return []
-    return sorted(d.name for d in root.iterdir() if (d / TASKS_NAME).is_file())
+    return TASK_SETS.shipped()
 
 
 def resolve_task_set(name_or_dir: str | Path) -> Path:
-    """Resolve ``--tasks NAME|DIR`` to a task-set directory.
-
-    Args:
-        name_or_dir: A shipped set name (``omni-smoke``) or a directory with ``tasks.jsonl``.
-
-    Returns:
-        The set's directory (absolute).
+    """Resolve ``--tasks NAME|DIR`` to a task-set directory (absolute).
 
     Raises:
         DataError: Neither a shipped name nor a directory with ``tasks.jsonl``; the
             message lists the shipped names.
     """
-    shipped = shipped_task_sets()
-    text = str(name_or_dir)
-    if isinstance(name_or_dir, str) and text in shipped:
-        return (tasks_root() / text).resolve()
-    path = Path(name_or_dir)
-    if path.is_dir():
-        if not (path / TASKS_NAME).is_file():
-            raise DataError(
-                f"Task set directory {path} has no {TASKS_NAME}; a task set is a directory "
-                f"with one JSON task sample per line in {TASKS_NAME} (see tasks/README.md)."
-            )
-        return path.resolve()
-    names = ", ".join(shipped) if shipped else f"none found under {tasks_root()}"
-    raise DataError(
-        f"Unknown task set {text!r}: it is neither a shipped set nor a directory. "
-        f"Shipped sets: {names}. Or pass a directory with a {TASKS_NAME}."
-    )
+    return TASK_SETS.resolve(name_or_dir)
 
 
 def validate_task_set(name_or_dir: str | Path) -> list[TaskEntry]:
@@ -310,7 +229,7 @@ def validate_task_set(name_or_dir: str | Path) -> list[TaskEntry]:
         ):
             for rel in rels:
                 try:
-                    checkers[kind](entry.manifest_entry().resolve(rel))
+                    checkers[kind](entry.resolve(rel))
                 except media.MediaError as err:
                     bad_media.append(f"{rel}: {err.reason}")
         if bad_media:
@@ -339,7 +258,7 @@ def prepare_task_items(processor: OmniProcessor, entries: list[TaskEntry]) -> li
     items = []
     for entry in entries:
         try:
-            sample = processor(entry.manifest_entry())
+            sample = processor(entry)
         except DataError as err:
             raise DataError(
                 f"Task set {entry.root / TASKS_NAME}: line {entry.line} (id {entry.id!r}) cannot "
