@@ -6,12 +6,12 @@ the function bodies (``import omniquant.cli`` must stay cheap).
 
 from __future__ import annotations
 
-from omniquant.cli import app, _console  # noqa: F401
-
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
+
+from omniquant.cli import _console, app
 
 
 @app.command("quantize")
@@ -20,11 +20,11 @@ def quantize_cmd(
     recipe: Annotated[str, typer.Option(help="Built-in recipe name or path to a recipe YAML.")],
     out: Annotated[Path, typer.Option(help="Output checkpoint directory.")],
     calib: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Calibration set: 'synthetic', a shipped set name, or a directory."),
     ] = None,
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", help="Recipe override key.path=value (repeatable)."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing output directory.")] = False,
@@ -102,8 +102,6 @@ def recipes_show(name: Annotated[str, typer.Argument(help="Built-in recipe name 
 _ENGINE_TARGETS = ("hopper", "blackwell")
 
 from enum import Enum
-from pathlib import Path
-from typing import Annotated
 
 import typer
 
@@ -245,14 +243,14 @@ def report_cmd(
 @app.command("cliff")
 def cliff_cmd(
     model: Annotated[
-        Optional[Path], typer.Option(help="BF16 checkpoint (default: the bundled demo model).")
+        Path | None, typer.Option(help="BF16 checkpoint (default: the bundled demo model).")
     ] = None,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("omniquant-cliff"),
     recipe: Annotated[
-        Optional[list[str]], typer.Option(help="Recipe (repeatable; default: fp8_omni, nvfp4_omni, nvfp4_aggressive).")
+        list[str] | None, typer.Option(help="Recipe (repeatable; default: fp8_omni, nvfp4_omni, nvfp4_aggressive).")
     ] = None,
-    calib: Annotated[Optional[str], typer.Option(help="Calibration set name or directory.")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="Task set name or directory.")] = None,
+    calib: Annotated[str | None, typer.Option(help="Calibration set name or directory.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Task set name or directory.")] = None,
     sensitivity: Annotated[bool, typer.Option(help="Also rank module groups by the KL each adds.")] = False,
     force: Annotated[bool, typer.Option(help="Overwrite an existing output directory.")] = False,
 ) -> None:

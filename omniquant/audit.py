@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,25 +95,32 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
         elif sha256_file(f) != digest:
             report.problems.append(f"{shard}: sha256 does not match omniquant.json (file changed or corrupt)")
 
-    tensors: dict[str, tuple[str, torch.Tensor | None]] = {}
+    # Headers only up front; tensors are read one module at a time (a 30B checkpoint
+    # must not be loaded whole to be audited).
+    index: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    handles = {}
     for shard in sorted(meta.get("shards", {})):
         f = path / shard
         if not f.is_file():
             continue
-        with safe_open(f, "pt") as fh:
-            for k in fh.keys():
-                tensors[k] = (shard, fh.get_tensor(k))
+        handles[shard] = fh = safe_open(f, "pt")
+        for k in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            sl = fh.get_slice(k)
+            index[k] = (shard, sl.get_dtype(), tuple(sl.get_shape()))
+
+    def load(name: str) -> torch.Tensor | None:
+        return handles[index[name][0]].get_tensor(name) if name in index else None
 
     excluded_patterns = quant.get("exclude_modules", [])
-    weights = {k[: -len(".weight")] for k, (_, t) in tensors.items() if k.endswith(".weight") and t.dim() == 2}
+    weights = {k[: -len(".weight")] for k, (_, _, shape) in index.items() if k.endswith(".weight") and len(shape) == 2}
     for module in sorted(weights):
-        w = tensors[f"{module}.weight"][1]
-        fmt = _stored_format(w)
+        _, dtype, _ = index[f"{module}.weight"]
+        fmt = _STORED_FORMAT.get(dtype)
         declared = layer_format(module, quant)
         if fmt is None:  # high-precision weight
             if declared is not None:
                 report.problems.append(
-                    f"{module}.weight: stored as {w.dtype} but hf_quant_config declares it {declared}"
+                    f"{module}.weight: stored as {dtype} but hf_quant_config declares it {declared}"
                 )
             elif quant and not is_excluded(module, excluded_patterns):
                 report.problems.append(
@@ -126,28 +134,22 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
                 f"{module}.weight: stored as {fmt} but hf_quant_config declares "
                 f"{declared or 'it unquantized/excluded'}"
             )
-        _check_scales(module, fmt, w, tensors, report)
+        _check_scales(module, fmt, load(f"{module}.weight"), load, report)
 
-    for k, (_, t) in tensors.items():
-        leaf = k.rsplit(".", 1)[-1]
-        if leaf in ("weight_scale", "weight_scale_2", "input_scale"):
-            if k.rsplit(".", 1)[0] not in weights:
-                report.problems.append(f"{k}: scale without a weight beside it")
+    for k in index:
+        module, leaf = k.rsplit(".", 1)
+        if leaf in ("weight_scale", "weight_scale_2", "input_scale") and module not in weights:
+            report.problems.append(f"{k}: scale without a weight beside it")
     if quant.get("kv_cache_quant_algo") == "FP8":
-        kv = [k for k in tensors if k.endswith((".k_scale", ".v_scale"))]
+        kv = [k for k in index if k.endswith((".k_scale", ".v_scale"))]
         if not kv:
             report.problems.append("kv_cache_quant_algo is FP8 but no k_scale/v_scale tensors exist")
         for k in kv:
-            _check_scalar(k, tensors[k][1], report)
+            _check_scalar(k, load(k), report)
     return _finish(report, raise_on_error)
 
 
-def _stored_format(w: torch.Tensor) -> str | None:
-    if w.dtype == torch.float8_e4m3fn:
-        return "fp8"
-    if w.dtype == torch.uint8:
-        return "nvfp4"
-    return None
+_STORED_FORMAT = {"F8_E4M3": "fp8", "U8": "nvfp4"}
 
 
 def _check_scalar(name: str, t: torch.Tensor | None, report: AuditReport) -> None:
@@ -158,16 +160,15 @@ def _check_scalar(name: str, t: torch.Tensor | None, report: AuditReport) -> Non
         report.problems.append(f"{name}: expected a float32 scalar, got {t.dtype} {tuple(t.shape)}")
         return
     v = float(t)
-    if v != v or v in (float("inf"), float("-inf")):
+    if not math.isfinite(v):
         report.problems.append(f"{name}: scale is {v}")
     elif v <= 0:
         report.problems.append(f"{name}: scale is {v} (must be > 0)")
 
 
-def _check_scales(module: str, fmt: str, w: torch.Tensor, tensors: dict, report: AuditReport) -> None:
+def _check_scales(module: str, fmt: str, w: torch.Tensor, load, report: AuditReport) -> None:
     def get(suffix):
-        item = tensors.get(f"{module}.{suffix}")
-        return None if item is None else item[1]
+        return load(f"{module}.{suffix}")
 
     _check_scalar(f"{module}.input_scale", get("input_scale"), report)
     if fmt == "fp8":

@@ -16,8 +16,8 @@ Policy:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -123,7 +123,7 @@ class _Probe:
     def _force_hook(self):
         def hook(mod, args, output):
             if self._forcing:
-                return None
+                return
             hidden = args[0]
             n_tok = hidden.shape[0]
             idx = torch.arange(mod.num_experts, device=hidden.device).expand(n_tok, -1)
@@ -133,7 +133,7 @@ class _Probe:
                 mod(hidden, idx, weights)  # statistics only: output discarded
             finally:
                 self._forcing = False
-            return None
+            return
 
         return hook
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -54,10 +54,10 @@ def make_tiny_cmd(
 
 # Further commands are registered by the modules below; each keeps its own
 # stage imports inside the command body.
-from omniquant import _cli_commands  # noqa: E402,F401  (registers commands on `app`)
+from omniquant import _cli_commands  # noqa: F401  (registers commands on `app`)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning ``OmniquantError`` into a clean message."""
     try:
         app(args=argv, standalone_mode=False)

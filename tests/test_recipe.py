@@ -107,11 +107,13 @@ def test_later_rules_win_and_bf16_glob_allowed(tmp_path, loaded):
 
 def test_divisibility_lists_every_offender(tmp_path):
     import torch
-    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import NemotronH_Omni_Reasoning_V3
+    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3,
+    )
 
-    from omniquant.tiny import SIZES, TinySize, build_tiny_model, tiny_config_dict  # noqa: F401
     from omniquant.models.base import LoadedModel
     from omniquant.models.nemotron_omni import NemotronOmniAdapter
+    from omniquant.tiny import SIZES, TinySize, build_tiny_model, tiny_config_dict  # noqa: F401
 
     model, tok = build_tiny_model(0)
     cfg = model.config

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from omniquant.calibrate import run_calibration
@@ -12,7 +11,6 @@ from omniquant.models import load_model
 from omniquant.plan import resolve_plan, to_modelopt_config
 from omniquant.recipe import load_recipe
 from omniquant.serving import load_emulated
-
 from tests.conftest import requires_sm
 
 

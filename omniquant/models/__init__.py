@@ -7,9 +7,14 @@ mapping between transformers' module names and the on-disk (hub) tensor names.
 
 from __future__ import annotations
 
-from omniquant.models.base import LoadedModel, ModelAdapter, adapter_for, load_model, register_adapter
-
 # Importing the module registers the adapter.
-from omniquant.models import nemotron_omni  # noqa: E402,F401
+from omniquant.models import nemotron_omni  # noqa: F401
+from omniquant.models.base import (
+    LoadedModel,
+    ModelAdapter,
+    adapter_for,
+    load_model,
+    register_adapter,
+)
 
 __all__ = ["LoadedModel", "ModelAdapter", "adapter_for", "load_model", "register_adapter"]

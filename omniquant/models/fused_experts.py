@@ -9,7 +9,7 @@ This module is the one place that knows it.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
