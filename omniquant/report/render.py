@@ -54,6 +54,60 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+# Tables shared by the Markdown and HTML renderers: (header, rows) builders, so the
+# two documents always show the same numbers.
+def _candidate_table(cand: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["task", "n", "accuracy", "recovery", "delta", "delta 95% CI", "KL mean", "top-1 agree"]
+    rows = [
+        [
+            task,
+            str(t["n"]),
+            f"{t['accuracy']:.3f}",
+            _pct(t["recovery"]) + ("" if t.get("recovery_defined", True) else " (base 0)"),
+            f"{t['accuracy_delta']:+.3f}",
+            _ci(t["accuracy_delta_ci95"]),
+            _num(t["kl_mean"]),
+            _pct(t["top1_agreement"]),
+        ]
+        for task, t in cand["tasks"].items()
+    ]
+    return header, rows
+
+
+def _evs_table(models: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "rate", "video tokens", "kept", "accuracy", "KL", "top-1"]
+    rows = [
+        [
+            m["name"],
+            f"{row['rate']:.2f}",
+            str(row["video_tokens"]),
+            _pct(row["kept_fraction"]),
+            _num(row["accuracy"], 3),
+            _num(row["kl_mean"]),
+            _pct(row["top1_agreement"]),
+        ]
+        for m in models
+        for row in m.get("evs") or []
+    ]
+    return header, rows
+
+
+def _sensitivity_table(sens: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["rank", "group", "KL mean", "top-1 agree", "bits/weight"]
+    rows = [
+        [
+            str(g["rank"]),
+            g["group"],
+            _num(g["kl_mean"]),
+            _pct(g["top1_agreement"]),
+            f"{g['bits_per_weight']:.3f}",
+        ]
+        for g in sens["groups"]
+    ]
+    return header, rows
+
+
+
 def write_markdown(report: dict) -> str:
     """The report as Markdown (tables; the plots are in ``report.html``)."""
     models = cliff_order(report)
@@ -104,34 +158,7 @@ def write_markdown(report: dict) -> str:
     )
     for cand in report["candidates"]:
         out += ["", f"## {cand['name']} vs baseline", ""]
-        out.append(
-            _md_table(
-                [
-                    "task",
-                    "n",
-                    "accuracy",
-                    "recovery",
-                    "delta",
-                    "delta 95% CI",
-                    "KL mean",
-                    "top-1 agree",
-                ],
-                [
-                    [
-                        task,
-                        str(t["n"]),
-                        f"{t['accuracy']:.3f}",
-                        _pct(t["recovery"])
-                        + ("" if t.get("recovery_defined", True) else " (base 0)"),
-                        f"{t['accuracy_delta']:+.3f}",
-                        _ci(t["accuracy_delta_ci95"]),
-                        _num(t["kl_mean"]),
-                        _pct(t["top1_agreement"]),
-                    ]
-                    for task, t in cand["tasks"].items()
-                ],
-            )
-        )
+        out.append(_md_table(*_candidate_table(cand)))
         out += [
             "",
             "KL by modality: "
@@ -139,23 +166,7 @@ def write_markdown(report: dict) -> str:
         ]
     out += ["", "## EVS: video tokens vs quality", ""]
     if report["evs"]["video_samples"] and report["evs"]["rates"]:
-        rows = []
-        for m in models:
-            for row in m.get("evs") or []:
-                rows.append(
-                    [
-                        m["name"],
-                        f"{row['rate']:.2f}",
-                        str(row["video_tokens"]),
-                        _pct(row["kept_fraction"]),
-                        _num(row["accuracy"], 3),
-                        _num(row["kl_mean"]),
-                        _pct(row["top1_agreement"]),
-                    ]
-                )
-        out.append(
-            _md_table(["model", "rate", "video tokens", "kept", "accuracy", "KL", "top-1"], rows)
-        )
+        out.append(_md_table(*_evs_table(models)))
         out += ["", f"KL reference: {report['evs']['reference']}."]
     else:
         out.append("No video samples in the task set (or no rates): no sweep.")
@@ -176,21 +187,7 @@ def write_markdown(report: dict) -> str:
     sens = report.get("sensitivity")
     if sens:
         out += ["", f"## Sensitivity ({sens['format']}, one group at a time)", ""]
-        out.append(
-            _md_table(
-                ["rank", "group", "KL mean", "top-1 agree", "bits/weight"],
-                [
-                    [
-                        str(g["rank"]),
-                        g["group"],
-                        _num(g["kl_mean"]),
-                        _pct(g["top1_agreement"]),
-                        f"{g['bits_per_weight']:.3f}",
-                    ]
-                    for g in sens["groups"]
-                ],
-            )
-        )
+        out.append(_md_table(*_sensitivity_table(sens)))
         for skip in sens["skipped"]:
             out.append(f"\nSkipped {skip['group']}: {skip['reason']}")
         out += ["", sens["suggestion"]["text"], ""]
@@ -283,34 +280,7 @@ def write_html(report: dict) -> str:
     parts.append(_html_table(["task", "metric", *names], rows))
     for cand in report["candidates"]:
         parts.append(f"<h3>{escape(cand['name'])} vs baseline</h3>")
-        parts.append(
-            _html_table(
-                [
-                    "task",
-                    "n",
-                    "accuracy",
-                    "recovery",
-                    "delta",
-                    "delta 95% CI",
-                    "KL mean",
-                    "top-1 agree",
-                ],
-                [
-                    [
-                        t,
-                        str(v["n"]),
-                        f"{v['accuracy']:.3f}",
-                        _pct(v["recovery"])
-                        + ("" if v.get("recovery_defined", True) else " (base 0)"),
-                        f"{v['accuracy_delta']:+.3f}",
-                        _ci(v["accuracy_delta_ci95"]),
-                        _num(v["kl_mean"]),
-                        _pct(v["top1_agreement"]),
-                    ]
-                    for t, v in cand["tasks"].items()
-                ],
-            )
-        )
+        parts.append(_html_table(*_candidate_table(cand)))
 
     # Size
     parts.append("<h2>Size and bits per weight</h2>")
@@ -387,7 +357,7 @@ def write_html(report: dict) -> str:
     # EVS
     parts.append("<h2>EVS: video tokens vs quality</h2>")
     if report["evs"]["video_samples"] and report["evs"]["rates"]:
-        acc_series, kl_series, rows = [], [], []
+        acc_series, kl_series = [], []
         for m in models:
             evs = m.get("evs") or []
             acc_series.append(
@@ -396,18 +366,6 @@ def write_html(report: dict) -> str:
             kl_series.append(
                 (m["name"], [(r["video_tokens"], r["kl_mean"], f"q={r['rate']:g}") for r in evs])
             )
-            rows += [
-                [
-                    m["name"],
-                    f"{r['rate']:.2f}",
-                    str(r["video_tokens"]),
-                    _pct(r["kept_fraction"]),
-                    _num(r["accuracy"], 3),
-                    _num(r["kl_mean"]),
-                    _pct(r["top1_agreement"]),
-                ]
-                for r in evs
-            ]
         parts.append(
             _fig(
                 svg.line_chart(
@@ -431,9 +389,7 @@ def write_html(report: dict) -> str:
                 )
             )
         )
-        parts.append(
-            _html_table(["model", "rate", "video tokens", "kept", "accuracy", "KL", "top-1"], rows)
-        )
+        parts.append(_html_table(*_evs_table(models)))
     else:
         parts.append("<p>No video samples in the task set (or no rates): no sweep.</p>")
 
@@ -487,21 +443,7 @@ def write_html(report: dict) -> str:
                 )
             )
         )
-        parts.append(
-            _html_table(
-                ["rank", "group", "KL mean", "top-1 agree", "bits/weight"],
-                [
-                    [
-                        str(g["rank"]),
-                        g["group"],
-                        _num(g["kl_mean"]),
-                        _pct(g["top1_agreement"]),
-                        f"{g['bits_per_weight']:.3f}",
-                    ]
-                    for g in sens["groups"]
-                ],
-            )
-        )
+        parts.append(_html_table(*_sensitivity_table(sens)))
         for skip in sens["skipped"]:
             parts.append(
                 f'<p class="muted">Skipped {escape(skip["group"])}: {escape(skip["reason"])}</p>'
