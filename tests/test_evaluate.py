@@ -307,3 +307,31 @@ def test_evs_sweep_counts_video_tokens_at_the_backbone(loaded_and_items):
     assert rows[0]["kl_mean"] == 0.0 and rows[0]["top1_agreement"] == 1.0
     assert all(r["kl_mean"] > 0 and math.isfinite(r["kl_mean"]) for r in rows[1:])
     assert set(reference) == {"vid-right", "vid-up"}
+
+
+def test_greedy_reuses_teacher_forced_logits_without_changing_the_answer(tiny_dir):
+    """Greedy decoding that starts from teacher-forced rows decodes exactly what a
+    step-by-step greedy loop decodes, whether the reference is right or wrong."""
+    import torch
+
+    from omniquant.data.synthetic import synthetic_samples
+    from omniquant.evaluate.runner import _continue, _greedy, backbone_input
+    from omniquant.models import load_model
+
+    loaded = load_model(tiny_dir, dtype="float32")
+    backbone, embed = loaded.model.language_model, loaded.model.get_input_embeddings()
+    eos = loaded.tokenizer.eos_token_id
+    for sample in synthetic_samples(loaded, 4, seed=3):
+        with torch.no_grad():
+            prefix = backbone_input(loaded, sample)
+            naive: list[int] = []
+            while len(naive) < 6:
+                tok = int(_continue(backbone, embed, prefix, naive, 1)[-1].argmax())
+                if tok == eos:
+                    break
+                naive.append(tok)
+            expected = loaded.tokenizer.decode(naive, skip_special_tokens=True).strip()
+            for forced in (naive + [eos], naive[:2] + [7, eos], [5, eos]):
+                logits = _continue(backbone, embed, prefix, forced, len(forced) + 1)
+                got = _greedy(backbone, embed, prefix, logits, forced, eos, 6, loaded.tokenizer)
+                assert got == expected, (sample.id, forced)

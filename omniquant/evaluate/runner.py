@@ -234,7 +234,8 @@ def evaluate_model(
                     prediction = entry.choices[choose(choice_scores)]
                 else:
                     prediction = _greedy(
-                        backbone, embed, prefix, logits[0], eos, max_new_tokens, tokenizer
+                        backbone, embed, prefix, logits, span_ids[0].tolist(), eos,
+                        max_new_tokens, tokenizer,
                     )
                 score, wer = score_sample(entry.metric, prediction, entry.answer)
 
@@ -260,13 +261,27 @@ def evaluate_model(
     return ModelEvaluation(samples=results, spans=spans, seconds=time.perf_counter() - start)
 
 
-def _greedy(backbone, embed, prefix, first_logits, eos, max_new_tokens: int, tokenizer) -> str:
-    """Greedy continuation of ``prefix`` (first token from ``first_logits``), decoded."""
+def _greedy(
+    backbone, embed, prefix, forced_logits, forced_ids: list[int], eos, max_new_tokens: int, tokenizer
+) -> str:
+    """Greedy continuation of ``prefix``, decoded.
+
+    ``forced_logits[i]`` are the teacher-forced logits after ``prefix`` +
+    ``forced_ids[:i]``. While the greedy tokens equal the reference tokens, the
+    greedy step's logits *are* those rows (same causal computation), so a forward
+    is only run once decoding leaves the reference; a correct answer costs none.
+    """
     generated: list[int] = []
-    token = int(first_logits.argmax())
-    while len(generated) < max_new_tokens and token != eos:
-        generated.append(token)
-        if len(generated) == max_new_tokens:
+    on_reference = True
+    while len(generated) < max_new_tokens:
+        step = len(generated)
+        if on_reference and step < forced_logits.shape[0]:
+            step_logits = forced_logits[step]
+        else:
+            step_logits = _continue(backbone, embed, prefix, generated, 1)[-1]
+        token = int(step_logits.argmax())
+        if token == eos:
             break
-        token = int(_continue(backbone, embed, prefix, generated, 1)[-1].argmax())
+        on_reference = on_reference and step < len(forced_ids) and token == forced_ids[step]
+        generated.append(token)
     return tokenizer.decode(generated, skip_special_tokens=True).strip()
