@@ -11,7 +11,7 @@ shows what pruning alone loses.
 from __future__ import annotations
 
 from omniquant.evaluate.fidelity import SpanDistribution
-from omniquant.evaluate.runner import evaluate_model
+from omniquant.evaluate.runner import ModelEvaluation, evaluate_model
 from omniquant.evaluate.tasks import TaskItem
 
 
@@ -33,6 +33,7 @@ def evs_sweep(
     reference: dict[str, SpanDistribution] | None = None,
     max_new_tokens: int = 16,
     topk: int | None = None,
+    main: ModelEvaluation | None = None,
 ) -> tuple[list[dict], dict[str, SpanDistribution]]:
     """Evaluate the video items of ``items`` at each EVS rate.
 
@@ -44,6 +45,10 @@ def evs_sweep(
             itself, whose lowest-rate spans become the reference (returned).
         max_new_tokens: Greedy decoding budget.
         topk: Stored distribution size for the reference spans.
+        main: This model's evaluation of all items (the baseline's with spans kept).
+            Where it ran at the lowest swept rate, its video samples are that rate's
+            row instead of being evaluated again (its KL was taken against the
+            baseline at that same rate, which is the sweep's reference).
 
     Returns:
         ``(rows, reference)``: one row per rate with ``rate``, ``n``, ``video_tokens``,
@@ -54,34 +59,55 @@ def evs_sweep(
     rows: list[dict] = []
     if not videos:
         return rows, reference or {}
-    for rate in sorted(float(r) for r in rates):
+    ordered = sorted(float(r) for r in rates)
+    video_ids = {it.sample.id for it in videos}
+    for rate in ordered:
         keep = reference is None
-        result = evaluate_model(
-            loaded,
-            videos,
-            reference=reference,
-            keep_spans=keep,
-            evs_rate=rate,
-            max_new_tokens=max_new_tokens,
-            topk=topk,
-        )
+        reused = _reusable(main, video_ids, rate, ordered[0], keep)
+        if reused is not None:
+            samples, spans = reused
+        else:
+            result = evaluate_model(
+                loaded,
+                videos,
+                reference=reference,
+                keep_spans=keep,
+                evs_rate=rate,
+                max_new_tokens=max_new_tokens,
+                topk=topk,
+            )
+            samples, spans = result.samples, result.spans
         if keep:
-            reference = result.spans
+            reference = spans
             # The reference scored against itself: exactly 0 KL and full agreement.
-            for s in result.samples:
+            for s in samples:
                 s.kl, s.top1 = 0.0, 1.0
-        tokens = sum(s.video_tokens or 0 for s in result.samples)
-        placeholders = sum(s.video_placeholders or 0 for s in result.samples)
+        tokens = sum(s.video_tokens or 0 for s in samples)
+        placeholders = sum(s.video_placeholders or 0 for s in samples)
         rows.append(
             {
                 "rate": rate,
-                "n": len(result.samples),
+                "n": len(samples),
                 "video_tokens": tokens,
                 "video_placeholders": placeholders,
                 "kept_fraction": tokens / placeholders if placeholders else None,
-                "accuracy": _mean([s.score for s in result.samples]),
-                "kl_mean": _mean([s.kl for s in result.samples]),
-                "top1_agreement": _mean([s.top1 for s in result.samples]),
+                "accuracy": _mean([s.score for s in samples]),
+                "kl_mean": _mean([s.kl for s in samples]),
+                "top1_agreement": _mean([s.top1 for s in samples]),
             }
         )
     return rows, reference
+
+
+def _reusable(main, video_ids: set[str], rate: float, lowest: float, keep: bool):
+    """``(samples, spans)`` of ``main``'s video samples if they ran at ``rate`` and
+    ``rate`` is the sweep's reference rate; else ``None``."""
+    if main is None or rate != lowest:
+        return None
+    samples = [s for s in main.samples if s.id in video_ids]
+    if len(samples) != len(video_ids) or any(s.evs_rate != rate for s in samples):
+        return None
+    if keep and not video_ids <= set(main.spans):
+        return None
+    spans = {i: main.spans[i] for i in video_ids} if keep else {}
+    return samples, spans

@@ -273,9 +273,13 @@ def build_report(
         f"baseline {base_info['name']}: {len(items)} samples at {base_eval.samples_per_s:.2f} samples/s"
     )
     base_evs, evs_reference = evs_sweep(
-        loaded, items, rates, max_new_tokens=max_new_tokens, topk=topk
+        loaded, items, rates, max_new_tokens=max_new_tokens, topk=topk, main=base_eval
     )
     base_info["evs"] = base_evs
+    # A candidate's main evaluation doubles as its lowest-rate sweep row only when its
+    # KL was taken against that same reference: the baseline's main run at that rate.
+    base_rates = {s.evs_rate for s in base_eval.samples}
+    reuse_main = bool(rates) and base_rates == {min(rates)}
     del loaded
     gc.collect()
     spans = base_eval.spans
@@ -295,7 +299,8 @@ def build_report(
         info["evaluation"] = _evaluation_block(ev, load_s)
         say(f"candidate {info['name']}: {ev.samples_per_s:.2f} samples/s")
         info["evs"], _ = evs_sweep(
-            loaded, items, rates, reference=evs_reference, max_new_tokens=max_new_tokens, topk=topk
+            loaded, items, rates, reference=evs_reference, max_new_tokens=max_new_tokens,
+            topk=topk, main=ev if reuse_main else None,
         )
         del loaded
         gc.collect()
