@@ -1,0 +1,112 @@
+"""Build the untrained demo model and its tokenizer (used by ``scripts/train_demo.py``).
+
+Policy: the demo model is built exactly as ``omniquant.tiny`` builds its tiny models
+(``tiny_config_dict``, the same placeholder tokens and special-token ids, routers with a
+non-zero ``e_score_correction_bias``, ``architectures`` set), only wider, and with a BPE
+tokenizer trained on the demo tasks' own text so that every answer is one or two tokens.
+Every block type of the real model is present: Mamba2, MoE with routed + shared experts,
+attention, RADIO vision with the Conv3D video embedder, Parakeet audio, both projectors.
+Every linear input width of the backbone divides by 16 (NVFP4 blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from omniquant.tiny import (
+    _HYBRID,
+    AUDIO_TOKEN,
+    IMAGE_TOKEN,
+    SPECIAL_TOKENS,
+    VIDEO_TOKEN,
+    TinySize,
+    _randomize_router_bias,
+    tiny_config_dict,
+)
+
+#: The demo model's widths: hidden 128, the tiny hybrid layer pattern (Mamba at 0, 2, 6;
+#: attention at 4; MoE at 1, 3, 5, 7), 8 routed experts of width 64 + 1 shared expert,
+#: a 2-layer RADIO (width 64) and a 2-layer Parakeet (width 64). About 1.7 M parameters.
+DEMO_SIZE = TinySize(
+    hidden=128, layers=_HYBRID, experts=8, expert_width=64, mamba_heads=8,
+    vision_hidden=64, vision_layers=2, audio_hidden=64, audio_layers=2, vocab_merges=400,
+)  # fmt: skip
+
+
+def build_demo_tokenizer(corpus: Iterable[str], merges: int = DEMO_SIZE.vocab_merges):
+    """Byte-level BPE with the omni placeholder tokens, merges learnt from ``corpus``.
+
+    Same construction as ``omniquant.tiny.build_tokenizer`` (special tokens first, so
+    ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2); only the merge corpus differs. Deterministic for
+    a given corpus.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + len(SPECIAL_TOKENS) + merges,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={
+            "image_token": IMAGE_TOKEN,
+            "video_token": VIDEO_TOKEN,
+            "audio_token": AUDIO_TOKEN,
+        },
+    )
+
+
+def build_demo_model(tokenizer, seed: int = 0, size: TinySize = DEMO_SIZE):
+    """A seeded, untrained demo model in float32 (train in float32, save in BF16)."""
+    import torch
+    from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3_Config,
+    )
+    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3,
+    )
+
+    kwargs = tiny_config_dict(size)
+    kwargs["text_config"]["vocab_size"] = len(tokenizer)
+    config = NemotronH_Omni_Reasoning_V3_Config(
+        **kwargs,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
+    )
+    # modelopt's exporter and serving loaders both need architectures set.
+    config.architectures = ["NemotronH_Omni_Reasoning_V3"]
+    torch.manual_seed(seed)
+    model = NemotronH_Omni_Reasoning_V3(config)
+    _reinit_audio_convolutions(model)
+    _randomize_router_bias(model, seed)
+    return model.float()
+
+
+def _reinit_audio_convolutions(model) -> None:
+    """Give the Parakeet convolutions PyTorch's fan-in scaled init.
+
+    transformers initialises every weight from N(0, 0.02) (harmless for a checkpoint that
+    is loaded, not trained). The subsampling stack's convolutions have fan-ins of 9 to 16,
+    so six of them shrink the signal by ~1e-6 and the LayerNorm that follows turns that
+    into gradients of ~1e5, which (through global gradient clipping) stalls training of
+    the whole model.
+    """
+    from torch import nn
+
+    for module in model.audio_tower.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) or (
+            isinstance(module, nn.Linear) and module is model.audio_tower.subsampling.linear
+        ):
+            module.reset_parameters()
