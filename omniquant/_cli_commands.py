@@ -82,10 +82,9 @@ def recipes_list(ctx: typer.Context) -> None:
         return
     from omniquant.recipe import builtin_recipes, load_recipe
 
-    console = _console()
     for name, path in builtin_recipes().items():
         rec, _ = load_recipe(path)
-        console.print(f"{name:<20} {rec.metadata.description}", markup=False)
+        typer.echo(f"{name:<20} {rec.metadata.description}")
 
 
 @recipes_app.command("show")

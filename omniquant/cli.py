@@ -82,4 +82,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # Run through the imported module: commands register on omniquant.cli.app, which
+    # is not this __main__ module's app.
+    from omniquant.cli import main as _main
+
+    sys.exit(_main())
