@@ -172,11 +172,11 @@ def build_tokenizer(merges: int = 200):
     )
 
 
-def build_tiny_model(seed: int = 0, size: str = "tiny"):
-    """Build a seeded random omni model and its tokenizer (in memory, BF16).
+def build_omni_model(spec: TinySize, tokenizer, seed: int = 0):
+    """A seeded random ``nemotron_h_omni`` of widths ``spec`` for ``tokenizer`` (float32).
 
-    Returns:
-        ``(model, tokenizer)``.
+    The placeholder token ids come from the tokenizer; the router correction bias is
+    made non-zero so the bias path of the real router is exercised.
     """
     import torch
     from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
@@ -186,8 +186,6 @@ def build_tiny_model(seed: int = 0, size: str = "tiny"):
         NemotronH_Omni_Reasoning_V3,
     )
 
-    spec = SIZES[size]
-    tokenizer = build_tokenizer(spec.vocab_merges)
     kwargs = tiny_config_dict(spec)
     kwargs["text_config"]["vocab_size"] = len(tokenizer)
     config = NemotronH_Omni_Reasoning_V3_Config(
@@ -201,8 +199,21 @@ def build_tiny_model(seed: int = 0, size: str = "tiny"):
     torch.manual_seed(seed)
     model = NemotronH_Omni_Reasoning_V3(config)
     _randomize_router_bias(model, seed)
-    model = model.to(torch.bfloat16).eval()
-    return model, tokenizer
+    return model
+
+
+def build_tiny_model(seed: int = 0, size: str = "tiny"):
+    """Build a seeded random omni model and its tokenizer (in memory, BF16).
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    import torch
+
+    spec = SIZES[size]
+    tokenizer = build_tokenizer(spec.vocab_merges)
+    model = build_omni_model(spec, tokenizer, seed)
+    return model.to(torch.bfloat16).eval(), tokenizer
 
 
 def _randomize_router_bias(model, seed: int) -> None:

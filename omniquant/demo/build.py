@@ -20,8 +20,7 @@ from omniquant.tiny import (
     SPECIAL_TOKENS,
     VIDEO_TOKEN,
     TinySize,
-    _randomize_router_bias,
-    tiny_config_dict,
+    build_omni_model,
 )
 
 #: The demo model's widths: hidden 128, the tiny hybrid layer pattern (Mamba at 0, 2, 6;
@@ -69,28 +68,8 @@ def build_demo_tokenizer(corpus: Iterable[str], merges: int = DEMO_SIZE.vocab_me
 
 def build_demo_model(tokenizer, seed: int = 0, size: TinySize = DEMO_SIZE):
     """A seeded, untrained demo model in float32 (train in float32, save in BF16)."""
-    import torch
-    from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
-        NemotronH_Omni_Reasoning_V3_Config,
-    )
-    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
-        NemotronH_Omni_Reasoning_V3,
-    )
-
-    kwargs = tiny_config_dict(size)
-    kwargs["text_config"]["vocab_size"] = len(tokenizer)
-    config = NemotronH_Omni_Reasoning_V3_Config(
-        **kwargs,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
-        audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
-    )
-    # modelopt's exporter and serving loaders both need architectures set.
-    config.architectures = ["NemotronH_Omni_Reasoning_V3"]
-    torch.manual_seed(seed)
-    model = NemotronH_Omni_Reasoning_V3(config)
+    model = build_omni_model(size, tokenizer, seed)
     _reinit_audio_convolutions(model)
-    _randomize_router_bias(model, seed)
     return model.float()
 
 
