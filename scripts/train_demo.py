@@ -202,12 +202,17 @@ def main(argv: list[str] | None = None) -> None:
     # and does not recover within the budget; 2.5e-4 learns every task.
     parser.add_argument("--lr", type=float, default=2.5e-4)
     parser.add_argument("--per-task", type=int, help="training samples of every task (default: TRAIN_SAMPLES)")
+    parser.add_argument("--samples", action="append", default=[], metavar="TASK=N",
+                        help="training samples of one task (repeatable; overrides --per-task)")  # fmt: skip
     parser.add_argument("--val-per-task", type=int, default=24, help="held-out training-distribution samples")
-    parser.add_argument("--train-dir", type=Path, help="keep the generated training split here")
+    parser.add_argument("--train-dir", type=Path,
+                        help="keep the generated training split (and a resumable state) here; "
+                             "rerunning the same command resumes an interrupted run")  # fmt: skip
     parser.add_argument("--tasks-dir", type=Path, default=REPO / "tasks" / "omni-demo")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--log-every", type=int, default=25)
-    parser.add_argument("--val-every", type=int, default=250)
+    parser.add_argument("--log-every", type=int, default=200)
+    parser.add_argument("--val-every", type=int, default=1000)
+    parser.add_argument("--save-every", type=int, default=500, help="steps between resumable states")
     parser.add_argument("--min-accuracy", type=float, default=0.9)
     args = parser.parse_args(argv)
 
@@ -226,7 +231,14 @@ def main(argv: list[str] | None = None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="omni-demo-train-"))
     train_dir = args.train_dir or tmp / "train"
-    sizes = {task: (args.per_task or TRAIN_SAMPLES[task]) + args.val_per_task for task in data.TASKS}
+    overrides = {}
+    for item in args.samples:
+        task, _, count = item.partition("=")
+        if task not in data.TASKS or not count.isdigit():
+            parser.error(f"--samples {item!r}: use TASK=N with TASK one of {', '.join(data.TASKS)}")
+        overrides[task] = int(count)
+    sizes = {task: overrides.get(task, args.per_task or TRAIN_SAMPLES[task]) + args.val_per_task
+             for task in data.TASKS}  # fmt: skip
     lines = []
     for task, size in sizes.items():  # one directory per task: sizes differ
         task_dir = train_dir / task
@@ -297,10 +309,24 @@ def main(argv: list[str] | None = None) -> None:
 
     rng = random.Random(args.seed)
     order = {task: [] for task in tasks}
-    running = {}
+    running: dict[str, float] = {}
+    first_step, seconds_before = 0, 0.0
+    # A resumable state every --save-every steps: the machines are shared and a long run
+    # can be killed. Resuming restores model, optimizer, sampler and RNG state exactly.
+    state_path = train_dir / "train_state.pt"
+    run_key = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr, "sizes": sizes}
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        if state["run_key"] == run_key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            rng.setstate(state["rng"])
+            order, running = state["order"], state["running"]
+            first_step, seconds_before = state["step"], state["seconds"]
+            print(f"[resume] from step {first_step} ({state_path})", flush=True)
     train_mode()
-    t_train = time.time()
-    for step in range(args.steps):
+    t_train = time.time() - seconds_before
+    for step in range(first_step, args.steps):
         # Even steps go round the tasks; odd steps pick a task in proportion to its
         # running loss, so the hard tasks get the spare steps.
         if step % 2 == 0 or len(running) < len(tasks):
@@ -328,7 +354,14 @@ def main(argv: list[str] | None = None) -> None:
         if (step + 1) % args.val_every == 0 or step + 1 == args.steps:
             acc = validate()
             print(f"[val] step {step + 1}: " + " ".join(f"{t}={a:.2f}" for t, a in acc.items()), flush=True)
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            state = {"run_key": run_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "rng": rng.getstate(), "order": order, "running": running, "step": step + 1,
+                     "seconds": time.time() - t_train}  # fmt: skip
+            torch.save(state, state_path.with_suffix(".tmp"))
+            state_path.with_suffix(".tmp").replace(state_path)
     train_seconds = time.time() - t_train
+    state_path.unlink(missing_ok=True)
 
     save_checkpoint(model, tokenizer, args.out)
     print(f"[save] BF16 checkpoint in {args.out}", flush=True)
