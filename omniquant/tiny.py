@@ -12,6 +12,7 @@ is seeded: the same seed gives byte-identical files.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,11 +140,12 @@ def tiny_config_dict(size: TinySize) -> dict[str, Any]:
     }
 
 
-def build_tokenizer(merges: int = 200):
+def build_tokenizer(merges: int = 200, corpus: Iterable[str] | None = None):
     """Build the byte-level BPE tokenizer with the omni placeholder tokens.
 
     Special tokens get ids 0..len(SPECIAL_TOKENS)-1, so ``<pad>`` is 0, ``<s>`` 1
-    and ``</s>`` 2, matching the text config.
+    and ``</s>`` 2, matching the text config. Merges are learnt from ``corpus``
+    (default: a fixed built-in corpus); deterministic for a given corpus.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -157,7 +159,8 @@ def build_tokenizer(merges: int = 200):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
+    corpus = [_TOKENIZER_CORPUS] * 4 if corpus is None else list(corpus)
+    tok.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",

@@ -15,12 +15,9 @@ from collections.abc import Iterable
 
 from omniquant.tiny import (
     _HYBRID,
-    AUDIO_TOKEN,
-    IMAGE_TOKEN,
-    SPECIAL_TOKENS,
-    VIDEO_TOKEN,
     TinySize,
     build_omni_model,
+    build_tokenizer,
 )
 
 #: The demo model's widths: hidden 128, the tiny hybrid layer pattern (Mamba at 0, 2, 6;
@@ -35,35 +32,11 @@ DEMO_SIZE = TinySize(
 def build_demo_tokenizer(corpus: Iterable[str], merges: int = DEMO_SIZE.vocab_merges):
     """Byte-level BPE with the omni placeholder tokens, merges learnt from ``corpus``.
 
-    Same construction as ``omniquant.tiny.build_tokenizer`` (special tokens first, so
+    ``omniquant.tiny.build_tokenizer`` (special tokens first, so
     ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2); only the merge corpus differs. Deterministic for
     a given corpus.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=256 + len(SPECIAL_TOKENS) + merges,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(corpus), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        extra_special_tokens={
-            "image_token": IMAGE_TOKEN,
-            "video_token": VIDEO_TOKEN,
-            "audio_token": AUDIO_TOKEN,
-        },
-    )
+    return build_tokenizer(merges, corpus)
 
 
 def build_demo_model(tokenizer, seed: int = 0, size: TinySize = DEMO_SIZE):
