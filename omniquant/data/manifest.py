@@ -206,27 +206,14 @@ def validate_manifest(path: str | Path, skip_bad: bool = False) -> ValidatedMani
             manifest path, line number, media path and reason. With ``skip_bad``, only
             when no good line is left.
     """
-    from omniquant.data import media
-
-    checkers = {"image": media.check_image, "video": media.check_video, "audio": media.check_audio}
     file = manifest_file(path)
     entries, problems = _parse(file)
     total = len(entries) + len(problems)
     good: list[ManifestEntry] = []
     for entry in entries:
-        found: list[tuple[str, str]] = []
-        for kind, rels in (
-            ("image", entry.images),
-            ("video", (entry.video,) if entry.video else ()),
-            ("audio", entry.audio),
-        ):
-            for rel in rels:
-                try:
-                    checkers[kind](entry.resolve(rel))
-                except media.MediaError as err:
-                    found.append((rel, err.reason))
+        found = media_problems(entry)
         if found:
-            problems.append(_bad_line(entry.line, entry.id, found))
+            problems.append(line_problem(entry.line, entry.id, found))
         else:
             good.append(entry)
     problems.sort(key=lambda p: p[0].line)
@@ -242,56 +229,120 @@ def validate_manifest(path: str | Path, skip_bad: bool = False) -> ValidatedMani
 
 
 # A problem is (BadLine, sample id or None when the line could not be parsed).
-_Problem = tuple[BadLine, "str | None"]
+Problem = tuple[BadLine, "str | None"]
+
+MANIFEST_FIELDS = (
+    "id",
+    "prompt",
+    "image",
+    "images",
+    "video",
+    "video_fps",
+    "video_frames",
+    "audio",
+    "answer",
+)
 
 
-def _bad_line(line: int, sample_id: str | None, found: list[tuple[str | None, str]]) -> _Problem:
+def line_problem(line: int, sample_id: str | None, found: list[tuple[str | None, str]]) -> Problem:
+    """One ``Problem`` for a line from its ``(media path or None, reason)`` findings."""
     path, reason = found[0]
     rest = [f"{p}: {r}" if p else r for p, r in found[1:]]
     return BadLine(line, path, "; ".join([reason, *rest])), sample_id
 
 
-def _parse(file: Path) -> tuple[list[ManifestEntry], list[_Problem]]:
-    entries: list[ManifestEntry] = []
-    problems: list[_Problem] = []
+def media_problems(entry: ManifestEntry) -> list[tuple[str | None, str]]:
+    """``(media path, reason)`` for every media file of ``entry`` that does not decode."""
+    from omniquant.data import media
+
+    checkers = {"image": media.check_image, "video": media.check_video, "audio": media.check_audio}
+    found: list[tuple[str | None, str]] = []
+    for kind, rels in (
+        ("image", entry.images),
+        ("video", (entry.video,) if entry.video else ()),
+        ("audio", entry.audio),
+    ):
+        for rel in rels:
+            try:
+                checkers[kind](entry.resolve(rel))
+            except media.MediaError as err:
+                found.append((rel, err.reason))
+    return found
+
+
+def parse_lines(
+    file: Path, model: type[ManifestEntry], allowed: tuple[str, ...], what: str
+) -> tuple[list, list[Problem]]:
+    """Parse a JSON-lines sample file into ``model`` entries, collecting every bad line.
+
+    Shared by calibration manifests and task sets: bad JSON, a non-object line, the
+    reserved keys ``root``/``line``, schema errors (unknown fields listed with
+    ``allowed``) and duplicate ids are problems; media are not decoded here.
+
+    Args:
+        file: The ``.jsonl`` file; media paths are relative to its directory.
+        model: The entry schema (``ManifestEntry`` or a subclass).
+        allowed: Field names shown in "unknown field" messages.
+        what: How errors name the file ("Calibration manifest", "Task set").
+
+    Raises:
+        DataError: The file cannot be read.
+    """
+    entries: list = []
+    problems: list[Problem] = []
     seen: dict[str, int] = {}
     root = file.parent.resolve()
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"Calibration manifest {file}: cannot read it: {err}") from err
+        raise DataError(f"{what} {file}: cannot read it: {err}") from err
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         try:
             data = json.loads(raw)
         except json.JSONDecodeError as err:
-            problems.append(_bad_line(number, None, [(None, f"bad JSON: {err}")]))
+            problems.append(line_problem(number, None, [(None, f"bad JSON: {err}")]))
             continue
         if not isinstance(data, dict):
-            problems.append(_bad_line(number, None, [(None, "a line must be a JSON object")]))
+            problems.append(line_problem(number, None, [(None, "a line must be a JSON object")]))
             continue
+        sample_id = data["id"] if isinstance(data.get("id"), str) else None
         reserved = sorted({"root", "line"} & data.keys())
         if reserved:
-            problems.append(
-                _bad_line(number, None, [(None, f"unknown field(s) {', '.join(reserved)}")])
-            )
+            reason = f"unknown field(s) {', '.join(reserved)} (allowed: {', '.join(allowed)})"
+            problems.append(line_problem(number, sample_id, [(None, reason)]))
             continue
         try:
-            entry = ManifestEntry.model_validate({**data, "root": root, "line": number})
+            entry = model.model_validate({**data, "root": root, "line": number})
         except ValidationError as err:
-            problems.append(_bad_line(number, data.get("id"), [(None, _pydantic_reason(err))]))
+            reason = _pydantic_reason(err, allowed)
+            problems.append(line_problem(number, sample_id, [(None, reason)]))
             continue
         if entry.id in seen:
             reason = f"duplicate id {entry.id!r} (first on line {seen[entry.id]})"
-            problems.append(_bad_line(number, entry.id, [(None, reason)]))
+            problems.append(line_problem(number, entry.id, [(None, reason)]))
             continue
         seen[entry.id] = number
         entries.append(entry)
     return entries, problems
 
 
-def _pydantic_reason(err: ValidationError) -> str:
+def format_problems(what: str, file: Path, problems: list[Problem], total: int, tail: str) -> str:
+    """One error text: a header counting bad lines, one line each, then ``tail`` (the fix)."""
+    lines = [f"{what} {file}: {len(problems)} of {total} samples are bad:"]
+    for bad, sample_id in sorted(problems, key=lambda p: p[0].line):
+        who = f"line {bad.line}" + (f" (id {sample_id!r})" if sample_id else "")
+        lines.append(f"  {who}: {bad.path}: {bad.reason}" if bad.path else f"  {who}: {bad.reason}")
+    lines.append(tail)
+    return "\n".join(lines)
+
+
+def _parse(file: Path) -> tuple[list[ManifestEntry], list[Problem]]:
+    return parse_lines(file, ManifestEntry, MANIFEST_FIELDS, "Calibration manifest")
+
+
+def _pydantic_reason(err: ValidationError, allowed: tuple[str, ...]) -> str:
     parts = []
     for item in err.errors():
         where = ".".join(str(x) for x in item["loc"])
@@ -299,8 +350,7 @@ def _pydantic_reason(err: ValidationError) -> str:
         if item["type"] == "missing":
             parts.append(f"missing field {where!r}")
         elif item["type"] == "extra_forbidden":
-            allowed = "id, prompt, image, images, video, video_fps, video_frames, audio, answer"
-            parts.append(f"unknown field {where!r} (allowed: {allowed})")
+            parts.append(f"unknown field {where!r} (allowed: {', '.join(allowed)})")
         elif where:
             parts.append(f"field {where!r}: {message} (got {item.get('input')!r})")
         else:
@@ -308,12 +358,11 @@ def _pydantic_reason(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _format_problems(file: Path, problems: list[_Problem], total: int, tail: str = "") -> str:
-    lines = [f"Calibration manifest {file}: {len(problems)} of {total} samples are bad:"]
-    for bad, sample_id in problems:
-        who = f"line {bad.line}" + (f" (id {sample_id!r})" if sample_id else "")
-        lines.append(f"  {who}: {bad.path}: {bad.reason}" if bad.path else f"  {who}: {bad.reason}")
-    lines.append(
-        tail or "Fix or remove these lines, or skip them (--skip-bad, or skip_bad=True in Python)."
+def _format_problems(file: Path, problems: list[Problem], total: int, tail: str = "") -> str:
+    return format_problems(
+        "Calibration manifest",
+        file,
+        problems,
+        total,
+        tail or "Fix or remove these lines, or skip them (--skip-bad, or skip_bad=True in Python).",
     )
-    return "\n".join(lines)

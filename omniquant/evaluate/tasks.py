@@ -33,15 +33,20 @@ same name as a shipped set as a path (``./omni-smoke``) to use it instead.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from omniquant.data.locate import SetLocator
-from omniquant.data.manifest import ManifestEntry
+from omniquant.data.manifest import (
+    ManifestEntry,
+    format_problems,
+    line_problem,
+    media_problems,
+    parse_lines,
+)
 from omniquant.errors import DataError
 
 if TYPE_CHECKING:
@@ -170,81 +175,36 @@ def validate_task_set(name_or_dir: str | Path) -> list[TaskEntry]:
         DataError: Unknown set, no samples, or one error listing every bad line (file,
             line number, id, media path and what to fix).
     """
-    from omniquant.data import media
-
     root = resolve_task_set(name_or_dir)
     file = root / TASKS_NAME
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"Task set {file}: cannot read it: {err}") from err
-    checkers = {"image": media.check_image, "video": media.check_video, "audio": media.check_audio}
-    entries: list[TaskEntry] = []
-    problems: list[str] = []
-    seen: dict[str, int] = {}
+    what = "Task set"
+    entries, problems = parse_lines(file, TaskEntry, _ALLOWED, what)
+    total = len(entries) + len(problems)
+    good: list[TaskEntry] = []
     metric_of_task: dict[str, tuple[str, int]] = {}
-    total = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        total += 1
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as err:
-            problems.append(f"line {number}: bad JSON: {err}")
-            continue
-        if not isinstance(data, dict):
-            problems.append(f"line {number}: a line must be a JSON object")
-            continue
-        who = f"line {number}" + (
-            f" (id {data['id']!r})" if isinstance(data.get("id"), str) else ""
-        )
-        reserved = sorted({"root", "line"} & data.keys())
-        if reserved:
-            problems.append(
-                f"{who}: unknown field(s) {', '.join(reserved)} (allowed: {', '.join(_ALLOWED)})"
-            )
-            continue
-        try:
-            entry = TaskEntry.model_validate({**data, "root": root, "line": number})
-        except ValidationError as err:
-            problems.append(f"{who}: {_pydantic_reason(err)}")
-            continue
-        if entry.id in seen:
-            problems.append(f"{who}: duplicate id {entry.id!r} (first on line {seen[entry.id]})")
-            continue
-        seen[entry.id] = number
-        first = metric_of_task.setdefault(entry.task, (entry.metric, number))
+    for entry in entries:
+        first = metric_of_task.setdefault(entry.task, (entry.metric, entry.line))
         if first[0] != entry.metric:
-            problems.append(
-                f"{who}: task {entry.task!r} uses metric {first[0]!r} on line {first[1]} but "
+            reason = (
+                f"task {entry.task!r} uses metric {first[0]!r} on line {first[1]} but "
                 f"{entry.metric!r} here; one task has one metric (rename one of the tasks)"
             )
+            problems.append(line_problem(entry.line, entry.id, [(None, reason)]))
             continue
-        bad_media = []
-        for kind, rels in (
-            ("image", entry.images),
-            ("video", (entry.video,) if entry.video else ()),
-            ("audio", entry.audio),
-        ):
-            for rel in rels:
-                try:
-                    checkers[kind](entry.resolve(rel))
-                except media.MediaError as err:
-                    bad_media.append(f"{rel}: {err.reason}")
-        if bad_media:
-            problems.append(f"{who}: " + "; ".join(bad_media))
+        found = media_problems(entry)
+        if found:
+            problems.append(line_problem(entry.line, entry.id, found))
             continue
-        entries.append(entry)
+        good.append(entry)
     if problems:
-        listing = "\n  ".join(problems)
         raise DataError(
-            f"Task set {file}: {len(problems)} of {total} samples are bad:\n  {listing}\n"
-            "Fix or remove these lines (format: tasks/README.md)."
+            format_problems(
+                what, file, problems, total, "Fix or remove these lines (format: tasks/README.md)."
+            )
         )
-    if not entries:
+    if not good:
         raise DataError(f"Task set {file} has no samples.")
-    return entries
+    return good
 
 
 def prepare_task_items(processor: OmniProcessor, entries: list[TaskEntry]) -> list[TaskItem]:
@@ -271,19 +231,3 @@ def prepare_task_items(processor: OmniProcessor, entries: list[TaskEntry]) -> li
             choice_ids.append(torch.tensor([ids], dtype=torch.long))
         items.append(TaskItem(entry=entry, sample=sample, choice_ids=choice_ids))
     return items
-
-
-def _pydantic_reason(err: ValidationError) -> str:
-    parts = []
-    for item in err.errors():
-        where = ".".join(str(x) for x in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "missing":
-            parts.append(f"missing field {where!r}")
-        elif item["type"] == "extra_forbidden":
-            parts.append(f"unknown field {where!r} (allowed: {', '.join(_ALLOWED)})")
-        elif where:
-            parts.append(f"field {where!r}: {message} (got {item.get('input')!r})")
-        else:
-            parts.append(message)
-    return "; ".join(parts)
