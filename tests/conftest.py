@@ -18,6 +18,19 @@ def requires_sm(min_sm: int):
     return pytest.mark.skipif(_sm() < min_sm, reason=f"needs a CUDA GPU with SM >= {min_sm}")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny models: thread start-up dominates, and on a shared 2-core machine oversubscribed
+    OpenMP threads make each forward ~100x slower. Restored after the module.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny random nemotron_h_omni checkpoint (seed 0), shared by the session. Read-only."""

@@ -26,14 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tasks" / "omni-smoke"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: thread start-up dominates, and on a shared 2-core machine oversubscribed
-    # OpenMP threads make each forward ~100x slower. Restored for the rest of the session.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ task sets

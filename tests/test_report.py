@@ -50,14 +50,7 @@ MODEL_FIELDS = {
 FAST = {"max_new_tokens": 3, "bootstrap": 200}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # See tests/test_evaluate.py: tiny models on a shared 2-core machine run ~100x faster
-    # single-threaded. Restored for the rest of the session.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,19 @@ def _y_axis(
     return out
 
 
+def _xy_layout(
+    n_series: int, colors: list[str] | None, width: int, height: int, bottom: int
+) -> tuple[list[str], int, int, int, int, int]:
+    """Series colours and the plot box of an x/y chart with a legend on the right.
+
+    Returns ``(colors, legend_w, left, top, plot_w, plot_h)``; ``bottom`` is the room
+    left under the plot for the category or x-axis labels.
+    """
+    colors = colors or [PALETTE[i % len(PALETTE)] for i in range(n_series)]
+    legend_w, left, top = 150, 56, 34
+    return colors, legend_w, left, top, width - left - legend_w - 10, height - top - bottom
+
+
 def bar_chart(
     categories: list[str],
     series: list[tuple[str, list[float | None]]],
@@ -103,10 +116,7 @@ def bar_chart(
     ``colors`` gives each series its colour (default: the palette in order), so one
     model keeps its colour across charts.
     """
-    colors = colors or [PALETTE[i % len(PALETTE)] for i in range(len(series))]
-    legend_w = 150
-    left, top, bottom = 56, 34, 70
-    plot_w, plot_h = width - left - legend_w - 10, height - top - bottom
+    colors, legend_w, left, top, plot_w, plot_h = _xy_layout(len(series), colors, width, height, 70)
     values = [v for _, vals in series for v in vals if v is not None]
     y_max = y_max if y_max is not None else nice_max(max(values, default=0.0))
     out = _open(width, height, title) + _y_axis(left, top, plot_h, plot_w, y_max, y_label)
@@ -198,10 +208,7 @@ def line_chart(
     colors: list[str] | None = None,
 ) -> str:
     """Lines with labelled points: ``series`` is ``[(name, [(x, y, point label), ...])]``."""
-    colors = colors or [PALETTE[i % len(PALETTE)] for i in range(len(series))]
-    legend_w = 150
-    left, top, bottom = 56, 34, 50
-    plot_w, plot_h = width - left - legend_w - 10, height - top - bottom
+    colors, legend_w, left, top, plot_w, plot_h = _xy_layout(len(series), colors, width, height, 50)
     xs = [x for _, pts in series for x, _, _ in pts]
     ys = [y for _, pts in series for _, y, _ in pts if y is not None]
     x_max = nice_max(max(xs, default=0.0))
