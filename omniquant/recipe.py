@@ -114,8 +114,10 @@ class Recipe(_Strict):
 
 
 def builtin_recipe_dir() -> Path:
-    """The repository's ``recipes/`` directory (the package is installed from a checkout)."""
-    return Path(__file__).resolve().parent.parent / "recipes"
+    """The shipped ``recipes/`` directory (checkout or wheel, see ``omniquant.shipped``)."""
+    from omniquant.shipped import shipped_dir
+
+    return shipped_dir("recipes")
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -140,7 +142,9 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
     )
 
 
-def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, Path]:
+def load_recipe(
+    name_or_path: str | Path, overrides: list[str] | None = None
+) -> tuple[Recipe, Path]:
     """Load, override and validate a recipe.
 
     Args:
@@ -211,7 +215,9 @@ def _allowed_fields(loc: tuple, data: dict) -> list[str]:
         ann = field.annotation
         inner = getattr(ann, "__args__", None)
         candidates = [ann, *(inner or ())]
-        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        nxt = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
         if nxt is None:
             return []
         model = nxt
@@ -232,7 +238,11 @@ def _format_validation_error(path: Path, exc: ValidationError, data: dict) -> st
         elif err["type"] == "missing":
             lines.append(f"  {where}: required field is missing")
         else:
-            shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else "..."
+            shown = (
+                json.dumps(value)
+                if isinstance(value, (str, int, float, bool, type(None)))
+                else "..."
+            )
             lines.append(f"  {where}: bad value {shown}: {err['msg']}")
     return "\n".join(lines)
 

@@ -4,10 +4,9 @@ Policy (one rule for every kind of set):
     1. A name of a shipped set resolves to ``<root>/<name>``. Write a local directory
        of the same name as a path (``./omni-mix``) to use it instead.
     2. Anything else must be a directory holding the set's index file.
-    3. The root is the environment variable's value when set, else the repository's
-       top-level directory of that kind next to the ``omniquant`` package. That is
-       where an editable install (``pip install -e .``) finds it; a plain wheel does not
-       carry these directories, so there set the variable or pass a directory.
+    3. The root is the environment variable's value when set, else the shipped
+       directory of that kind (``omniquant.shipped``: the checkout's top-level
+       directory for an editable install, the wheel's copy for a wheel).
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omniquant.errors import DataError
-
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+from omniquant.shipped import shipped_dir
 
 
 @dataclass(frozen=True)
@@ -41,7 +39,7 @@ class SetLocator:
 
     def root(self) -> Path:
         override = os.environ.get(self.env)
-        return Path(override) if override else _REPO_ROOT / self.dirname
+        return Path(override) if override else shipped_dir(self.dirname)
 
     def shipped(self) -> list[str]:
         """Names of the shipped sets, sorted."""

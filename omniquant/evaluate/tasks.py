@@ -25,10 +25,11 @@ no media); other media may accompany it (an image question asked by voice is
 ``modality: image`` with an ``audio`` file). All lines of one task share one metric.
 
 Lookup (``resolve_task_set``): a shipped name resolves to ``<tasks root>/<name>``, the
-tasks root being ``$OMNIQUANT_TASKS`` when set, else the repository's top-level
-``tasks/`` directory next to the ``omniquant`` package (editable installs); anything
-else must be a directory holding a ``tasks.jsonl``. Write a local directory of the
-same name as a shipped set as a path (``./omni-smoke``) to use it instead.
+tasks root being ``$OMNIQUANT_TASKS`` when set, else the shipped ``tasks/`` directory
+(``omniquant.shipped``: the checkout's for editable installs, the wheel's copy for
+wheels); anything else must be a directory holding a ``tasks.jsonl``. Write a local
+directory of the same name as a shipped set as a path (``./omni-smoke``) to use it
+instead.
 """
 
 from __future__ import annotations
