@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-import omniquant.demo as demo
+from omniquant import demo
 from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir, demo_training_record
 from omniquant.errors import ModelLoadError
 
@@ -85,7 +85,9 @@ def test_checkpoint_is_small_bf16_hub_layout_with_every_block_type():
 
 
 def test_loads_with_no_missing_or_unexpected_weights(loaded):
-    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import NemotronH_Omni_Reasoning_V3
+    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3,
+    )
 
     _, info = NemotronH_Omni_Reasoning_V3.from_pretrained(demo_model_dir(), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -97,11 +99,6 @@ def test_loads_with_no_missing_or_unexpected_weights(loaded):
     assert str(loaded.model.dtype) == "torch.bfloat16"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 6 target not met by the shipped weights: shape_count 0.875 (14/16) < 0.9; "
-    "strict, so this fails once retrained weights meet it and the marker must go",
-)
 def test_record_meets_the_target(record):
     """Issue 6: at least 90% on every evaluation task, BF16 weights, omniquant's evaluator."""
     from omniquant.evaluate import validate_task_set
