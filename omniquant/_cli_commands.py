@@ -199,6 +199,9 @@ def report_cmd(
     ] = 0.95,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy decoding budget per sample.")] = 16,
     force: Annotated[bool, typer.Option(help="Overwrite report files already in --out.")] = False,
+    baseline_name: Annotated[
+        str | None, typer.Option(help="Name of the baseline in the report (default: its directory).")
+    ] = None,
 ) -> None:
     """Evaluate exported checkpoints on omni tasks and write the quality-cliff report."""
     from omniquant.report import build_report
@@ -219,6 +222,7 @@ def report_cmd(
         max_new_tokens=max_new_tokens,
         force=force,
         log=say,
+        baseline_name=baseline_name,
     )
     say(
         f"{'model':<22}{'precision':<18}{'bits/w':>8}{'size MB':>10}{'accuracy':>10}"

@@ -18,6 +18,8 @@ from pathlib import Path
 from omniquant.errors import ExportError
 
 DEFAULT_RECIPES = ("fp8_omni", "nvfp4_omni", "nvfp4_aggressive")
+#: The report's name for the source checkpoint (the table's first column says the same).
+BASELINE_NAME = "bf16"
 
 
 @dataclass
@@ -87,7 +89,13 @@ def run_cliff(
         checkpoints[name] = res.out
     say("evaluating BF16 and candidates with serving numerics ...")
     report = build_report(
-        model_dir, list(checkpoints.values()), tasks, out / "report", sensitivity=sensitivity, log=say
+        model_dir,
+        list(checkpoints.values()),
+        tasks,
+        out / "report",
+        sensitivity=sensitivity,
+        log=say,
+        baseline_name=BASELINE_NAME,
     )
     return CliffResult(out=out, report=report, checkpoints=checkpoints, seconds=time.perf_counter() - t0)
 
@@ -96,7 +104,7 @@ def render_cliff_table(report: dict) -> str:
     """Accuracy per task for BF16 and each candidate, with recovery in parentheses."""
     base = report["baseline"]
     cands = report["candidates"]
-    names = ["bf16"] + [c["name"] for c in cands]
+    names = [base["name"]] + [c["name"] for c in cands]
     width = max(14, *(len(n) + 2 for n in names))
     lines = [f"{'task':<22}" + "".join(f"{n:>{width}}" for n in names)]
     for task, b in base["tasks"].items():

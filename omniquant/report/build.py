@@ -188,6 +188,7 @@ def build_report(
     max_new_tokens: int = 16,
     topk: int | None = None,
     sensitivity_calib: str = "synthetic",
+    baseline_name: str | None = None,
 ) -> dict:
     """Evaluate ``baseline`` and ``candidates`` on a task set and write the report.
 
@@ -209,6 +210,8 @@ def build_report(
         topk: Stored baseline distribution size (``None``: full vocabulary for
             vocabularies up to 32768 tokens, else the top 256).
         sensitivity_calib: Calibration set of the sensitivity probes.
+        baseline_name: How the report names the baseline (default: its directory name,
+            or its recipe when it is an omniquant export).
 
     Returns:
         The report as written to ``report.json``.
@@ -242,6 +245,8 @@ def build_report(
     task_dir = resolve_task_set(tasks)
     entries = validate_task_set(task_dir)
     base_info = describe_checkpoint(Path(baseline), "baseline")
+    if baseline_name:
+        base_info["name"] = baseline_name
     cand_infos = [describe_checkpoint(Path(c), "candidate") for c in candidates]
     _unique_names([base_info, *cand_infos])
     if sensitivity and base_info["precision"] != "BF16":
