@@ -34,7 +34,12 @@ from omniquant.errors import ExportError
 
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
 KV_SUFFIXES = ("k_scale", "v_scale")
-_SKIP_COPY = {"config.json", "hf_quant_config.json", "omniquant.json", "model.safetensors.index.json"}
+_SKIP_COPY = {
+    "config.json",
+    "hf_quant_config.json",
+    "omniquant.json",
+    "model.safetensors.index.json",
+}
 QUANT_ALGO = {"fp8": "FP8", "nvfp4": "NVFP4"}
 
 
@@ -118,8 +123,11 @@ def _modelopt_hub_state_dict(loaded) -> tuple[dict[str, torch.Tensor], dict]:
     from modelopt.torch.export.quant_aware_conversion import revert_weight_conversion_quant_aware
     from modelopt.torch.export.unified_export_hf import _export_transformers_checkpoint
 
+    from omniquant.heap import keep_heap_lean
+
     root_name = loaded.adapter.quant_root_name()
     root = getattr(loaded.model, root_name)
+    keep_heap_lean()  # per-weight temporaries go back to the OS when freed (omniquant/heap.py)
     with _single_rounding_fp8():
         post_sd, mo_config = _export_transformers_checkpoint(root, torch.bfloat16)
     hub_sd = revert_weight_conversion_quant_aware(root, dict(post_sd))
@@ -178,7 +186,9 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
         checksums[shard] = sha256_file(out / shard)
     if src.indexed:
         weight_map = {k: s for s, ts in shard_tensors.items() for k in ts}
-        total = sum(t.numel() * t.element_size() for ts in shard_tensors.values() for t in ts.values())
+        total = sum(
+            t.numel() * t.element_size() for ts in shard_tensors.values() for t in ts.values()
+        )
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -204,17 +214,25 @@ def build_hf_quant_config(src: SourceIndex, qmods: dict[str, str], plan, mo_conf
         with safe_open(src.path / shard, "pt") as fh:
             for k in fh.keys():
                 module, leaf = k.rsplit(".", 1)
-                if leaf == "weight" and module not in qmods and len(fh.get_slice(k).get_shape()) == 2:
+                if (
+                    leaf == "weight"
+                    and module not in qmods
+                    and len(fh.get_slice(k).get_shape()) == 2
+                ):
                     excluded.append(module)
     if len(formats) > 1:
         algo = "MIXED_PRECISION"
     elif formats:
         algo = QUANT_ALGO[formats[0]]
     else:
-        raise ExportError("the plan quantizes no module; nothing to export as a quantized checkpoint.")
+        raise ExportError(
+            "the plan quantizes no module; nothing to export as a quantized checkpoint."
+        )
     mo_algo = mo_config.get("quantization", {}).get("quant_algo")
     if mo_algo != algo:
-        raise ExportError(f"internal: modelopt reports quant_algo {mo_algo!r}, the plan implies {algo!r}.")
+        raise ExportError(
+            f"internal: modelopt reports quant_algo {mo_algo!r}, the plan implies {algo!r}."
+        )
     quant: dict = {
         "quant_algo": algo,
         "kv_cache_quant_algo": "FP8" if plan.kv_cache == "fp8" else None,
@@ -230,7 +248,10 @@ def build_hf_quant_config(src: SourceIndex, qmods: dict[str, str], plan, mo_conf
                 entry["group_size"] = 16
             layers[module] = entry
         quant["quantized_layers"] = layers
-    return {"producer": dict(mo_config.get("producer", {"name": "modelopt"})), "quantization": quant}
+    return {
+        "producer": dict(mo_config.get("producer", {"name": "modelopt"})),
+        "quantization": quant,
+    }
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

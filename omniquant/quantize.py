@@ -13,6 +13,7 @@ Policy:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -161,7 +162,10 @@ def quantize(
         written = _write_quiet(loaded, plan, tmp)
         manifest = {
             "format_version": 1,
-            "source": {"path": str(loaded.path), "model_type": loaded.config_dict.get("model_type")},
+            "source": {
+                "path": str(loaded.path),
+                "model_type": loaded.config_dict.get("model_type"),
+            },
             "recipe": {
                 "name": rec.metadata.name,
                 "path": str(recipe_path),
@@ -186,6 +190,10 @@ def quantize(
             shutil.rmtree(out)
         os.replace(tmp, out)
     say(f"wrote {out}")
+    # The quantized model sits in reference cycles (modelopt's quantizer modules): free
+    # it now, not at some later collection, so back-to-back runs (cliff) do not stack up.
+    del loaded, root
+    gc.collect()
     return QuantizeResult(out=out, manifest=manifest, plan_text=plan_text, warnings=warnings_out)
 
 
