@@ -192,7 +192,7 @@ def quantize(
     say(f"wrote {out}")
     # The quantized model sits in reference cycles (modelopt's quantizer modules): free
     # it now, not at some later collection, so back-to-back runs (cliff) do not stack up.
-    del loaded, root
+    loaded = root = None
     gc.collect()
     return QuantizeResult(out=out, manifest=manifest, plan_text=plan_text, warnings=warnings_out)
 
