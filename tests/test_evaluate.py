@@ -303,8 +303,9 @@ def test_evs_sweep_counts_video_tokens_at_the_backbone(loaded_and_items):
 
 
 def test_greedy_reuses_teacher_forced_logits_without_changing_the_answer(tiny_dir):
-    """Greedy decoding that starts from teacher-forced rows decodes exactly what a
-    step-by-step greedy loop decodes, whether the reference is right or wrong."""
+    """Greedy decoding that starts from teacher-forced rows and then decodes with the
+    model's cache gives exactly what a step-by-step greedy loop that re-runs the whole
+    sequence every step gives, whether the reference is right or wrong."""
     import torch
 
     from omniquant.data.synthetic import synthetic_samples
@@ -314,6 +315,11 @@ def test_greedy_reuses_teacher_forced_logits_without_changing_the_answer(tiny_di
     loaded = load_model(tiny_dir, dtype="float32")
     backbone, embed = loaded.model.language_model, loaded.model.get_input_embeddings()
     eos = loaded.tokenizer.eos_token_id
+    lengths: list[int] = []
+    hook = backbone.register_forward_pre_hook(
+        lambda _m, _a, kw: lengths.append(kw["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    cached_steps = 0
     for sample in synthetic_samples(loaded, 4, seed=3):
         with torch.no_grad():
             prefix = backbone_input(loaded, sample)
@@ -326,5 +332,13 @@ def test_greedy_reuses_teacher_forced_logits_without_changing_the_answer(tiny_di
             expected = loaded.tokenizer.decode(naive, skip_special_tokens=True).strip()
             for forced in (naive + [eos], naive[:2] + [7, eos], [5, eos]):
                 logits = _continue(backbone, embed, prefix, forced, len(forced) + 1)
+                lengths.clear()
                 got = _greedy(backbone, embed, prefix, logits, forced, eos, 6, loaded.tokenizer)
                 assert got == expected, (sample.id, forced)
+                if forced == [5, eos] and naive[:1] != [5]:
+                    # Off the reference after the first token (its logits are the forced
+                    # row 0): one pass over prompt + that token, then one token a step.
+                    assert lengths[0] == prefix.shape[1] + 1 and set(lengths[1:]) <= {1}
+                    cached_steps += len(lengths) - 1
+    hook.remove()
+    assert cached_steps >= 4  # the cached path really decoded several tokens

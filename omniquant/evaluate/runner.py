@@ -8,10 +8,11 @@ Policy:
   choice scoring) calls the backbone on those embeddings plus embedded text tokens,
   exactly what the omni forward would feed it, without re-running the encoders.
   Video tokens are counted at that same point, after EVS.
-- Greedy decoding has no KV cache: each step re-runs the backbone on the whole
-  sequence, so the emulated FP8 KV quantization (a hook on k/v projections) applies
-  exactly as in one serving pass. It stops at the tokenizer's EOS or after
-  ``max_new_tokens`` tokens.
+- Greedy decoding reuses the teacher-forced logits while it follows the reference,
+  then decodes with the model's cache (attention K/V, Mamba states), one token a
+  step. The emulated FP8 KV quantization is a hook on the k/v projections, so cached
+  K/V are the quantized ones, as in a serving engine's FP8 KV cache. It stops at the
+  tokenizer's EOS or after ``max_new_tokens`` tokens.
 - Fidelity is measured on the teacher-forced reference answer followed by EOS (see
   ``omniquant.evaluate.fidelity``); its first position also gives the first greedy
   token, so no pass is wasted.
@@ -234,8 +235,14 @@ def evaluate_model(
                     prediction = entry.choices[choose(choice_scores)]
                 else:
                     prediction = _greedy(
-                        backbone, embed, prefix, logits, span_ids[0].tolist(), eos,
-                        max_new_tokens, tokenizer,
+                        backbone,
+                        embed,
+                        prefix,
+                        logits,
+                        span_ids[0].tolist(),
+                        eos,
+                        max_new_tokens,
+                        tokenizer,
                     )
                 score, wer = score_sample(entry.metric, prediction, entry.answer)
 
@@ -262,7 +269,14 @@ def evaluate_model(
 
 
 def _greedy(
-    backbone, embed, prefix, forced_logits, forced_ids: list[int], eos, max_new_tokens: int, tokenizer
+    backbone,
+    embed,
+    prefix,
+    forced_logits,
+    forced_ids: list[int],
+    eos,
+    max_new_tokens: int,
+    tokenizer,
 ) -> str:
     """Greedy continuation of ``prefix``, decoded.
 
@@ -270,15 +284,30 @@ def _greedy(
     ``forced_ids[:i]``. While the greedy tokens equal the reference tokens, the
     greedy step's logits *are* those rows (same causal computation), so a forward
     is only run once decoding leaves the reference; a correct answer costs none.
+    Once it leaves, one pass over ``prefix`` + the tokens so far fills the model's
+    cache (attention K/V, Mamba conv and SSM states) and every further step feeds one
+    token, as a serving engine decodes.
     """
     generated: list[int] = []
     on_reference = True
+    cache = None
     while len(generated) < max_new_tokens:
         step = len(generated)
         if on_reference and step < forced_logits.shape[0]:
             step_logits = forced_logits[step]
         else:
-            step_logits = _continue(backbone, embed, prefix, generated, 1)[-1]
+            if cache is None:
+                ids = torch.tensor([generated], dtype=torch.long, device=prefix.device)
+                embeds = prefix if not generated else torch.cat([prefix, embed(ids)], dim=1)
+            else:
+                embeds = embed(
+                    torch.tensor([[generated[-1]]], dtype=torch.long, device=prefix.device)
+                )
+            out = backbone(
+                inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+            cache = out.past_key_values
+            step_logits = out.logits[0, -1].float()
         token = int(step_logits.argmax())
         if token == eos:
             break
