@@ -364,7 +364,7 @@ def build_report(
             "bootstrap": bootstrap,
             "seed": seed,
             "max_new_tokens": max_new_tokens,
-            "decoding": "greedy, no KV cache, stop at EOS",
+            "decoding": "greedy with the model cache (K/V, Mamba states), stop at EOS",
             "multiple_choice": "highest mean log-probability per choice token",
             "fidelity": {
                 "span": "reference answer tokens + EOS, teacher-forced",
