@@ -201,6 +201,25 @@ def test_span_distribution_topk_is_a_lower_bound_with_exact_agreement():
     )
 
 
+def test_span_distribution_topk_tail_is_exact_when_the_candidate_tail_is_tiny():
+    """A confident candidate (tail mass ~1e-10) must not inflate the top-k KL: its tail
+    mass cannot be taken as 1 - sum(kept) in float32 (that cancels to <= 0)."""
+    vocab, k = 40000, 256
+    g = torch.Generator().manual_seed(0)
+    base = torch.full((1, vocab), -10.0)
+    base[0, :k] = 3.0 + 0.5 * torch.randn(k, generator=g)
+    cand = base.clone()
+    cand[0, k:] -= 15.0  # baseline tail ~3e-4, candidate tail ~1e-10
+    logp, logq = torch.log_softmax(base.double(), -1)[0], torch.log_softmax(cand.double(), -1)[0]
+    p_tail, q_tail = logp[k:].exp().sum(), logq[k:].exp().sum()
+    assert 1 - torch.log_softmax(cand, -1)[0, :k].exp().sum() <= 0  # the float32 trap
+    exact = (logp[:k].exp() * (logp[:k] - logq[:k])).sum() + p_tail * (p_tail / q_tail).log()
+    kl, _ = SpanDistribution.from_logits(base, topk=k).compare(cand)
+    full, _ = SpanDistribution.from_logits(base, topk=vocab).compare(cand)
+    assert float(kl[0]) == pytest.approx(float(exact), rel=2e-2)
+    assert float(kl[0]) <= float(full[0]) * 1.02
+
+
 def test_recovery_and_paired_bootstrap():
     assert recovery(0.45, 0.5) == (pytest.approx(0.9), True)
     assert recovery(0.0, 0.0) == (1.0, False)  # 0/0: nothing to lose, flagged undefined

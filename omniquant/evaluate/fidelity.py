@@ -34,10 +34,14 @@ class SpanDistribution:
         logprobs: ``(A, V)`` full log-probabilities, or ``(A, k)`` for the top-k form.
         indices: ``None`` (full form) or ``(A, k)`` token ids of the kept log-probs,
             sorted by decreasing probability.
+        tail_logprob: Top-k form only: ``(A,)`` log of the probability mass outside the
+            kept tokens, as a log-sum-exp (``1 - sum(kept)`` in float32 cancels to 0 or
+            below once the tail is under ~1e-7).
     """
 
     logprobs: torch.Tensor
     indices: torch.Tensor | None = None
+    tail_logprob: torch.Tensor | None = None
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, topk: int | None = None) -> SpanDistribution:
@@ -54,7 +58,11 @@ class SpanDistribution:
         if topk is None or topk >= logp.shape[-1]:
             return cls(logprobs=logp.clone())
         values, indices = logp.topk(topk, dim=-1)
-        return cls(logprobs=values.clone(), indices=indices.clone())
+        return cls(
+            logprobs=values.clone(),
+            indices=indices.clone(),
+            tail_logprob=_tail_logprob(logp, indices),
+        )
 
     @property
     def positions(self) -> int:
@@ -64,8 +72,9 @@ class SpanDistribution:
     def nbytes(self) -> int:
         """Memory held by this span."""
         n = self.logprobs.numel() * self.logprobs.element_size()
-        if self.indices is not None:
-            n += self.indices.numel() * self.indices.element_size()
+        for extra in (self.indices, self.tail_logprob):
+            if extra is not None:
+                n += extra.numel() * extra.element_size()
         return n
 
     def compare(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,12 +100,20 @@ class SpanDistribution:
         else:
             logp = self.logprobs
             logq_kept = logq.gather(-1, self.indices)
-            p_kept, q_kept = logp.exp(), logq_kept.exp()
-            kl = (p_kept * (logp - logq_kept)).sum(-1)
-            p_tail = (1.0 - p_kept.sum(-1)).clamp_min(0.0)
-            q_tail = (1.0 - q_kept.sum(-1)).clamp_min(1e-30)
+            kl = (logp.exp() * (logp - logq_kept)).sum(-1)
+            # The "everything else" cell, both masses as log-sum-exps (see tail_logprob).
+            logp_tail = self.tail_logprob
+            logq_tail = _tail_logprob(logq, self.indices)
+            finite = torch.isfinite(logp_tail)
             kl = kl + torch.where(
-                p_tail > 0, p_tail * (p_tail.clamp_min(1e-30).log() - q_tail.log()), 0.0
+                finite,
+                logp_tail.exp() * (logp_tail - logq_tail),
+                torch.zeros_like(kl),
             )
             agree = (self.indices[:, 0] == logq.argmax(-1)).float()
         return kl.clamp_min(0.0), agree
+
+
+def _tail_logprob(logp: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``log(sum(exp(logp)))`` over the tokens not in ``kept``, per row (``-inf`` if none)."""
+    return logp.scatter(-1, kept, float("-inf")).logsumexp(-1)
