@@ -15,6 +15,7 @@ from omniquant.evaluate.fidelity import SpanDistribution
 from omniquant.evaluate.metrics import exact_match, normalize_answer, score_sample, word_error_rate
 from omniquant.evaluate.tasks import (
     TASKS_ROOT_ENV,
+    TaskEntry,
     prepare_task_items,
     resolve_task_set,
     shipped_task_sets,
@@ -141,6 +142,25 @@ def test_normalisation_and_exact_match():
     assert exact_match("Circle!\nbecause it is round", "circle") == 1.0
     assert exact_match("a square", "circle") == 0.0
     assert exact_match("", "circle") == 0.0
+    # An answer that is only an article (a letter answer) keeps it: "" must not match "A".
+    assert normalize_answer("A") == "a" and normalize_answer("The.") == "the"
+    assert exact_match("", "A") == 0.0 and exact_match("The", "A") == 0.0
+    assert exact_match("a", "A") == 1.0 and exact_match("(A)", "A") == 1.0
+    assert score_sample("wer", "", "The") == (0.0, 1.0)
+
+
+def test_answers_that_normalise_to_nothing_are_refused():
+    from pydantic import ValidationError
+
+    base = {"id": "x", "task": "t", "modality": "text", "prompt": "?", "root": ".", "line": 1}
+    with pytest.raises(ValidationError, match="empty after normalisation"):
+        TaskEntry.model_validate({**base, "answer": "?!", "metric": "exact_match"})
+    with pytest.raises(ValidationError, match="a choice is empty after normalisation"):
+        TaskEntry.model_validate(
+            {**base, "answer": "A", "metric": "multiple_choice", "choices": ["A", "..."]}
+        )
+    ok = TaskEntry.model_validate({**base, "answer": "A", "metric": "exact_match"})
+    assert ok.answer == "A"
 
 
 def test_word_error_rate():

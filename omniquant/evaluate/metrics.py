@@ -3,7 +3,10 @@
 Policy:
 - Normalisation (for exact match, multiple choice and WER alike): Unicode NFKC,
   lower case, punctuation removed, the articles a/an/the dropped, whitespace
-  collapsed (the SQuAD convention), so "The Circle." matches "circle".
+  collapsed (the SQuAD convention), so "The Circle." matches "circle". Articles are
+  kept when they are all there is ("A" as a letter answer stays "a"), so an empty
+  prediction never matches such an answer. Task sets refuse answers and choices
+  that normalise to nothing (punctuation only).
 - A generated prediction is cut at the first line break before scoring: the answer
   is the first line, whatever the model adds after it.
 - Multiple choice is scored by likelihood, not by parsing generated text: the model
@@ -29,8 +32,8 @@ def normalize_answer(text: str) -> str:
     """Normalise an answer for comparison (see the module's policy)."""
     text = unicodedata.normalize("NFKC", text).lower()
     text = _PUNCT_RE.sub(" ", text)
-    text = _ARTICLES_RE.sub(" ", text)
-    return " ".join(text.split())
+    stripped = _ARTICLES_RE.sub(" ", text)
+    return " ".join((stripped if stripped.strip() else text).split())
 
 
 def first_line(text: str) -> str:

@@ -102,10 +102,20 @@ class TaskEntry(ManifestEntry):
                 f"modality {self.modality!r} but the line has no {self.modality!r} file; add it "
                 "or fix the modality"
             )
+        if not normalize_answer(self.answer):
+            raise ValueError(
+                f"answer {self.answer!r} is empty after normalisation (punctuation and "
+                "spaces only), so every prediction would score alike; write the answer in words"
+            )
         if self.metric == "multiple_choice":
             if not self.choices or len(self.choices) < 2:
                 raise ValueError("metric 'multiple_choice' needs 'choices' with at least 2 options")
             normalized = [normalize_answer(c) for c in self.choices]
+            if not all(normalized):
+                raise ValueError(
+                    f"choices {list(self.choices)}: a choice is empty after normalisation "
+                    "(punctuation and spaces only)"
+                )
             if len(set(normalized)) != len(normalized):
                 raise ValueError(
                     f"choices {list(self.choices)} are not distinct after normalisation"
