@@ -93,7 +93,9 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
         if not f.is_file():
             report.problems.append(f"{shard}: listed in omniquant.json but missing")
         elif sha256_file(f) != digest:
-            report.problems.append(f"{shard}: sha256 does not match omniquant.json (file changed or corrupt)")
+            report.problems.append(
+                f"{shard}: sha256 does not match omniquant.json (file changed or corrupt)"
+            )
 
     # Headers only up front; tensors are read one module at a time (a 30B checkpoint
     # must not be loaded whole to be audited).
@@ -112,7 +114,11 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
         return handles[index[name][0]].get_tensor(name) if name in index else None
 
     excluded_patterns = quant.get("exclude_modules", [])
-    weights = {k[: -len(".weight")] for k, (_, _, shape) in index.items() if k.endswith(".weight") and len(shape) == 2}
+    weights = {
+        k[: -len(".weight")]
+        for k, (_, _, shape) in index.items()
+        if k.endswith(".weight") and len(shape) == 2
+    }
     for module in sorted(weights):
         _, dtype, _ = index[f"{module}.weight"]
         fmt = _STORED_FORMAT.get(dtype)
@@ -129,6 +135,13 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
                 )
             continue
         report.checked_weights += 1
+        if declared is not None and is_excluded(module, excluded_patterns):
+            # MIXED_PRECISION lists formats per layer; a loader that applies
+            # exclude_modules first would read these codes as plain weights.
+            report.problems.append(
+                f"{module}.weight: stored as {fmt} and listed in quantized_layers, but "
+                "exclude_modules also matches it (remove it from exclude_modules)"
+            )
         if declared != fmt:
             report.problems.append(
                 f"{module}.weight: stored as {fmt} but hf_quant_config declares "
@@ -143,7 +156,9 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
     if quant.get("kv_cache_quant_algo") == "FP8":
         kv = [k for k in index if k.endswith((".k_scale", ".v_scale"))]
         if not kv:
-            report.problems.append("kv_cache_quant_algo is FP8 but no k_scale/v_scale tensors exist")
+            report.problems.append(
+                "kv_cache_quant_algo is FP8 but no k_scale/v_scale tensors exist"
+            )
         for k in kv:
             _check_scalar(k, load(k), report)
     return _finish(report, raise_on_error)

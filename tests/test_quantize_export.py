@@ -44,20 +44,33 @@ def test_fp8_names_formats_and_untouched_towers(tiny_dir, quantized):
         for p in ("up_proj", "down_proj"):
             expect.add(f"language_model.backbone.layers.{layer}.mixer.shared_experts.{p}.weight")
     # Mamba layer 0 is FP8; layers 2 and 6 neighbour the attention layer 4 and stay BF16.
-    expect |= {f"language_model.backbone.layers.0.mixer.{p}.weight" for p in ("in_proj", "out_proj")}
+    expect |= {
+        f"language_model.backbone.layers.0.mixer.{p}.weight" for p in ("in_proj", "out_proj")
+    }
     assert fp8 == expect
     for k in fp8:
         base = k[: -len(".weight")]
-        assert dst[f"{base}.weight_scale"].dtype == torch.float32 and dst[f"{base}.weight_scale"].numel() == 1
+        assert (
+            dst[f"{base}.weight_scale"].dtype == torch.float32
+            and dst[f"{base}.weight_scale"].numel() == 1
+        )
         assert dst[f"{base}.input_scale"].dtype == torch.float32
     assert "language_model.backbone.layers.4.mixer.k_proj.k_scale" in dst
     assert "language_model.backbone.layers.4.mixer.v_proj.v_scale" in dst
 
-    untouched_prefixes = ("vision_model.", "sound_encoder.", "mlp1.", "sound_projection.", "language_model.lm_head.")
+    untouched_prefixes = (
+        "vision_model.",
+        "sound_encoder.",
+        "mlp1.",
+        "sound_projection.",
+        "language_model.lm_head.",
+    )
     checked = 0
     for k, v in src.items():
         if k not in fp8:
-            assert dst[k].dtype == v.dtype and torch.equal(dst[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+            assert dst[k].dtype == v.dtype and torch.equal(
+                dst[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)
+            ), k
             checked += k.startswith(untouched_prefixes)
     assert checked > 50
 
@@ -69,7 +82,11 @@ def test_fp8_quant_configs(tiny_dir, quantized):
     assert "quantized_layers" not in hq
     excl = set(hq["exclude_modules"])
     with safe_open(tiny_dir / "model.safetensors", "pt") as fh:
-        linear_like = {k[:-7] for k in fh.keys() if k.endswith(".weight") and len(fh.get_slice(k).get_shape()) == 2}
+        linear_like = {
+            k[:-7]
+            for k in fh.keys()
+            if k.endswith(".weight") and len(fh.get_slice(k).get_shape()) == 2
+        }
     quantized_mods = {k[:-7] for k, v in _tensors(out).items() if v.dtype == torch.float8_e4m3fn}
     assert excl == linear_like - quantized_mods
     for needle in ("vision_model.radio_model.model.blocks.0.attn.qkv", "sound_encoder.encoder.layers.0.self_attn.q_proj",
@@ -80,7 +97,12 @@ def test_fp8_quant_configs(tiny_dir, quantized):
     src_cfg = json.loads((tiny_dir / "config.json").read_text())
     assert cfg.pop("quantization_config") == {"quant_method": "modelopt", **hq}
     assert cfg == src_cfg
-    for f in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
+    for f in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ):
         assert (out / f).read_bytes() == (tiny_dir / f).read_bytes()
 
 
@@ -93,8 +115,12 @@ def test_manifest_fields(quantized):
     assert cal["samples"] == 16
     assert set(cal["tokens_by_modality"]) == {"text", "image", "video", "audio"}
     assert all(v > 0 for v in cal["tokens_by_modality"].values())
-    assert len(cal["expert_tokens"]) == 4 and all(len(v) == 8 for v in cal["expert_tokens"].values())
-    assert meta["quantized"]["routed_experts"] == "fp8" and meta["quantized"]["vision_tower"] == "bf16"
+    assert len(cal["expert_tokens"]) == 4 and all(
+        len(v) == 8 for v in cal["expert_tokens"].values()
+    )
+    assert (
+        meta["quantized"]["routed_experts"] == "fp8" and meta["quantized"]["vision_tower"] == "bf16"
+    )
     assert meta["plan"]["counts"]["mamba_in_out"] == {"bf16": 4, "fp8": 2}
     for shard, digest in meta["shards"].items():
         assert hashlib.sha256((out / shard).read_bytes()).hexdigest() == digest
@@ -120,15 +146,26 @@ def test_nvfp4_omni_mixed_layout(quantized):
     hq = json.loads((out / "hf_quant_config.json").read_text())["quantization"]
     assert hq["quant_algo"] == "MIXED_PRECISION"
     layers = hq["quantized_layers"]
-    assert layers["language_model.backbone.layers.1.mixer.experts.3.up_proj"] == {"quant_algo": "NVFP4", "group_size": 16}
+    assert layers["language_model.backbone.layers.1.mixer.experts.3.up_proj"] == {
+        "quant_algo": "NVFP4",
+        "group_size": 16,
+    }
     assert layers["language_model.backbone.layers.0.mixer.in_proj"] == {"quant_algo": "FP8"}
     assert not set(layers) & set(hq["exclude_modules"])
     t = _tensors(out)
     w = t["language_model.backbone.layers.1.mixer.experts.3.up_proj.weight"]
     assert w.dtype == torch.uint8 and tuple(w.shape) == (64, 32)
-    assert t["language_model.backbone.layers.1.mixer.experts.3.up_proj.weight_scale"].dtype == torch.float8_e4m3fn
-    assert tuple(t["language_model.backbone.layers.1.mixer.experts.3.up_proj.weight_scale"].shape) == (64, 4)
-    assert t["language_model.backbone.layers.1.mixer.experts.3.up_proj.weight_scale_2"].dtype == torch.float32
+    assert (
+        t["language_model.backbone.layers.1.mixer.experts.3.up_proj.weight_scale"].dtype
+        == torch.float8_e4m3fn
+    )
+    assert tuple(
+        t["language_model.backbone.layers.1.mixer.experts.3.up_proj.weight_scale"].shape
+    ) == (64, 4)
+    assert (
+        t["language_model.backbone.layers.1.mixer.experts.3.up_proj.weight_scale_2"].dtype
+        == torch.float32
+    )
 
 
 def test_inspect_cli_json(quantized, capsys):
@@ -139,7 +176,23 @@ def test_inspect_cli_json(quantized, capsys):
 
 def test_two_runs_identical_checksums(tiny_dir, quantized, tmp_path):
     first = json.loads((quantized("nvfp4_omni") / "omniquant.json").read_text())
-    assert main(["quantize", "--model", str(tiny_dir), "--recipe", "nvfp4_omni", "--calib", "synthetic", "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                str(tiny_dir),
+                "--recipe",
+                "nvfp4_omni",
+                "--calib",
+                "synthetic",
+                "--out",
+                str(tmp_path / "again"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     second = json.loads((tmp_path / "again" / "omniquant.json").read_text())
     assert first["shards"] == second["shards"]
     assert first["recipe_sha256"] == second["recipe_sha256"]
@@ -173,6 +226,20 @@ def test_nan_block_scale_byte(quantized, tmp_path):
     assert f"{name}: 1 NaN/Inf block scale(s)" in report.problems
 
 
+@pytest.mark.parametrize("recipe", ["fp8_omni", "nvfp4_omni"])
+def test_quantized_layer_also_excluded_fails_audit(quantized, tmp_path, recipe):
+    """Single-format and MIXED_PRECISION configs alike: a quantized layer must not be excluded."""
+    out = tmp_path / "contradiction"
+    shutil.copytree(quantized(recipe), out)
+    cfg_file = out / "hf_quant_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    module = "language_model.backbone.layers.0.mixer.in_proj"  # quantized by both recipes
+    cfg["quantization"]["exclude_modules"].append("language_model.backbone.layers.0.*")
+    cfg_file.write_text(json.dumps(cfg))
+    problems = [p for p in audit_checkpoint(out).problems if p.startswith(f"{module}.weight")]
+    assert problems, f"{recipe}: the contradiction went unreported"
+
+
 _KILL_SCRIPT = """
 import os, signal, sys
 import omniquant.export as ex
@@ -190,7 +257,9 @@ quantize(sys.argv[1], "fp8_omni", sys.argv[2])
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
 def test_killed_run_leaves_no_finished_checkpoint(tiny_dir, tmp_path, sig):
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(tiny_dir), str(out), sig], capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, str(tiny_dir), str(out), sig], capture_output=True
+    )
     assert proc.returncode != 0
     assert not out.exists()
     leftovers = list(tmp_path.glob(".omniquant-tmp-*"))
@@ -210,7 +279,11 @@ def test_exported_nvfp4_dequantizes_like_modelopt(quantized):
     names = [k[:-7] for k, v in t.items() if k.endswith(".weight") and v.dtype == torch.uint8]
     assert len(names) == 82
     for module in names:
-        packed, bs, gs = t[f"{module}.weight"], t[f"{module}.weight_scale"], t[f"{module}.weight_scale_2"]
+        packed, bs, gs = (
+            t[f"{module}.weight"],
+            t[f"{module}.weight_scale"],
+            t[f"{module}.weight_scale_2"],
+        )
         shape = (packed.shape[0], packed.shape[1] * 2)
         ref = NVFP4QTensor(torch.Size(shape), torch.bfloat16, packed).dequantize(
             dtype=torch.bfloat16, scale=bs, double_scale=gs, block_sizes={-1: 16}
