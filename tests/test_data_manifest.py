@@ -148,3 +148,18 @@ def test_skip_bad_with_nothing_left_fails(tmp_path: Path):
     root = _write_manifest(tmp_path / "s", [{"id": "a", "prompt": "p", "audio": "gone.wav"}])
     with pytest.raises(DataError, match=r"No usable sample is left"):
         validate_manifest(root, skip_bad=True)
+
+
+def test_unicode_line_separators_inside_strings_do_not_split_lines(tmp_path):
+    """JSON allows U+2028/U+2029/U+0085 unescaped in strings; they are not line breaks here."""
+    from omniquant.evaluate.tasks import validate_task_set
+
+    task = {"id": "t1", "task": "qa", "modality": "text", "prompt": "one\u2028two\u2029",
+            "answer": "five", "metric": "exact_match"}  # fmt: skip
+    (tmp_path / "tasks.jsonl").write_text(json.dumps(task, ensure_ascii=False) + "\r\n")
+    (entry,) = validate_task_set(tmp_path)
+    assert entry.prompt == "one\u2028two\u2029" and entry.line == 1
+    sample = {"id": "c1", "prompt": "caf\u0085 menu"}
+    (tmp_path / "manifest.jsonl").write_text(json.dumps(sample, ensure_ascii=False) + "\n")
+    (got,) = load_manifest(tmp_path)
+    assert got.prompt == "caf\u0085 menu"

@@ -296,7 +296,10 @@ def parse_lines(
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{what} {file}: cannot read it: {err}") from err
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which JSON
+    # allows unescaped inside strings (json.dumps(..., ensure_ascii=False) writes them).
+    for number, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         try:
