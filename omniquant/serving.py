@@ -66,7 +66,10 @@ def dequantize_state_dict(tensors: dict[str, torch.Tensor], dtype=torch.bfloat16
             act[module] = ("fp8", tensors[f"{module}.input_scale"].float())
         elif leaf == "weight" and t.dtype == torch.uint8:
             sd[name] = dequantize_nvfp4(
-                t, tensors[f"{module}.weight_scale"], tensors[f"{module}.weight_scale_2"], dtype=dtype
+                t,
+                tensors[f"{module}.weight_scale"],
+                tensors[f"{module}.weight_scale_2"],
+                dtype=dtype,
             )
             act[module] = ("nvfp4", tensors[f"{module}.input_scale"].float())
         else:
@@ -81,26 +84,28 @@ def load_emulated(path: str | Path, dtype: str = "bfloat16"):
         A ``LoadedModel`` whose ``emulation`` records the formats found.
     """
     from transformers import AutoTokenizer
-    from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
-        NemotronH_Omni_Reasoning_V3_Config,
-    )
     from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
         NemotronH_Omni_Reasoning_V3,
     )
 
     from omniquant.models.base import LoadedModel, adapter_for, read_config
+    from omniquant.models.nemotron_omni import load_config
 
     path = Path(path)
     adapter = adapter_for(path)
     cfg_dict = read_config(path)
-    config = NemotronH_Omni_Reasoning_V3_Config.from_pretrained(path)
+    config = load_config(path)
     # The weights are dequantized here; transformers must not dispatch to a quantizer.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     tdtype = getattr(torch, dtype)
     sd, act, kv = dequantize_state_dict(_read_tensors(path), tdtype)
     model, info = NemotronH_Omni_Reasoning_V3.from_pretrained(
-        None, config=config, state_dict=sd, output_loading_info=True, dtype=tdtype,
+        None,
+        config=config,
+        state_dict=sd,
+        output_loading_info=True,
+        dtype=tdtype,
         # The per-expert F.linear calls are where activations get quantized; the
         # grouped_mm kernel transformers picks by default would bypass them.
         experts_implementation="eager",
@@ -120,12 +125,19 @@ def load_emulated(path: str | Path, dtype: str = "bfloat16"):
         "quantized_linears": len(act),
         "kv_cache": "fp8" if kv else None,
         "hooks": installed,
-        "quant_algo": json.loads((path / "hf_quant_config.json").read_text())["quantization"]["quant_algo"]
+        "quant_algo": json.loads((path / "hf_quant_config.json").read_text())["quantization"][
+            "quant_algo"
+        ]
         if (path / "hf_quant_config.json").is_file()
         else "BF16",
     }
     return LoadedModel(
-        model=model, tokenizer=tokenizer, path=path, adapter=adapter, config_dict=cfg_dict, emulation=emulation
+        model=model,
+        tokenizer=tokenizer,
+        path=path,
+        adapter=adapter,
+        config_dict=cfg_dict,
+        emulation=emulation,
     )
 
 
@@ -133,11 +145,13 @@ def _native(adapter, hub_module: str) -> str:
     """Inverse of ``adapter.hub_name`` for backbone modules."""
     for native_prefix, hub_prefix in (("language_model.model.", "language_model.backbone."),):
         if hub_module.startswith(hub_prefix):
-            native = native_prefix + hub_module[len(hub_prefix):]
+            native = native_prefix + hub_module[len(hub_prefix) :]
             if adapter.hub_name(native) != hub_module:
                 break
             return native
-    raise ModelLoadError(f"quantized module {hub_module}: outside the backbone; omniquant cannot emulate it.")
+    raise ModelLoadError(
+        f"quantized module {hub_module}: outside the backbone; omniquant cannot emulate it."
+    )
 
 
 def _act_fn(fmt: str, scale: torch.Tensor):
@@ -156,7 +170,10 @@ def install_serving_numerics(model, adapter, act: dict, kv: dict) -> int:
     for hub, (fmt, scale) in act.items():
         m = _EXPERT_RE.match(hub)
         if m:
-            experts.setdefault(_native(adapter, m.group(1)), {})[(m.group(3), int(m.group(2)))] = (fmt, scale)
+            experts.setdefault(_native(adapter, m.group(1)), {})[(m.group(3), int(m.group(2)))] = (
+                fmt,
+                scale,
+            )
             continue
         mod = modules[_native(adapter, hub)]
         quant = _act_fn(fmt, scale)

@@ -38,7 +38,8 @@ def test_non_omni_model_dir(tmp_path, capsys):
     rc = main(["quantize", "--model", str(d), "--recipe", "fp8_omni", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "model_type 'llama' is not supported; omniquant supports ['nemotron_h_omni']" in err
+    assert "model_type 'llama' (architectures []) is not supported" in err
+    assert "model types ['nemotron_h_omni']" in err
 
 
 def test_dir_without_config(tmp_path, capsys):

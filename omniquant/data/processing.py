@@ -404,7 +404,7 @@ class OmniProcessor:
         from transformers import AutoTokenizer
 
         model_dir = Path(model_dir)
-        config = _read_json(model_dir / "config.json", required=True)
+        config = current_field_names(_read_json(model_dir / "config.json", required=True))
         pre = _read_json(model_dir / "preprocessor_config.json", required=False)
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -613,6 +613,24 @@ def settings_from_configs(config: dict, preprocessor: dict, **overrides: Any) ->
         if name in values:
             values[name] = tuple(float(x) for x in values[name])
     return replace(ProcessorSettings(), **values)
+
+
+def current_field_names(config: dict) -> dict:
+    """``config.json`` with a released checkpoint's legacy field names (``llm_config``,
+    ``sound_config``, ``img_context_token_id``, ...) under their current names, by
+    transformers' own mapping for ``nemotron_h_omni`` (a current name present wins)."""
+    from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3_Config,
+    )
+
+    out = dict(config)
+    for legacy, name in getattr(
+        NemotronH_Omni_Reasoning_V3_Config, "_legacy_field_names", {}
+    ).items():
+        if legacy in out:
+            value = out.pop(legacy)
+            out.setdefault(name, value)
+    return out
 
 
 def _read_json(path: Path, required: bool) -> dict:

@@ -17,10 +17,15 @@ from omniquant.errors import ModelLoadError
 _REGISTRY: dict[str, type[ModelAdapter]] = {}
 
 
+_BY_ARCHITECTURE: dict[str, type[ModelAdapter]] = {}
+
+
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
-    """Class decorator: register ``cls`` for each of its ``model_types``."""
+    """Class decorator: register ``cls`` for its ``model_types`` and ``hub_architectures``."""
     for model_type in cls.model_types:
         _REGISTRY[model_type] = cls
+    for arch in cls.hub_architectures:
+        _BY_ARCHITECTURE[arch] = cls
     return cls
 
 
@@ -41,6 +46,9 @@ class ModelAdapter(ABC):
     """What a stage may ask about a model family."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    #: ``architectures`` names of released (remote-code) checkpoints whose config.json
+    #: carries another ``model_type``; transformers' native class loads them.
+    hub_architectures: ClassVar[tuple[str, ...]] = ()
     #: Module groups that are encoders/projectors: a rule may quantize them only by
     #: naming the group explicitly (the field's most common silent failure).
     guarded_groups: ClassVar[frozenset[str]] = frozenset()
@@ -70,7 +78,9 @@ def read_config(path: Path) -> dict:
     """Read ``path/config.json`` with errors that name the file and the fix."""
     path = Path(path)
     if not path.exists():
-        raise ModelLoadError(f"--model {path}: directory does not exist; pass a checkpoint directory.")
+        raise ModelLoadError(
+            f"--model {path}: directory does not exist; pass a checkpoint directory."
+        )
     if not path.is_dir():
         raise ModelLoadError(f"--model {path}: not a directory; pass a checkpoint directory.")
     cfg_file = path / "config.json"
@@ -86,15 +96,21 @@ def read_config(path: Path) -> dict:
 
 
 def adapter_for(path: Path | str) -> ModelAdapter:
-    """Return the adapter for the checkpoint at ``path`` (by its ``model_type``)."""
+    """Return the adapter for the checkpoint at ``path``: by its ``model_type``, else by a
+    released checkpoint's ``architectures`` name."""
     cfg = read_config(Path(path))
     model_type = cfg.get("model_type")
-    if model_type not in _REGISTRY:
-        raise ModelLoadError(
-            f"{Path(path) / 'config.json'}: model_type {model_type!r} is not supported; "
-            f"omniquant supports {sorted(_REGISTRY)}."
-        )
-    return _REGISTRY[model_type]()
+    if model_type in _REGISTRY:
+        return _REGISTRY[model_type]()
+    archs = cfg.get("architectures") or []
+    for arch in archs if isinstance(archs, list) else []:
+        if arch in _BY_ARCHITECTURE:
+            return _BY_ARCHITECTURE[arch]()
+    raise ModelLoadError(
+        f"{Path(path) / 'config.json'}: model_type {model_type!r} (architectures {archs!r}) is "
+        f"not supported; omniquant supports model types {sorted(_REGISTRY)} and released "
+        f"architectures {sorted(_BY_ARCHITECTURE)}."
+    )
 
 
 def load_model(path: Path | str, dtype: str = "bfloat16") -> LoadedModel:

@@ -45,11 +45,45 @@ GROUPS = (
 )
 
 
+def load_config(path: Path):
+    """transformers' ``NemotronH_Omni_Reasoning_V3_Config`` of the checkpoint at ``path``.
+
+    Released checkpoints use legacy field names, which the config class maps itself, and
+    store ``model_type: parakeet`` in their audio sub-config. transformers 5.23 means to
+    drop that unregistered type (``__post_init__`` pops it from a copy) but then spreads
+    the original dict, so loading fails with "Unrecognized model type for subconfig:
+    parakeet". The type is replaced by ``parakeet_encoder`` (the class the sub-config
+    spec names) before the config is built.
+
+    Raises:
+        ModelLoadError: transformers cannot read or build the config.
+    """
+    from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3_Config as Config,
+    )
+
+    try:
+        config_dict, _ = Config.get_config_dict(str(path))
+        for key in ("audio_config", "sound_config"):
+            audio = config_dict.get(key)
+            if isinstance(audio, dict) and audio.get("model_type") == "parakeet":
+                config_dict[key] = {**audio, "model_type": "parakeet_encoder"}
+        return Config.from_dict(config_dict)
+    except Exception as exc:  # transformers raises many types; name the file
+        raise ModelLoadError(
+            f"{Path(path) / 'config.json'}: transformers cannot build the config: {exc}"
+        ) from exc
+
+
 @register_adapter
 class NemotronOmniAdapter(ModelAdapter):
     """Nemotron 3 Nano Omni: NemotronH backbone + RADIO vision + Parakeet audio."""
 
     model_types: ClassVar[tuple[str, ...]] = ("nemotron_h_omni",)
+    # The hub checkpoints' remote-code class (FIELD_NOTES); their config.json uses legacy
+    # field names (llm_config, sound_config, img_context_token_id, ...) that transformers'
+    # NemotronH_Omni_Reasoning_V3_Config maps itself.
+    hub_architectures: ClassVar[tuple[str, ...]] = ("NemotronH_Nano_Omni_Reasoning_V3",)
     guarded_groups: ClassVar[frozenset[str]] = frozenset(
         {"vision_tower", "vision_projector", "audio_tower", "audio_projector"}
     )
@@ -69,10 +103,11 @@ class NemotronOmniAdapter(ModelAdapter):
         cfg = read_config(path)
         if not any(path.glob("*.safetensors")):
             raise ModelLoadError(f"--model {path}: no *.safetensors weights in the directory.")
+        config = load_config(path)
         try:
             # eager experts: modelopt intercepts their per-expert F.linear calls.
             model = NemotronH_Omni_Reasoning_V3.from_pretrained(
-                path, dtype=getattr(torch, dtype), experts_implementation="eager"
+                path, config=config, dtype=getattr(torch, dtype), experts_implementation="eager"
             )
         except Exception as exc:  # transformers raises many types; name the directory
             raise ModelLoadError(f"--model {path}: transformers could not load it: {exc}") from exc
@@ -87,7 +122,9 @@ class NemotronOmniAdapter(ModelAdapter):
                 f"--model {path}: no usable tokenizer ({exc}); the directory needs tokenizer.json "
                 "and tokenizer_config.json."
             ) from exc
-        return LoadedModel(model=model, tokenizer=tokenizer, path=path, adapter=self, config_dict=cfg)
+        return LoadedModel(
+            model=model, tokenizer=tokenizer, path=path, adapter=self, config_dict=cfg
+        )
 
     def quant_root_name(self) -> str:
         return "language_model"
@@ -189,21 +226,36 @@ class NemotronOmniAdapter(ModelAdapter):
         the source files under their source names.
         """
         if native_name.startswith("language_model.model."):
-            return "language_model.backbone." + native_name[len("language_model.model."):]
+            return "language_model.backbone." + native_name[len("language_model.model.") :]
         if native_name.startswith("language_model."):
             return native_name
         raise ValueError(f"hub_name: {native_name!r} is outside language_model")
 
     _HUB_GROUPS = (
-        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.(in_proj|out_proj)\."), "mamba_in_out"),
+        (
+            re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.(in_proj|out_proj)\."),
+            "mamba_in_out",
+        ),
         (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.conv1d\."), "mamba_conv1d"),
         (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.experts\."), "routed_experts"),
-        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.shared_experts\."), "shared_experts"),
+        (
+            re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.shared_experts\."),
+            "shared_experts",
+        ),
         (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.gate\."), "router"),
-        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.fc[12]_latent_proj\."), "moe_latent"),
-        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.(q_proj|k_proj|v_proj)\."), "attention_qkv"),
+        (
+            re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.fc[12]_latent_proj\."),
+            "moe_latent",
+        ),
+        (
+            re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.(q_proj|k_proj|v_proj)\."),
+            "attention_qkv",
+        ),
         (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.o_proj\."), "attention_o"),
-        (re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.(up_proj|down_proj)\."), "dense_mlp"),
+        (
+            re.compile(r"^language_model\.backbone\.layers\.\d+\.mixer\.(up_proj|down_proj)\."),
+            "dense_mlp",
+        ),
         (re.compile(r"^language_model\.backbone\.embeddings\."), "embeddings"),
         (re.compile(r"^language_model\.lm_head\."), "lm_head"),
         (re.compile(r"^vision_model\."), "vision_tower"),
