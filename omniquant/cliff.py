@@ -60,7 +60,7 @@ def run_cliff(
     """
     from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir
     from omniquant.models.base import read_config
-    from omniquant.quantize import quantize
+    from omniquant.quantize import check_out_spares, quantize
     from omniquant.recipe import load_recipe
     from omniquant.report import build_report
 
@@ -72,6 +72,7 @@ def run_cliff(
     for r in recipes:
         load_recipe(r)  # fail early on a bad recipe
     out = Path(out).absolute()
+    check_out_spares(out, model_dir, "model checkpoint", ExportError)
     if out.exists():
         if not force:
             raise ExportError(f"--out {out}: already exists; pass --force to overwrite it.")
@@ -97,7 +98,9 @@ def run_cliff(
         log=say,
         baseline_name=BASELINE_NAME,
     )
-    return CliffResult(out=out, report=report, checkpoints=checkpoints, seconds=time.perf_counter() - t0)
+    return CliffResult(
+        out=out, report=report, checkpoints=checkpoints, seconds=time.perf_counter() - t0
+    )
 
 
 def render_cliff_table(report: dict) -> str:

@@ -53,6 +53,17 @@ def versions() -> dict[str, str]:
     }
 
 
+def check_out_spares(out: Path, source: Path, what: str, error: type[Exception]) -> None:
+    """Refuse an output directory that is, or contains, ``source`` (``--force`` replaces
+    ``out`` whole, so it would delete the source)."""
+    out_r, src_r = Path(out).resolve(), Path(source).resolve()
+    if out_r == src_r or out_r in src_r.parents:
+        raise error(
+            f"--out {out}: contains the {what} {source}; replacing --out would delete it. "
+            "Choose an --out outside it."
+        )
+
+
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not force:
         raise ExportError(f"--out {out}: already exists; pass --force to overwrite it.")
@@ -116,6 +127,7 @@ def quantize(
     if calib is not None:
         rec.calibration.set = calib
     out = Path(out).absolute()
+    check_out_spares(out, Path(model), "--model checkpoint", ExportError)
     _check_out(out, force)
 
     validated = None

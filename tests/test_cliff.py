@@ -51,11 +51,15 @@ def test_table_has_a_row_per_task_with_accuracy_and_recovery(demo_cliff):
             assert float(cells[1]) < 16.0
             continue
         cand = report["candidates"][0]["tasks"][task]
-        assert float(cells[0]) == pytest.approx(report["baseline"]["tasks"][task]["accuracy"], abs=0.005)
+        assert float(cells[0]) == pytest.approx(
+            report["baseline"]["tasks"][task]["accuracy"], abs=0.005
+        )
         assert float(cells[1]) == pytest.approx(cand["accuracy"], abs=0.005)
         recovery = cells[2].strip("()")
-        assert recovery == "-" if cand["recovery"] is None else float(recovery) == pytest.approx(
-            cand["recovery"], abs=0.005
+        assert (
+            recovery == "-"
+            if cand["recovery"] is None
+            else float(recovery) == pytest.approx(cand["recovery"], abs=0.005)
         )
 
 
@@ -73,3 +77,24 @@ def test_bad_model_fails_before_any_work(tmp_path, capsys):
     assert rc != 0
     assert str(tmp_path / "nope") in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_force_never_deletes_the_model(tiny_dir, tmp_path, capsys):
+    """--out that is, or contains, --model is refused before anything is deleted."""
+    import shutil
+
+    parent = tmp_path / "work"
+    model = parent / "model"
+    shutil.copytree(tiny_dir, model)
+    (parent / "notes.txt").write_text("keep me")
+    for out in (parent, model):
+        rc = main(
+            ["cliff", "--model", str(model), "--out", str(out), "--force", "--recipe", "fp8_omni"]
+        )
+        assert rc == 2
+        assert "replacing --out would delete it" in capsys.readouterr().err
+        rc = main(["quantize", "--model", str(model), "--recipe", "fp8_omni", "--calib", "synthetic",
+                   "--out", str(out), "--force", "--quiet"])  # fmt: skip
+        assert rc == 2
+        assert "replacing --out would delete it" in capsys.readouterr().err
+    assert (model / "config.json").is_file() and (parent / "notes.txt").read_text() == "keep me"
