@@ -88,6 +88,17 @@ class Quantization(_Strict):
     algorithm: Literal["max", "mse"] = "max"
     nvfp4_block_size: Literal[16] = 16
 
+    @model_validator(mode="after")
+    def _mse_needs_cuda_for_nvfp4(self) -> Quantization:
+        # modelopt's mse search fake-quantizes NVFP4 weights with its dynamic block
+        # quantizer, which asserts CUDA tensors; omniquant calibrates on the CPU.
+        if self.algorithm == "mse" and any(r.format == "nvfp4" for r in self.rules):
+            raise ValueError(
+                "algorithm 'mse' with nvfp4 rules needs modelopt's CUDA-only NVFP4 fake quant, "
+                "and omniquant calibrates on the CPU; use algorithm: max (mse works with fp8)"
+            )
+        return self
+
 
 class Export(_Strict):
     """How the checkpoint is written."""
@@ -237,6 +248,8 @@ def _format_validation_error(path: Path, exc: ValidationError, data: dict) -> st
             )
         elif err["type"] == "missing":
             lines.append(f"  {where}: required field is missing")
+        elif isinstance(value, dict):  # a check across fields of one section
+            lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
         else:
             shown = (
                 json.dumps(value)

@@ -42,14 +42,20 @@ def test_typo_field(tmp_path):
         load_recipe(p)
     msg = str(e.value)
     assert msg.startswith(f"{p}: invalid recipe:")
-    assert "quantization.kv_cahce: unknown field 'kv_cahce'; allowed fields here: algorithm, kv_cache, nvfp4_block_size, rules" in msg
+    assert (
+        "quantization.kv_cahce: unknown field 'kv_cahce'; allowed fields here: algorithm, kv_cache, nvfp4_block_size, rules"
+        in msg
+    )
 
 
 def test_bad_format_name(tmp_path):
     p = _write(tmp_path, BASE.replace("format: fp8", "format: fp9"))
     with pytest.raises(RecipeError) as e:
         load_recipe(p)
-    assert "quantization.rules.0.format: bad value \"fp9\": Input should be 'fp8', 'nvfp4' or 'bf16'" in str(e.value)
+    assert (
+        "quantization.rules.0.format: bad value \"fp9\": Input should be 'fp8', 'nvfp4' or 'bf16'"
+        in str(e.value)
+    )
 
 
 def test_override_goes_through_validation():
@@ -71,16 +77,24 @@ def test_sha_tracks_effective_recipe():
 
 
 def test_zero_match_rule(tmp_path, loaded):
-    p = _write(tmp_path, BASE + "    - {modules: 'language_model.model.layers.*.mixer.nothing', format: fp8}\n")
+    p = _write(
+        tmp_path,
+        BASE + "    - {modules: 'language_model.model.layers.*.mixer.nothing', format: fp8}\n",
+    )
     rec, _ = load_recipe(p)
     with pytest.raises(PlanError) as e:
         resolve_plan(rec, loaded)
-    assert "quantization.rules.1 {modules: 'language_model.model.layers.*.mixer.nothing', format: fp8}: matches no module" in str(e.value)
+    assert (
+        "quantization.rules.1 {modules: 'language_model.model.layers.*.mixer.nothing', format: fp8}: matches no module"
+        in str(e.value)
+    )
 
 
 def test_unknown_group(tmp_path, loaded):
     rec, _ = load_recipe(_write(tmp_path, BASE.replace("routed_experts", "experts")))
-    with pytest.raises(RecipeError, match="unknown group 'experts'; groups of this model: .*routed_experts"):
+    with pytest.raises(
+        RecipeError, match="unknown group 'experts'; groups of this model: .*routed_experts"
+    ):
         resolve_plan(rec, loaded)
 
 
@@ -89,7 +103,11 @@ def test_encoder_guard_fires_on_glob(tmp_path, loaded):
     with pytest.raises(PlanError) as e:
         resolve_plan(rec, loaded)
     msg = str(e.value)
-    assert "would quantize" in msg and "audio_tower, vision_tower" in msg and "without naming them" in msg
+    assert (
+        "would quantize" in msg
+        and "audio_tower, vision_tower" in msg
+        and "without naming them" in msg
+    )
 
 
 def test_encoder_named_explicitly_is_refused_for_now(tmp_path, loaded):
@@ -99,7 +117,11 @@ def test_encoder_named_explicitly_is_refused_for_now(tmp_path, loaded):
 
 
 def test_later_rules_win_and_bf16_glob_allowed(tmp_path, loaded):
-    rec, _ = load_recipe(_write(tmp_path, BASE + "    - {modules: 'language_model.model.layers.1.*', format: bf16}\n"))
+    rec, _ = load_recipe(
+        _write(
+            tmp_path, BASE + "    - {modules: 'language_model.model.layers.1.*', format: bf16}\n"
+        )
+    )
     plan = resolve_plan(rec, loaded)
     assert plan.module_format["language_model.model.layers.1.mixer.experts"] == "bf16"
     assert plan.module_format["language_model.model.layers.3.mixer.experts"] == "fp8"
@@ -127,8 +149,13 @@ def test_divisibility_lists_every_offender(tmp_path):
         resolve_plan(rec, loaded)
     msg = str(e.value)
     for layer in (1, 3, 5, 7):
-        assert f"language_model.model.layers.{layer}.mixer.experts.down_proj (input width 40)" in msg
-        assert f"language_model.model.layers.{layer}.mixer.shared_experts.down_proj (input width 40)" in msg
+        assert (
+            f"language_model.model.layers.{layer}.mixer.experts.down_proj (input width 40)" in msg
+        )
+        assert (
+            f"language_model.model.layers.{layer}.mixer.shared_experts.down_proj (input width 40)"
+            in msg
+        )
     assert "experts.up_proj" not in msg
 
 
@@ -150,3 +177,19 @@ def test_modelopt_translation_exact(loaded):
     assert cfg["algorithm"] == "max"
     # 4 MoE layers x 2 projections x 2 quantizers; (6 mamba + 8 shared + 1 o_proj) x 2; 2 kv
     assert len(entries) == 1 + 16 + 2 * (6 + 8 + 1) + 2
+
+
+def test_mse_with_nvfp4_is_refused_before_any_model_work(capsys, tmp_path):
+    """modelopt's mse search needs CUDA for NVFP4; omniquant calibrates on the CPU."""
+    from omniquant.cli import main
+
+    rc = main(["quantize", "--model", str(tmp_path / "never-read"), "--recipe", "nvfp4_omni",
+               "--set", "quantization.algorithm=mse", "--out", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert (
+        "quantization: algorithm 'mse' with nvfp4 rules needs" in err
+        and "use algorithm: max" in err
+    )
+    assert "never-read" not in err  # the recipe is checked before the model is looked at
+    load_recipe("fp8_omni", ["quantization.algorithm=mse"])  # fp8 + mse stays allowed
