@@ -138,15 +138,24 @@ def builtin_recipes() -> dict[str, Path]:
 
 
 def resolve_recipe_path(name_or_path: str | Path) -> Path:
-    """A built-in name (``fp8_omni``) or a path to a YAML file."""
+    """A built-in name (``fp8_omni``) or a path to a YAML file.
+
+    A bare built-in name always means the built-in, even when a file or directory of
+    that name sits in the working directory (``--out fp8_omni`` is a natural output
+    name); write a path (``./fp8_omni``, ``x.yaml``) to use a local file.
+    """
+    text = str(name_or_path)
+    builtins = builtin_recipes()
+    looks_like_path = (
+        isinstance(name_or_path, Path) or "/" in text or text.endswith((".yaml", ".yml"))
+    )
+    if text in builtins and not looks_like_path:
+        return builtins[text]
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if looks_like_path or p.exists():
         if not p.is_file():
             raise RecipeError(f"--recipe {name_or_path}: no such recipe file.")
         return p
-    builtins = builtin_recipes()
-    if str(name_or_path) in builtins:
-        return builtins[str(name_or_path)]
     raise RecipeError(
         f"--recipe {name_or_path}: unknown recipe name; built-in recipes are "
         f"{', '.join(sorted(builtins)) or '(none found)'}, or pass a path to a .yaml file."

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from omniquant.errors import PlanError, RecipeError
@@ -193,3 +195,17 @@ def test_mse_with_nvfp4_is_refused_before_any_model_work(capsys, tmp_path):
     )
     assert "never-read" not in err  # the recipe is checked before the model is looked at
     load_recipe("fp8_omni", ["quantization.algorithm=mse"])  # fp8 + mse stays allowed
+
+
+def test_builtin_name_wins_over_a_same_named_entry_in_the_working_directory(tmp_path, monkeypatch):
+    """``quantize --recipe fp8_omni --out fp8_omni`` twice: the second run still means the
+    built-in; a local file is used when written as a path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fp8_omni").mkdir()
+    _, path = load_recipe("fp8_omni")
+    assert path == builtin_recipes()["fp8_omni"]
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe("./fp8_omni")
+    local = tmp_path / "mine.yaml"
+    local.write_text(builtin_recipes()["nvfp4_omni"].read_text())
+    assert load_recipe("mine.yaml")[1] == Path("mine.yaml")
