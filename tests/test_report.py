@@ -367,3 +367,19 @@ def test_html_renders_with_visible_plots_in_headless_chromium(cliff, tmp_path):
         rgb = tuple(int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
         assert counts.get(rgb, 0) > 2000, (hex_color, counts.get(rgb, 0))
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_coverage_text_does_not_call_force_calibrated_experts_uncalibrated():
+    from omniquant.report import svg
+    from omniquant.report.render import _coverage_text
+
+    cal = {"expert_tokens": {"l1": [3, 0, 0], "l3": [1, 2, 0]}, "experts_without_activations": 0}
+    assert _coverage_text({**cal, "force_all_experts": True}) == (
+        "3 of 6 experts were routed no token (force_all_experts ran every token through every "
+        "expert; 0 expert GEMMs saw no input)"
+    )
+    assert _coverage_text({**cal, "force_all_experts": False}).endswith(
+        "(their input scale comes from the other experts' traffic)"
+    )
+    forced = svg.heatmap(["l1"], ["0", "1"], [[3.0, 0.0]], "t", zero_note="routed no token, x")
+    assert "red outline = routed no token, x" in forced and "received no calibration" not in forced

@@ -304,8 +304,13 @@ def build_report(
         info["evaluation"] = _evaluation_block(ev, load_s)
         say(f"candidate {info['name']}: {ev.samples_per_s:.2f} samples/s")
         info["evs"], _ = evs_sweep(
-            loaded, items, rates, reference=evs_reference, max_new_tokens=max_new_tokens,
-            topk=topk, main=ev if reuse_main else None,
+            loaded,
+            items,
+            rates,
+            reference=evs_reference,
+            max_new_tokens=max_new_tokens,
+            topk=topk,
+            main=ev if reuse_main else None,
         )
         del loaded
         gc.collect()

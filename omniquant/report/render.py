@@ -57,7 +57,16 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 # Tables shared by the Markdown and HTML renderers: (header, rows) builders, so the
 # two documents always show the same numbers.
 def _candidate_table(cand: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["task", "n", "accuracy", "recovery", "delta", "delta 95% CI", "KL mean", "top-1 agree"]
+    header = [
+        "task",
+        "n",
+        "accuracy",
+        "recovery",
+        "delta",
+        "delta 95% CI",
+        "KL mean",
+        "top-1 agree",
+    ]
     rows = [
         [
             task,
@@ -105,7 +114,6 @@ def _sensitivity_table(sens: dict) -> tuple[list[str], list[list[str]]]:
         for g in sens["groups"]
     ]
     return header, rows
-
 
 
 def write_markdown(report: dict) -> str:
@@ -176,13 +184,10 @@ def write_markdown(report: dict) -> str:
         if not cal:
             out.append(f"- {cand['name']}: no `omniquant.json` calibration block.")
             continue
-        experts = cal.get("expert_tokens") or {}
-        starved = sum(1 for counts in experts.values() for c in counts if c == 0)
-        total = sum(len(c) for c in experts.values())
         toks = ", ".join(f"{k} {v}" for k, v in (cal.get("tokens_by_modality") or {}).items())
         out.append(
             f"- {cand['name']}: {cal.get('samples')} samples from `{cal.get('set')}` ({toks} tokens); "
-            f"{starved} of {total} experts got no token."
+            f"{_coverage_text(cal)}."
         )
     sens = report.get("sensitivity")
     if sens:
@@ -406,7 +411,8 @@ def write_html(report: dict) -> str:
         toks = ", ".join(f"{k} {v}" for k, v in (cal.get("tokens_by_modality") or {}).items())
         parts.append(
             f"<p>{escape(cand['name'])}: {cal.get('samples')} samples from "
-            f"<code>{escape(str(cal.get('set')))}</code> ({escape(toks)} tokens).</p>"
+            f"<code>{escape(str(cal.get('set')))}</code> ({escape(toks)} tokens); "
+            f"{escape(_coverage_text(cal))}.</p>"
         )
         if experts:
             layers = list(experts)
@@ -424,7 +430,12 @@ def write_html(report: dict) -> str:
                         labels,
                         [str(i) for i in range(width)],
                         matrix,
-                        f"Expert calibration tokens: {cand['name']}",
+                        f"Expert calibration tokens (routed): {cand['name']}",
+                        zero_note=(
+                            "routed no token, calibrated anyway (force_all_experts)"
+                            if cal.get("force_all_experts")
+                            else "expert that received no calibration token"
+                        ),
                     )
                 )
             )
@@ -480,3 +491,18 @@ def write_html(report: dict) -> str:
         "</p></body></html>"
     )
     return "\n".join(parts) + "\n"
+
+
+def _coverage_text(cal: dict) -> str:
+    """How many experts the router sent no calibration token, and what that means here."""
+    experts = cal.get("expert_tokens") or {}
+    starved = sum(1 for counts in experts.values() for c in counts if c == 0)
+    total = sum(len(c) for c in experts.values())
+    text = f"{starved} of {total} experts were routed no token"
+    silent = cal.get("experts_without_activations")
+    if cal.get("force_all_experts"):
+        text += " (force_all_experts ran every token through every expert"
+        text += f"; {silent} expert GEMMs saw no input)" if silent is not None else ")"
+    elif starved:
+        text += " (their input scale comes from the other experts' traffic)"
+    return text

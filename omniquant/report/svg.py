@@ -262,10 +262,11 @@ def heatmap(
     matrix: list[list[float]],
     title: str,
     width: int = 760,
+    zero_note: str = "expert that received no calibration token",
 ) -> str:
     """Cells shaded from white (0) to dark blue (the largest value of the map).
 
-    Zero cells get a red outline: for expert token counts they are uncalibrated experts.
+    Zero cells get a red outline, explained in the legend by ``zero_note``.
     """
     left, top = 150, 40
     n_rows, n_cols = max(len(row_labels), 1), max(len(col_labels), 1)
@@ -296,6 +297,6 @@ def heatmap(
             )
     out.append(
         f'<text x="{left}" y="{height - 10}" font-size="10" {_FONT}>white = 0, dark = {_fmt(peak)} tokens; '
-        "red outline = expert that received no calibration token</text>"
+        f"red outline = {escape(zero_note)}</text>"
     )
     return "\n".join(out + ["</svg>"])
