@@ -42,6 +42,7 @@ QUANT_CONFIGS = {
     "fp8": {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"},
     "fp8_bf16kv": {"quant_algo": "FP8", "kv_cache_quant_algo": None},
     "nvfp4": {"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8", "group_size": 16},
+    "nvfp4_bf16kv": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16},
     "mixed": {
         "quant_algo": "MIXED_PRECISION",
         "kv_cache_quant_algo": "FP8",
@@ -347,6 +348,14 @@ def test_fp8_without_fp8_kv_cache(checkpoint, tmp_path):
     result = build_engine_bundle(checkpoint("fp8_bf16kv"), "hopper", tmp_path / "b")
     assert result.options["kv_cache_config"]["dtype"] == "auto"
     assert "--kv-cache-dtype" not in result.commands["vllm_serve"]
+
+
+def test_nvfp4_without_fp8_kv_scales_warns_about_vllms_unit_scales(checkpoint, tmp_path):
+    result = build_engine_bundle(checkpoint("nvfp4_bf16kv"), "blackwell", tmp_path / "b")
+    assert result.options["kv_cache_config"]["dtype"] == "auto"
+    assert "--kv-cache-dtype fp8" in result.commands["vllm_serve"]  # vLLM's NVFP4 path needs it
+    (warning,) = [w for w in result.warnings if "NVFP4 without FP8 KV scales" in w]
+    assert "unit k/v scales" in warning and "quantization.kv_cache=fp8" in warning
 
 
 def test_unknown_architecture_is_a_warning(checkpoint, tmp_path):

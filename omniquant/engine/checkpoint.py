@@ -293,6 +293,13 @@ def serving_warnings(info: CheckpointInfo) -> list[str]:
             f"family; loading will fail with 'Unknown architecture' unless the checkpoint carries "
             f"the hub config.json"
         )
+    if info.quant.uses_nvfp4 and info.quant.kv_cache_dtype != "fp8":
+        warnings.append(
+            f"{info.path}: NVFP4 without FP8 KV scales; vllm_serve.sh still passes "
+            "--kv-cache-dtype fp8 (vLLM's NVFP4 path needs an FP8 KV cache), so vLLM uses "
+            "unit k/v scales, while llm_api_options.yaml keeps the KV cache in the model dtype. "
+            "Quantize with quantization.kv_cache=fp8 for calibrated KV scales"
+        )
     return warnings
 
 
