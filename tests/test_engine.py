@@ -678,6 +678,17 @@ def test_validate_engine_refuses_older_gpu(checkpoint, tmp_path, fake_trtllm, mo
     assert not _FakeLLM.instances
 
 
+def test_validate_engine_refuses_trtllm_moe_kernels_off_sm100(
+    checkpoint, tmp_path, fake_trtllm, monkeypatch
+):
+    out = tmp_path / "b"
+    build_engine_bundle(checkpoint("nvfp4"), "blackwell", out)
+    monkeypatch.setattr("omniquant.engine.validate._cuda_device", lambda: ("RTX PRO 6000", 120))
+    with pytest.raises(EngineError, match=r"built for SM100/SM103 only.*SM120.*backend: CUTLASS"):
+        validate_engine(out, media=_media(tmp_path))
+    assert not _FakeLLM.instances
+
+
 def test_validate_engine_records_load_failure(checkpoint, tmp_path, fake_trtllm):
     trt, _ = fake_trtllm
     out = tmp_path / "b"

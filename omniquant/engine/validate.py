@@ -197,6 +197,10 @@ def _generate(llm, inputs, sampling_params) -> tuple[str, int, float]:
     return completion.text, len(completion.token_ids), elapsed
 
 
+#: Compute capabilities TensorRT-LLM's TRTLLM-gen MoE kernels are built for.
+TRTLLM_GEN_SMS = (100, 103)
+
+
 def validate_engine(
     bundle_dir: str | Path,
     *,
@@ -240,6 +244,13 @@ def validate_engine(
         raise EngineError(
             f"{bundle / 'bundle.json'}: bundle targets {manifest['target']} (SM{manifest['sm']}), "
             f"but this GPU is {device_name} (SM{sm}); build a bundle for this GPU's generation"
+        )
+    moe_backend = (options.get("moe_config") or {}).get("backend")
+    if moe_backend == "TRTLLM" and sm not in TRTLLM_GEN_SMS:
+        raise EngineError(
+            f"{bundle / OPTIONS_FILE}: moe_config.backend TRTLLM uses TensorRT-LLM's TRTLLM-gen "
+            f"kernels, built for SM100/SM103 only, and this GPU is {device_name} (SM{sm}); set "
+            "moe_config.backend: CUTLASS in that file for this GPU"
         )
 
     rate = manifest.get("video_pruning_rate")
