@@ -33,16 +33,20 @@ def _root() -> None:
 
 
 def _console():
+    """stdout console: no markup parsing and no hard wrapping, so paths and messages with
+    ``[...]`` print as they are, one line each (copy-pastable)."""
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    return Console(stderr=False, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("make-tiny")
 def make_tiny_cmd(
     out: Annotated[Path, typer.Option(help="Output directory for the checkpoint.")],
     seed: Annotated[int, typer.Option(help="RNG seed; same seed, same bytes.")] = 0,
-    size: Annotated[str, typer.Option(help="Preset: tiny (~1 MB) or bench (~300M params).")] = "tiny",
+    size: Annotated[
+        str, typer.Option(help="Preset: tiny (~1 MB) or bench (~300M params).")
+    ] = "tiny",
     force: Annotated[bool, typer.Option(help="Overwrite an existing output directory.")] = False,
 ) -> None:
     """Write a tiny random nemotron_h_omni checkpoint in the hub layout."""
@@ -60,7 +64,13 @@ from omniquant import _cli_commands  # noqa: F401  (registers commands on `app`)
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning ``OmniquantError`` into a clean message."""
     try:
-        app(args=argv, standalone_mode=False)
+        # Non-standalone click returns a command's exit code (typer.Exit(code), and 130 for
+        # an interrupt it caught itself) instead of raising it.
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc != 0:
+            if rc == 130:
+                print("interrupted", file=sys.stderr)
+            return rc
     except OmniquantError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -43,7 +43,9 @@ def test_non_omni_model_dir(tmp_path, capsys):
 
 
 def test_dir_without_config(tmp_path, capsys):
-    rc = main(["quantize", "--model", str(tmp_path), "--recipe", "fp8_omni", "--out", str(tmp_path / "o")])
+    rc = main(
+        ["quantize", "--model", str(tmp_path), "--recipe", "fp8_omni", "--out", str(tmp_path / "o")]
+    )
     assert rc == 2
     assert "no config.json" in capsys.readouterr().err
 
@@ -57,10 +59,15 @@ def test_existing_output_dir(tiny_dir, tmp_path, capsys):
 
 
 def test_unknown_recipe_name(tiny_dir, tmp_path, capsys):
-    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp9_omni", "--out", str(tmp_path / "o")])
+    rc = main(
+        ["quantize", "--model", str(tiny_dir), "--recipe", "fp9_omni", "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert rc == 2
-    assert "--recipe fp9_omni: unknown recipe name; built-in recipes are fp8_omni, nvfp4_aggressive, nvfp4_omni" in err
+    assert (
+        "--recipe fp9_omni: unknown recipe name; built-in recipes are fp8_omni, nvfp4_aggressive, nvfp4_omni"
+        in err
+    )
 
 
 def test_usage_error_exit_code(capsys):
@@ -71,3 +78,31 @@ def test_usage_error_exit_code(capsys):
 def test_help_and_listing(argv, capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "message"),
+    [("interrupt", 130, "interrupted"), ("exit3", 3, None), ("exit0", 0, None)],
+)
+def test_exit_codes_survive_the_cli(monkeypatch, tmp_path, capsys, raised, code, message):
+    """An interrupt or a command's own non-zero exit must not end as exit 0."""
+    import typer
+
+    import omniquant.tiny
+
+    def fake_make_tiny(*_a, **_k):
+        if raised == "interrupt":
+            raise KeyboardInterrupt
+        raise typer.Exit(code=3 if raised == "exit3" else 0)
+
+    monkeypatch.setattr(omniquant.tiny, "make_tiny", fake_make_tiny)
+    assert main(["make-tiny", "--out", str(tmp_path / "t")]) == code
+    err = capsys.readouterr().err
+    assert (message in err) if message else "Traceback" not in err
+
+
+def test_paths_with_brackets_print_as_they_are(tmp_path, capsys):
+    out = tmp_path / "runs[" / "exp]" / "[v2]"
+    out.parent.mkdir(parents=True)
+    assert main(["make-tiny", "--out", str(out)]) == 0
+    assert f"wrote tiny nemotron_h_omni checkpoint to {out}" in capsys.readouterr().out
