@@ -142,3 +142,49 @@ def test_reader_errors_name_the_file(tmp_path: Path):
             out.mux(packet)
     with pytest.raises(media.MediaError, match="no video stream"):
         media.check_video(tmp_path / "a.wav")
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path: Path):
+    from PIL import Image
+
+    mid = tmp_path / "mid16.png"
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(mid)
+    assert Image.open(mid).mode.startswith("I;16")
+    assert media.read_image(mid)[:, 0, 0].tolist() == [128, 128, 128]  # clipped: 255
+    ramp = tmp_path / "ramp16.png"
+    Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16)).save(ramp)
+    assert media.read_image(ramp)[0, 0].tolist() == [0, 100, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path: Path):
+    from PIL import Image
+
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(path, exif=exif)
+    assert tuple(media.read_image(path).shape) == (3, 40, 20)
+
+
+def test_a_cut_stream_that_decodes_fewer_frames_is_an_error(tmp_path: Path):
+    """A stream cut mid-GOP demuxes more packets than it decodes frames; sampling by
+    packet count would silently return fewer frames with shifted indices."""
+    import av
+
+    whole = tmp_path / "whole.ts"
+    with av.open(str(whole), "w", format="mpegts") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = 30  # a second keyframe to resume decoding at
+        for i in range(60):
+            frame = np.zeros((48, 64, 3), dtype=np.uint8)
+            frame[:, (i % 8) * 8 : (i % 8) * 8 + 8] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    assert len(media.read_video(whole, num_frames=16).frame_indices) == 16
+    cut = tmp_path / "cut.ts"
+    cut.write_bytes(whole.read_bytes()[188 * 40 :])  # drop the first 40 TS packets
+    with pytest.raises(media.MediaError, match="sampled frames decoded"):
+        media.read_video(cut, num_frames=16)

@@ -79,11 +79,14 @@ def read_image(path: str | Path) -> torch.Tensor:
     """
     from PIL import Image
 
+    from PIL import ImageOps
+
     path = _existing(path)
     try:
         with Image.open(path) as img:
             img.load()
-            rgb = _to_rgb(img)
+            # Camera JPEGs store their rotation in EXIF; apply it as transformers' load_image does.
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise MediaError(path, f"cannot decode image: {err}") from err
     array = np.asarray(rgb, dtype=np.uint8)
@@ -111,6 +114,17 @@ def _to_rgb(img):
 
     if img.mode == "RGB":
         return img
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        # High-bit-depth grayscale: Pillow's convert("RGB") clips values above 255, so a
+        # 16-bit scan would turn white. Scale 16-bit (and 32-bit int holding 16-bit data)
+        # down to 8 bits; float images are taken as [0, 1] when they fit, else clipped.
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0 if not img.mode == "I" or values.max(initial=0) > 255 else 1.0
+        gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
@@ -210,6 +224,14 @@ def read_video(
         raise MediaError(path, f"cannot decode video: {err}") from err
     if not frames:
         raise MediaError(path, "cannot decode video: no frame decoded")
+    if indices != wanted:
+        # Fewer frames decode than packets demux (a cut or damaged stream): the sampled
+        # indices, and the timestamps built from them, would be wrong.
+        raise MediaError(
+            path,
+            f"cannot decode video: {total} packets but only {len(frames)} of the "
+            f"{len(wanted)} sampled frames decoded (damaged or cut stream); re-encode it",
+        )
     sizes = {f.shape for f in frames}
     if len(sizes) != 1:
         raise MediaError(path, f"frames change size mid-stream ({sorted(sizes)}); re-encode it")
