@@ -77,9 +77,7 @@ def read_image(path: str | Path) -> torch.Tensor:
     Raises:
         MediaError: The file is missing or cannot be decoded.
     """
-    from PIL import Image
-
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
 
     path = _existing(path)
     try:
@@ -122,7 +120,7 @@ def _to_rgb(img):
         if img.mode == "F":
             scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
         else:
-            scale = 255.0 / 65535.0 if not img.mode == "I" or values.max(initial=0) > 255 else 1.0
+            scale = 255.0 / 65535.0 if img.mode != "I" or values.max(initial=0) > 255 else 1.0
         gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
         return Image.fromarray(gray, mode="L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
