@@ -130,11 +130,12 @@ def quantize(
     check_out_spares(out, Path(model), "--model checkpoint", ExportError)
     _check_out(out, force)
 
-    validated = None
+    validated = set_dir = None
     if rec.calibration.set != "synthetic":
-        from omniquant.data.sets import preflight_calibration_set
+        from omniquant.data.sets import preflight_calibration_set, resolve_calib_set
 
-        validated = preflight_calibration_set(rec.calibration.set, skip_bad=skip_bad)
+        set_dir = resolve_calib_set(rec.calibration.set)
+        validated = preflight_calibration_set(set_dir, skip_bad=skip_bad)
 
     loaded = load_model(model)
     plan = resolve_plan(rec, loaded)
@@ -145,10 +146,17 @@ def quantize(
         loaded, rec.calibration.set, rec.calibration.size, rec.calibration.seed, skip_bad, validated
     )
     warnings_out: list[str] = []
+    # Bad lines past the last sample used (calibration.size cut the set short) were not
+    # skipped by this run; they are recorded apart so the record says what happened.
+    last_used = max((s.meta.get("line", 0) for s in samples), default=0)
+    unused_bad = [b for b in skipped if b.line > last_used]
+    skipped = [b for b in skipped if b.line <= last_used]
     if skipped:
         warnings_out.append(f"skipped {len(skipped)} bad calibration sample(s)")
         for item in skipped:
             say(f"warning: skipped {item}")
+    if unused_bad:
+        say(f"note: {len(unused_bad)} bad line(s) after the last sample used were not needed")
 
     import modelopt.torch.quantization as mtq
 
@@ -175,7 +183,7 @@ def quantize(
         manifest = {
             "format_version": 1,
             "source": {
-                "path": str(loaded.path),
+                "path": str(Path(loaded.path).resolve()),
                 "model_type": loaded.config_dict.get("model_type"),
             },
             "recipe": {
@@ -187,7 +195,9 @@ def quantize(
             "versions": versions(),
             "calibration": {
                 "set": rec.calibration.set,
+                "set_dir": None if set_dir is None else str(set_dir),
                 "skipped_samples": [str(item) for item in skipped],
+                "bad_lines_not_used": [str(item) for item in unused_bad],
                 **stats.to_json(),
             },
             "plan": plan.to_json(),

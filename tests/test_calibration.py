@@ -47,7 +47,9 @@ def test_omni_mix_reaches_all_modalities(tiny_dir, tmp_path, capsys):
     assert evs["pruning_rate"] == 0.5
     assert evs["video_tokens_after"] == cal["tokens_by_modality"]["video"]
     assert 0 < evs["video_tokens_after"] < evs["video_tokens_before"]
-    assert set(cal["expert_tokens"]) == {f"language_model.model.layers.{i}.mixer" for i in (1, 3, 5, 7)}
+    assert set(cal["expert_tokens"]) == {
+        f"language_model.model.layers.{i}.mixer" for i in (1, 3, 5, 7)
+    }
     assert all(len(c) == 8 and sum(c) > 0 for c in cal["expert_tokens"].values())
 
 
@@ -135,11 +137,27 @@ from tests.test_data_manifest import bad_set  # noqa: F401  (fixture)
 
 def test_bad_calibration_set_fails_before_model_work(tiny_dir, bad_set, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "o"
-    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--calib", str(bad_set), "--out", str(out)])
+    rc = main(
+        [
+            "quantize",
+            "--model",
+            str(tiny_dir),
+            "--recipe",
+            "fp8_omni",
+            "--calib",
+            str(bad_set),
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 2
     assert "3 of 5 samples are bad:" in captured.err
-    for needle in ("img/trunc.png: cannot decode image", "vid/fake.mp4: cannot decode video", "aud/missing.wav: file not found"):
+    for needle in (
+        "img/trunc.png: cannot decode image",
+        "vid/fake.mp4: cannot decode video",
+        "aud/missing.wav: file not found",
+    ):
         assert needle in captured.err
     assert "plan (" not in captured.out  # failed before the model was loaded and planned
     assert not out.exists()
@@ -157,3 +175,24 @@ def test_skip_bad_proceeds_and_reports(tiny_dir, bad_set, tmp_path, capsys):  # 
     assert len(meta["calibration"]["skipped_samples"]) == 3
     assert meta["calibration"]["samples"] == 2
     assert "skipped 3 bad calibration sample(s)" in meta["warnings"]
+    assert meta["calibration"]["set_dir"] == str(bad_set.resolve())
+    assert meta["source"]["path"] == str(tiny_dir.resolve())
+    assert meta["calibration"]["bad_lines_not_used"] == []
+
+
+def test_bad_lines_after_the_used_prefix_are_not_called_skipped(
+    tiny_dir, bad_set, tmp_path, capsys
+):  # noqa: F811
+    """calibration.size=1 uses line 1 only: the bad lines 2-4 were never needed."""
+    out = tmp_path / "o"
+    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--calib", str(bad_set),
+               "--skip-bad", "--quiet", "--out", str(out), "--set", "calibration.size=1",
+               "--set", "calibration.expert_coverage.policy=warn"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "skipped" not in captured.out and "3 bad line(s) after the last sample" in captured.out
+    meta = json.loads((out / "omniquant.json").read_text())
+    assert meta["calibration"]["samples"] == 1
+    assert meta["calibration"]["skipped_samples"] == []
+    assert len(meta["calibration"]["bad_lines_not_used"]) == 3
+    assert not any("skipped" in w for w in meta["warnings"])

@@ -118,6 +118,7 @@ def load_calibration_set(
             failed.append(BadLine(entry.line, None, str(err)))
             continue
         sample.meta["calib_set"] = str(name_or_dir)
+        sample.meta["line"] = entry.line
         samples.append(sample)
     if failed and not skip_bad:
         lines = "\n".join(f"  {bad}" for bad in failed)
