@@ -252,6 +252,8 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
             raise ExportError(
                 f"make-tiny: output directory {out} already exists; pass --force to overwrite it."
             )
+        if not out.is_dir():
+            raise ExportError(f"make-tiny: --out {out} exists and is not a directory.")
         shutil.rmtree(out)
     model, tokenizer = build_tiny_model(seed, size)
     model.save_pretrained(out)

@@ -181,8 +181,11 @@ def test_skip_bad_proceeds_and_reports(tiny_dir, bad_set, tmp_path, capsys):  # 
 
 
 def test_bad_lines_after_the_used_prefix_are_not_called_skipped(
-    tiny_dir, bad_set, tmp_path, capsys
-):  # noqa: F811
+    tiny_dir,
+    bad_set,  # noqa: F811
+    tmp_path,
+    capsys,
+):
     """calibration.size=1 uses line 1 only: the bad lines 2-4 were never needed."""
     out = tmp_path / "o"
     rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--calib", str(bad_set),

@@ -383,3 +383,10 @@ def test_coverage_text_does_not_call_force_calibrated_experts_uncalibrated():
     )
     forced = svg.heatmap(["l1"], ["0", "1"], [[3.0, 0.0]], "t", zero_note="routed no token, x")
     assert "red outline = routed no token, x" in forced and "received no calibration" not in forced
+
+
+def test_a_checkpoint_given_as_dot_is_named_by_its_directory(tiny_dir, monkeypatch):
+    from omniquant.report.build import describe_checkpoint
+
+    monkeypatch.chdir(tiny_dir)
+    assert describe_checkpoint(Path("."), "baseline")["name"] == tiny_dir.name

@@ -106,3 +106,11 @@ def test_paths_with_brackets_print_as_they_are(tmp_path, capsys):
     out.parent.mkdir(parents=True)
     assert main(["make-tiny", "--out", str(out)]) == 0
     assert f"wrote tiny nemotron_h_omni checkpoint to {out}" in capsys.readouterr().out
+
+
+def test_make_tiny_force_refuses_a_file(tmp_path, capsys):
+    target = tmp_path / "afile"
+    target.write_text("not a checkpoint")
+    assert main(["make-tiny", "--out", str(target), "--force"]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert target.read_text() == "not a checkpoint"

@@ -102,7 +102,7 @@ def describe_checkpoint(path: Path, role: str) -> dict:
             ) from err
     recipe = (meta.get("recipe") or {}).get("name")
     return {
-        "name": recipe or path.name,
+        "name": recipe or path.resolve().name,  # "." has no name of its own
         "path": str(path.resolve()),
         "recipe": recipe,
         "precision": summary["precision"],
