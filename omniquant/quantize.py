@@ -208,9 +208,14 @@ def quantize(
         }
         (tmp / OMNIQUANT_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         audit_checkpoint(tmp, raise_on_error=True)
+        # --force: move the old checkpoint aside first (a rename, instant), so an
+        # interruption never leaves neither the old nor the new one in place.
+        old = out.parent / f".omniquant-old-{out.name}-{os.getpid()}"
         if out.exists():
-            shutil.rmtree(out)
+            os.replace(out, old)
         os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
     say(f"wrote {out}")
     # The quantized model sits in reference cycles (modelopt's quantizer modules): free
     # it now, not at some later collection, so back-to-back runs (cliff) do not stack up.

@@ -290,3 +290,14 @@ def test_exported_nvfp4_dequantizes_like_modelopt(quantized):
         )
         ours = dequantize_nvfp4(packed, bs, gs, dtype=torch.bfloat16)
         assert torch.equal(ours.view(torch.int16), ref.view(torch.int16)), module
+
+
+def test_force_replaces_the_old_checkpoint_and_leaves_nothing_beside_it(tiny_dir, tmp_path):
+    out = tmp_path / "ckpt"
+    args = ["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--calib", "synthetic",
+            "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    (out / "stale.txt").write_text("from the first run")
+    assert main([*args, "--force"]) == 0
+    assert (out / "omniquant.json").is_file() and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
