@@ -163,7 +163,8 @@ def quantize_nvfp4(
             ``block_size`` (and even).
         global_scale: ``weight_scale_2``; defaults to ``amax(|w|) / (6 * 448)`` computed in
             float32. For an all-zero ``w`` the amax is taken as 6.0 (as modelopt's export
-            sanitizes a zero amax), so the scale is 1/448 rather than 0.
+            sanitizes a zero amax), so the scale is 1/448 rather than 0; likewise for an
+            amax so small that the division underflows to 0.
         block_size: elements per block scale (16 for NVFP4).
 
     Returns:
@@ -186,7 +187,10 @@ def quantize_nvfp4(
     if not bool(torch.isfinite(amax)):
         raise ValueError(f"w of shape {tuple(w.shape)} contains NaN or inf; cannot quantize")
     if global_scale is None:
-        amax = torch.where(amax == 0, torch.full_like(amax, E2M1_MAX), amax)
+        # A zero amax, or one so small (float32 subnormal) that amax / 2688 underflows to
+        # 0, is taken as 6.0: the weight quantizes to zeros under a valid scale.
+        tiny = amax / (E2M1_MAX * E4M3_MAX) == 0
+        amax = torch.where(tiny, torch.full_like(amax, E2M1_MAX), amax)
         global_scale_f32 = amax / (E2M1_MAX * E4M3_MAX)
     else:
         global_scale_f32 = _as_scale(global_scale, block_amax, "global_scale")
