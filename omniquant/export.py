@@ -123,12 +123,12 @@ def _modelopt_hub_state_dict(loaded) -> tuple[dict[str, torch.Tensor], dict]:
     from modelopt.torch.export.quant_aware_conversion import revert_weight_conversion_quant_aware
     from modelopt.torch.export.unified_export_hf import _export_transformers_checkpoint
 
-    from omniquant.heap import keep_heap_lean
+    from omniquant.heap import lean_heap
 
     root_name = loaded.adapter.quant_root_name()
     root = getattr(loaded.model, root_name)
-    keep_heap_lean()  # per-weight temporaries go back to the OS when freed (omniquant/heap.py)
-    with _single_rounding_fp8():
+    # Per-weight temporaries go back to the OS when freed (omniquant/heap.py).
+    with lean_heap(), _single_rounding_fp8():
         post_sd, mo_config = _export_transformers_checkpoint(root, torch.bfloat16)
     hub_sd = revert_weight_conversion_quant_aware(root, dict(post_sd))
     return {f"{root_name}.{k}": v for k, v in hub_sd.items()}, mo_config

@@ -1,4 +1,4 @@
-"""Keep freed tensor memory from piling up in glibc's heap during quantize and export.
+"""Keep freed tensor memory from piling up in glibc's heap during export.
 
 Policy: omniquant's memory goal (peak at most 1.5x the checkpoint's BF16 bytes) is
 about live data, but glibc's allocator can hold on to freed memory. Its mmap threshold
@@ -11,52 +11,77 @@ fp8_omni's quantize + export peaked at 1.81x instead of 0.99x
 (``benchmarks/bench_quantize.py``; ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment
 gives the same 0.99x).
 
-``keep_heap_lean`` fixes the threshold at glibc's default 128 KiB through ``mallopt``,
-which also turns its dynamic adjustment off: every tensor of 128 KiB or more is its own
-mapping and goes back to the OS when freed. The export calls it just before modelopt's
-exporter runs, not earlier: fresh mappings cost page faults, and calibration gains
-nothing from it. Measured on the same model (2 cores): fp8_omni quantize + export
-took the same time either way (8-9 s); nvfp4_omni's export, which allocates more
-temporaries, took about 3 s longer (12-13 s -> 14-16 s, runs vary by +-2 s) for no
-memory change (its peak was 1.01x and is 0.98x). A fixed 1 MiB threshold costs the
-same; 4 MiB brings fp8_omni's 1.8x back. The setting is process-wide and stays in
-force once made. On other C libraries (musl, macOS) this does nothing; an explicit
-``MALLOC_MMAP_THRESHOLD_`` in the environment is respected.
+``lean_heap()`` is a context around modelopt's exporter: inside it the threshold is
+fixed at 128 KiB through ``mallopt`` (which also turns the dynamic adjustment off), so
+every tensor of 128 KiB or more is its own mapping and goes back to the OS when freed.
+On leaving, glibc cannot be put back into dynamic mode, so the thresholds are set to
+the dynamic mode's ceiling (mmap 32 MiB, trim 64 MiB: later work reuses heap memory as
+it would after a few large frees) and ``malloc_trim(0)`` returns what the export left
+free. Fresh mappings
+cost page faults: measured on the same model (2 cores) fp8_omni's quantize + export
+took the same time either way (8-9 s), nvfp4_omni's about 3 s longer (12-13 s ->
+14-16 s, runs vary by +-2 s). Keeping 128 KiB for the rest of the process slowed the
+NVFP4 evaluation in ``omniquant cliff`` by a quarter (15.6 -> 11.7 samples/s), hence the
+scope. On other C libraries (musl, macOS) this does nothing; an explicit
+``MALLOC_MMAP_THRESHOLD_`` in the environment is respected and left alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import sys
+from collections.abc import Iterator
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-_THRESHOLD = 128 * 1024
-_done = False
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
+_M_MMAP_THRESHOLD = -3
+LEAN_THRESHOLD = 128 * 1024
+#: glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where the dynamic threshold tops out.
+RELAXED_THRESHOLD = 32 * 1024 * 1024
 
 
-def keep_heap_lean() -> bool:
-    """Fix glibc's mmap threshold at 128 KiB (once per process).
-
-    Returns:
-        True when the setting is in force (set now or before, by this function or by
-        ``MALLOC_MMAP_THRESHOLD_``); False where the C library is not glibc.
-    """
-    global _done
-    if _done:
-        return True
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        _done = True
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
+def _libc():
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
     except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    _done = mallopt(_M_MMAP_THRESHOLD, _THRESHOLD) == 1
-    return _done
+        return None
+    return libc
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Fix glibc's mmap threshold at ``nbytes`` (turns its dynamic adjustment off).
+
+    Returns:
+        True when set; False without glibc or when ``MALLOC_MMAP_THRESHOLD_`` is set.
+    """
+    libc = _libc()
+    return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, nbytes) == 1
+
+
+@contextlib.contextmanager
+def lean_heap() -> Iterator[bool]:
+    """Inside: tensors of 128 KiB or more go back to the OS when freed (see the module).
+
+    Yields:
+        Whether the setting is in force (False without glibc, or when the environment
+        sets ``MALLOC_MMAP_THRESHOLD_``, whose value then stays in charge).
+    """
+    active = set_mmap_threshold(LEAN_THRESHOLD)
+    try:
+        yield active
+    finally:
+        if active:
+            libc = _libc()
+            set_mmap_threshold(RELAXED_THRESHOLD)
+            # The dynamic mode also keeps the trim threshold at twice the mmap threshold;
+            # without it every free at the heap top would shrink the heap again.
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 * RELAXED_THRESHOLD)
+            libc.malloc_trim(0)
