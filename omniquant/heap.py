@@ -20,9 +20,9 @@ it would after a few large frees) and ``malloc_trim(0)`` returns what the export
 free. Fresh mappings
 cost page faults: measured on the same model (2 cores) fp8_omni's quantize + export
 took the same time either way (8-9 s), nvfp4_omni's about 3 s longer (12-13 s ->
-14-16 s, runs vary by +-2 s). Keeping 128 KiB for the rest of the process slowed the
-NVFP4 evaluation in ``omniquant cliff`` by a quarter (15.6 -> 11.7 samples/s), hence the
-scope. On other C libraries (musl, macOS) this does nothing; an explicit
+14-16 s, runs vary by +-2 s). Keeping 128 KiB (and glibc's 128 KiB trim threshold) for
+the rest of the process slowed the NVFP4 evaluation in ``omniquant cliff`` (11.5-11.7
+vs 15.6 samples/s in single runs), hence the scope. On other C libraries (musl, macOS) this does nothing; an explicit
 ``MALLOC_MMAP_THRESHOLD_`` in the environment is respected and left alone.
 """
 
