@@ -17,13 +17,13 @@ every tensor of 128 KiB or more is its own mapping and goes back to the OS when 
 On leaving, glibc cannot be put back into dynamic mode, so the thresholds are set to
 the dynamic mode's ceiling (mmap 32 MiB, trim 64 MiB: later work reuses heap memory as
 it would after a few large frees) and ``malloc_trim(0)`` returns what the export left
-free. Fresh mappings
-cost page faults: measured on the same model (2 cores) fp8_omni's quantize + export
-took the same time either way (8-9 s), nvfp4_omni's about 3 s longer (12-13 s ->
-14-16 s, runs vary by +-2 s). Keeping 128 KiB (and glibc's 128 KiB trim threshold) for
-the rest of the process slowed the NVFP4 evaluation in ``omniquant cliff`` (11.5-11.7
-vs 15.6 samples/s in single runs), hence the scope. On other C libraries (musl, macOS) this does nothing; an explicit
-``MALLOC_MMAP_THRESHOLD_`` in the environment is respected and left alone.
+free. Fresh mappings cost page faults: measured on the same model (2 cores) fp8_omni's
+quantize + export took the same time either way (8-9 s), nvfp4_omni's about 3 s longer
+(12-13 s -> 14-16 s, runs vary by +-2 s). Keeping 128 KiB (and glibc's 128 KiB trim
+threshold) for the rest of the process slowed the NVFP4 evaluation in ``omniquant
+cliff`` (11.5-11.7 vs 15.6 samples/s in single runs), hence the scope. On other C
+libraries (musl, macOS) this does nothing; an explicit ``MALLOC_MMAP_THRESHOLD_`` in the
+environment is respected and left alone.
 """
 
 from __future__ import annotations
