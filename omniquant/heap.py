@@ -56,16 +56,6 @@ def _libc():
     return libc
 
 
-def set_mmap_threshold(nbytes: int) -> bool:
-    """Fix glibc's mmap threshold at ``nbytes`` (turns its dynamic adjustment off).
-
-    Returns:
-        True when set; False without glibc or when ``MALLOC_MMAP_THRESHOLD_`` is set.
-    """
-    libc = _libc()
-    return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, nbytes) == 1
-
-
 @contextlib.contextmanager
 def lean_heap() -> Iterator[bool]:
     """Inside: tensors of 128 KiB or more go back to the OS when freed (see the module).
@@ -74,13 +64,13 @@ def lean_heap() -> Iterator[bool]:
         Whether the setting is in force (False without glibc, or when the environment
         sets ``MALLOC_MMAP_THRESHOLD_``, whose value then stays in charge).
     """
-    active = set_mmap_threshold(LEAN_THRESHOLD)
+    libc = _libc()
+    active = libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, LEAN_THRESHOLD) == 1
     try:
         yield active
     finally:
         if active:
-            libc = _libc()
-            set_mmap_threshold(RELAXED_THRESHOLD)
+            libc.mallopt(_M_MMAP_THRESHOLD, RELAXED_THRESHOLD)
             # The dynamic mode also keeps the trim threshold at twice the mmap threshold;
             # without it every free at the heap top would shrink the heap again.
             libc.mallopt(_M_TRIM_THRESHOLD, 2 * RELAXED_THRESHOLD)
