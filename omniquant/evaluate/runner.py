@@ -136,14 +136,20 @@ def backbone_input(loaded, sample) -> torch.Tensor:
     return cap.embeds
 
 
-def _continue(backbone, embed, prefix: torch.Tensor, ids: list[int] | torch.Tensor, keep: int):
-    """Backbone logits of the last ``keep`` positions of ``prefix`` + ``ids``, float32 ``(keep, V)``."""
+def _append_tokens(embed, prefix: torch.Tensor, ids: list[int] | torch.Tensor) -> torch.Tensor:
+    """``prefix`` embeddings followed by the embeddings of token ``ids``."""
     if not isinstance(ids, torch.Tensor):
         ids = torch.tensor([ids], dtype=torch.long)
-    embeds = (
-        prefix if ids.numel() == 0 else torch.cat([prefix, embed(ids.to(prefix.device))], dim=1)
+    if ids.numel() == 0:
+        return prefix
+    return torch.cat([prefix, embed(ids.to(prefix.device))], dim=1)
+
+
+def _continue(backbone, embed, prefix: torch.Tensor, ids: list[int] | torch.Tensor, keep: int):
+    """Backbone logits of the last ``keep`` positions of ``prefix`` + ``ids``, float32 ``(keep, V)``."""
+    out = backbone(
+        inputs_embeds=_append_tokens(embed, prefix, ids), use_cache=False, logits_to_keep=keep
     )
-    out = backbone(inputs_embeds=embeds, use_cache=False, logits_to_keep=keep)
     return out.logits[0].float()
 
 
@@ -296,10 +302,9 @@ def _greedy(
         if on_reference and step < forced_logits.shape[0]:
             step_logits = forced_logits[step]
         else:
-            if cache is None:
-                ids = torch.tensor([generated], dtype=torch.long, device=prefix.device)
-                embeds = prefix if not generated else torch.cat([prefix, embed(ids)], dim=1)
-            else:
+            if cache is None:  # first step off the reference: prompt + tokens so far
+                embeds = _append_tokens(embed, prefix, generated)
+            else:  # the cache holds everything but the last token
                 embeds = embed(
                     torch.tensor([[generated[-1]]], dtype=torch.long, device=prefix.device)
                 )
