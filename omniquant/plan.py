@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from omniquant.errors import PlanError, RecipeError
+from omniquant.formats import FORMATS
 from omniquant.recipe import Recipe
 
 #: Groups that a recipe may set to fp8/nvfp4 (serving engines have no quantized
@@ -36,12 +37,10 @@ QUANTIZABLE_GROUPS = frozenset(
     }
 )
 
-FP8_CFG = {"num_bits": (4, 3), "axis": None}
-NVFP4_CFG = {
-    "num_bits": (2, 1),
-    "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)},
-}
-_FORMAT_CFG = {"fp8": FP8_CFG, "nvfp4": NVFP4_CFG}
+# The modelopt configs live in the format registry; these names stay importable.
+FP8_CFG = FORMATS["fp8"].modelopt_cfg
+NVFP4_CFG = FORMATS["nvfp4"].modelopt_cfg
+_FORMAT_CFG = {name: f.modelopt_cfg for name, f in FORMATS.items() if f.modelopt_cfg is not None}
 
 
 @dataclass
@@ -112,6 +111,13 @@ def resolve_plan(recipe: Recipe, loaded) -> Plan:
         else:
             matched = [n for n in module_group if fnmatch.fnmatchcase(n, rule.modules)]
             explicit = False
+        if not matched and rule.group is not None:
+            errors.append(
+                f"{where}: this model has no {rule.group} module (its config builds none: "
+                f"e.g. no MoE layer in the layer pattern, or no audio tower); remove the rule "
+                "or use a recipe written for this model."
+            )
+            continue
         if not matched:
             errors.append(
                 f"{where}: matches no module of this model; fix the pattern or remove the rule "

@@ -54,8 +54,12 @@ class ModelAdapter(ABC):
     guarded_groups: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
-    def load(self, path: Path, dtype: str = "bfloat16") -> LoadedModel:
-        """Load a checkpoint directory."""
+    def load(self, path: Path, dtype: str = "bfloat16", weights: bool = True) -> LoadedModel:
+        """Load a checkpoint directory.
+
+        With ``weights=False`` the model is built from ``config.json`` alone on the meta
+        device (shapes, no storage; no weight file is opened), for planning.
+        """
 
     @abstractmethod
     def quant_root_name(self) -> str:
@@ -113,6 +117,10 @@ def adapter_for(path: Path | str) -> ModelAdapter:
     )
 
 
-def load_model(path: Path | str, dtype: str = "bfloat16") -> LoadedModel:
-    """Load the checkpoint at ``path`` with its registered adapter."""
-    return adapter_for(path).load(Path(path), dtype=dtype)
+def load_model(path: Path | str, dtype: str = "bfloat16", weights: bool = True) -> LoadedModel:
+    """Load the checkpoint at ``path`` with its registered adapter.
+
+    ``weights=False`` builds the model from ``config.json`` alone on the meta device
+    (a directory holding only ``config.json`` is enough); no weight is read.
+    """
+    return adapter_for(path).load(Path(path), dtype=dtype, weights=weights)

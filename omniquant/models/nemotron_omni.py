@@ -91,8 +91,13 @@ class NemotronOmniAdapter(ModelAdapter):
     fused_expert_groups: ClassVar[frozenset[str]] = frozenset({"routed_experts"})
 
     # ------------------------------------------------------------------ loading
-    def load(self, path: Path, dtype: str = "bfloat16") -> LoadedModel:
-        """Load model and tokenizer from a checkpoint directory (hub layout)."""
+    def load(self, path: Path, dtype: str = "bfloat16", weights: bool = True) -> LoadedModel:
+        """Load model and tokenizer from a checkpoint directory (hub layout).
+
+        ``weights=False``: build the model from ``config.json`` alone on the meta
+        device in ``dtype`` (no weights, no tokenizer), e.g. to plan the released model
+        before downloading it.
+        """
         import torch
         from transformers import AutoTokenizer
         from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
@@ -101,6 +106,8 @@ class NemotronOmniAdapter(ModelAdapter):
 
         path = Path(path)
         cfg = read_config(path)
+        if not weights:
+            return self._load_meta(path, cfg, dtype)
         if not any(path.glob("*.safetensors")):
             raise ModelLoadError(f"--model {path}: no *.safetensors weights in the directory.")
         config = load_config(path)
@@ -125,6 +132,25 @@ class NemotronOmniAdapter(ModelAdapter):
         return LoadedModel(
             model=model, tokenizer=tokenizer, path=path, adapter=self, config_dict=cfg
         )
+
+    def _load_meta(self, path: Path, cfg: dict, dtype: str) -> LoadedModel:
+        import torch
+        from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
+            NemotronH_Omni_Reasoning_V3,
+        )
+
+        config = load_config(path)
+        try:
+            with torch.device("meta"):
+                model = NemotronH_Omni_Reasoning_V3._from_config(
+                    config, dtype=getattr(torch, dtype), experts_implementation="eager"
+                )
+        except Exception as exc:  # transformers raises many types; name the file
+            raise ModelLoadError(
+                f"{path / 'config.json'}: transformers cannot build the model from it: {exc}"
+            ) from exc
+        model.eval()
+        return LoadedModel(model=model, tokenizer=None, path=path, adapter=self, config_dict=cfg)
 
     def quant_root_name(self) -> str:
         return "language_model"
@@ -208,6 +234,44 @@ class NemotronOmniAdapter(ModelAdapter):
         groups = self.module_groups(model)
         picked = [n for n in groups["mamba_in_out"] if self.layer_index(n) in neighbours]
         return {"attention_neighbours": picked}
+
+    def calibration_shapes(self, model):
+        """The shapes that size one calibration forward (``omniquant.memory``)."""
+        from omniquant.memory import CalibrationShapes
+
+        text = model.config.text_config
+        widest = ("", 0, 0)
+        for name, module in model.language_model.named_modules():
+            if hasattr(module, "in_features"):
+                if module.in_features + module.out_features > widest[1] + widest[2]:
+                    widest = (f"language_model.{name}", module.in_features, module.out_features)
+        return CalibrationShapes(
+            hidden=text.hidden_size,
+            widest_linear=widest,
+            attention_heads=text.num_attention_heads,
+            experts=text.n_routed_experts,
+            experts_per_token=text.num_experts_per_tok,
+            expert_width=text.moe_intermediate_size,
+            mamba_heads=text.mamba_num_heads,
+            mamba_head_dim=text.mamba_head_dim,
+            ssm_state=text.ssm_state_size,
+            chunk=text.chunk_size,
+        )
+
+    def placement_units(self, model) -> list[tuple[str, int]]:
+        """``(name, bytes)`` of the model's tensors in module order, grouped as a device
+        map may place them: one backbone layer, or one top-level module."""
+        units: dict[str, int] = {}
+        for name, tensor in model.state_dict().items():
+            m = re.match(r"^(language_model\.model\.layers\.\d+)\.", name)
+            if m:
+                key = m.group(1)
+            elif name.startswith("language_model."):
+                key = ".".join(name.split(".")[:3 if name.startswith("language_model.model.") else 2])
+            else:
+                key = name.split(".", 1)[0]
+            units[key] = units.get(key, 0) + tensor.numel() * tensor.element_size()
+        return list(units.items())
 
     @staticmethod
     def layer_index(name: str) -> int | None:
