@@ -62,8 +62,10 @@ def make_tiny_cmd(
 
 # Further commands are registered by the modules below; each keeps its own
 # stage imports inside the command body.
-from omniquant import _cli_commands  # noqa: F401  (registers commands on `app`)
-from omniquant import _cli_plan  # noqa: F401, E402  (registers `plan`)
+from omniquant import (  # noqa: F401  (import registers the commands on `app`)
+    _cli_commands,
+    _cli_plan,  # plan
+)
 
 
 def main(argv: list[str] | None = None) -> int:

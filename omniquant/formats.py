@@ -73,12 +73,17 @@ class Format:
     #: Elements per scale block along the input dimension (None: per tensor).
     block_size: int | None = None
 
-    def tensors(self, out_features: int, in_features: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    def tensors(
+        self, out_features: int, in_features: int
+    ) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Suffix -> (dtype, shape) of every tensor stored for one ``[out, in]`` weight."""
         weight_in = in_features * self.element_bits // (8 * DTYPE_BYTES[self.weight_dtype])
         out = {"weight": (self.weight_dtype, (out_features, weight_in))}
         for scale in self.scales:
-            out[scale.suffix] = (scale.dtype, scale.shape(out_features, in_features, self.block_size))
+            out[scale.suffix] = (
+                scale.dtype,
+                scale.shape(out_features, in_features, self.block_size),
+            )
         return out
 
     def stored_bytes(self, out_features: int, in_features: int) -> int:
@@ -145,7 +150,10 @@ BF16 = Format(
 FORMATS: dict[str, Format] = {f.name: f for f in (FP8, NVFP4, BF16)}
 
 #: FP8 KV cache: one F32 scalar per attention layer beside each of these projections.
-KV_CACHE_SCALES: dict[str, tuple[str, str]] = {"k_scale": ("k_proj", "F32"), "v_scale": ("v_proj", "F32")}
+KV_CACHE_SCALES: dict[str, tuple[str, str]] = {
+    "k_scale": ("k_proj", "F32"),
+    "v_scale": ("v_proj", "F32"),
+}
 
 
 def get_format(name: str) -> Format:

@@ -177,13 +177,19 @@ def activation_terms(shapes: CalibrationShapes, tokens: int) -> tuple[dict[str, 
     }
     text = [
         f"widest_linear ({name}): T x (in {fin} + out {fout}) x {a} B = {terms['widest_linear']:,}",
-        f"attention_scores (SDPA math path, the CPU one; flash attention needs none): "
-        f"heads {s.attention_heads} x T^2 x 4 B = {terms['attention_scores']:,}",
-        f"mamba_chunk_scan (PyTorch path, fp32): 3 x ceil(T/{s.chunk}) x {s.chunk}^2 x heads "
-        f"{s.mamba_heads} x 4 B (L, G, M) + 2 x ceil(T/{s.chunk}) x {s.mamba_heads} x "
-        f"{s.mamba_head_dim} x {s.ssm_state} x 4 B (states) = {terms['mamba_chunk_scan']:,}",
-        f"moe_routing_mask (one_hot int64): T x top-{s.experts_per_token} x "
-        f"(experts {s.experts} + 1) x 8 B = {terms['moe_routing_mask']:,}",
+        (
+            f"attention_scores (SDPA math path, the CPU one; flash attention needs none): "
+            f"heads {s.attention_heads} x T^2 x 4 B = {terms['attention_scores']:,}"
+        ),
+        (
+            f"mamba_chunk_scan (PyTorch path, fp32): 3 x ceil(T/{s.chunk}) x {s.chunk}^2 x heads "
+            f"{s.mamba_heads} x 4 B (L, G, M) + 2 x ceil(T/{s.chunk}) x {s.mamba_heads} x "
+            f"{s.mamba_head_dim} x {s.ssm_state} x 4 B (states) = {terms['mamba_chunk_scan']:,}"
+        ),
+        (
+            f"moe_routing_mask (one_hot int64): T x top-{s.experts_per_token} x "
+            f"(experts {s.experts} + 1) x 8 B = {terms['moe_routing_mask']:,}"
+        ),
     ]
     return terms, text
 

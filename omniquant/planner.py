@@ -63,13 +63,17 @@ class PlanReport:
             "linear layers by format (fused experts counted per expert and projection):",
             "  " + ", ".join(f"{f} {n:,}" for f, n in s.layers_by_format.items()),
             "",
-            f"predicted checkpoint: {s.predicted_bytes:,} bytes = {gib(s.predicted_bytes)} "
-            f"({s.bits_per_weight:.3f} bits per weight over {s.source_params:,} stored elements; "
-            f"source {gib(s.source_bytes)})",
+            (
+                f"predicted checkpoint: {s.predicted_bytes:,} bytes = {gib(s.predicted_bytes)} "
+                f"({s.bits_per_weight:.3f} bits per weight over {s.source_params:,} stored "
+                f"elements; source {gib(s.source_bytes)})"
+            ),
             *[f"  {line}" for line in s.arithmetic],
             "",
-            f"calibration memory (T = {m.tokens} tokens, force_all_experts "
-            f"{'on' if m.force_all_experts else 'off'}):",
+            (
+                f"calibration memory (T = {m.tokens} tokens, force_all_experts "
+                f"{'on' if m.force_all_experts else 'off'}):"
+            ),
             *[f"  {line}" for line in m.arithmetic],
         ]
         if m.fits is not None:

@@ -144,9 +144,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(n))
-    return {
-        k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"
-    }
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
 
 
 def measured_tensor_bytes(ckpt: Path) -> int:
@@ -210,7 +208,7 @@ def predict_size(loaded, plan) -> SizePrediction:
             q.out_features, q.in_features
         )
     kv_bytes = 0
-    for _scale, (_anchor, dtype) in KV_CACHE_SCALES.items():
+    for _anchor, dtype in KV_CACHE_SCALES.values():
         kv_bytes += len(plan.kv_modules) * DTYPE_BYTES[dtype]
     kept = source_bytes - removed
     predicted = kept + sum(fmt_bytes.values()) + kv_bytes

@@ -2,8 +2,11 @@
 
 Policy:
 - Pre-flight first, in order of cost: recipe validation, output directory,
-  calibration data validation, model load, plan resolution. No calibration starts
-  before all of them pass.
+  calibration data validation, plan resolution on the meta device (from
+  config.json, before any weight is read), model load, plan resolution on the
+  loaded model. No calibration starts before all of them pass.
+- ``omniquant.json`` records the plan's predicted tensor bytes beside the
+  measured ones.
 - The output is built in a temporary sibling directory and renamed into place
   only after the audit passes; an interrupted or failed run removes it, and a run
   killed outright leaves only a ``.omniquant-tmp-*`` directory without
@@ -137,6 +140,14 @@ def quantize(
         set_dir = resolve_calib_set(rec.calibration.set)
         validated = preflight_calibration_set(set_dir, skip_bad=skip_bad)
 
+    # Plan on the meta device first: a recipe this config cannot take is refused
+    # before any weight is read, and the export's size is predicted from the same plan.
+    from omniquant.predict import measured_tensor_bytes, predict_size
+
+    meta = load_model(model, weights=False)
+    prediction = predict_size(meta, resolve_plan(rec, meta))
+    meta = None
+
     loaded = load_model(model)
     plan = resolve_plan(rec, loaded)
     plan_text = render_plan(plan)
@@ -203,6 +214,14 @@ def quantize(
             "plan": plan.to_json(),
             "quantized": plan.group_precision(),
             "shards": written["shards"],
+            # Tensor-data bytes (safetensors headers not counted): the plan's
+            # prediction beside what was written.
+            "size": {
+                "predicted_bytes": prediction.predicted_bytes,
+                "measured_bytes": measured_tensor_bytes(tmp),
+                "layers_by_format": prediction.layers_by_format,
+                "headers_counted": False,
+            },
             "warnings": warnings_out,
             "created_unix": int(time.time()),
         }

@@ -187,6 +187,27 @@ def slice_config_dict() -> dict[str, Any]:
     return released_config_dict(SLICE_PATTERN, vision_layers=2, audio_layers=2)
 
 
+def write_config_only(out: str | Path, kwargs: dict[str, Any] | None = None) -> Path:
+    """Write a directory holding only ``config.json`` (``released_config_dict()`` by
+    default): what ``omniquant plan`` needs to plan a model before downloading it.
+
+    Returns:
+        The directory.
+    """
+    from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3_Config,
+    )
+
+    config = NemotronH_Omni_Reasoning_V3_Config(
+        **(released_config_dict() if kwargs is None else kwargs)
+    )
+    config.architectures = ["NemotronH_Omni_Reasoning_V3"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    return out
+
+
 def tiny_config_dict(size: TinySize) -> dict[str, Any]:
     """Return the kwargs of a ``NemotronH_Omni_Reasoning_V3_Config`` for ``size``."""
     vocab = 256 + len(SPECIAL_TOKENS) + size.vocab_merges

@@ -32,7 +32,7 @@ quantization:
 
 def test_builtins_have_header_comments():
     names = set(builtin_recipes())
-    assert names == {"fp8_omni", "nvfp4_omni", "nvfp4_aggressive"}
+    assert names == {"fp8_omni", "nvfp4_omni", "nvfp4_aggressive", "fp8_backbone"}
     for name, path in builtin_recipes().items():
         assert path.read_text().startswith(f"# {name}:")
         assert "BF16" in recipe_header(path)

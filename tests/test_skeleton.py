@@ -65,7 +65,7 @@ def test_unknown_recipe_name(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert (
-        "--recipe fp9_omni: unknown recipe name; built-in recipes are fp8_omni, nvfp4_aggressive, nvfp4_omni"
+        "--recipe fp9_omni: unknown recipe name; built-in recipes are fp8_backbone, fp8_omni, nvfp4_aggressive, nvfp4_omni"
         in err
     )
 

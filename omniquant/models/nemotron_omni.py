@@ -242,9 +242,9 @@ class NemotronOmniAdapter(ModelAdapter):
         text = model.config.text_config
         widest = ("", 0, 0)
         for name, module in model.language_model.named_modules():
-            if hasattr(module, "in_features"):
-                if module.in_features + module.out_features > widest[1] + widest[2]:
-                    widest = (f"language_model.{name}", module.in_features, module.out_features)
+            width = getattr(module, "in_features", 0) + getattr(module, "out_features", 0)
+            if hasattr(module, "in_features") and width > widest[1] + widest[2]:
+                widest = (f"language_model.{name}", module.in_features, module.out_features)
         return CalibrationShapes(
             hidden=text.hidden_size,
             widest_linear=widest,
