@@ -20,8 +20,12 @@ def plan_cmd(
     recipe: Annotated[str, typer.Option(help="Built-in recipe name or path to a recipe YAML.")],
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     device: Annotated[
-        str, typer.Option(help="Calibration device(s): cpu, cuda, cuda:0 or cuda:0,cuda:1.")
-    ] = "cpu",
+        str | None,
+        typer.Option(
+            help="Calibration device(s): cpu, cuda, cuda:0 or cuda:0,cuda:1 "
+            "(default: cpu, or the devices --max-memory names)."
+        ),
+    ] = None,
     max_memory: Annotated[
         str | None,
         typer.Option(help="Memory per device, e.g. 0=120GiB,1=120GiB,cpu=200GiB."),

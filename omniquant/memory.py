@@ -217,7 +217,7 @@ def estimate_calibration_memory(
     tokens: int,
     *,
     force_all_experts: bool = False,
-    device: str = "cpu",
+    device: str | None = None,
     max_memory: str | None = None,
 ) -> MemoryEstimate:
     """Calibration memory per device.
@@ -228,8 +228,14 @@ def estimate_calibration_memory(
         shapes: The model's shape summary (``adapter.calibration_shapes``).
         tokens: Backbone tokens of the longest calibration sample.
         force_all_experts: The recipe's expert-coverage policy runs every expert.
-        device: ``--device`` string (``cpu``, ``cuda``, ``cuda:0,cuda:1``).
+        device: ``--device`` string (``cpu``, ``cuda``, ``cuda:0,cuda:1``): the devices
+            that may hold weights and run layers. None: ``cpu`` without
+            ``max_memory``, else every device ``max_memory`` names.
         max_memory: ``--max-memory`` string (``0=120GiB,cpu=200GiB``) or None.
+
+    Raises:
+        MemorySpecError: a bad string, or a ``--device`` that ``--max-memory`` gives
+            no budget.
     """
     if tokens < 1:
         raise MemorySpecError(f"--tokens {tokens}: must be at least 1.")
@@ -246,7 +252,7 @@ def estimate_calibration_memory(
     reserve = peak + force_bytes
 
     if max_memory is None:
-        devices = parse_devices(device)
+        devices = parse_devices(device or "cpu")
         if len(devices) > 1:
             raise MemorySpecError(
                 f"--device {device}: several devices need --max-memory to place weights "
@@ -263,6 +269,15 @@ def estimate_calibration_memory(
                               rows, None, arithmetic)  # fmt: skip
 
     budgets = parse_max_memory(max_memory)
+    if device is not None:
+        wanted = parse_devices(device)
+        missing = [d for d in wanted if d not in budgets]
+        if missing:
+            raise MemorySpecError(
+                f"--device {device}: --max-memory {max_memory} gives no budget for "
+                f"{', '.join(missing)}; add e.g. {missing[0].split(':')[-1]}=80GiB."
+            )
+        budgets = {d: b for d, b in budgets.items() if d in wanted or d == "cpu"}
     rows = []
     placed = {d: 0 for d in budgets}
     order = list(budgets)

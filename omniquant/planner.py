@@ -87,7 +87,7 @@ def plan_model(
     recipe: str | Path,
     *,
     overrides: list[str] | None = None,
-    device: str = "cpu",
+    device: str | None = None,
     max_memory: str | None = None,
     tokens: int = DEFAULT_TOKENS,
 ) -> PlanReport:
@@ -97,7 +97,8 @@ def plan_model(
         model: A checkpoint directory, or a directory holding only ``config.json``.
         recipe: Built-in recipe name or YAML path.
         overrides: ``key.path=value`` recipe overrides.
-        device: ``--device`` string for the memory estimate (``cpu``, ``cuda:0``...).
+        device: ``--device`` string for the memory estimate (``cpu``, ``cuda:0``...);
+            None: ``cpu``, or the devices ``max_memory`` names.
         max_memory: ``--max-memory`` string (``0=120GiB,1=120GiB,cpu=200GiB``) or None.
         tokens: Backbone tokens of the longest calibration sample.
 

@@ -263,7 +263,7 @@ def test_memory_arithmetic_and_placement():
     )
     # GPU 0 holds 'a' (room 2500 - 2160 reserve = 340 < 200 + 200), 'b' spills to GPU 1.
     split = estimate_calibration_memory(
-        [("a", 200), ("b", 200)], _SHAPES, t, device="cuda", max_memory="0=2500B,1=2500B,cpu=0B"
+        [("a", 200), ("b", 200)], _SHAPES, t, max_memory="0=2500B,1=2500B,cpu=0B"
     )
     assert [(d["device"], d["weights"]) for d in split.devices] == [
         ("cuda:0", 200), ("cuda:1", 200), ("cpu", 0),
@@ -301,3 +301,13 @@ def test_slice_nvfp4_omni_plan_equals_export(tmp_path):
     assert measured_tensor_bytes(out) == report.size.predicted_bytes
     manifest = json.loads((out / "omniquant.json").read_text())
     assert manifest["size"]["measured_bytes"] == manifest["size"]["predicted_bytes"]
+
+
+def test_device_must_have_a_budget_and_limits_placement():
+    est = estimate_calibration_memory(
+        [("a", 100)], _SHAPES, 10, device="cuda:1", max_memory="0=1GiB,1=1GiB,cpu=1GiB"
+    )
+    assert [d["device"] for d in est.devices] == ["cuda:1", "cpu"]
+    assert est.devices[0]["weights"] == 100
+    with pytest.raises(MemorySpecError, match="no budget for cuda:2"):
+        estimate_calibration_memory([("a", 1)], _SHAPES, 10, device="cuda:2", max_memory="0=1GiB")
