@@ -62,6 +62,7 @@ class PlanReport:
             "",
             "linear layers by format (fused experts counted per expert and projection):",
             "  " + ", ".join(f"{f} {n:,}" for f, n in s.layers_by_format.items()),
+            _block_line(s),
             "",
             (
                 f"predicted checkpoint: {s.predicted_bytes:,} bytes = {gib(s.predicted_bytes)} "
@@ -80,6 +81,19 @@ class PlanReport:
             lines.append(f"  fits: {'yes' if m.fits else 'NO'}")
         lines.append(f"planned in {self.seconds:.1f} s")
         return "\n".join(lines)
+
+
+def _block_line(size) -> str:
+    widths = size.nvfp4_input_widths
+    if not widths:
+        return "nvfp4 block-size check: no NVFP4 weight"
+    from omniquant.formats import FORMATS
+
+    block = FORMATS["nvfp4"].block_size
+    return (
+        f"nvfp4 block-size check: input widths {', '.join(map(str, widths))} all divide "
+        f"the block {block}; nothing refused"
+    )
 
 
 def plan_model(

@@ -57,6 +57,9 @@ class SizePrediction:
     bytes_by_format: dict[str, int]
     kv_scale_bytes: int
     arithmetic: list[str] = field(default_factory=list)
+    #: Distinct input widths of the NVFP4 weights (each divides the block, or the
+    #: plan would have been refused).
+    nvfp4_input_widths: list[int] = field(default_factory=list)
 
     @property
     def bits_per_weight(self) -> float:
@@ -75,6 +78,7 @@ class SizePrediction:
             "params_by_format": dict(self.params_by_format),
             "bytes_by_format": dict(self.bytes_by_format),
             "kv_scale_bytes": self.kv_scale_bytes,
+            "nvfp4_input_widths": list(self.nvfp4_input_widths),
             "arithmetic": list(self.arithmetic),
         }
 
@@ -247,6 +251,7 @@ def predict_size(loaded, plan) -> SizePrediction:
         bytes_by_format={f: fmt_bytes[f] for f in order},
         kv_scale_bytes=kv_bytes,
         arithmetic=arithmetic,
+        nvfp4_input_widths=sorted({q.in_features for q in qweights if q.format == "nvfp4"}),
     )
 
 
