@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from omniquant.engine.bundle import (
+from omniquant.engine.bundle_file import (
     TENSORRT_LLM_MIN_VERSION,
     read_bundle_json,
     write_bundle_json,
