@@ -1,4 +1,4 @@
-"""The ``plan`` command, registered on ``omniquant.cli.app`` (kept apart from
+"""The ``plan`` command, registered on ``omniquant._cli_app.app`` (kept apart from
 ``_cli_commands`` so the stage stays one small file; imports inside the body)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from omniquant.cli import _console, app
+from omniquant._cli_app import _console, app
 
 
 @app.command("plan")

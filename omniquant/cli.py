@@ -15,29 +15,8 @@ from typing import Annotated
 
 import typer
 
+from omniquant._cli_app import _console, app
 from omniquant.errors import OmniquantError
-
-app = typer.Typer(
-    name="omniquant",
-    help="Quantize omni-modal models to FP8/NVFP4, export serving checkpoints, "
-    "build engine bundles and report the quality cliff.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-@app.callback()
-def _root() -> None:
-    """Quantize omni-modal models to FP8/NVFP4 and report what was lost."""
-
-
-def _console():
-    """stdout console: no markup parsing and no hard wrapping, so paths and messages with
-    ``[...]`` print as they are, one line each (copy-pastable)."""
-    from rich.console import Console
-
-    return Console(stderr=False, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("make-tiny")
@@ -60,9 +39,10 @@ def make_tiny_cmd(
     _console().print(f"wrote tiny nemotron_h_omni checkpoint to {path}")
 
 
-# Further commands are registered by the modules below; each keeps its own
-# stage imports inside the command body.
-from omniquant import (  # noqa: F401  (import registers the commands on `app`)
+# Further commands are registered on `app` by these modules (they import `app` from
+# omniquant._cli_app, never from here: no import loop); each keeps its stage imports
+# inside the command body.
+from omniquant import (  # noqa: F401
     _cli_commands,
     _cli_plan,  # plan
 )
