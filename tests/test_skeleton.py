@@ -77,7 +77,7 @@ def test_usage_error_exit_code(capsys):
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("make-tiny", "quantize", "inspect", "recipes", "report", "cliff", "build-engine"):
+    for command in ("make-tiny", "plan", "quantize", "inspect", "recipes", "report", "cliff", "build-engine"):
         assert command in out, command
 
 
@@ -87,7 +87,7 @@ def test_recipes_lists_the_builtins_with_descriptions(capsys):
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     names = sorted(builtin_recipes())
-    assert names == ["fp8_omni", "nvfp4_aggressive", "nvfp4_omni"]
+    assert names == ["fp8_backbone", "fp8_omni", "nvfp4_aggressive", "nvfp4_omni"]
     for name in names:
         (line,) = [x for x in lines if x.split() and x.split()[0] == name]
         assert len(line.split()) > 1, f"{name}: no description"
