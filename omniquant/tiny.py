@@ -387,7 +387,7 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
         out: Output directory; must not exist unless ``force``.
         seed: RNG seed; the same seed gives byte-identical files.
         size: A key of ``SIZES``, or ``"slice"`` (released widths, few layers, ~3.6 B
-            parameters, ~7 GB written in 2 GB shards; needs ~10 GB of RAM).
+            parameters, ~7 GB written in 2 GB shards; needs ~8 GB of RAM).
         force: Overwrite an existing directory.
 
     Returns:

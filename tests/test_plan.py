@@ -311,3 +311,26 @@ def test_device_must_have_a_budget_and_limits_placement():
     assert est.devices[0]["weights"] == 100
     with pytest.raises(MemorySpecError, match="no budget for cuda:2"):
         estimate_calibration_memory([("a", 1)], _SHAPES, 10, device="cuda:2", max_memory="0=1GiB")
+
+
+def test_released_naming_config_plans_the_same(released_dir, tmp_path):
+    """A config.json in the hub's remote-code naming (legacy field names, as downloaded
+    from the release) plans like the native one."""
+    legacy_names = {  # transformers' NemotronH_Omni_Reasoning_V3_Config._legacy_field_names
+        "text_config": "llm_config",
+        "audio_config": "sound_config",
+        "vision_hidden_size": "vit_hidden_size",
+    }
+    cfg = json.loads((released_dir / "config.json").read_text())
+    for current, legacy in legacy_names.items():
+        if current in cfg:
+            cfg[legacy] = cfg.pop(current)
+    cfg["sound_config"]["model_type"] = "parakeet"
+    cfg["architectures"] = ["NemotronH_Nano_Omni_Reasoning_V3"]
+    cfg["model_type"] = "NemotronH_Nano_Omni_Reasoning_V3"
+    hub = tmp_path / "hub-config"
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps(cfg))
+    a, b = plan_model(hub, "nvfp4_omni"), plan_model(released_dir, "nvfp4_omni")
+    assert a.size.predicted_bytes == b.size.predicted_bytes
+    assert a.size.layers_by_format == {"nvfp4": 5888, "fp8": 98, "bf16": 457}
