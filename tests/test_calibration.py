@@ -160,7 +160,7 @@ def test_bad_calibration_set_fails_before_model_work(tiny_dir, bad_set, tmp_path
     assert not out.exists()
 
 
-def test_skip_bad_proceeds_and_reports(tiny_dir, bad_set, tmp_path, capsys):  # noqa: F811
+def test_skip_bad_proceeds_and_reports(tiny_dir, bad_set, tmp_path, capsys):
     out = tmp_path / "o"
     rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--calib", str(bad_set),
                "--skip-bad", "--quiet", "--out", str(out),
@@ -179,7 +179,7 @@ def test_skip_bad_proceeds_and_reports(tiny_dir, bad_set, tmp_path, capsys):  # 
 
 def test_bad_lines_after_the_used_prefix_are_not_called_skipped(
     tiny_dir,
-    bad_set,  # noqa: F811
+    bad_set,
     tmp_path,
     capsys,
 ):

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from media_factory import _png, _write_manifest
 
 from omniquant.data.manifest import BadLine, load_manifest, validate_manifest
 from omniquant.errors import DataError
-
-from media_factory import _png, _wav, _write_manifest
 
 
 def test_bad_media_fail_with_one_message_listing_all(bad_set: Path):
