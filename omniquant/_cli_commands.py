@@ -269,3 +269,50 @@ def cliff_cmd(
     for c in res.report["candidates"]:
         typer.echo(c['verdict'])
     console.print(f"report: {res.out / 'report' / 'report.html'}  ({res.seconds:.0f} s)")
+
+
+# --- serve (issue 15) -------------------------------------------------------
+
+
+@app.command("serve")
+def serve_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (BF16, FP8, NVFP4 export).")],
+    host: Annotated[
+        str, typer.Option(help="Address to bind; loopback by default (anything else exposes the model).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: a free port, printed at start).")] = 8000,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Model id in /v1/models (default: the directory name).")
+    ] = None,
+    max_request_mb: Annotated[
+        float, typer.Option(help="Refuse request bodies larger than this (HTTP 413).")
+    ] = 32.0,
+    max_logprobs: Annotated[
+        int, typer.Option(help="Largest top_logprobs / prompt_logprobs a request may ask for.")
+    ] = 20,
+) -> None:
+    """Serve a checkpoint through an OpenAI-compatible API with the emulated serving numerics."""
+    import sys
+
+    from omniquant.endpoint.server import serve
+    from omniquant.errors import ModelLoadError
+
+    if not checkpoint.is_dir():
+        raise ModelLoadError(f"{checkpoint}: no such checkpoint directory.")
+    if max_request_mb <= 0 or max_logprobs < 0:
+        raise ModelLoadError("--max-request-mb must be > 0 and --max-logprobs >= 0.")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding {host}: the server is reachable beyond this machine", file=sys.stderr)
+
+    def announce(text: str) -> None:
+        print(text, flush=True)
+
+    serve(
+        checkpoint,
+        host=host,
+        port=port,
+        model_id=served_model_name,
+        max_request_bytes=int(max_request_mb * 2**20),
+        max_logprobs=max_logprobs,
+        announce=announce,
+    )
