@@ -51,6 +51,7 @@ class EndpointClient:
         concurrency: Connection pool size.
         request_extra: Fields merged into every chat request (e.g.
             ``{"chat_template_kwargs": {"enable_thinking": false}}`` for vLLM).
+        transport: An httpx transport (tests pass ``httpx.MockTransport``).
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class EndpointClient:
         cache_dir: Path | None = None,
         concurrency: int = 4,
         request_extra: dict | None = None,
+        transport=None,
     ):
         import httpx
 
@@ -79,8 +81,11 @@ class EndpointClient:
         self.requests_sent = 0
         self.cache_hits = 0
         self._count_lock = threading.Lock()
-        limits = httpx.Limits(max_connections=max(1, concurrency), max_keepalive_connections=max(1, concurrency))
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout), limits=limits)
+        pool = max(1, concurrency)
+        limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(timeout), limits=limits, transport=transport
+        )
 
     def close(self) -> None:
         """Close the connection pool."""
