@@ -1,9 +1,14 @@
 """``omniquant serve`` and the report's endpoint backend on the demo model.
 
 Parity: the demo's FP8 and NVFP4 exports evaluated in-process and through ``omniquant
-serve`` give the same greedy answers, choices and accuracies, and fidelity within
-``KL_ABS + KL_REL * kl`` (the endpoint sees top-20 log-probabilities, in-process the
-full 492-token distributions). Resume: a report whose server is killed halfway finishes
+serve`` give the same greedy answers, choices, top-1 agreement and accuracies, and
+fidelity within tolerance: per sample ``|KL_endpoint - KL| <= KL_ABS + KL_REL * KL``,
+and the mean KL within ``KL_REL``. The endpoint sees top-20 log-probabilities (in-process:
+the full 492-token distributions), and its answer span is scored without the EOS token
+appended, so BF16 rounding differs at the 1e-7 level; the demo exports' KL is ~1e-6
+(measured, in-process vs served: mean 8.08e-7 vs 7.86e-7 for FP8, 7.26e-7 vs 7.13e-7
+for NVFP4, 7.26e-7 vs 6.80e-7 for NVFP4 against a served baseline; largest per-sample
+difference 2.0e-7). Resume: a report whose server is killed halfway finishes
 from its cache and equals an uninterrupted one. Errors: malformed requests get
 OpenAI-style 4xx answers and the server keeps serving.
 """
@@ -35,7 +40,7 @@ from omniquant.report import build_report
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: Fidelity tolerance between a top-20 endpoint and the full-distribution evaluation.
-KL_ABS, KL_REL = 1e-4, 0.05
+KL_ABS, KL_REL = 5e-7, 0.10
 REPORT = {"max_new_tokens": 4, "bootstrap": 0, "evs_rates": ()}
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -257,14 +262,16 @@ def test_exports_answer_every_modality_through_chat(demo_exports):
         items = prepare_task_items(OmniProcessor.from_pretrained(demo_exports[name]), entries)
         expected = evaluate_model(load_emulated(demo_exports[name]), items, max_new_tokens=4)
         with served(demo_exports[name], name) as url, httpx.Client(timeout=120) as http:
-            for entry, want in zip(entries, expected.samples):
+            for entry, item, want in zip(entries, items, expected.samples):
                 parts, extra = entry_content(entry)
                 body = http.post(f"{url}/chat/completions", json=_chat(parts, **extra)).json()
                 got = body["choices"][0]["message"]["content"]
+                # The server built the processor's token sequence, placeholders included.
+                assert body["usage"]["prompt_tokens"] == item.sample.input_ids.shape[1]
                 if entry.metric == "exact_match":
                     assert got == want.prediction, (name, entry.id)
-                else:  # video multiple choice: greedy text, just answered
-                    assert isinstance(got, str) and body["usage"]["prompt_tokens"] > 100
+                else:  # video is multiple choice (scored by likelihood): greedy text here
+                    assert got.strip() in entry.choices, (name, entry.id, got)
             audio = next(e for e in entries if e.modality == "audio")
             data = base64.b64encode(audio.resolve(audio.audio[0]).read_bytes()).decode()
             parts = [{"type": "input_audio", "input_audio": {"data": data, "format": "flac"}},
@@ -311,6 +318,8 @@ def test_endpoint_report_equals_in_process_report(demo_exports, tmp_path):
         for i, s in a.items():
             assert b[i]["top1"] == s["top1"], i
             assert abs(b[i]["kl"] - s["kl"]) <= KL_ABS + KL_REL * s["kl"], (i, s["kl"], b[i]["kl"])
+        kl, kl_served = mine["overall"]["kl_mean"], theirs["overall"]["kl_mean"]
+        assert kl > 1e-7 and abs(kl_served - kl) <= KL_REL * kl, (kl, kl_served)
     assert _samples(reverse["baseline"]).keys() == _samples(local["baseline"]).keys()
     for i, s in _samples(local["baseline"]).items():
         assert _samples(reverse["baseline"])[i]["prediction"] == s["prediction"], i
