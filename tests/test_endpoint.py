@@ -393,3 +393,36 @@ def test_report_resumes_after_the_server_is_killed(demo_exports, tmp_path):
     assert got["endpoint"]["requests_sent"] == want["endpoint"]["requests_sent"] - cached
     assert got["samples"] == want["samples"]
     assert got["tasks"] == want["tasks"] and got["overall"] == want["overall"]
+
+
+# ---------------------------------------------------------------------------- bundles
+
+
+@pytest.mark.slow
+def test_bundle_eval_script_serves_reports_and_stops(demo_exports, tmp_path):
+    """``eval.sh`` with SERVER=omniquant (the CPU stand-in for trtllm-serve / vLLM)."""
+    import socket
+
+    from omniquant.engine import build_engine_bundle
+
+    bundle = build_engine_bundle(demo_exports["fp8"], "hopper", tmp_path / "bundle", link=True).path
+    tasks = _subset(tmp_path, per_task=1)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "SERVER": "omniquant", "PORT": str(port), "OMP_NUM_THREADS": "1",
+           "OMNIQUANT": f"{sys.executable} -m omniquant.cli", "PYTHONPATH": str(ROOT),
+           "HEALTH_TIMEOUT": "300"}  # fmt: skip
+    out = tmp_path / "report"
+    done = subprocess.run(
+        ["bash", str(bundle / "eval.sh"), "--baseline", str(demo_exports["bf16"]), "--tasks",
+         str(tasks), "--out", str(out), "--max-new-tokens", "4"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    cand = report["candidates"][0]
+    assert cand["name"] == "fp8" and cand["endpoint"]["url"] == f"http://127.0.0.1:{port}/v1"
+    assert cand["precision"] == "FP8" and cand["overall"]["accuracy"] is not None
+    with pytest.raises(httpx.TransportError):  # the server was stopped
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
