@@ -414,10 +414,10 @@ def test_bundle_eval_script_serves_reports_and_stops(demo_exports, tmp_path):
            "OMNIQUANT": f"{sys.executable} -m omniquant.cli", "PYTHONPATH": str(ROOT),
            "HEALTH_TIMEOUT": "300"}  # fmt: skip
     out = tmp_path / "report"
-    done = subprocess.run(
+    done = subprocess.run(  # relative --tasks/--out: the caller's directory, not the bundle's
         ["bash", str(bundle / "eval.sh"), "--baseline", str(demo_exports["bf16"]), "--tasks",
-         str(tasks), "--out", str(out), "--max-new-tokens", "4"],
-        env=env, capture_output=True, text=True, timeout=600,
+         tasks.name, "--out", out.name, "--max-new-tokens", "4"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())

@@ -117,6 +117,7 @@ def _script(header: list[str], env: dict[str, str], body: list[str]) -> str:
 
 
 EVAL_SCRIPT = r"""
+CALLER_DIR="$OLDPWD"                  # report paths are the caller's, not the bundle's
 SERVER="${SERVER:-trtllm}"            # trtllm (serve.sh) | vllm (vllm_serve.sh) | omniquant (CPU emulation)
 PORT="${PORT:-8000}"
 HEALTH_TIMEOUT="${HEALTH_TIMEOUT:-1800}" # seconds; engines compile and capture CUDA graphs at start
@@ -151,6 +152,7 @@ while time.time() < deadline:
     time.sleep(2)
 sys.exit("eval.sh: the server did not become healthy in time (HEALTH_TIMEOUT)")
 PY
+cd "$CALLER_DIR"
 $OMNIQUANT report --candidate "$NAME=$URL/v1" "$@"
 """
 
