@@ -45,7 +45,9 @@ def _serve(path: Path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "omniquant.cli", "serve", str(path), "--port", "0",
            "--served-model-name", "fp8"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
     for line in proc.stdout:  # ends with the process
         if line.startswith("listening on "):
             return proc, line.split()[-1]

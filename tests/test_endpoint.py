@@ -95,7 +95,9 @@ def demo_exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_exports")
     out = {"bf16": demo_model_dir()}
     for name, recipe in (("fp8", "fp8_omni"), ("nvfp4", "nvfp4_omni")):
-        out[name] = quantize(demo_model_dir(), recipe, root / name, calib=DEMO_CALIB, quiet=True).out
+        out[name] = quantize(
+            demo_model_dir(), recipe, root / name, calib=DEMO_CALIB, quiet=True
+        ).out
     return out
 
 
@@ -165,7 +167,9 @@ def test_client_retries_transient_failures_then_gives_up(tmp_path):
     assert len(calls) == 2  # a 4xx is final
 
     transport, calls = _mock([httpx.ConnectError("refused")])
-    client = EndpointClient(parse_model_source("http://h/v1"), transport=transport, backoff=0, retries=2)
+    client = EndpointClient(
+        parse_model_source("http://h/v1"), transport=transport, backoff=0, retries=2
+    )
     with pytest.raises(EndpointError, match=r"no answer after 3 attempts \(last: ConnectError"):
         client.resolve_model()
     assert len(calls) == 3
@@ -175,7 +179,9 @@ def test_what_a_server_cannot_provide_is_not_available(tmp_path):
     """A server without prompt_logprobs: greedy answers scored, choices and KL n/a."""
     from omniquant.report.stats import summarize
 
-    entries = [e for e in validate_task_set(DEMO_TASKS) if e.task in ("shape_colour", "next_number")][:4]
+    entries = [
+        e for e in validate_task_set(DEMO_TASKS) if e.task in ("shape_colour", "next_number")
+    ][:4]
 
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path.endswith("/models"):
@@ -185,7 +191,9 @@ def test_what_a_server_cannot_provide_is_not_available(tmp_path):
         return httpx.Response(200, json={"choices": [{"message": {"content": text}}],
                                          "usage": {"prompt_tokens": 7}})  # fmt: skip
 
-    client = EndpointClient(parse_model_source("http://h/v1"), transport=httpx.MockTransport(handler))
+    client = EndpointClient(
+        parse_model_source("http://h/v1"), transport=httpx.MockTransport(handler)
+    )
     client.resolve_model()
     ev, missing = evaluate_endpoint(client, entries, keep_spans=True, concurrency=2)
     by_task = defaultdict(list)
@@ -206,18 +214,29 @@ def test_what_a_server_cannot_provide_is_not_available(tmp_path):
 
 
 def _chat(parts, **extra):
-    return {"messages": [{"role": "user", "content": parts}], "temperature": 0, "max_tokens": 4, **extra}
+    return {
+        "messages": [{"role": "user", "content": parts}],
+        "temperature": 0,
+        "max_tokens": 4,
+        **extra,
+    }
 
 
 def test_server_refuses_malformed_requests_and_keeps_serving():
     entry = validate_task_set(DEMO_TASKS)[0]  # an image question
     parts, _ = entry_content(entry)
-    with served(demo_model_dir(), "bf16", max_request_bytes=200_000) as url, httpx.Client(timeout=60) as http:
+    with (
+        served(demo_model_dir(), "bf16", max_request_bytes=200_000) as url,
+        httpx.Client(timeout=60) as http,
+    ):
+
         def post(body=None, **kw):
             r = http.post(f"{url}/chat/completions", json=body, **kw)
             return r.status_code, r.json()
 
-        bad_b64 = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not-base64"}}]
+        bad_b64 = [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@not-base64"}}
+        ]
         wrong_kind = [{"type": "image_url", "image_url": {"url": "data:audio/flac;base64,AAAA"}}]
         not_png = [{"type": "image_url",
                     "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"GIF89a").decode()}}]  # fmt: skip
@@ -227,22 +246,47 @@ def test_server_refuses_malformed_requests_and_keeps_serving():
             (post(_chat(wrong_kind)), 400, "content type 'audio/flac' in a image part"),
             (post(_chat(not_png)), 400, "image part 1 (image/png): cannot decode image"),
             (post(_chat(remote)), 400, "only base64 data URIs"),
-            (post(_chat("hi", model="no-such-model")), 404, "The model `no-such-model` does not exist"),
-            (post(_chat([{"type": "text", "text": "x" * 300_000}])), 413, "exceeds the limit of 200000"),
-            (post(content=b"{}", headers={"content-type": "text/plain"}), 415, "send application/json"),
-            (post(content=b"{not json", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+            (
+                post(_chat("hi", model="no-such-model")),
+                404,
+                "The model `no-such-model` does not exist",
+            ),
+            (
+                post(_chat([{"type": "text", "text": "x" * 300_000}])),
+                413,
+                "exceeds the limit of 200000",
+            ),
+            (
+                post(content=b"{}", headers={"content-type": "text/plain"}),
+                415,
+                "send application/json",
+            ),
+            (
+                post(content=b"{not json", headers={"content-type": "application/json"}),
+                400,
+                "not valid JSON",
+            ),
             (post(_chat("hi", temperature=0.7)), 400, "decodes greedily"),
             (post(_chat([{"type": "file", "file": {}}])), 400, "'file' is not supported"),
         ]
         for (status, body), want_status, want_text in cases:
             assert status == want_status, body
-            assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-            assert body["error"]["code"] == want_status and want_text in body["error"]["message"], body
+            assert set(body) == {"error"} and set(body["error"]) == {
+                "message",
+                "type",
+                "param",
+                "code",
+            }
+            assert body["error"]["code"] == want_status and want_text in body["error"]["message"], (
+                body
+            )
             assert "Traceback" not in body["error"]["message"]
         status, body = post(_chat(parts))  # still alive, and right
         assert status == 200 and body["choices"][0]["message"]["content"] == entry.answer
         models = http.get(f"{url}/models").json()["data"]
-        assert [m["id"] for m in models] == ["bf16"] and models[0]["omniquant"]["precision"] == "BF16"
+        assert [m["id"] for m in models] == ["bf16"] and models[0]["omniquant"][
+            "precision"
+        ] == "BF16"
 
 
 @pytest.mark.slow
@@ -294,7 +338,10 @@ def test_endpoint_report_equals_in_process_report(demo_exports, tmp_path):
     tasks = _subset(tmp_path, per_task=2)
     local = build_report(demo_exports["bf16"], [demo_exports["fp8"], demo_exports["nvfp4"]],
                          tasks, tmp_path / "local", **REPORT)  # fmt: skip
-    with served(demo_exports["fp8"], "fp8") as fp8_url, served(demo_exports["nvfp4"], "nvfp4") as nv_url:
+    with (
+        served(demo_exports["fp8"], "fp8") as fp8_url,
+        served(demo_exports["nvfp4"], "nvfp4") as nv_url,
+    ):
         remote = build_report(
             demo_exports["bf16"], [f"fp8={fp8_url}", f"nvfp4={nv_url}"], tasks, tmp_path / "remote",
             concurrency=3, **REPORT,
@@ -306,12 +353,16 @@ def test_endpoint_report_equals_in_process_report(demo_exports, tmp_path):
     pairs = [(local["candidates"][0], remote["candidates"][0]),
              (local["candidates"][1], remote["candidates"][1]),
              (local["candidates"][1], reverse["candidates"][0])]  # fmt: skip
-    assert remote["candidates"][0]["name"] == "fp8" and remote["candidates"][0]["precision"] == "FP8"
+    assert (
+        remote["candidates"][0]["name"] == "fp8" and remote["candidates"][0]["precision"] == "FP8"
+    )
     assert reverse["baseline"]["endpoint"]["model"] == "bf16"
     for mine, theirs in pairs:
         assert theirs["bits_per_weight"] == mine["bits_per_weight"]
         a, b = _samples(mine), _samples(theirs)
-        assert {i: s["prediction"] for i, s in a.items()} == {i: s["prediction"] for i, s in b.items()}
+        assert {i: s["prediction"] for i, s in a.items()} == {
+            i: s["prediction"] for i, s in b.items()
+        }
         assert {i: s["score"] for i, s in a.items()} == {i: s["score"] for i, s in b.items()}
         for task, t in mine["tasks"].items():
             assert theirs["tasks"][task]["accuracy"] == t["accuracy"], task
@@ -337,7 +388,9 @@ def serve_process(path: Path, model_id: str):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "omniquant.cli", "serve", str(path), "--port", "0",
            "--served-model-name", model_id]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
     try:
         url = None
         for line in proc.stdout:  # ends when the process does
@@ -417,7 +470,7 @@ def test_bundle_eval_script_serves_reports_and_stops(demo_exports, tmp_path):
     done = subprocess.run(  # relative --tasks/--out: the caller's directory, not the bundle's
         ["bash", str(bundle / "eval.sh"), "--baseline", str(demo_exports["bf16"]), "--tasks",
          tasks.name, "--out", out.name, "--max-new-tokens", "4"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())

@@ -112,7 +112,8 @@ class EndpointClient:
                 message = _error_message(response)
                 if response.status_code not in TRANSIENT_STATUS:
                     raise EndpointError(
-                        f"{url}: HTTP {response.status_code}: {message}", status=response.status_code
+                        f"{url}: HTTP {response.status_code}: {message}",
+                        status=response.status_code,
                     )
                 last = f"HTTP {response.status_code}: {message}"
                 retry_after = response.headers.get("retry-after", "")
@@ -157,7 +158,9 @@ class EndpointClient:
         if self.cache_root is None or self.model_id is None:
             return None
         root = str(self.model_entry.get("root") or "")
-        return self.cache_root / f"{_slug(self.model_id)}-{_digest(self.model_id + '|' + root)[:12]}"
+        return (
+            self.cache_root / f"{_slug(self.model_id)}-{_digest(self.model_id + '|' + root)[:12]}"
+        )
 
     def chat(self, body: dict, sample_id: str) -> dict:
         """``POST /chat/completions`` for ``sample_id``, answered from the cache when present."""

@@ -90,7 +90,11 @@ def _span(answer: dict, base_tokens: int, k: int):
     rows: list[list[tuple[int, float]]] = []
     for entry in _prefill_entries(answer, base_tokens):
         top = sorted(
-            ((int(t), float(v["logprob"])) for t, v in entry.items() if int(v.get("rank", k + 1)) <= k),
+            (
+                (int(t), float(v["logprob"]))
+                for t, v in entry.items()
+                if int(v.get("rank", k + 1)) <= k
+            ),
             key=lambda tv: -tv[1],
         )
         rows.append(top)
@@ -194,7 +198,9 @@ def evaluate_endpoint(
             body = {**_messages(parts, entry.answer), **extra, "temperature": 0, "max_tokens": 1,
                     "logprobs": True, "top_logprobs": topk, "prompt_logprobs": topk,
                     "return_tokens_as_token_ids": True}  # fmt: skip
-            span = optional("fidelity", lambda: _span(client.chat(body, entry.id), base_tokens, topk))
+            span = optional(
+                "fidelity", lambda: _span(client.chat(body, entry.id), base_tokens, topk)
+            )
             ref = reference.get(entry.id) if reference is not None else None
             if span is not None and ref is not None:
                 kl_t, agree_t = compare_topk(ref, *span)
@@ -208,7 +214,8 @@ def evaluate_endpoint(
                 got = None
                 if base_tokens is not None:
                     got = optional(
-                        "likelihood", lambda b=body: _choice_score(client.chat(b, entry.id), base_tokens)
+                        "likelihood",
+                        lambda b=body: _choice_score(client.chat(b, entry.id), base_tokens),
                     )
                 if got is None:
                     scores = None
@@ -233,7 +240,9 @@ def evaluate_endpoint(
     results: list = [None] * len(entries)
     spans: dict = {}
     done = 0
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="omniquant-endpoint")
+    pool = ThreadPoolExecutor(
+        max_workers=max(1, concurrency), thread_name_prefix="omniquant-endpoint"
+    )
     try:
         futures = {pool.submit(one, entry): i for i, entry in enumerate(entries)}
         pending = set(futures)

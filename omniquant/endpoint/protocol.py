@@ -33,7 +33,9 @@ MARKERS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
 PART_TYPES = {"image_url": "image", "video_url": "video", "audio_url": "audio"}
 _MARKER_RE = re.compile("(" + "|".join(re.escape(m) for m in MARKERS.values()) + ")")
 _NAME_RE = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$")
-_DATA_URI_RE = re.compile(r"^data:([A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+)?((?:;[^,;]*)*),(.*)$", re.S)
+_DATA_URI_RE = re.compile(
+    r"^data:([A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+)?((?:;[^,;]*)*),(.*)$", re.DOTALL
+)
 # Suffixes mimetypes does not know everywhere.
 _EXTRA_MIME = {".flac": "audio/flac", ".wav": "audio/wav", ".webm": "video/webm",
                ".mp4": "video/mp4", ".mkv": "video/x-matroska", ".ogg": "audio/ogg"}  # fmt: skip
@@ -116,7 +118,9 @@ def parse_model_source(value: str | Path | ModelSource) -> ModelSource:
 def mime_of(path: Path) -> str:
     """MIME type of a media file from its suffix."""
     suffix = path.suffix.lower()
-    return _EXTRA_MIME.get(suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return (
+        _EXTRA_MIME.get(suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    )
 
 
 def data_uri(path: Path) -> str:
@@ -217,7 +221,9 @@ def decode_data_uri(url: str, kind: str, param: str) -> MediaBlob:
         )  # fmt: skip
     m = _DATA_URI_RE.match(url)
     if not m or ";base64" not in m.group(2):
-        raise ProtocolError(f"{param}: malformed data URI; expected data:<mime>;base64,<data>", param=param)
+        raise ProtocolError(
+            f"{param}: malformed data URI; expected data:<mime>;base64,<data>", param=param
+        )
     mime = (m.group(1) or "").lower()
     if not mime.startswith(f"{kind}/"):
         raise ProtocolError(
@@ -248,7 +254,9 @@ def _text_of(content, param: str) -> str:
     raise ProtocolError(f"{param}: must be a string or a list of text parts", param=param)
 
 
-def chat_prompt(messages: list, continue_final_message: bool, add_generation_prompt: bool) -> ChatPrompt:
+def chat_prompt(
+    messages: list, continue_final_message: bool, add_generation_prompt: bool
+) -> ChatPrompt:
     """Reduce ``messages`` to a prompt with markers, media and an optional prefill.
 
     Accepted shapes: one ``user`` message, optionally followed by one ``assistant``
@@ -278,7 +286,9 @@ def chat_prompt(messages: list, continue_final_message: bool, add_generation_pro
             return ChatPrompt(prompt=content, prefill=prefill)
         content = [{"type": "text", "text": content}]
     if not isinstance(content, list):
-        raise ProtocolError("messages[0].content: must be a string or a list of parts", param="messages")
+        raise ProtocolError(
+            "messages[0].content: must be a string or a list of parts", param="messages"
+        )
     text, media = [], []
     for i, part in enumerate(content):
         param = f"messages[0].content[{i}]"
@@ -302,7 +312,9 @@ def chat_prompt(messages: list, continue_final_message: bool, add_generation_pro
         elif kind == "input_audio":
             body = part.get("input_audio")
             if not isinstance(body, dict) or not isinstance(body.get("data"), str):
-                raise ProtocolError(f"{param}.input_audio: needs 'data' (base64) and 'format'", param=param)
+                raise ProtocolError(
+                    f"{param}.input_audio: needs 'data' (base64) and 'format'", param=param
+                )
             data = body["data"]
             if data.startswith("data:"):
                 blob = decode_data_uri(data, "audio", f"{param}.input_audio.data")
@@ -313,7 +325,9 @@ def chat_prompt(messages: list, continue_final_message: bool, add_generation_pro
                         f"{param}.input_audio.format: {fmt!r}; use one of {sorted(AUDIO_FORMATS)}",
                         param=param,
                     )
-                blob = MediaBlob("audio", AUDIO_FORMATS[fmt], b64decode(data, f"{param}.input_audio.data"))
+                blob = MediaBlob(
+                    "audio", AUDIO_FORMATS[fmt], b64decode(data, f"{param}.input_audio.data")
+                )
             media.append(blob)
             text.append(MARKERS["audio"])
         else:

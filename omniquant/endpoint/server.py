@@ -196,9 +196,14 @@ class ServedModel:
                     if cache is None:  # prompt + prefill + tokens so far fill the cache
                         embeds = _append_tokens(embed, prefix, prefill + tokens)
                     else:
-                        embeds = embed(torch.tensor([[tokens[-1]]], dtype=torch.long, device=prefix.device))
+                        embeds = embed(
+                            torch.tensor([[tokens[-1]]], dtype=torch.long, device=prefix.device)
+                        )
                     out = backbone(
-                        inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1
+                        inputs_embeds=embeds,
+                        past_key_values=cache,
+                        use_cache=True,
+                        logits_to_keep=1,
                     )
                     cache = out.past_key_values
                     step_logits = out.logits[0, -1].float()
@@ -232,7 +237,9 @@ def _int(body: dict, key: str, default, low: int, high: int) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ProtocolError(f"{key}: must be an integer in [{low}, {high}], got {value!r}", param=key)
+        raise ProtocolError(
+            f"{key}: must be an integer in [{low}, {high}], got {value!r}", param=key
+        )
     return value
 
 
@@ -309,11 +316,14 @@ def handle_chat(model: ServedModel, body: dict, max_logprobs: int) -> dict:
                     "logprob": s.logprob,
                     "bytes": list(model.token_text(s.token).encode()),
                     "top_logprobs": [
-                        {"token": _token_name(model, t, as_ids), "logprob": lp,
-                         "bytes": list(model.token_text(t).encode())}
+                        {
+                            "token": _token_name(model, t, as_ids),
+                            "logprob": lp,
+                            "bytes": list(model.token_text(t).encode()),
+                        }
                         for t, lp in s.top
                     ],
-                }  # fmt: skip
+                }
                 for s in c.steps
             ]
         }
@@ -372,9 +382,13 @@ def handle_completion(model: ServedModel, body: dict, max_logprobs: int) -> dict
         "created": int(time.time()),
         "model": model.model_id,
         "choices": [
-            {"index": 0, "text": model.text_of(c.tokens), "logprobs": logprobs,
-             "finish_reason": c.finish_reason}
-        ],  # fmt: skip
+            {
+                "index": 0,
+                "text": model.text_of(c.tokens),
+                "logprobs": logprobs,
+                "finish_reason": c.finish_reason,
+            }
+        ],
         "usage": _usage(c),
         "prompt_logprobs": _prompt_logprobs(model, c, as_ids),
     }

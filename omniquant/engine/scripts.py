@@ -161,11 +161,15 @@ def render_eval_script(*, banner: str, name: str) -> str:
     """``eval.sh``: serve this bundle, report on it, stop the server (see the module policy)."""
     return _script(
         [
-            f"Evaluate this bundle as served: start its server, wait for health, run "
-            f"`omniquant report`, stop it. {banner}",
+            (
+                "Evaluate this bundle as served: start its server, wait for health, run "
+                f"`omniquant report`, stop it. {banner}"
+            ),
             "Usage: ./eval.sh --baseline BF16_DIR_OR_NAME=URL --tasks TASKS --out DIR [report options]",
-            "The served model is added as --candidate NAME=http://127.0.0.1:$PORT/v1; more "
-            "--candidate options may be passed.",
+            (
+                "The served model is added as --candidate NAME=http://127.0.0.1:$PORT/v1; more "
+                "--candidate options may be passed."
+            ),
             "Environment: SERVER (trtllm | vllm | omniquant), PORT, HEALTH_TIMEOUT, NAME, OMNIQUANT, LOG.",
         ],
         {},
