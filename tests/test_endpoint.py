@@ -341,18 +341,21 @@ def test_endpoint_report_equals_in_process_report(demo_exports, tmp_path):
     with (
         served(demo_exports["fp8"], "fp8") as fp8_url,
         served(demo_exports["nvfp4"], "nvfp4") as nv_url,
+        served(demo_exports["bf16"], "bf16") as bf16_url,
     ):
         remote = build_report(
             demo_exports["bf16"], [f"fp8={fp8_url}", f"nvfp4={nv_url}"], tasks, tmp_path / "remote",
             concurrency=3, **REPORT,
         )  # fmt: skip
-    with served(demo_exports["bf16"], "bf16") as bf16_url:
-        # The reverse: a served baseline, an in-process candidate.
+        # The reverse (a served baseline, an in-process candidate), and all served.
         reverse = build_report(f"bf16={bf16_url}", [demo_exports["nvfp4"]], tasks,
                                tmp_path / "reverse", **REPORT)  # fmt: skip
+        all_served = build_report(f"bf16={bf16_url}", [f"nvfp4={nv_url}"], tasks,
+                                  tmp_path / "all_served", **REPORT)  # fmt: skip
     pairs = [(local["candidates"][0], remote["candidates"][0]),
              (local["candidates"][1], remote["candidates"][1]),
-             (local["candidates"][1], reverse["candidates"][0])]  # fmt: skip
+             (local["candidates"][1], reverse["candidates"][0]),
+             (local["candidates"][1], all_served["candidates"][0])]  # fmt: skip
     assert (
         remote["candidates"][0]["name"] == "fp8" and remote["candidates"][0]["precision"] == "FP8"
     )

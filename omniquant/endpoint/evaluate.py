@@ -21,6 +21,11 @@ samples run concurrently on ``concurrency`` threads):
   ids, an HTTP 4xx on those requests) are recorded as not available: ``kl``/``top1``
   ``None``, multiple-choice ``prediction`` and ``score`` ``None``, with the reason in
   the returned capabilities. Nothing is estimated in their place.
+- Alignment assumption: the server's chat template renders a continued assistant
+  message as its generation prompt followed by the message text (true of ChatML-style
+  templates and of ``omniquant serve``, which renders none). A template that adds text
+  only to the generation prompt (a thinking block, say) shifts the positions; switch
+  it off with ``request_extra`` (e.g. ``chat_template_kwargs``).
 - Video token counts and EVS rates are server settings (``--video-pruning-rate``) that
   the API does not report: ``None`` for served models.
 """
