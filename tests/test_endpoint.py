@@ -289,43 +289,6 @@ def test_server_refuses_malformed_requests_and_keeps_serving():
         ] == "BF16"
 
 
-@pytest.mark.slow
-def test_exports_answer_every_modality_through_chat(demo_exports):
-    """FP8 and NVFP4 exports served: text, image, video, audio (audio_url and input_audio)."""
-    from omniquant.data.processing import OmniProcessor
-    from omniquant.evaluate import evaluate_model, prepare_task_items
-    from omniquant.serving import load_emulated
-
-    picks = {}
-    for e in validate_task_set(DEMO_TASKS):
-        if e.metric == "exact_match" or e.modality == "video":
-            picks.setdefault(e.modality, e)
-    entries = list(picks.values())
-    assert {e.modality for e in entries} == {"text", "image", "video", "audio"}
-    for name in ("fp8", "nvfp4"):
-        items = prepare_task_items(OmniProcessor.from_pretrained(demo_exports[name]), entries)
-        expected = evaluate_model(load_emulated(demo_exports[name]), items, max_new_tokens=4)
-        with served(demo_exports[name], name) as url, httpx.Client(timeout=120) as http:
-            for entry, item, want in zip(entries, items, expected.samples):
-                parts, extra = entry_content(entry)
-                body = http.post(f"{url}/chat/completions", json=_chat(parts, **extra)).json()
-                got = body["choices"][0]["message"]["content"]
-                # The server built the processor's token sequence, placeholders included.
-                assert body["usage"]["prompt_tokens"] == item.sample.input_ids.shape[1]
-                if entry.metric == "exact_match":
-                    assert got == want.prediction, (name, entry.id)
-                else:  # video is multiple choice (scored by likelihood): greedy text here
-                    assert got.strip() in entry.choices, (name, entry.id, got)
-            audio = next(e for e in entries if e.modality == "audio")
-            data = base64.b64encode(audio.resolve(audio.audio[0]).read_bytes()).decode()
-            parts = [{"type": "input_audio", "input_audio": {"data": data, "format": "flac"}},
-                     {"type": "text", "text": audio.prompt.replace("<audio>", "")}]  # fmt: skip
-            parts = parts[::-1] if audio.prompt.endswith("<audio>") else parts
-            body = http.post(f"{url}/chat/completions", json=_chat(parts)).json()
-            assert body["choices"][0]["message"]["content"] == expected.samples[
-                entries.index(audio)].prediction  # fmt: skip
-
-
 # ---------------------------------------------------------------------------- parity
 
 
@@ -333,25 +296,87 @@ def _samples(model: dict) -> dict:
     return {s["id"]: s for s in model["samples"]}
 
 
-@pytest.mark.slow
-def test_endpoint_report_equals_in_process_report(demo_exports, tmp_path):
-    tasks = _subset(tmp_path, per_task=2)
+def _chat_every_modality(url: str, entries: list) -> dict:
+    """One chat per modality (audio also as ``input_audio``): ``{sample id: response}``."""
+    picks = {}
+    for e in entries:
+        if e.metric == "exact_match" or e.modality == "video":
+            picks.setdefault(e.modality, e)
+    answers = {}
+    with httpx.Client(timeout=120) as http:
+        for entry in picks.values():
+            parts, extra = entry_content(entry)
+            answers[entry.id] = http.post(
+                f"{url}/chat/completions", json=_chat(parts, **extra)
+            ).json()
+        audio = picks["audio"]
+        assert audio.prompt.endswith("<audio>")
+        data = base64.b64encode(audio.resolve(audio.audio[0]).read_bytes()).decode()
+        parts = [{"type": "text", "text": audio.prompt.replace("<audio>", "")},
+                 {"type": "input_audio", "input_audio": {"data": data, "format": "flac"}}]  # fmt: skip
+        answers["input_audio"] = http.post(f"{url}/chat/completions", json=_chat(parts)).json()
+    return answers
+
+
+@pytest.fixture(scope="module")
+def parity(demo_exports, tmp_path_factory):
+    """In-process, served-candidate, served-baseline and all-served reports on one subset."""
+    tmp = tmp_path_factory.mktemp("parity")
+    tasks = _subset(tmp, per_task=2)
     local = build_report(demo_exports["bf16"], [demo_exports["fp8"], demo_exports["nvfp4"]],
-                         tasks, tmp_path / "local", **REPORT)  # fmt: skip
+                         tasks, tmp / "local", **REPORT)  # fmt: skip
+    chats = {}
     with (
         served(demo_exports["fp8"], "fp8") as fp8_url,
         served(demo_exports["nvfp4"], "nvfp4") as nv_url,
         served(demo_exports["bf16"], "bf16") as bf16_url,
     ):
         remote = build_report(
-            demo_exports["bf16"], [f"fp8={fp8_url}", f"nvfp4={nv_url}"], tasks, tmp_path / "remote",
+            demo_exports["bf16"], [f"fp8={fp8_url}", f"nvfp4={nv_url}"], tasks, tmp / "remote",
             concurrency=3, **REPORT,
         )  # fmt: skip
         # The reverse (a served baseline, an in-process candidate), and all served.
         reverse = build_report(f"bf16={bf16_url}", [demo_exports["nvfp4"]], tasks,
-                               tmp_path / "reverse", **REPORT)  # fmt: skip
+                               tmp / "reverse", **REPORT)  # fmt: skip
         all_served = build_report(f"bf16={bf16_url}", [f"nvfp4={nv_url}"], tasks,
-                                  tmp_path / "all_served", **REPORT)  # fmt: skip
+                                  tmp / "all_served", **REPORT)  # fmt: skip
+        for name, url in (("fp8", fp8_url), ("nvfp4", nv_url)):
+            chats[name] = _chat_every_modality(url, validate_task_set(tasks))
+    return {"local": local, "remote": remote, "reverse": reverse, "all_served": all_served,
+            "chats": chats, "tasks": tasks, "tmp": tmp}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_exports_answer_every_modality_through_chat(demo_exports, parity):
+    """FP8 and NVFP4 exports served: text, image, video, audio (audio_url and input_audio)."""
+    from omniquant.data.processing import OmniProcessor
+    from omniquant.evaluate import prepare_task_items
+
+    entries = {e.id: e for e in validate_task_set(parity["tasks"])}
+    for index, name in enumerate(("fp8", "nvfp4")):
+        answers = parity["chats"][name]
+        local = _samples(parity["local"]["candidates"][index])
+        picked = [entries[i] for i in answers if i != "input_audio"]
+        assert {e.modality for e in picked} == {"text", "image", "video", "audio"}
+        items = prepare_task_items(OmniProcessor.from_pretrained(demo_exports[name]), picked)
+        for entry, item in zip(picked, items):
+            body = answers[entry.id]
+            got = body["choices"][0]["message"]["content"]
+            # The server built the processor's token sequence, placeholders included.
+            assert body["usage"]["prompt_tokens"] == item.sample.input_ids.shape[1]
+            if entry.metric == "exact_match":
+                assert got == local[entry.id]["prediction"], (name, entry.id)
+            else:  # video is multiple choice (scored by likelihood): greedy text here
+                assert got.strip() in entry.choices, (name, entry.id, got)
+        audio = next(e for e in picked if e.modality == "audio")
+        got = answers["input_audio"]["choices"][0]["message"]["content"]
+        assert got == local[audio.id]["prediction"]
+
+
+@pytest.mark.slow
+def test_endpoint_report_equals_in_process_report(parity):
+    local, remote = parity["local"], parity["remote"]
+    reverse, all_served = parity["reverse"], parity["all_served"]
     pairs = [(local["candidates"][0], remote["candidates"][0]),
              (local["candidates"][1], remote["candidates"][1]),
              (local["candidates"][1], reverse["candidates"][0]),
@@ -379,7 +404,7 @@ def test_endpoint_report_equals_in_process_report(demo_exports, tmp_path):
         assert _samples(reverse["baseline"])[i]["prediction"] == s["prediction"], i
     assert remote["candidates"][0]["evs"] is None  # a server setting: not available
     assert "endpoints" in remote["settings"] and "endpoints" not in local["settings"]
-    assert (tmp_path / "remote" / "report.html").is_file()
+    assert (parity["tmp"] / "remote" / "report.html").is_file()
 
 
 # ---------------------------------------------------------------------------- resume
