@@ -5,7 +5,7 @@ Policy:
   the checkpoint's files (FP8 / NVFP4 dequantized from the stored bytes, activation and
   FP8 KV quantization emulated), prompts go through ``omniquant.data.processing`` and
   the backbone is driven by the same helpers as ``omniquant.evaluate.runner``. It runs
-  on CPU or GPU, with no serving engine installed.
+  on the CPU (the loader places the model there), with no serving engine installed.
 - Built on FastAPI + uvicorn (no hand-written HTTP). Endpoints: ``GET /v1/models``,
   ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /health``. Chat takes
   ``text``, ``image_url``, ``video_url``, ``audio_url`` and ``input_audio`` parts with
