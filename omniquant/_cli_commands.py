@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from omniquant.cli import _console, app
+from omniquant._cli_app import _console, app
 
 
 @app.command("quantize")

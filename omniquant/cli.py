@@ -15,29 +15,8 @@ from typing import Annotated
 
 import typer
 
+from omniquant._cli_app import _console, app
 from omniquant.errors import OmniquantError
-
-app = typer.Typer(
-    name="omniquant",
-    help="Quantize omni-modal models to FP8/NVFP4, export serving checkpoints, "
-    "build engine bundles and report the quality cliff.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-@app.callback()
-def _root() -> None:
-    """Quantize omni-modal models to FP8/NVFP4 and report what was lost."""
-
-
-def _console():
-    """stdout console: no markup parsing and no hard wrapping, so paths and messages with
-    ``[...]`` print as they are, one line each (copy-pastable)."""
-    from rich.console import Console
-
-    return Console(stderr=False, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("make-tiny")
@@ -56,9 +35,10 @@ def make_tiny_cmd(
     _console().print(f"wrote tiny nemotron_h_omni checkpoint to {path}")
 
 
-# Further commands are registered by the modules below; each keeps its own
-# stage imports inside the command body.
-from omniquant import _cli_commands  # noqa: F401  (registers commands on `app`)
+# Further commands are registered on `app` by this module (it imports `app` from
+# omniquant._cli_app, never from here: no import loop); each keeps its stage imports
+# inside the command body.
+from omniquant import _cli_commands  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

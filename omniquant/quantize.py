@@ -118,6 +118,7 @@ def quantize(
     """
     from omniquant.audit import audit_checkpoint
     from omniquant.calibrate import check_expert_coverage, iter_progress, run_calibration
+    from omniquant.export import default_permissions
     from omniquant.models import load_model
     from omniquant.plan import render_plan, resolve_plan, to_modelopt_config
     from omniquant.recipe import load_recipe
@@ -207,6 +208,7 @@ def quantize(
             "created_unix": int(time.time()),
         }
         (tmp / OMNIQUANT_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        default_permissions(tmp)
         audit_checkpoint(tmp, raise_on_error=True)
         # --force: move the old checkpoint aside first (a rename, instant), so an
         # interruption never leaves neither the old nor the new one in place.

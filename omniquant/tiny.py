@@ -244,6 +244,8 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
     """
     import shutil
 
+    from omniquant.export import default_permissions
+
     out = Path(out)
     if size not in SIZES:
         raise ExportError(f"make-tiny: unknown --size {size!r}; choose one of {sorted(SIZES)}.")
@@ -259,6 +261,7 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _write_preprocessor_config(out, model.config)
+    default_permissions(out)
     return out
 
 

@@ -13,9 +13,25 @@ def _sm() -> int:
     return major * 10 + minor
 
 
-def requires_sm(min_sm: int):
-    """Skip unless a CUDA GPU of compute capability >= ``min_sm`` (e.g. 90, 100) is present."""
-    return pytest.mark.skipif(_sm() < min_sm, reason=f"needs a CUDA GPU with SM >= {min_sm}")
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "requires_sm(N): needs a CUDA GPU of compute capability >= N (e.g. 89, 100)"
+    )
+
+
+def pytest_runtest_setup(item):
+    """Skip ``@pytest.mark.requires_sm(N)`` tests unless such a GPU is present."""
+    for mark in item.iter_markers("requires_sm"):
+        if _sm() < mark.args[0]:
+            pytest.skip(f"needs a CUDA GPU with SM >= {mark.args[0]}")
+
+
+@pytest.fixture
+def bad_set(tmp_path):
+    """A calibration set with two good lines and three bad media (``media_factory.make_bad_set``)."""
+    from media_factory import make_bad_set
+
+    return make_bad_set(tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -132,10 +132,7 @@ def test_force_all_experts_end_to_end(starved_dir, tmp_path):
     assert res.manifest["warnings"] == []
 
 
-from tests.test_data_manifest import bad_set  # noqa: F401  (fixture)
-
-
-def test_bad_calibration_set_fails_before_model_work(tiny_dir, bad_set, tmp_path, capsys):  # noqa: F811
+def test_bad_calibration_set_fails_before_model_work(tiny_dir, bad_set, tmp_path, capsys):
     out = tmp_path / "o"
     rc = main(
         [

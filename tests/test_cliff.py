@@ -22,6 +22,7 @@ def demo_cliff(tmp_path_factory):
     return rc, out
 
 
+@pytest.mark.slow  # cliff on the demo model with one recipe (~40 s)
 def test_demo_defaults_quantize_and_report(demo_cliff, capsys):
     rc, out = demo_cliff
     assert rc == 0
@@ -37,6 +38,7 @@ def test_demo_defaults_quantize_and_report(demo_cliff, capsys):
     assert (out / "report" / "report.html").is_file()
 
 
+@pytest.mark.slow  # cliff on the demo model with one recipe (~40 s)
 def test_table_has_a_row_per_task_with_accuracy_and_recovery(demo_cliff):
     rc, out = demo_cliff
     assert rc == 0
@@ -63,6 +65,7 @@ def test_table_has_a_row_per_task_with_accuracy_and_recovery(demo_cliff):
         )
 
 
+@pytest.mark.slow  # cliff on the demo model with one recipe (~40 s)
 def test_an_existing_out_is_kept_unless_forced(demo_cliff, capsys):
     rc, out = demo_cliff
     assert rc == 0

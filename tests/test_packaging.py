@@ -31,6 +31,10 @@ print(json.dumps({
 """
 
 
+# builds and installs a wheel (~20 s)
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def wheel_install(tmp_path_factory):
     # Offline build (no isolation): needs the build backend pyproject.toml names.

@@ -301,3 +301,17 @@ def test_force_replaces_the_old_checkpoint_and_leaves_nothing_beside_it(tiny_dir
     assert main([*args, "--force"]) == 0
     assert (out / "omniquant.json").is_file() and not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_output_files_readable_by_other_users(tiny_dir, quantized):
+    """Every file of make-tiny's and quantize's output has ``0o666 & ~umask`` (0644 under the
+    usual 022), shards included: safetensors creates them 0600, so a server running as
+    another user could read config.json but not model.safetensors."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for root in (tiny_dir, quantized("fp8_omni")):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in root.iterdir() if p.is_file()}
+        assert any(n.endswith(".safetensors") for n in modes)
+        assert modes == {n: 0o666 & ~umask for n in modes}, root

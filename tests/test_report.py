@@ -338,6 +338,7 @@ def _screenshot(html: Path, png: Path, profile: Path, height: int) -> None:
     not CHROMIUM.exists(),
     reason="needs Debian chromium at /usr/bin/chromium (apt-get install -y chromium)",
 )
+@pytest.mark.slow  # starts a real browser
 def test_html_renders_with_visible_plots_in_headless_chromium(cliff, tmp_path):
     from PIL import Image
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from omniquant.calibrate import run_calibration
@@ -11,7 +12,6 @@ from omniquant.models import load_model
 from omniquant.plan import resolve_plan, to_modelopt_config
 from omniquant.recipe import load_recipe
 from omniquant.serving import load_emulated
-from tests.conftest import requires_sm
 
 
 def _logits(loaded, samples):
@@ -57,12 +57,13 @@ def test_fp8_export_matches_fake_quant(tiny_dir, tmp_path):
 
 
 def test_emulated_checkpoint_loads_without_missing_keys(quantized):
-    for recipe in ("fp8_omni", "nvfp4_omni", "nvfp4_aggressive"):
+    expected = {"fp8_omni": "FP8", "nvfp4_omni": "MIXED_PRECISION", "nvfp4_aggressive": "NVFP4"}
+    for recipe, quant_algo in expected.items():
         served = load_emulated(quantized(recipe))  # raises on missing/unexpected keys
-        assert served.emulation["quant_algo"] in {"FP8", "MIXED_PRECISION", "NVFP4"}
+        assert served.emulation["quant_algo"] == quant_algo, recipe
 
 
-@requires_sm(89)
+@pytest.mark.requires_sm(89)
 def test_nvfp4_export_matches_cuda_fake_quant(tiny_dir, tmp_path):
     fake, samples = _fake_quant_then_export(tiny_dir, "nvfp4_omni", tmp_path / "ckpt", device="cuda")
     served = load_emulated(tmp_path / "ckpt", dtype="float32")

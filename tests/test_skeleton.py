@@ -74,10 +74,23 @@ def test_usage_error_exit_code(capsys):
     assert main(["make-tiny"]) == 2  # --out missing
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["recipes"]])
-def test_help_and_listing(argv, capsys):
-    assert main(argv) == 0
-    assert capsys.readouterr().out
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("make-tiny", "quantize", "inspect", "recipes", "report", "cliff", "build-engine"):
+        assert command in out, command
+
+
+def test_recipes_lists_the_builtins_with_descriptions(capsys):
+    from omniquant.recipe import builtin_recipes
+
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = sorted(builtin_recipes())
+    assert names == ["fp8_omni", "nvfp4_aggressive", "nvfp4_omni"]
+    for name in names:
+        (line,) = [x for x in lines if x.split() and x.split()[0] == name]
+        assert len(line.split()) > 1, f"{name}: no description"
 
 
 @pytest.mark.parametrize(

@@ -42,11 +42,6 @@ CALIBRATION_SETS = SetLocator(
 )
 
 
-def calib_root() -> Path:
-    """The directory shipped calibration sets live in (see the module's lookup rule)."""
-    return CALIBRATION_SETS.root()
-
-
 def shipped_calib_sets() -> list[str]:
     """Names of the shipped calibration sets, sorted."""
     return CALIBRATION_SETS.shipped()

@@ -25,7 +25,6 @@ host with TensorRT-LLM installed; elsewhere ``bundle.json`` says so in ``note``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -36,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from omniquant.engine.bundle_file import TENSORRT_LLM_MIN_VERSION, write_bundle_json
 from omniquant.engine.checkpoint import (
     CheckpointInfo,
     place_checkpoint,
@@ -53,10 +53,7 @@ from omniquant.engine.scripts import (
 from omniquant.engine.targets import Target, get_target, nvfp4_on_hopper_message
 from omniquant.errors import EngineError
 
-BUNDLE_JSON = "bundle.json"
 BUNDLE_SCHEMA_VERSION = 1
-# First TensorRT-LLM release that knows the Nemotron omni architecture.
-TENSORRT_LLM_MIN_VERSION = "1.3.0rc13"
 
 
 @dataclass(frozen=True)
@@ -165,28 +162,6 @@ def pending_note(bundle: Path) -> str:
         f"only on a GPU host with tensorrt_llm >= {TENSORRT_LLM_MIN_VERSION} installed; "
         f"{where}. There, run `omniquant build-engine` again or {validate_command(bundle)}"
     )
-
-
-def write_bundle_json(bundle: Path, data: dict[str, Any]) -> None:
-    """Write ``bundle.json`` atomically (temporary file, then replace)."""
-    tmp = bundle / f".{BUNDLE_JSON}.tmp"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, bundle / BUNDLE_JSON)
-
-
-def read_bundle_json(bundle: Path) -> dict[str, Any]:
-    """Read ``bundle.json``.
-
-    Raises:
-        EngineError: Missing or not JSON.
-    """
-    path = bundle / BUNDLE_JSON
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EngineError(f"{path}: missing; is {bundle} an engine bundle?") from None
-    except json.JSONDecodeError as exc:
-        raise EngineError(f"{path}: not valid JSON ({exc}); rebuild the bundle") from None
 
 
 def _make_executable(path: Path) -> None:

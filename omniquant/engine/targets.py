@@ -14,11 +14,8 @@ Blackwell (the backend NVIDIA deploys this model with on B200), CUTLASS on Hoppe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from omniquant.errors import EngineError
-
-TargetName = Literal["hopper", "blackwell"]
 
 # The recipe to suggest when a checkpoint cannot run on Hopper.
 FP8_RECIPE = "fp8_omni"

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from omniquant.engine.bundle import (
+from omniquant.engine.bundle_file import (
     TENSORRT_LLM_MIN_VERSION,
     read_bundle_json,
     write_bundle_json,
@@ -125,7 +125,8 @@ def write_smoke_media(
 ) -> dict[str, Path]:
     """Synthesise small smoke-test media: a PNG, an 8 fps MP4 and a 16 kHz WAV.
 
-    Uses Pillow, OpenCV and soundfile, which TensorRT-LLM's media loaders need anyway.
+    Uses Pillow, PyAV (MPEG-4 Part 2 in MP4, as OpenCV's mp4v writes) and soundfile, all
+    dependencies of omniquant.
 
     Raises:
         EngineError: A needed library is missing.
@@ -146,18 +147,20 @@ def write_smoke_media(
             paths["image"] = directory / "smoke.png"
             Image.fromarray(img).save(paths["image"])
         if "video" in modalities:
-            import cv2
+            import av
 
             paths["video"] = directory / "smoke.mp4"
-            writer = cv2.VideoWriter(
-                str(paths["video"]), cv2.VideoWriter_fourcc(*"mp4v"), 8.0, (size, size)
-            )
-            for i in range(32):  # a square crossing the frame left to right in 4 s
-                frame = np.full((size, size, 3), 40, np.uint8)
-                x0 = int(i * (size - 96) / 31)
-                frame[176:272, x0 : x0 + 96] = (0, 220, 0)
-                writer.write(frame)
-            writer.release()
+            with av.open(str(paths["video"]), "w") as container:
+                stream = container.add_stream("mpeg4", rate=8)
+                stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
+                for i in range(32):  # a square crossing the frame left to right in 4 s
+                    frame = np.full((size, size, 3), 40, np.uint8)
+                    x0 = int(i * (size - 96) / 31)
+                    frame[176:272, x0 : x0 + 96] = (0, 220, 0)
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                        container.mux(packet)
+                for packet in stream.encode():
+                    container.mux(packet)
         if "audio" in modalities:
             import soundfile
 
@@ -168,7 +171,7 @@ def write_smoke_media(
             soundfile.write(paths["audio"], tone, rate)
     except ImportError as exc:
         raise EngineError(
-            f"cannot synthesise smoke-test media ({exc}); install Pillow, opencv-python-headless "
+            f"cannot synthesise smoke-test media ({exc}); install Pillow, av "
             f"and soundfile, or pass media={{'image': ..., 'video': ..., 'audio': ...}}"
         ) from None
     return paths

@@ -11,6 +11,7 @@ shows what pruning alone loses.
 from __future__ import annotations
 
 from omniquant.evaluate.fidelity import SpanDistribution
+from omniquant.evaluate.metrics import mean_present
 from omniquant.evaluate.runner import ModelEvaluation, evaluate_model
 from omniquant.evaluate.tasks import TaskItem
 
@@ -18,11 +19,6 @@ from omniquant.evaluate.tasks import TaskItem
 def video_items(items: list[TaskItem]) -> list[TaskItem]:
     """The items whose sample carries a video."""
     return [it for it in items if it.sample.pixel_values_videos is not None]
-
-
-def _mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
 
 
 def evs_sweep(
@@ -91,9 +87,9 @@ def evs_sweep(
                 "video_tokens": tokens,
                 "video_placeholders": placeholders,
                 "kept_fraction": tokens / placeholders if placeholders else None,
-                "accuracy": _mean([s.score for s in samples]),
-                "kl_mean": _mean([s.kl for s in samples]),
-                "top1_agreement": _mean([s.top1 for s in samples]),
+                "accuracy": mean_present([s.score for s in samples]),
+                "kl_mean": mean_present([s.kl for s in samples]),
+                "top1_agreement": mean_present([s.top1 for s in samples]),
             }
         )
     return rows, reference

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Iterable
 
 _PUNCT_RE = re.compile(r"[^\w\s]", flags=re.UNICODE)
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
@@ -97,3 +98,10 @@ def score_sample(metric: str, prediction: str, answer: str) -> tuple[float, floa
         wer = word_error_rate(prediction, answer)
         return max(0.0, 1.0 - wer), wer
     return exact_match(prediction, answer), None
+
+
+def mean_present(values: Iterable[float | None]) -> float | None:
+    """Mean of the values that are not None (None when there are none): a metric a sample
+    could not provide lowers no average."""
+    vals = [v for v in values if v is not None]
+    return float(sum(vals) / len(vals)) if vals else None

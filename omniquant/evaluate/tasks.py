@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 TASKS_NAME = "tasks.jsonl"
 TASKS_ROOT_ENV = "OMNIQUANT_TASKS"
 MODALITIES = ("text", "image", "video", "audio")
-METRICS = ("exact_match", "multiple_choice", "wer")
 _MEDIA_FIELDS = ("image", "images", "video", "video_fps", "video_frames", "audio")
 _ALLOWED = ("id", "task", "modality", "prompt", *_MEDIA_FIELDS, "answer", "metric", "choices")
 
@@ -151,11 +150,6 @@ TASK_SETS = SetLocator(
     index=TASKS_NAME,
     hint="one JSON task sample per line (see tasks/README.md)",
 )
-
-
-def tasks_root() -> Path:
-    """The directory shipped task sets live in (see the module's lookup rule)."""
-    return TASK_SETS.root()
 
 
 def shipped_task_sets() -> list[str]:

@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from omniquant.errors import OmniquantError
+from omniquant.evaluate.metrics import mean_present
 
 HIGHER = {"nvfp4": "fp8", "fp8": "bf16"}
 KL_SHARE = 0.5
@@ -49,11 +50,6 @@ def _probe_recipe(group: str, fmt: str, calib: str, size: int) -> dict:
             "rules": [{"group": group, "format": fmt}],
         },
     }
-
-
-def _mean(values) -> float | None:
-    vals = [v for v in values if v is not None]
-    return float(sum(vals) / len(vals)) if vals else None
 
 
 def group_sensitivity(
@@ -122,14 +118,14 @@ def group_sensitivity(
         shutil.rmtree(ckpt, ignore_errors=True)
         by_modality = {}
         for modality in ("text", "image", "video", "audio"):
-            kl = _mean(s.kl for s in ev.samples if s.modality == modality)
+            kl = mean_present(s.kl for s in ev.samples if s.modality == modality)
             if kl is not None:
                 by_modality[modality] = kl
         measured.append(
             {
                 "group": group,
-                "kl_mean": _mean(s.kl for s in ev.samples),
-                "top1_agreement": _mean(s.top1 for s in ev.samples),
+                "kl_mean": mean_present(s.kl for s in ev.samples),
+                "top1_agreement": mean_present(s.top1 for s in ev.samples),
                 "kl_by_modality": by_modality,
                 "size_bytes": summary["total"]["bytes"],
                 "bits_per_weight": summary["total"]["bits_per_weight"],

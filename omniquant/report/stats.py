@@ -23,10 +23,10 @@ Policy:
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
 
 import numpy as np
 
+from omniquant.evaluate.metrics import mean_present
 from omniquant.evaluate.runner import SampleResult
 
 
@@ -56,11 +56,6 @@ def paired_bootstrap_ci(
     return float(low), float(high)
 
 
-def _mean(values: Iterable[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return float(sum(vals) / len(vals)) if vals else None
-
-
 def _group_stats(
     samples: list[SampleResult],
     base: dict[str, SampleResult] | None,
@@ -68,7 +63,7 @@ def _group_stats(
     seed: tuple[int, ...],
 ) -> dict:
     scores = [s.score or 0.0 for s in samples]
-    acc = _mean(scores) or 0.0
+    acc = mean_present(scores) or 0.0
     cand_missing = any(_unscored(s) for s in samples)
     if cand_missing or (base is not None and any(_unscored(base[s.id]) for s in samples)):
         # A served model that could not be scored (e.g. no prompt_logprobs for
@@ -87,7 +82,7 @@ def _group_stats(
         )
     else:
         base_scores = [base[s.id].score or 0.0 for s in samples]
-        base_acc = _mean(base_scores) or 0.0
+        base_acc = mean_present(base_scores) or 0.0
         rec, defined = recovery(acc, base_acc)
         ci = paired_bootstrap_ci(base_scores, scores, resamples, seed)
         out.update(
@@ -96,8 +91,8 @@ def _group_stats(
             recovery_defined=defined,
             accuracy_delta=acc - base_acc,
             accuracy_delta_ci95=list(ci) if ci else None,
-            kl_mean=_mean(s.kl for s in samples),
-            top1_agreement=_mean(s.top1 for s in samples),
+            kl_mean=mean_present(s.kl for s in samples),
+            top1_agreement=mean_present(s.top1 for s in samples),
         )
     wers = [s.wer for s in samples if s.wer is not None]
     if wers:
@@ -120,8 +115,8 @@ def _unavailable_stats(
         "recovery_defined": False,
         "accuracy_delta": None,
         "accuracy_delta_ci95": None,
-        "kl_mean": _mean(s.kl for s in samples) if base is not None else 0.0,
-        "top1_agreement": _mean(s.top1 for s in samples) if base is not None else 1.0,
+        "kl_mean": mean_present(s.kl for s in samples) if base is not None else 0.0,
+        "top1_agreement": mean_present(s.top1 for s in samples) if base is not None else 1.0,
     }
     return out
 
