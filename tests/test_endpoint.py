@@ -210,6 +210,33 @@ def test_what_a_server_cannot_provide_is_not_available(tmp_path):
     assert summary["tasks"]["next_number"]["accuracy"] is not None
 
 
+def test_choices_that_do_not_line_up_are_not_available():
+    """A template that inserts text before a continued message: likelihood n/a, not wrong."""
+    entry = next(e for e in validate_task_set(DEMO_TASKS) if e.metric == "multiple_choice")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "shifted"}]})
+        body = json.loads(request.content)
+        if len(body["messages"]) == 1:
+            return httpx.Response(200, json={"choices": [{"message": {"content": "x"}}],
+                                             "usage": {"prompt_tokens": 10}})  # fmt: skip
+        # 2 more prompt tokens, but they are the template's "<think>", not the choice
+        entries = [None] * 10 + [{"7": {"logprob": -0.1, "rank": 1, "decoded_token": "<think>"}},
+                                 {"8": {"logprob": -0.2, "rank": 1, "decoded_token": "</think>"}}]  # fmt: skip
+        return httpx.Response(200, json={"choices": [{"message": {"content": ""}}],
+                                         "usage": {"prompt_tokens": 12},
+                                         "prompt_logprobs": entries})  # fmt: skip
+
+    client = EndpointClient(
+        parse_model_source("http://h/v1"), transport=httpx.MockTransport(handler)
+    )
+    client.resolve_model()
+    ev, missing = evaluate_endpoint(client, [entry])
+    assert ev.samples[0].prediction is None and ev.samples[0].score is None
+    assert "not the choice" in missing["likelihood"]
+
+
 # ---------------------------------------------------------------------------- server
 
 

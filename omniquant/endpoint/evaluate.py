@@ -120,12 +120,26 @@ def _span(answer: dict, base_tokens: int, k: int):
     return indices, logprobs
 
 
-def _choice_score(answer: dict, base_tokens: int) -> float:
-    values = []
+def _squash(text: str) -> str:
+    """Text without whitespace or the BPE / SentencePiece space markers."""
+    return "".join(text.replace("\u0120", " ").replace("\u2581", " ").split())
+
+
+def _choice_score(answer: dict, base_tokens: int, choice: str) -> float:
+    values, decoded = [], []
     for entry in _prefill_entries(answer, base_tokens):
         if len(entry) != 1:
             raise Unavailable("prompt_logprobs=0 returned more than the prompt token's own entry")
-        values.append(float(next(iter(entry.values()))["logprob"]))
+        value = next(iter(entry.values()))
+        values.append(float(value["logprob"]))
+        decoded.append(value.get("decoded_token"))
+    # Guard the alignment assumption: the scored tokens must spell the choice.
+    if all(isinstance(d, str) for d in decoded) and _squash("".join(decoded)) != _squash(choice):
+        raise Unavailable(
+            f"the scored prompt tokens spell {''.join(decoded)!r}, not the choice {choice!r}: the "
+            "chat template adds text between the user turn and a continued assistant message "
+            "(see request_extra)"
+        )
     return sum(values) / len(values)
 
 
@@ -220,7 +234,9 @@ def evaluate_endpoint(
                 if base_tokens is not None:
                     got = optional(
                         "likelihood",
-                        lambda b=body: _choice_score(client.chat(b, entry.id), base_tokens),
+                        lambda b=body, c=choice: _choice_score(
+                            client.chat(b, entry.id), base_tokens, c
+                        ),
                     )
                 if got is None:
                     scores = None
