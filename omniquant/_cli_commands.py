@@ -179,9 +179,18 @@ def build_engine_cmd(
 
 @app.command("report")
 def report_cmd(
-    baseline: Annotated[Path, typer.Option(help="BF16 checkpoint directory: the reference.")],
+    baseline: Annotated[
+        str,
+        typer.Option(
+            help="The reference: a BF16 checkpoint directory, or a served model as NAME=URL "
+            "(OpenAI-compatible base URL, e.g. bf16=http://127.0.0.1:8000/v1; URL#MODEL_ID picks a model)."
+        ),
+    ],
     candidate: Annotated[
-        list[Path], typer.Option(help="Quantized checkpoint directory to compare (repeatable).")
+        list[str],
+        typer.Option(
+            help="Model to compare (repeatable): a checkpoint directory or NAME=URL; mix freely."
+        ),
     ],
     tasks: Annotated[
         str, typer.Option(help="Task set: a shipped name (omni-smoke) or a directory with tasks.jsonl.")
@@ -202,8 +211,45 @@ def report_cmd(
     baseline_name: Annotated[
         str | None, typer.Option(help="Name of the baseline in the report (default: its directory).")
     ] = None,
+    concurrency: Annotated[
+        int, typer.Option(help="Served models: samples in flight at once.")
+    ] = 4,
+    endpoint_timeout: Annotated[
+        float, typer.Option(help="Served models: seconds per request.")
+    ] = 300.0,
+    endpoint_retries: Annotated[
+        int, typer.Option(help="Served models: retries of connection errors, 429 and 5xx (with backoff).")
+    ] = 5,
+    endpoint_cache: Annotated[
+        Path | None,
+        typer.Option(help="Served models: resume cache directory (default: OUT/endpoint-cache)."),
+    ] = None,
+    no_endpoint_cache: Annotated[
+        bool, typer.Option("--no-endpoint-cache", help="Served models: ask everything again.")
+    ] = False,
+    endpoint_topk: Annotated[
+        int, typer.Option(help="Served models: log-probabilities per position (top_logprobs, prompt_logprobs).")
+    ] = 20,
+    request_extra: Annotated[
+        str | None,
+        typer.Option(
+            help='Served models: JSON merged into every request, e.g. \'{"chat_template_kwargs": {"enable_thinking": false}}\'.'
+        ),
+    ] = None,
 ) -> None:
-    """Evaluate exported checkpoints on omni tasks and write the quality-cliff report."""
+    """Evaluate exported checkpoints or served models on omni tasks and write the quality-cliff report."""
+    import json
+
+    from omniquant.errors import ReportError
+
+    extra = None
+    if request_extra:
+        try:
+            extra = json.loads(request_extra)
+        except json.JSONDecodeError as err:
+            raise ReportError(f"--request-extra: not valid JSON ({err}).") from err
+        if not isinstance(extra, dict):
+            raise ReportError("--request-extra: must be a JSON object.")
     from omniquant.report import build_report
 
     console = _console()
@@ -223,18 +269,34 @@ def report_cmd(
         force=force,
         log=say,
         baseline_name=baseline_name,
+        concurrency=concurrency,
+        endpoint_timeout=endpoint_timeout,
+        endpoint_retries=endpoint_retries,
+        endpoint_cache=False if no_endpoint_cache else (endpoint_cache or True),
+        endpoint_topk=endpoint_topk,
+        request_extra=extra,
     )
+
+    def cell(value, spec: str, width: int, scale: float = 1.0, suffix: str = "") -> str:
+        # Served models may not report size or provide every metric: "n/a", never a number.
+        if value is None:
+            return f"{'n/a':>{width + len(suffix)}}"
+        return f"{format(value * scale, spec):>{width}}{suffix}"
+
     say(
         f"{'model':<22}{'precision':<18}{'bits/w':>8}{'size MB':>10}{'accuracy':>10}"
         f"{'min recov':>10}{'KL mean':>11}{'top-1':>8}"
     )
     for m in [report["baseline"], *report["candidates"]]:
         overall = m["overall"]
-        recov = min((t["recovery"] for t in m["tasks"].values()), default=1.0)
+        recovs = [t["recovery"] for t in m["tasks"].values() if t["recovery"] is not None]
+        recov = min(recovs, default=1.0 if not m["tasks"] else None)
+        size = None if m["size_bytes"] is None else m["size_bytes"] / 1e6
         say(
-            f"{m['name'][:21]:<22}{m['precision'][:17]:<18}{m['bits_per_weight']:>8.3f}"
-            f"{m['size_bytes'] / 1e6:>10.3f}{overall['accuracy']:>10.3f}{100 * recov:>9.1f}%"
-            f"{overall['kl_mean']:>11.3g}{100 * overall['top1_agreement']:>7.1f}%"
+            f"{m['name'][:21]:<22}{m['precision'][:17]:<18}{cell(m['bits_per_weight'], '.3f', 8)}"
+            f"{cell(size, '.3f', 10)}{cell(overall['accuracy'], '.3f', 10)}"
+            f"{cell(recov, '.1f', 9, 100, '%')}"
+            f"{cell(overall['kl_mean'], '.3g', 11)}{cell(overall['top1_agreement'], '.1f', 7, 100, '%')}"
         )
     for line in report["verdicts"]:
         say(line)
@@ -269,3 +331,50 @@ def cliff_cmd(
     for c in res.report["candidates"]:
         typer.echo(c['verdict'])
     console.print(f"report: {res.out / 'report' / 'report.html'}  ({res.seconds:.0f} s)")
+
+
+# --- serve (issue 15) -------------------------------------------------------
+
+
+@app.command("serve")
+def serve_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (BF16, FP8, NVFP4 export).")],
+    host: Annotated[
+        str, typer.Option(help="Address to bind; loopback by default (anything else exposes the model).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: a free port, printed at start).")] = 8000,
+    served_model_name: Annotated[
+        str | None, typer.Option(help="Model id in /v1/models (default: the directory name).")
+    ] = None,
+    max_request_mb: Annotated[
+        float, typer.Option(help="Refuse request bodies larger than this (HTTP 413).")
+    ] = 32.0,
+    max_logprobs: Annotated[
+        int, typer.Option(help="Largest top_logprobs / prompt_logprobs a request may ask for.")
+    ] = 20,
+) -> None:
+    """Serve a checkpoint through an OpenAI-compatible API with the emulated serving numerics."""
+    import sys
+
+    from omniquant.endpoint.server import serve
+    from omniquant.errors import ModelLoadError
+
+    if not checkpoint.is_dir():
+        raise ModelLoadError(f"{checkpoint}: no such checkpoint directory.")
+    if max_request_mb <= 0 or max_logprobs < 0:
+        raise ModelLoadError("--max-request-mb must be > 0 and --max-logprobs >= 0.")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding {host}: the server is reachable beyond this machine", file=sys.stderr)
+
+    def announce(text: str) -> None:
+        print(text, flush=True)
+
+    serve(
+        checkpoint,
+        host=host,
+        port=port,
+        model_id=served_model_name,
+        max_request_bytes=int(max_request_mb * 2**20),
+        max_logprobs=max_logprobs,
+        announce=announce,
+    )

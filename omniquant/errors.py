@@ -51,3 +51,15 @@ class EngineError(OmniquantError):
 
 class ReportError(OmniquantError):
     """A quality report cannot be produced from the given inputs."""
+
+
+class EndpointError(ReportError):
+    """An OpenAI-compatible server refused a request or could not be reached.
+
+    Attributes:
+        status: The final HTTP status (``None`` when no answer came).
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status

@@ -131,6 +131,7 @@ BUNDLE_FILES = [
     "bench.sh",
     "bundle.json",
     "checkpoint",
+    "eval.sh",  # issue 15
     "llm_api_options.yaml",
     "serve.sh",
     "vllm_serve.sh",
@@ -209,7 +210,7 @@ def check_bundle(out: Path, src: Path, *, target, sm, precision, kv_dtype, moe, 
     assert manifest["options_file"] == "llm_api_options.yaml"
     assert manifest["options"] == options
     assert manifest["video_pruning_rate"] == rate
-    assert manifest["scripts"] == ["bench.sh", "serve.sh", "vllm_serve.sh"]
+    assert manifest["scripts"] == ["bench.sh", "eval.sh", "serve.sh", "vllm_serve.sh"]
     assert manifest["engine_validated"] is False
     assert manifest["validation"] is None
     assert manifest["warnings"] == []
@@ -252,7 +253,8 @@ def check_bundle(out: Path, src: Path, *, target, sm, precision, kv_dtype, moe, 
         assert "set -euo pipefail\n" in text
         assert f"for {target} (SM{sm}), precision {precision}." in text
         has_env = f"export TLLM_VIDEO_PRUNING_RATIO={format(rate, 'g')}" in text if rate else False
-        assert has_env == (rate is not None and name != "vllm_serve.sh")
+        # eval.sh starts serve.sh, which sets the variable itself (issue 15)
+        assert has_env == (rate is not None and name not in ("vllm_serve.sh", "eval.sh"))
     assert f'exec {cmds["serve"]} "$@"' in (out / "serve.sh").read_text()
     assert f'exec {cmds["vllm_serve"]} "$@"' in (out / "vllm_serve.sh").read_text()
     bench_sh = (out / "bench.sh").read_text()

@@ -10,6 +10,8 @@ bundle therefore holds:
 * ``llm_api_options.yaml``: options for the target and precision, validated by
   ``options.LlmApiOptions`` before it is written;
 * ``serve.sh``, ``bench.sh``, ``vllm_serve.sh``: executable launch scripts;
+* ``eval.sh``: serves the bundle (TensorRT-LLM, vLLM or ``omniquant serve``) and runs
+  ``omniquant report`` against it;
 * ``bundle.json``: target, SM, precision, checkpoint checksums, versions,
   commands, options, and whether the engine was validated.
 
@@ -24,6 +26,7 @@ host with TensorRT-LLM installed; elsewhere ``bundle.json`` says so in ``note``.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import uuid
@@ -40,7 +43,13 @@ from omniquant.engine.checkpoint import (
     serving_warnings,
 )
 from omniquant.engine.options import build_llm_api_options, dump_llm_api_options
-from omniquant.engine.scripts import CHECKPOINT_DIR, OPTIONS_FILE, make_commands, render_scripts
+from omniquant.engine.scripts import (
+    CHECKPOINT_DIR,
+    OPTIONS_FILE,
+    make_commands,
+    render_eval_script,
+    render_scripts,
+)
 from omniquant.engine.targets import Target, get_target, nvfp4_on_hopper_message
 from omniquant.errors import EngineError
 
@@ -229,6 +238,8 @@ def build_engine_bundle(
         f"precision {info.quant.precision}."
     )
     scripts = render_scripts(commands, banner=banner, trtllm_min=TENSORRT_LLM_MIN_VERSION)
+    served_name = re.sub(r"[^a-z0-9_.+-]+", "-", info.quant.precision.lower()).strip("-")
+    scripts["eval.sh"] = render_eval_script(banner=banner, name=served_name or "served")
     note = pending_note(out)
     warnings = serving_warnings(info)
 

@@ -9,6 +9,10 @@ documents it: the ``TLLM_VIDEO_PRUNING_RATIO`` environment variable for
 TensorRT-LLM (read when its model module is imported), ``--video-pruning-rate`` for
 vLLM. vLLM gets the same serving choices as the options file where it has a flag
 for them: float32 Mamba state, an FP8 KV cache for FP8-KV and NVFP4 checkpoints.
+``eval.sh`` closes the loop: it starts one of the bundle's servers (``serve.sh``,
+``vllm_serve.sh``, or ``omniquant serve`` for a CPU dry run) on loopback, waits for
+``/health`` (bounded), runs ``omniquant report`` with the served model as a candidate
+and stops the server on exit, whatever happened.
 """
 
 from __future__ import annotations
@@ -110,6 +114,67 @@ def _script(header: list[str], env: dict[str, str], body: list[str]) -> str:
     for key, value in env.items():
         lines.append(f"export {key}={shlex.quote(value)}  # Efficient Video Sampling pruning rate")
     return "\n".join(lines + body) + "\n"
+
+
+EVAL_SCRIPT = r"""
+CALLER_DIR="$OLDPWD"                  # report paths are the caller's, not the bundle's
+SERVER="${SERVER:-trtllm}"            # trtllm (serve.sh) | vllm (vllm_serve.sh) | omniquant (CPU emulation)
+PORT="${PORT:-8000}"
+HEALTH_TIMEOUT="${HEALTH_TIMEOUT:-1800}" # seconds; engines compile and capture CUDA graphs at start
+NAME="${NAME:-__NAME__}"
+OMNIQUANT="${OMNIQUANT:-omniquant}"   # e.g. OMNIQUANT="python -m omniquant.cli"
+LOG="${LOG:-eval_server.log}"
+case "$SERVER" in
+  trtllm) ./serve.sh --host 127.0.0.1 --port "$PORT" >"$LOG" 2>&1 & ;;
+  vllm) ./vllm_serve.sh --host 127.0.0.1 --port "$PORT" >"$LOG" 2>&1 & ;;
+  omniquant) $OMNIQUANT serve checkpoint --host 127.0.0.1 --port "$PORT" >"$LOG" 2>&1 & ;;
+  *) echo "eval.sh: SERVER=$SERVER: use trtllm, vllm or omniquant" >&2; exit 2 ;;
+esac
+SERVER_PID=$!
+stop_server() { kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; }
+trap stop_server EXIT
+URL="http://127.0.0.1:$PORT"
+echo "eval.sh: waiting for $SERVER on $URL (log: $LOG)"
+python3 - "$URL/health" "$HEALTH_TIMEOUT" "$SERVER_PID" <<'PY'
+import os, sys, time, urllib.request
+url, deadline, pid = sys.argv[1], time.time() + float(sys.argv[2]), int(sys.argv[3])
+while time.time() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("eval.sh: the server exited before it became healthy; see its log")
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            if r.status == 200:
+                sys.exit(0)
+    except OSError:
+        pass
+    time.sleep(2)
+sys.exit("eval.sh: the server did not become healthy in time (HEALTH_TIMEOUT)")
+PY
+cd "$CALLER_DIR"
+$OMNIQUANT report --candidate "$NAME=$URL/v1" "$@"
+"""
+
+
+def render_eval_script(*, banner: str, name: str) -> str:
+    """``eval.sh``: serve this bundle, report on it, stop the server (see the module policy)."""
+    return _script(
+        [
+            (
+                "Evaluate this bundle as served: start its server, wait for health, run "
+                f"`omniquant report`, stop it. {banner}"
+            ),
+            "Usage: ./eval.sh --baseline BF16_DIR_OR_NAME=URL --tasks TASKS --out DIR [report options]",
+            (
+                "The served model is added as --candidate NAME=http://127.0.0.1:$PORT/v1; more "
+                "--candidate options may be passed."
+            ),
+            "Environment: SERVER (trtllm | vllm | omniquant), PORT, HEALTH_TIMEOUT, NAME, OMNIQUANT, LOG.",
+        ],
+        {},
+        EVAL_SCRIPT.replace("__NAME__", name).strip("\n").splitlines(),
+    )
 
 
 def render_scripts(commands: LaunchCommands, *, banner: str, trtllm_min: str) -> dict[str, str]:

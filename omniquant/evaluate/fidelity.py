@@ -14,16 +14,25 @@ Policy:
   Top-1 agreement is exact either way (the baseline's top-1 is always kept).
 - Log-softmax in float32 whatever the model dtype. Tiny negative KL from rounding
   is clamped to 0; identical logits give exactly 0.
+- A served model (``omniquant.endpoint``) returns only its top-k log-probabilities per
+  position. ``compare_topk`` then takes KL over the partition the two sides both know:
+  each token whose log-probability both have, plus one "everything else" cell whose
+  masses are ``1 - sum`` of the known cells. Like the top-k form above this is a lower
+  bound of the full KL (coarse-graining), exact when the cells carry all the mass; a
+  known-cell mass the candidate puts at 0 in the rest cell is floored at
+  ``REST_FLOOR``. Top-1 agreement stays exact (both top-1 tokens are always known).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 FULL_VOCAB_LIMIT = 32768
 DEFAULT_TOPK = 256
+REST_FLOOR = 1e-12
 
 
 @dataclass
@@ -112,6 +121,62 @@ class SpanDistribution:
             )
             agree = (self.indices[:, 0] == logq.argmax(-1)).float()
         return kl.clamp_min(0.0), agree
+
+
+def topk_span(indices: torch.Tensor, logprobs: torch.Tensor) -> SpanDistribution:
+    """A top-k ``SpanDistribution`` from served log-probabilities.
+
+    Args:
+        indices: ``(A, k)`` token ids, sorted by decreasing probability per row.
+        logprobs: ``(A, k)`` their log-probabilities.
+    """
+    logprobs = logprobs.float()
+    kept = logprobs.exp().sum(-1).clamp(max=1.0)
+    tail = torch.log1p(-kept).where(kept < 1.0, torch.full_like(kept, float("-inf")))
+    return SpanDistribution(logprobs=logprobs, indices=indices.long(), tail_logprob=tail)
+
+
+def compare_topk(
+    reference: SpanDistribution, indices: torch.Tensor, logprobs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position KL and top-1 agreement of a candidate known only by its top-k.
+
+    Args:
+        reference: The baseline's span (full or top-k form).
+        indices: ``(A, k)`` the candidate's top-k token ids per position, best first.
+        logprobs: ``(A, k)`` their log-probabilities.
+
+    Returns:
+        ``(kl, agree)`` as ``SpanDistribution.compare`` (see the module policy).
+    """
+    if indices.shape[0] != reference.positions:
+        raise ValueError(
+            f"answer span has {reference.positions} positions in the baseline but "
+            f"{indices.shape[0]} in the candidate"
+        )
+    kls, agree = [], []
+    for pos in range(reference.positions):
+        q_ids, q_lp = indices[pos].long(), logprobs[pos].double()
+        if reference.indices is None:
+            p_full = reference.logprobs[pos].double()
+            cells_p, cells_q = p_full[q_ids], q_lp
+            p_top = int(p_full.argmax())
+        else:
+            p_ids = reference.indices[pos].tolist()
+            p_lp = reference.logprobs[pos].double()
+            where = {t: i for i, t in enumerate(p_ids)}
+            common = [(where[t], j) for j, t in enumerate(q_ids.tolist()) if t in where]
+            cells_p = torch.stack([p_lp[i] for i, _ in common]) if common else p_lp[:0]
+            cells_q = torch.stack([q_lp[j] for _, j in common]) if common else q_lp[:0]
+            p_top = p_ids[0]
+        kl = (cells_p.exp() * (cells_p - cells_q)).sum()
+        p_rest = float((1.0 - cells_p.exp().sum()).clamp(min=0.0))
+        q_rest = float((1.0 - cells_q.exp().sum()).clamp(min=REST_FLOOR))
+        if p_rest > 0.0:
+            kl = kl + p_rest * (math.log(p_rest) - math.log(q_rest))
+        kls.append(float(kl))
+        agree.append(float(p_top == int(q_ids[0])))
+    return torch.tensor(kls).clamp_min(0.0), torch.tensor(agree)
 
 
 def _tail_logprob(logp: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

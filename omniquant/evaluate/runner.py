@@ -55,7 +55,7 @@ class SampleResult:
         answer_tokens: Answer span length (reference tokens + EOS).
         video_tokens: Video tokens that reached the backbone (after EVS), video samples only.
         video_placeholders: Video placeholder tokens in the prompt (before EVS).
-        evs_rate: EVS pruning rate in effect.
+        evs_rate: EVS pruning rate in effect (``None`` for a served model: a server setting).
     """
 
     id: str
@@ -70,7 +70,7 @@ class SampleResult:
     answer_tokens: int
     video_tokens: int | None
     video_placeholders: int | None
-    evs_rate: float
+    evs_rate: float | None
 
     def to_json(self) -> dict:
         """Plain-JSON form."""

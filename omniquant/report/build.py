@@ -14,6 +14,15 @@ Policy:
   else the comparison would not be sample for sample and the report refuses.
 - The three files are written to temporary names and renamed into place, so a
   failed run never leaves a report that mixes two runs.
+- Served models: a baseline or candidate may be the base URL of an OpenAI-compatible
+  server (``NAME=http://127.0.0.1:8000/v1``), mixed freely with directories. It is
+  evaluated through the API (``omniquant.endpoint.evaluate``) from the task lines
+  themselves, concurrently, with retries and a resume cache (default
+  ``<out>/endpoint-cache``). What the server cannot provide (likelihood choices or
+  fidelity without ``prompt_logprobs``, video token counts, EVS sweeps, which are a
+  server setting) is recorded as not available. Sensitivity needs the BF16 baseline's
+  files and refuses a served baseline. In-process models are evaluated and rendered
+  exactly as before.
 """
 
 from __future__ import annotations
@@ -162,6 +171,42 @@ def _peak_rss_mb() -> float | None:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def describe_endpoint(client, role: str) -> dict:
+    """What a served model says about itself, in ``describe_checkpoint``'s fields.
+
+    ``omniquant serve`` reports its checkpoint in ``/v1/models`` (field ``omniquant``);
+    another server whose ``root`` is a checkpoint directory on this machine (vLLM or
+    trtllm-serve started by a bundle's ``eval.sh``) is described from those files;
+    otherwise precision, size and bits per weight are not available (``None``).
+
+    Raises:
+        EndpointError: The server is unreachable or does not serve the model.
+    """
+    entry = client.resolve_model()
+    own = entry.get("omniquant") if isinstance(entry.get("omniquant"), dict) else None
+    root = entry.get("root")
+    info = None
+    if own is not None:
+        info = {k: own.get(k) for k in ("recipe", "precision", "kv_cache", "bits_per_weight",
+                                        "size_bytes", "params", "group_precision", "calibration")}  # fmt: skip
+    elif isinstance(root, str) and Path(root).is_dir():
+        try:
+            info = describe_checkpoint(Path(root), role)
+        except OmniquantError:
+            info = None
+    if info is None:
+        info = dict.fromkeys(("recipe", "kv_cache", "bits_per_weight", "size_bytes", "params",
+                              "calibration"))  # fmt: skip
+        info.update(precision="served (not reported)", group_precision={})
+    info.update(
+        name=client.source.name or (own or {}).get("name") or client.model_id,
+        path=f"{client.base_url}#{client.model_id}",
+        endpoint={"url": client.base_url, "model": client.model_id, "root": root},
+    )
+    info["emulation"] = (own or {}).get("emulation")
+    return info
+
+
 def _evaluation_block(ev, loaded_s: float) -> dict:
     return {
         "samples": len(ev.samples),
@@ -189,12 +234,21 @@ def build_report(
     topk: int | None = None,
     sensitivity_calib: str = "synthetic",
     baseline_name: str | None = None,
+    concurrency: int = 4,
+    endpoint_timeout: float = 300.0,
+    endpoint_retries: int = 5,
+    endpoint_cache: Path | None | bool = True,
+    endpoint_topk: int = 20,
+    request_extra: dict | None = None,
 ) -> dict:
     """Evaluate ``baseline`` and ``candidates`` on a task set and write the report.
 
     Args:
-        baseline: The BF16 checkpoint directory (the reference for fidelity).
-        candidates: Quantized checkpoint directories (FP8, NVFP4, mixed; BF16 works too).
+        baseline: The BF16 checkpoint directory (the reference for fidelity), or a
+            served model: ``URL``, ``NAME=URL`` or ``URL#MODEL_ID`` (see
+            ``omniquant.endpoint.protocol.parse_model_source``).
+        candidates: Quantized checkpoint directories (FP8, NVFP4, mixed; BF16 works
+            too) or served models, mixed as needed.
         tasks: Shipped task-set name or a directory with ``tasks.jsonl``.
         out: Directory for ``report.json``, ``report.md`` and ``report.html``.
         sensitivity: Also rank module groups by the KL each adds alone in
@@ -212,6 +266,13 @@ def build_report(
         sensitivity_calib: Calibration set of the sensitivity probes.
         baseline_name: How the report names the baseline (default: its directory name,
             or its recipe when it is an omniquant export).
+        concurrency: Samples in flight per served model.
+        endpoint_timeout: Seconds per request to a served model.
+        endpoint_retries: Retries of a transient failure (connection, 429, 5xx).
+        endpoint_cache: Resume cache directory; ``True``: ``<out>/endpoint-cache``;
+            ``False``/``None``: none.
+        endpoint_topk: Log-probabilities per position asked of served models.
+        request_extra: Fields merged into every request to a served model.
 
     Returns:
         The report as written to ``report.json``.
@@ -222,7 +283,8 @@ def build_report(
         DataError: A bad task set (every bad line listed).
     """
     from omniquant.data.processing import OmniProcessor
-    from omniquant.evaluate.evs import evs_sweep, video_items
+    from omniquant.endpoint.protocol import parse_model_source
+    from omniquant.evaluate.evs import evs_sweep
     from omniquant.evaluate.runner import evaluate_model
     from omniquant.evaluate.tasks import prepare_task_items, resolve_task_set, validate_task_set
     from omniquant.plan import QUANTIZABLE_GROUPS
@@ -244,10 +306,45 @@ def build_report(
         )
     task_dir = resolve_task_set(tasks)
     entries = validate_task_set(task_dir)
-    base_info = describe_checkpoint(Path(baseline), "baseline")
+    if concurrency < 1 or endpoint_topk < 1 or endpoint_retries < 0 or endpoint_timeout <= 0:
+        raise ReportError(
+            "--concurrency and --endpoint-topk must be >= 1, --endpoint-retries >= 0 and "
+            "--endpoint-timeout > 0."
+        )
+    base_src = parse_model_source(baseline)
+    cand_srcs = [parse_model_source(c) for c in candidates]
+    if sensitivity and base_src.is_endpoint:
+        raise ReportError(
+            f"--baseline {base_src}: --sensitivity quantizes module groups of the baseline's "
+            "files; pass the BF16 checkpoint directory, not a served model."
+        )
+    if endpoint_cache is True:
+        endpoint_cache = out / "endpoint-cache"
+    clients: dict[int, object] = {}
+
+    def describe(src, role: str) -> dict:
+        if not src.is_endpoint:
+            info = describe_checkpoint(src.path, role)
+            if src.name:
+                info["name"] = src.name
+            return info
+        from omniquant.endpoint.client import EndpointClient
+
+        client = EndpointClient(
+            src,
+            timeout=endpoint_timeout,
+            retries=endpoint_retries,
+            cache_dir=Path(endpoint_cache) if endpoint_cache else None,
+            concurrency=concurrency,
+            request_extra=request_extra,
+        )
+        clients[id(src)] = client
+        return describe_endpoint(client, role)
+
+    base_info = describe(base_src, "baseline")
     if baseline_name:
         base_info["name"] = baseline_name
-    cand_infos = [describe_checkpoint(Path(c), "candidate") for c in candidates]
+    cand_infos = [describe(c, "candidate") for c in cand_srcs]
     _unique_names([base_info, *cand_infos])
     if sensitivity and base_info["precision"] != "BF16":
         raise ReportError(
@@ -255,63 +352,117 @@ def build_report(
             f"a BF16 checkpoint (it is {base_info['precision']})."
         )
 
+    def served(src, info: dict, role: str, reference, keep: bool):
+        from omniquant.endpoint.evaluate import evaluate_endpoint
+
+        client = clients[id(src)]
+        say(f"{role} {info['name']}: {len(entries)} samples from {client.base_url} "
+            f"(model {client.model_id}, concurrency {concurrency})")  # fmt: skip
+        ev, missing = evaluate_endpoint(
+            client,
+            entries,
+            reference=reference,
+            keep_spans=keep,
+            max_new_tokens=max_new_tokens,
+            topk=endpoint_topk,
+            concurrency=concurrency,
+        )
+        info["evaluation"] = _evaluation_block(ev, 0.0)
+        info["endpoint"].update(
+            not_available={k: v for k, v in missing.items() if v},
+            requests_sent=client.requests_sent,
+            cache_hits=client.cache_hits,
+            cache=str(client.cache_dir) if client.cache_dir else None,
+            topk=endpoint_topk,
+        )
+        info["evs"] = None  # EVS is a server setting; the API cannot sweep it
+        client.close()
+        say(f"{role} {info['name']}: {ev.samples_per_s:.2f} samples/s "
+            f"({client.requests_sent} requests, {client.cache_hits} from the cache)")  # fmt: skip
+        return ev
+
     # ---------------------------------------------------------------- baseline
-    say(f"baseline {base_info['name']}: loading {baseline}")
-    t0 = time.perf_counter()
-    loaded = load_emulated(baseline)
-    load_s = time.perf_counter() - t0
-    processor = OmniProcessor.from_pretrained(baseline)
-    items = prepare_task_items(processor, entries)
-    groups_present = sorted(
-        g
-        for g, mods in loaded.adapter.module_groups(loaded.model).items()
-        if mods and g in QUANTIZABLE_GROUPS
-    )
-    base_eval = evaluate_model(
-        loaded, items, keep_spans=True, max_new_tokens=max_new_tokens, topk=topk
-    )
+    processor = items = None
+    local = [s for s in (base_src, *cand_srcs) if not s.is_endpoint]
+    if local:
+        # Samples are processed once, with the baseline's processor when it is local.
+        processor = OmniProcessor.from_pretrained(local[0].path)
+        items = prepare_task_items(processor, entries)
+    groups_present: list[str] = []
+    if base_src.is_endpoint:
+        base_eval = served(base_src, base_info, "baseline", None, True)
+        evs_reference = None
+        reuse_main = False
+        if set(base_eval.spans) != {e.id for e in entries}:
+            reason = base_info["endpoint"]["not_available"].get("fidelity", "no spans")
+            say(f"baseline {base_info['name']}: fidelity not available ({reason})")
+    else:
+        say(f"baseline {base_info['name']}: loading {base_src.path}")
+        t0 = time.perf_counter()
+        loaded = load_emulated(base_src.path)
+        load_s = time.perf_counter() - t0
+        groups_present = sorted(
+            g
+            for g, mods in loaded.adapter.module_groups(loaded.model).items()
+            if mods and g in QUANTIZABLE_GROUPS
+        )
+        base_eval = evaluate_model(
+            loaded, items, keep_spans=True, max_new_tokens=max_new_tokens, topk=topk
+        )
+        base_info["emulation"] = loaded.emulation
+        base_info["evaluation"] = _evaluation_block(base_eval, load_s)
+        say(
+            f"baseline {base_info['name']}: {len(items)} samples at {base_eval.samples_per_s:.2f} samples/s"
+        )
+        base_evs, evs_reference = evs_sweep(
+            loaded, items, rates, max_new_tokens=max_new_tokens, topk=topk, main=base_eval
+        )
+        base_info["evs"] = base_evs
+        # A candidate's main evaluation doubles as its lowest-rate sweep row only when its
+        # KL was taken against that same reference: the baseline's main run at that rate.
+        base_rates = {s.evs_rate for s in base_eval.samples}
+        reuse_main = bool(rates) and base_rates == {min(rates)}
+        del loaded
+        gc.collect()
     for s in base_eval.samples:  # the baseline against itself, by definition
         s.kl, s.top1 = 0.0, 1.0
-    base_info["emulation"] = loaded.emulation
-    base_info["evaluation"] = _evaluation_block(base_eval, load_s)
-    say(
-        f"baseline {base_info['name']}: {len(items)} samples at {base_eval.samples_per_s:.2f} samples/s"
-    )
-    base_evs, evs_reference = evs_sweep(
-        loaded, items, rates, max_new_tokens=max_new_tokens, topk=topk, main=base_eval
-    )
-    base_info["evs"] = base_evs
-    # A candidate's main evaluation doubles as its lowest-rate sweep row only when its
-    # KL was taken against that same reference: the baseline's main run at that rate.
-    base_rates = {s.evs_rate for s in base_eval.samples}
-    reuse_main = bool(rates) and base_rates == {min(rates)}
-    del loaded
-    gc.collect()
     spans = base_eval.spans
+    complete_spans = set(spans) == {e.id for e in entries}
 
     # ---------------------------------------------------------------- candidates
     cand_evals = []
-    for path, info in zip(candidates, cand_infos):
+    for src, info in zip(cand_srcs, cand_infos):
+        if src.is_endpoint:
+            cand_evals.append(served(src, info, "candidate", spans or None, False))
+            continue
+        path = src.path
         _check_same_processing(processor, Path(path))
         say(f"candidate {info['name']}: loading {path}")
         t0 = time.perf_counter()
         loaded = load_emulated(path)
         load_s = time.perf_counter() - t0
         ev = evaluate_model(
-            loaded, items, reference=spans, max_new_tokens=max_new_tokens, topk=topk
+            loaded,
+            items,
+            reference=spans if complete_spans else None,
+            max_new_tokens=max_new_tokens,
+            topk=topk,
         )
         info["emulation"] = loaded.emulation
         info["evaluation"] = _evaluation_block(ev, load_s)
         say(f"candidate {info['name']}: {ev.samples_per_s:.2f} samples/s")
-        info["evs"], _ = evs_sweep(
-            loaded,
-            items,
-            rates,
-            reference=evs_reference,
-            max_new_tokens=max_new_tokens,
-            topk=topk,
-            main=ev if reuse_main else None,
-        )
+        if evs_reference is None:  # a served baseline: no reference to sweep against
+            info["evs"] = None
+        else:
+            info["evs"], _ = evs_sweep(
+                loaded,
+                items,
+                rates,
+                reference=evs_reference,
+                max_new_tokens=max_new_tokens,
+                topk=topk,
+                main=ev if reuse_main else None,
+            )
         del loaded
         gc.collect()
         cand_evals.append(ev)
@@ -324,7 +475,7 @@ def build_report(
         scratch = out.parent if out.parent.is_dir() else None
         with tempfile.TemporaryDirectory(prefix=".omniquant-sensitivity-", dir=scratch) as tmp:
             sens = group_sensitivity(
-                Path(baseline),
+                Path(base_src.path),
                 items,
                 spans,
                 groups_present,
@@ -360,7 +511,7 @@ def build_report(
         "task_set": {
             "path": str(task_dir),
             "name": task_dir.name,
-            "samples": len(items),
+            "samples": len(entries),
             "tasks": task_meta,
             "modalities": {m: v["n"] for m, v in base_summary["modalities"].items()},
         },
@@ -379,14 +530,17 @@ def build_report(
             "evs_rates": list(rates),
             "sensitivity": sensitivity,
             "sensitivity_format": sensitivity_format if sensitivity else None,
+            **({"endpoints": _endpoint_note(endpoint_topk, concurrency)} if clients else {}),
         },
         "baseline": base_info,
         "candidates": cand_infos,
         "verdicts": verdicts,
         "evs": {
             "rates": list(rates),
-            "video_samples": len(video_items(items)),
-            "reference": f"baseline at EVS rate {rates[0]}" if rates else None,
+            "video_samples": sum(1 for e in entries if e.video is not None),
+            "reference": (
+                f"baseline at EVS rate {rates[0]}" if rates and evs_reference is not None else None
+            ),
         },
         "sensitivity": sens,
         "peak_rss_mb": _peak_rss_mb(),
@@ -399,6 +553,18 @@ def build_report(
     _write_atomic(out / "report.html", write_html(report))
     say(f"wrote {out / 'report.html'}")
     return report
+
+
+def _endpoint_note(topk: int, concurrency: int) -> dict:
+    return {
+        "requests": "chat completions, temperature 0; media as image_url / video_url / "
+        "audio_url data URIs",
+        "fidelity": f"prompt_logprobs and top_logprobs, top-{topk}: KL over the tokens both "
+        "sides know plus the rest (lower bound)",
+        "multiple_choice": "prompt_logprobs of each choice as a continued assistant message",
+        "concurrency": concurrency,
+        "not_available": "video token counts and EVS sweeps (server settings)",
+    }
 
 
 def _distribution_note(spans: dict) -> str:

@@ -18,8 +18,19 @@ MODALITY_ORDER = ("text", "image", "video", "audio")
 
 def cliff_order(report: dict) -> list[dict]:
     """Baseline first, then candidates by decreasing bits per weight (stable)."""
-    cands = sorted(report["candidates"], key=lambda c: -c["bits_per_weight"])
+    cands = sorted(report["candidates"], key=_bits_key)
     return [report["baseline"], *cands]
+
+
+def _bits_key(model: dict) -> tuple[bool, float]:
+    """Decreasing bits per weight; served models that do not report it go last."""
+    bits = model["bits_per_weight"]
+    return bits is None, -(bits or 0.0)
+
+
+def _fix(value: float | None, spec: str) -> str:
+    """``format(value, spec)``, or ``n/a`` for a value a served model could not provide."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _pct(value: float | None) -> str:
@@ -34,7 +45,9 @@ def _ci(ci: list[float] | None) -> str:
     return "n/a" if not ci else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
-def _mb(nbytes: int) -> str:
+def _mb(nbytes: int | None) -> str:
+    if nbytes is None:  # a served model that does not report its size
+        return "n/a"
     return f"{nbytes / 1e6:.3f} MB" if nbytes < 1e9 else f"{nbytes / 1e9:.2f} GB"
 
 
@@ -71,9 +84,9 @@ def _candidate_table(cand: dict) -> tuple[list[str], list[list[str]]]:
         [
             task,
             str(t["n"]),
-            f"{t['accuracy']:.3f}",
-            _pct(t["recovery"]) + ("" if t.get("recovery_defined", True) else " (base 0)"),
-            f"{t['accuracy_delta']:+.3f}",
+            _fix(t["accuracy"], ".3f"),
+            _pct(t["recovery"]) + ("" if t.get("recovery_defined", True) or t["recovery"] is None else " (base 0)"),
+            _fix(t["accuracy_delta"], "+.3f"),
             _ci(t["accuracy_delta_ci95"]),
             _num(t["kl_mean"]),
             _pct(t["top1_agreement"]),
@@ -139,7 +152,7 @@ def write_markdown(report: dict) -> str:
                 [
                     m["name"],
                     m["precision"],
-                    f"{m['bits_per_weight']:.3f}",
+                    _fix(m["bits_per_weight"], ".3f"),
                     _mb(m["size_bytes"]),
                     m.get("kv_cache") or "-",
                     f"{m['evaluation']['samples_per_s']:.2f}",
@@ -153,7 +166,7 @@ def write_markdown(report: dict) -> str:
     rows = []
     for task, metric, modality in _task_rows(report):
         rows.append(
-            [task, metric, modality, *[f"{m['tasks'][task]['accuracy']:.3f}" for m in models]]
+            [task, metric, modality, *[_fix(m["tasks"][task]["accuracy"], ".3f") for m in models]]
         )
     out.append(_md_table(header, rows))
     out += ["", "## Accuracy per modality", ""]
@@ -161,7 +174,7 @@ def write_markdown(report: dict) -> str:
     out.append(
         _md_table(
             ["modality", *[m["name"] for m in models]],
-            [[mod, *[f"{m['modalities'][mod]['accuracy']:.3f}" for m in models]] for mod in mods],
+            [[mod, *[_fix(m["modalities"][mod]["accuracy"], ".3f") for m in models]] for mod in mods],
         )
     )
     for cand in report["candidates"]:
@@ -278,7 +291,7 @@ def write_html(report: dict) -> str:
         [
             t,
             report["task_set"]["tasks"][t]["metric"],
-            *[f"{m['tasks'][t]['accuracy']:.3f}" for m in models],
+            *[_fix(m["tasks"][t]["accuracy"], ".3f") for m in models],
         ]
         for t in tasks
     ]
@@ -314,7 +327,7 @@ def write_html(report: dict) -> str:
                 [
                     m["name"],
                     m["precision"],
-                    f"{m['bits_per_weight']:.3f}",
+                    _fix(m["bits_per_weight"], ".3f"),
                     _mb(m["size_bytes"]),
                     m.get("kv_cache") or "-",
                     ", ".join((m.get("emulation") or {}).get("formats") or []) or "bf16",

@@ -8,6 +8,10 @@ Policy:
   0 there is nothing to lose: recovery is reported as 1.0 with
   ``recovery_defined: false``, the verdict calls such tasks uninformative, and
   fidelity (KL, top-1 agreement) is what says whether the candidate drifted.
+- A group with a sample that could not be scored (a served model without the
+  log-probabilities that likelihood choices need) has ``accuracy`` ``None``
+  (``accuracy_available: false``) and no recovery or delta, on either side of the pair;
+  the verdict lists such tasks as not available.
 - Confidence intervals on the accuracy delta (candidate - baseline) come from a
   paired bootstrap over the task's samples: resample sample indices with
   replacement, recompute the mean paired difference, take the 2.5th and 97.5th
@@ -60,6 +64,11 @@ def _group_stats(
 ) -> dict:
     scores = [s.score or 0.0 for s in samples]
     acc = mean_present(scores) or 0.0
+    cand_missing = any(_unscored(s) for s in samples)
+    if cand_missing or (base is not None and any(_unscored(base[s.id]) for s in samples)):
+        # A served model that could not be scored (e.g. no prompt_logprobs for
+        # likelihood choices): not available, never counted as wrong.
+        return _unavailable_stats(samples, base, None if cand_missing else acc)
     out: dict = {"n": len(samples), "accuracy": acc}
     if base is None:
         # The baseline against itself: by definition.
@@ -88,6 +97,27 @@ def _group_stats(
     wers = [s.wer for s in samples if s.wer is not None]
     if wers:
         out["wer"] = float(sum(wers) / len(wers))
+    return out
+
+
+def _unscored(s: SampleResult) -> bool:
+    return s.score is None and s.prediction is None
+
+
+def _unavailable_stats(
+    samples: list[SampleResult], base: dict[str, SampleResult] | None, accuracy: float | None
+) -> dict:
+    out: dict = {
+        "n": len(samples),
+        "accuracy": accuracy,
+        "accuracy_available": accuracy is not None,
+        "recovery": None,
+        "recovery_defined": False,
+        "accuracy_delta": None,
+        "accuracy_delta_ci95": None,
+        "kl_mean": mean_present(s.kl for s in samples) if base is not None else 0.0,
+        "top1_agreement": mean_present(s.top1 for s in samples) if base is not None else 1.0,
+    }
     return out
 
 
@@ -147,9 +177,11 @@ def verdict(name: str, summary: dict, threshold: float) -> tuple[str, list[str]]
     Returns:
         ``(text, tasks_below)``.
     """
-    below, uninformative = [], []
+    below, uninformative, unavailable = [], [], []
     for task, t in summary["tasks"].items():
-        if not t.get("recovery_defined", True):
+        if t["recovery"] is None:
+            unavailable.append(task)
+        elif not t.get("recovery_defined", True):
             uninformative.append(task)
         elif t["recovery"] < threshold:
             below.append(task)
@@ -171,6 +203,11 @@ def verdict(name: str, summary: dict, threshold: float) -> tuple[str, list[str]]
     else:
         text = (
             f"{name}: every task recovers at least {100 * threshold:.0f}% of the baseline accuracy."
+        )
+    if unavailable:
+        text += (
+            f" Accuracy not available on {', '.join(unavailable)} (the server does not "
+            "provide what these metrics need)."
         )
     if uninformative:
         text += (
