@@ -83,7 +83,9 @@ _STORED = {"F8_E4M3": "fp8", "U8": "nvfp4"}
 _ALGO = {"FP8": "fp8", "NVFP4": "nvfp4"}
 
 _LAYER = re.compile(r"^language_model\.backbone\.layers\.(\d+)\.mixer\.")
-_EXPERT = re.compile(r"^(language_model\.backbone\.layers\.\d+\.mixer\.experts)\.\d+\.(up|down)_proj$")
+_EXPERT = re.compile(
+    r"^(language_model\.backbone\.layers\.\d+\.mixer\.experts)\.\d+\.(up|down)_proj$"
+)
 _QKV = re.compile(r"^(.*\.mixer)\.([qkv])_proj$")
 _TOWERS = ("vision_model.", "mlp1.", "sound_encoder.", "sound_projection.", "vision_projector.")
 
@@ -169,7 +171,9 @@ def read_checkpoint_files(path: str | Path) -> _Checkpoint:
                 sl = fh.get_slice(k)
                 tensors[k] = (sl.get_dtype(), tuple(sl.get_shape()))
     cfg_file, hf_file = path / "config.json", path / "hf_quant_config.json"
-    block = json.loads(cfg_file.read_text()).get("quantization_config") if cfg_file.is_file() else None
+    block = (
+        json.loads(cfg_file.read_text()).get("quantization_config") if cfg_file.is_file() else None
+    )
     hf_quant = json.loads(hf_file.read_text()) if hf_file.is_file() else None
     return _Checkpoint(tensors, block, hf_quant)
 
@@ -177,7 +181,9 @@ def read_checkpoint_files(path: str | Path) -> _Checkpoint:
 def read_as(path: str | Path, reader: str) -> ReaderView:
     """The view ``reader`` (``vllm`` or ``trtllm``) would take of checkpoint ``path``."""
     if reader not in READERS:
-        raise ModelLoadError(f"--as {reader!r}: unknown reader; choose one of {', '.join(READERS)}.")
+        raise ModelLoadError(
+            f"--as {reader!r}: unknown reader; choose one of {', '.join(READERS)}."
+        )
     ckpt = read_checkpoint_files(path)
     return vllm_view(ckpt) if reader == "vllm" else trtllm_view(ckpt)
 
@@ -211,7 +217,10 @@ def _attention_mixers(ckpt: _Checkpoint) -> dict[str, str]:
         m = re.match(r"^(language_model\.backbone\.layers\.\d+\.mixer)\.q_proj\.weight$", k)
         if m:
             mixer = m.group(1)
-            has_kv = (f"{mixer}.k_proj.k_scale" in ckpt.tensors and f"{mixer}.v_proj.v_scale" in ckpt.tensors)
+            has_kv = (
+                f"{mixer}.k_proj.k_scale" in ckpt.tensors
+                and f"{mixer}.v_proj.v_scale" in ckpt.tensors
+            )
             out[mixer] = "fp8" if has_kv else "bf16"
     return out
 
@@ -244,26 +253,41 @@ def _vllm_config(ckpt: _Checkpoint) -> tuple[_VllmConfig, str]:
     block = ckpt.config_block
     source = "config.json quantization_config"
     if block is None or (
-        str(block.get("quant_algo", "")).upper() == "MIXED_PRECISION" and "quantized_layers" not in block
+        str(block.get("quant_algo", "")).upper() == "MIXED_PRECISION"
+        and "quantized_layers" not in block
     ):
         if ckpt.hf_quant is None:
             raise ModelLoadError("no quantization config: vLLM would load this checkpoint as BF16.")
         block, source = ckpt.hf_quant, "hf_quant_config.json (legacy shape)"
     if "quantization" in block:  # legacy shape (modelopt.py:326-341)
         q = block["quantization"]
-        algo, kv, ignore = q.get("quant_algo"), q.get("kv_cache_quant_algo"), q.get("exclude_modules", [])
+        algo, kv, ignore = (
+            q.get("quant_algo"),
+            q.get("kv_cache_quant_algo"),
+            q.get("exclude_modules", []),
+        )
         layers = q.get("quantized_layers", {})
     else:  # flat shape (modelopt.py:342-360)
         algo = block.get("quant_algo")
         scheme = block.get("kv_cache_scheme")
-        kv = "FP8" if isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8 else None
+        kv = (
+            "FP8"
+            if isinstance(scheme, dict)
+            and scheme.get("type") == "float"
+            and scheme.get("num_bits") == 8
+            else None
+        )
         ignore = block.get("ignore", block.get("exclude_modules", []))
         layers = block.get("quantized_layers", {})
     # utils/torch_utils.py:443-495: `auto` resolves from either key, shape-agnostic.
     inner = block.get("quantization", block)
     kv_algo = inner.get("kv_cache_scheme") or inner.get("kv_cache_quant_algo")
     if isinstance(kv_algo, dict):
-        cache_fp8 = kv_algo.get("dynamic") is False and kv_algo.get("num_bits") == 8 and kv_algo.get("type") == "float"
+        cache_fp8 = (
+            kv_algo.get("dynamic") is False
+            and kv_algo.get("num_bits") == 8
+            and kv_algo.get("type") == "float"
+        )
     else:
         cache_fp8 = isinstance(kv_algo, str) and kv_algo.lower() == "fp8"
     split = []  # modelopt.py:266-285: "a.b*" -> "a.b", "a.b.*"
@@ -300,7 +324,10 @@ def _vllm_excluded(prefix: str, ignore: list[str]) -> bool:
         return True
     for e in ignore:
         if e != prefix and (
-            e in prefix or (prefix.startswith("language_model.") and e in prefix.removeprefix("language_model."))
+            e in prefix
+            or (
+                prefix.startswith("language_model.") and e in prefix.removeprefix("language_model.")
+            )
         ):
             return True
     return any(fnmatch.fnmatch(prefix, e) for e in ignore)
@@ -312,7 +339,11 @@ def _vllm_resolve(prefix: str, layers: dict[str, str]) -> str | None:
         return layers[prefix]
     proj = prefix.rsplit(".", 1)[-1]
     if proj == "qkv_proj":
-        algos = {layers[p] for s in ("q_proj", "k_proj", "v_proj") if (p := prefix[: -len(proj)] + s) in layers}
+        algos = {
+            layers[p]
+            for s in ("q_proj", "k_proj", "v_proj")
+            if (p := prefix[: -len(proj)] + s) in layers
+        }
         if len(algos) > 1:
             raise ValueError(f"vLLM raises: mixed quant_algo within fused layer {prefix}")
         if algos:
@@ -329,7 +360,9 @@ def vllm_view(ckpt: _Checkpoint) -> ReaderView:
     view = ReaderView("vllm", source)
     mixed = cfg.algo == "MIXED_PRECISION"
     if not mixed and cfg.algo not in _ALGO:
-        view.notes.append(f"quant_algo {cfg.algo!r}: not a format omniquant writes; vLLM picks not modelled")
+        view.notes.append(
+            f"quant_algo {cfg.algo!r}: not a format omniquant writes; vLLM picks not modelled"
+        )
         return view
 
     def pick_lm(vprefix: str) -> tuple[str, str]:
@@ -354,9 +387,11 @@ def vllm_view(ckpt: _Checkpoint) -> ReaderView:
         elif m := _QKV.match(module):
             vprefix = _vllm_map_name(m.group(1)) + ".qkv_proj"
         declared, why = pick_lm(vprefix)
-        if "vision_tower" in vprefix or "vision_model" in vprefix or "vit_large_projector" in vprefix:
-            if declared not in ("bf16", "error"):
-                declared, why = "bf16", "vision_model substring bypass (modelopt.py:246-251)"
+        bypassed = any(
+            t in vprefix for t in ("vision_tower", "vision_model", "vit_large_projector")
+        )
+        if bypassed and declared not in ("bf16", "error"):
+            declared, why = "bf16", "vision_model substring bypass (modelopt.py:246-251)"
         if _is_tower(module):
             pick, why = "bf16", "tower/projector built without a quant config"
         elif kind == "router":
@@ -390,8 +425,8 @@ def vllm_view(ckpt: _Checkpoint) -> ReaderView:
 def _vllm_unconsumed(name: str, picks: dict[str, str], kv_method: bool) -> str | None:
     """Why vLLM would not load tensor ``name`` (None when it would)."""
     module, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-    if name.startswith(("mlp1.", "vision_model.radio_model.", "sound")) or name.startswith(
-        "vision_projector.vision_final_layernorm."
+    if name.startswith(
+        ("mlp1.", "vision_model.radio_model.", "sound", "vision_projector.vision_final_layernorm.")
     ):
         if leaf in SCALE_LEAVES + KV_LEAVES:
             return "tower/projector has no quantized parameter of this name (load error)"
@@ -414,8 +449,7 @@ def _vllm_unconsumed(name: str, picks: dict[str, str], kv_method: bool) -> str |
 # ---------------------------------------------------------------- TensorRT-LLM
 def _trtllm_name(name: str) -> str:
     """``_update_config_for_quantization`` then NemotronHForCausalLM's ``backbone`` rename."""
-    if name.startswith("language_model."):
-        name = name[len("language_model.") :]
+    name = name.removeprefix("language_model.")
     return re.sub(r"(model\.layers\.)?backbone", "model", name)
 
 
@@ -438,7 +472,13 @@ def _trtllm_struct(raw: dict) -> dict:
                 "group_size": q.get("group_size"), "exclude": list(q.get("exclude_modules") or []),
                 "layers": q.get("quantized_layers") or {}}  # fmt: skip
     scheme = raw.get("kv_cache_scheme")
-    kv = "FP8" if isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8 else None
+    kv = (
+        "FP8"
+        if isinstance(scheme, dict)
+        and scheme.get("type") == "float"
+        and scheme.get("num_bits") == 8
+        else None
+    )
     return {"quant_algo": raw.get("quant_algo"), "kv": kv, "group_size": raw.get("group_size"),
             "exclude": list(raw.get("ignore") or []), "layers": raw.get("quantized_layers") or {}}  # fmt: skip
 
@@ -459,7 +499,9 @@ def trtllm_view(ckpt: _Checkpoint) -> ReaderView:
     elif ckpt.config_block is not None:
         q, source = _trtllm_struct(ckpt.config_block), "config.json quantization_config"
     else:
-        raise ModelLoadError("no quantization config: TensorRT-LLM would load this checkpoint as BF16.")
+        raise ModelLoadError(
+            "no quantization config: TensorRT-LLM would load this checkpoint as BF16."
+        )
     view = ReaderView("trtllm", source)
     algo = str(q["quant_algo"] or "").upper()
     mixed = algo == "MIXED_PRECISION"
@@ -483,7 +525,11 @@ def trtllm_view(ckpt: _Checkpoint) -> ReaderView:
                 key = next((k for k in layers if k.startswith(prefix)), None)
             a = layers.get(key) if key else None
             declared = _ALGO.get(a, a.lower()) if a else "bf16"
-            why = "quantized_layers" if a else "not in quantized_layers (MIXED_PRECISION global = none)"
+            why = (
+                "quantized_layers"
+                if a
+                else "not in quantized_layers (MIXED_PRECISION global = none)"
+            )
         else:
             declared, why = _ALGO[algo], f"global quant_algo {algo} (not excluded)"
         if module.startswith("vision_model."):
@@ -506,15 +552,21 @@ def trtllm_view(ckpt: _Checkpoint) -> ReaderView:
 
     kv_pick = "fp8" if str(q["kv"] or "").upper() == "FP8" else "bf16"
     for mixer, stored in sorted(_attention_mixers(ckpt).items()):
-        view.modules.append(ModulePick(mixer, "kv_cache", stored, kv_pick, f"kv_cache_quant_algo {q['kv']}"))
+        view.modules.append(
+            ModulePick(mixer, "kv_cache", stored, kv_pick, f"kv_cache_quant_algo {q['kv']}")
+        )
 
     for name in sorted(ckpt.tensors):
         module, leaf = name.rsplit(".", 1)
-        if not name.startswith(("language_model.", "vision_model.", "mlp1.", "sound_encoder.", "sound_projection.")):
+        if not name.startswith(
+            ("language_model.", "vision_model.", "mlp1.", "sound_encoder.", "sound_projection.")
+        ):
             view.unconsumed.append((name, "no loader route for this prefix: dropped"))
         elif _is_tower(name) and leaf in SCALE_LEAVES + KV_LEAVES:
             view.unconsumed.append((name, "towers are never quantized (mlp1 loads strict=True)"))
-    view.notes.append("language-model tensor names are not checked: TensorRT-LLM's weight mapper not pinned down")
+    view.notes.append(
+        "language-model tensor names are not checked: TensorRT-LLM's weight mapper not pinned down"
+    )
     return view
 
 
@@ -542,12 +594,19 @@ def render_view(view: ReaderView, group_of, limit: int = 20) -> str:
     lines = [f"as {view.reader}: quantization read from {view.source}",
              f"{'group':<18}{'stored':<22}{'reader picks':<22}flag"]  # fmt: skip
     for g, row in group_summary(view, group_of).items():
-        flag = ", ".join(
-            f"{row[k]} {label}" for k, label in (("differs", "differ"), ("declared", "declared otherwise")) if row[k]
-        ) or "ok"
+        flag = (
+            ", ".join(
+                f"{row[k]} {label}"
+                for k, label in (("differs", "differ"), ("declared", "declared otherwise"))
+                if row[k]
+            )
+            or "ok"
+        )
         lines.append(f"{g:<18}{fmt(row['stored']):<22}{fmt(row['reader']):<22}{flag}")
     for m in view.mismatches[:limit]:
-        lines.append(f"  DIFFERS {m.module}: stored {m.stored}, {view.reader} builds {m.pick} ({m.why})")
+        lines.append(
+            f"  DIFFERS {m.module}: stored {m.stored}, {view.reader} builds {m.pick} ({m.why})"
+        )
     for m in view.misdeclared[:limit]:
         lines.append(
             f"  DECLARED {m.module}: stored {m.stored}, the config declares {m.declared} to "
@@ -555,7 +614,9 @@ def render_view(view: ReaderView, group_of, limit: int = 20) -> str:
         )
     for name, why in view.unconsumed[:limit]:
         lines.append(f"  NOT LOADED {name}: {why}")
-    hidden = sum(max(0, len(x) - limit) for x in (view.mismatches, view.misdeclared, view.unconsumed))
+    hidden = sum(
+        max(0, len(x) - limit) for x in (view.mismatches, view.misdeclared, view.unconsumed)
+    )
     if hidden:
         lines.append(f"  ... and {hidden} more")
     lines += [f"  note: {n}" for n in view.notes]

@@ -78,7 +78,9 @@ def _assert_read_as_stored(path, reader):
     kv = [m for m in view.modules if m.kind == "kv_cache"]
     attention = {k.rsplit(".", 1)[0] for k in stored if k.endswith(".mixer.q_proj")}
     assert {m.module for m in kv} == attention and attention
-    assert all(m.stored == m.pick == "fp8" for m in kv)  # every built-in recipe stores an FP8 KV cache
+    assert all(
+        m.stored == m.pick == "fp8" for m in kv
+    )  # every built-in recipe stores an FP8 KV cache
     # The quantized formats really are there (the check is not vacuous).
     assert {m.pick for m in judged.values()} - {None, "bf16"}
 
@@ -99,7 +101,9 @@ def demo_export(tmp_path_factory):
     def build(recipe):
         if recipe not in built:
             out = tmp_path_factory.mktemp(f"demo_{recipe}") / "ckpt"
-            built[recipe] = quantize(demo_model_dir(), recipe, out, calib="synthetic", quiet=True).out
+            built[recipe] = quantize(
+                demo_model_dir(), recipe, out, calib="synthetic", quiet=True
+            ).out
         return built[recipe]
 
     return build
@@ -118,7 +122,9 @@ def _has_slice() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_slice(), reason="make-tiny --size slice is not in omniquant.tiny.SIZES")
+@pytest.mark.skipif(
+    not _has_slice(), reason="make-tiny --size slice is not in omniquant.tiny.SIZES"
+)
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_slice_exports_read_as_stored(tmp_path_factory, recipe):
     from omniquant.quantize import quantize
@@ -127,7 +133,13 @@ def test_slice_exports_read_as_stored(tmp_path_factory, recipe):
     src = tmp_path_factory.getbasetemp() / "slice_src"
     if not src.exists():
         make_tiny(src, seed=0, size="slice")
-    out = quantize(src, recipe, tmp_path_factory.mktemp(f"slice_{recipe}") / "ckpt", calib="synthetic", quiet=True).out
+    out = quantize(
+        src,
+        recipe,
+        tmp_path_factory.mktemp(f"slice_{recipe}") / "ckpt",
+        calib="synthetic",
+        quiet=True,
+    ).out
     for reader in READERS:
         _assert_read_as_stored(out, reader)
 
@@ -166,8 +178,14 @@ def _main_shape(src, dst):
     from safetensors import safe_open
 
     with safe_open(dst / "model.safetensors", "pt") as fh:
-        two_d = {k[:-7] for k in fh.keys() if k.endswith(".weight") and len(fh.get_slice(k).get_shape()) == 2}
-    q["exclude_modules"] = [m for m in q["exclude_modules"] if m in two_d]  # main excluded 2-D weights only
+        two_d = {
+            k[:-7]
+            for k in fh.keys()  # noqa: SIM118 (a safetensors handle)
+            if k.endswith(".weight") and len(fh.get_slice(k).get_shape()) == 2
+        }
+    q["exclude_modules"] = [
+        m for m in q["exclude_modules"] if m in two_d
+    ]  # main excluded 2-D weights only
     hf_file.write_text(json.dumps(hf))
     cfg = json.loads(cfg_file.read_text())
     cfg["quantization_config"] = {"quant_method": "modelopt", **q}
@@ -186,7 +204,9 @@ def test_mains_config_shape_fails_the_readers(quantized, tmp_path):
     }
     assert all(m.pick == "fp8" and m.stored == "bf16" for m in trt.mismatches)
     problems = audit_checkpoint(fp8).problems
-    assert any("quantization_config differs from modelopt's converter output" in p for p in problems)
+    assert any(
+        "quantization_config differs from modelopt's converter output" in p for p in problems
+    )
 
     mixed = _main_shape(quantized("nvfp4_omni"), tmp_path / "mixed")
     vllm = read_as(mixed, "vllm")
@@ -225,7 +245,10 @@ def test_inspect_as_flags_a_tower_missing_from_ignore(quantized, tmp_path, capsy
     # Both loaders build the audio projector without a quant config, so the tower still
     # loads as BF16; the config itself now declares it FP8, which is what is flagged.
     assert f"  DECLARED {tower}: stored bf16, the config declares fp8 to {reader}" in out
-    assert f"{reader}: would NOT read the checkpoint as stored (0 module(s) differ, 1 declared otherwise" in out
+    assert (
+        f"{reader}: would NOT read the checkpoint as stored (0 module(s) differ, 1 declared otherwise"
+        in out
+    )
 
 
 def test_inspect_as_flags_a_backbone_layer_missing_from_ignore(quantized, tmp_path, capsys):
