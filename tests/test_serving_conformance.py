@@ -116,9 +116,10 @@ def test_demo_exports_read_as_stored(demo_export, recipe, reader):
 
 
 def _has_slice() -> bool:
-    from omniquant.tiny import SIZES
+    """``make-tiny --size slice`` (issue 13's real-width preset) exists on this tree."""
+    from omniquant import tiny
 
-    return "slice" in SIZES
+    return "slice" in tiny.SIZES or getattr(tiny, "SLICE", None) == "slice"
 
 
 @pytest.mark.slow
@@ -127,6 +128,9 @@ def _has_slice() -> bool:
 )
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_slice_exports_read_as_stored(tmp_path_factory, recipe):
+    """Real widths, sharded like the hub checkpoints (~10 GB RAM, minutes on 2 cores: run
+    under the heavy lock). Calibration as issue 13's slice test: 2 samples, experts that
+    see no token warn instead of failing (their scales are not what is checked here)."""
     from omniquant.quantize import quantize
     from omniquant.tiny import make_tiny
 
@@ -139,7 +143,9 @@ def test_slice_exports_read_as_stored(tmp_path_factory, recipe):
         tmp_path_factory.mktemp(f"slice_{recipe}") / "ckpt",
         calib="synthetic",
         quiet=True,
+        overrides=["calibration.size=2", "calibration.expert_coverage.policy=warn"],
     ).out
+    assert (out / "model.safetensors.index.json").is_file()
     for reader in READERS:
         _assert_read_as_stored(out, reader)
 
