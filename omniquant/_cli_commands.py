@@ -52,11 +52,30 @@ def inspect_cmd(
     path: Annotated[Path, typer.Argument(help="Checkpoint directory.")],
     json_: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
     audit: Annotated[bool, typer.Option(help="Run the integrity audit; non-zero exit on failure.")] = False,
+    as_: Annotated[
+        str | None,
+        typer.Option(
+            "--as",
+            help="Show what a serving stack (vllm or trtllm) would build per module group; "
+            "exit 4 if it would treat any module or tensor differently from what is stored.",
+        ),
+    ] = None,
 ) -> None:
     """Show module groups with precision, parameters, bytes and bits per weight."""
     from omniquant.inspect_ckpt import inspect_checkpoint, render_inspect, summary_json
 
     summary = inspect_checkpoint(path)
+    view = None
+    if as_ is not None:
+        from omniquant.readers import read_as
+
+        view = read_as(path, as_)
+        summary["reader"] = {
+            "reader": view.reader, "source": view.source, "ok": view.ok, "notes": view.notes,
+            "differs": [m.__dict__ for m in view.mismatches],
+            "declared_otherwise": [m.__dict__ for m in view.misdeclared],
+            "not_loaded": [{"tensor": n, "why": w} for n, w in view.unconsumed],
+        }  # fmt: skip
     if audit:
         from omniquant.audit import audit_checkpoint
 
@@ -64,11 +83,18 @@ def inspect_cmd(
         summary["audit"] = {"ok": report.ok, "checked_weights": report.checked_weights}
     if json_:
         typer.echo(summary_json(summary))
-        return
-    console = _console()
-    console.print(render_inspect(summary), markup=False)
-    if audit:
-        console.print(f"audit passed ({summary['audit']['checked_weights']} quantized weights checked)")
+    else:
+        console = _console()
+        console.print(render_inspect(summary), markup=False)
+        if audit:
+            console.print(f"audit passed ({summary['audit']['checked_weights']} quantized weights checked)")
+        if view is not None:
+            from omniquant.models import adapter_for
+            from omniquant.readers import render_view
+
+            console.print(render_view(view, adapter_for(path).hub_tensor_group), markup=False)
+    if view is not None and not view.ok:
+        raise typer.Exit(code=4)
 
 
 recipes_app = typer.Typer(help="List and show built-in recipes.", invoke_without_command=True)

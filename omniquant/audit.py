@@ -6,9 +6,12 @@ and checks:
 - every quantized weight has all its scales, with the right dtypes and shapes;
 - no NaN, Inf or zero per-tensor scale; no NaN/Inf E4M3 block scale, none outside
   the E4M3 range, and no zero block scale on a block that holds non-zero codes;
-- every 2-D weight is either quantized or listed in ``exclude_modules``, and no
-  quantized weight is excluded;
+- every weight of two or more dimensions is either quantized or listed in
+  ``exclude_modules``, and no quantized weight is excluded;
 - KV-cache scales are present when ``kv_cache_quant_algo`` is FP8;
+- ``config.json``'s ``quantization_config`` equals modelopt's converter output
+  for ``hf_quant_config.json`` (the block vLLM reads says what TensorRT-LLM's
+  file says);
 - shard checksums match ``omniquant.json``.
 A failed audit names every offending tensor.
 """
@@ -117,7 +120,7 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
     weights = {
         k[: -len(".weight")]
         for k, (_, _, shape) in index.items()
-        if k.endswith(".weight") and len(shape) == 2
+        if k.endswith(".weight") and len(shape) >= 2
     }
     for module in sorted(weights):
         _, dtype, _ = index[f"{module}.weight"]
@@ -130,7 +133,7 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
                 )
             elif quant and not is_excluded(module, excluded_patterns):
                 report.problems.append(
-                    f"{module}: unquantized 2-D weight missing from exclude_modules (a loader "
+                    f"{module}: unquantized weight missing from exclude_modules (a loader "
                     "targeting Linear would treat it as quantized)"
                 )
             continue
@@ -161,7 +164,32 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
             )
         for k in kv:
             _check_scalar(k, load(k), report)
+    _check_config_block(path, report)
     return _finish(report, raise_on_error)
+
+
+def _check_config_block(path: Path, report: AuditReport) -> None:
+    """``config.json``'s ``quantization_config`` must be the converter's output for
+    ``hf_quant_config.json`` (omniquant.export.serving_quant_config)."""
+    from omniquant.export import serving_quant_config
+
+    hf_file, cfg_file = path / "hf_quant_config.json", path / "config.json"
+    if not hf_file.is_file() or not cfg_file.is_file():
+        return
+    block = json.loads(cfg_file.read_text()).get("quantization_config")
+    want = serving_quant_config(json.loads(hf_file.read_text()))
+    if block is None:
+        report.problems.append(
+            f"{cfg_file}: no quantization_config; vLLM would read hf_quant_config.json's legacy "
+            "shape instead (re-export, or write modelopt's converter output there)"
+        )
+    elif block != want:
+        differ = sorted(k for k in set(block) | set(want) if block.get(k) != want.get(k))
+        report.problems.append(
+            f"{cfg_file}: quantization_config differs from modelopt's converter output for "
+            f"hf_quant_config.json in {', '.join(differ)} (re-export, or replace it with "
+            "omniquant.export.serving_quant_config(hf_quant_config))"
+        )
 
 
 _STORED_FORMAT = {"F8_E4M3": "fp8", "U8": "nvfp4"}

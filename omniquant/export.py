@@ -13,8 +13,13 @@ Policy:
   language model (applied to the whole omni model it refuses the scoped converter).
 - ``hf_quant_config.json`` is written from the plan: modelopt's own lists native
   names and omits the vision/audio towers from ``exclude_modules``. Here every
-  2-D weight that is not quantized is excluded by its hub module name, so a loader
-  that targets ``Linear`` cannot mistake a tower for FP8.
+  weight of two or more dimensions that is not quantized is excluded by its hub
+  module name, so a loader that targets ``Linear`` cannot mistake a tower, a
+  router or a ``conv1d`` for FP8. It keeps modelopt's legacy shape (TensorRT-LLM
+  reads it first).
+- ``config.json``'s ``quantization_config`` is not written by hand: modelopt's own
+  converter (``convert_hf_quant_config_format``) derives it from the same dict, so
+  the two cannot disagree; vLLM reads only this block.
 - ``omniquant.json`` is written last: a directory without it is not a finished
   checkpoint.
 """
@@ -196,7 +201,7 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
     hf_quant = build_hf_quant_config(src, qmods, plan, mo_config)
     _write_json(out / "hf_quant_config.json", hf_quant)
     config = json.loads((src.path / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "modelopt", **hf_quant["quantization"]}
+    config["quantization_config"] = serving_quant_config(hf_quant)
     _write_json(out / "config.json", config)
     for f in sorted(src.path.iterdir()):
         if f.is_file() and f.name not in _SKIP_COPY and f.suffix != ".safetensors":
@@ -205,8 +210,30 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
     return {"shards": checksums, "hf_quant_config": hf_quant, "tensors": n}
 
 
+def serving_quant_config(hf_quant: dict) -> dict:
+    """``config.json``'s ``quantization_config``: modelopt's converter applied to ``hf_quant``.
+
+    The same converter modelopt's own exporter uses (``convert_hf_quant_config_format``,
+    pinned modelopt 0.47) turns the legacy ``hf_quant_config.json`` shape into the one
+    serving stacks read from ``config.json`` (``ignore``, ``kv_cache_scheme``,
+    ``config_groups``, ``quantized_layers``, ``quant_method: modelopt``); vLLM reads
+    only this block when it exists. A deep copy keeps the two files independent.
+    """
+    import copy
+
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    return convert_hf_quant_config_format(copy.deepcopy(hf_quant))
+
+
 def build_hf_quant_config(src: SourceIndex, qmods: dict[str, str], plan, mo_config: dict) -> dict:
-    """``hf_quant_config.json`` in hub names, with towers in ``exclude_modules``."""
+    """``hf_quant_config.json`` in hub names, with towers in ``exclude_modules``.
+
+    Every module whose ``weight`` has two or more dimensions and is not quantized is
+    excluded, Mamba ``conv1d`` (3-D) included: TensorRT-LLM keeps ``conv1d`` in a
+    ``Linear`` that takes the global quant config unless excluded, as modelopt's own
+    ``exclude_modules`` (and NVIDIA's released configs) list it.
+    """
     from safetensors import safe_open
 
     formats = sorted(set(qmods.values()))
@@ -218,7 +245,7 @@ def build_hf_quant_config(src: SourceIndex, qmods: dict[str, str], plan, mo_conf
                 if (
                     leaf == "weight"
                     and module not in qmods
-                    and len(fh.get_slice(k).get_shape()) == 2
+                    and len(fh.get_slice(k).get_shape()) >= 2
                 ):
                     excluded.append(module)
     if len(formats) > 1:

@@ -82,20 +82,37 @@ def test_fp8_quant_configs(tiny_dir, quantized):
     assert "quantized_layers" not in hq
     excl = set(hq["exclude_modules"])
     with safe_open(tiny_dir / "model.safetensors", "pt") as fh:
+        # Every weight of >= 2 dims: Linears, and conv1d (TensorRT-LLM keeps it in a Linear).
         linear_like = {
             k[:-7]
             for k in fh.keys()
-            if k.endswith(".weight") and len(fh.get_slice(k).get_shape()) == 2
+            if k.endswith(".weight") and len(fh.get_slice(k).get_shape()) >= 2
         }
     quantized_mods = {k[:-7] for k, v in _tensors(out).items() if v.dtype == torch.float8_e4m3fn}
     assert excl == linear_like - quantized_mods
     for needle in ("vision_model.radio_model.model.blocks.0.attn.qkv", "sound_encoder.encoder.layers.0.self_attn.q_proj",
                    "mlp1.1", "sound_projection.linear1", "language_model.lm_head",
-                   "language_model.backbone.layers.1.mixer.gate", "language_model.backbone.layers.2.mixer.in_proj"):  # fmt: skip
+                   "language_model.backbone.layers.1.mixer.gate", "language_model.backbone.layers.2.mixer.in_proj",
+                   "language_model.backbone.layers.0.mixer.conv1d"):  # fmt: skip
         assert needle in excl
     cfg = json.loads((out / "config.json").read_text())
     src_cfg = json.loads((tiny_dir / "config.json").read_text())
-    assert cfg.pop("quantization_config") == {"quant_method": "modelopt", **hq}
+    # config.json carries modelopt's converter output (the shape vLLM reads), not the legacy one.
+    block = cfg.pop("quantization_config")
+    assert block == {
+        "config_groups": {
+            "group_0": {
+                "input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},
+                "weights": {"dynamic": False, "num_bits": 8, "type": "float"},
+                "targets": ["Linear"],
+            }
+        },
+        "ignore": hq["exclude_modules"],
+        "quant_algo": "FP8",
+        "kv_cache_scheme": {"dynamic": False, "num_bits": 8, "type": "float"},
+        "producer": json.loads((out / "hf_quant_config.json").read_text())["producer"],
+        "quant_method": "modelopt",
+    }
     assert cfg == src_cfg
     for f in (
         "tokenizer.json",

@@ -108,6 +108,40 @@ def make_commands(
     )
 
 
+#: Where each serving flag comes from (written into the scripts as comments).
+VLLM_FLAG_SOURCES = (
+    (
+        "--trust-remote-code: NVIDIA's model card and vLLM recipe for the Nano VL/Omni family (remote-code "
+        "config class NemotronH_Nano_Omni_Reasoning_V3)."
+    ),
+    (
+        "--kv-cache-dtype fp8 (FP8-KV and NVFP4 checkpoints): NVIDIA's serving commands for the quantized "
+        "variants; vLLM 0.33 would also pick fp8 from config.json's kv_cache_scheme "
+        "(vllm/utils/torch_utils.py:498-514), the flag makes it explicit."
+    ),
+    (
+        "--video-pruning-rate Q: Efficient Video Sampling as NVIDIA serves it (0.5 in its commands); vLLM "
+        "ignores the config's video_pruning_rate."
+    ),
+    (
+        "--mamba-ssm-cache-dtype float32: the Mamba SSM state must stay float32 (vLLM's NemotronH default "
+        "changed after accuracy reports; NVIDIA's TensorRT-LLM options set mamba_ssm_cache_dtype float32 too)."
+    ),
+    "--max-num-seqs / --max-model-len: this bundle's max_batch_size / max_seq_len.",
+)
+TRTLLM_FLAG_SOURCES = (
+    (
+        "trtllm-serve serve CKPT --trust_remote_code --extra_llm_api_options YAML: the PyTorch-backend "
+        "command in NVIDIA's TensorRT-LLM deployment guide (no trtllm-build path exists for NemotronH)."
+    ),
+    (
+        "TLLM_VIDEO_PRUNING_RATIO: EVS rate read at import by modeling_nemotron_nano.py in the "
+        "releases this bundle targets; its newest source takes video_pruning_rate from the model config "
+        "instead (NemotronH_Nano_VL_V2.__init__), so check which your TensorRT-LLM reads."
+    ),
+)
+
+
 def _script(header: list[str], env: dict[str, str], body: list[str]) -> str:
     lines = ["#!/usr/bin/env bash", *(f"# {h}" for h in header)]
     lines += ["set -euo pipefail", 'cd "$(dirname "${BASH_SOURCE[0]}")"']
@@ -185,7 +219,12 @@ def render_scripts(commands: LaunchCommands, *, banner: str, trtllm_min: str) ->
     needs = f"Needs TensorRT-LLM >= {trtllm_min} on a GPU host. Extra arguments are passed through."
     return {
         "serve.sh": _script(
-            [f"OpenAI-compatible TensorRT-LLM server. {banner}", needs],
+            [
+                f"OpenAI-compatible TensorRT-LLM server. {banner}",
+                needs,
+                "Flag sources:",
+                *(f"  {x}" for x in TRTLLM_FLAG_SOURCES),
+            ],
             commands.env,
             [f'exec {commands.serve} "$@"'],
         ),
@@ -207,7 +246,9 @@ def render_scripts(commands: LaunchCommands, *, banner: str, trtllm_min: str) ->
         "vllm_serve.sh": _script(
             [
                 f"The same checkpoint served by vLLM. {banner}",
-                "Needs a vLLM with Nemotron omni support.",
+                "Needs a vLLM with Nemotron omni support (>= 0.20).",
+                "Flag sources:",
+                *(f"  {x}" for x in VLLM_FLAG_SOURCES),
             ],
             {},
             [f'exec {commands.vllm_serve} "$@"'],
