@@ -182,3 +182,12 @@ def test_multi_shard_source_cpu_and_offload_give_the_same_shards(sharded_dir, tm
     assert dev["placement"] == "dispatch" and dev["offloaded"] == ["cpu", "disk"]
     assert dev["per_device"]["disk"]["parameters"] > 0 and dev["max_memory"] == {"cpu": 300_000}
     assert not list(tmp_path.glob(".omniquant-offload-*"))  # offload folder removed
+
+
+def test_layerwise_calibration_is_refused_with_the_reason(capsys, tiny_dir, tmp_path):
+    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out",
+               str(tmp_path / "o"), "--set", "calibration.layerwise=true"])  # fmt: skip
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert rc == 2 and "Traceback" not in text
+    assert "layerwise: true is not supported" in text and "--max-memory" in text
