@@ -45,7 +45,11 @@ def make_tiny_cmd(
     out: Annotated[Path, typer.Option(help="Output directory for the checkpoint.")],
     seed: Annotated[int, typer.Option(help="RNG seed; same seed, same bytes.")] = 0,
     size: Annotated[
-        str, typer.Option(help="Preset: tiny (~1 MB) or bench (~300M params).")
+        str,
+        typer.Option(
+            help="Preset: tiny (~1 MB), bench (~300M params) or slice (released widths, few "
+            "layers: ~3.6 B params, ~7 GB in 2 GB shards)."
+        ),
     ] = "tiny",
     force: Annotated[bool, typer.Option(help="Overwrite an existing output directory.")] = False,
 ) -> None:

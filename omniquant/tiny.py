@@ -7,6 +7,11 @@ embedder, Parakeet audio, both projectors), is written by transformers'
 ``save_pretrained`` in the hub layout the real checkpoints use, in BF16, with a
 byte-level BPE tokenizer carrying the real model's placeholder tokens. Everything
 is seeded: the same seed gives byte-identical files.
+
+The released model's configuration lives here too, in one place
+(``released_config_dict``): the ``slice`` preset is that configuration with few
+layers (every width and the expert count as released), and the plan stage's
+tests hold predictions for the full configuration to NVIDIA's releases.
 """
 
 from __future__ import annotations
@@ -70,6 +75,116 @@ SIZES: dict[str, TinySize] = {
     # A few hundred million parameters: for memory/time benchmarks of quantize + export.
     "bench": TinySize(1024, _HYBRID * 2, 32, 512, 32, 256, 4, 256, 4),
 }
+
+
+#: The released text backbone's layer pattern (M = Mamba2, E = MoE, * = attention):
+#: 52 layers, 23 Mamba2, 23 MoE, 6 attention (at 5, 12, 19, 26, 33, 42).
+RELEASED_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+#: Pattern letters -> transformers' ``layers_block_type`` names.
+PATTERN_BLOCK_TYPES = {"M": "linear_attention", "E": "moe", "*": "full_attention"}
+#: The ``slice`` preset: the released widths with every block type once or twice
+#: (one Mamba2 layer, which is also the attention's neighbour, two MoE layers, one
+#: attention layer), two RADIO blocks and two Parakeet layers: ~3.6 B parameters.
+SLICE_PATTERN = "ME*E"
+SLICE = "slice"
+#: Shard size of the ``slice`` preset, as hub checkpoints are split (several
+#: ``model-0000i-of-0000n.safetensors`` files and ``model.safetensors.index.json``).
+SLICE_MAX_SHARD_SIZE = "2GB"
+
+
+def released_config_dict(
+    pattern: str = RELEASED_PATTERN, vision_layers: int = 32, audio_layers: int = 24
+) -> dict[str, Any]:
+    """The kwargs of ``NemotronH_Omni_Reasoning_V3_Config`` for the released
+    Nemotron 3 Nano Omni 30B-A3B (transformers' native field names).
+
+    Built as released (33.016 B parameters = 61.50 GiB in BF16, FIELD_NOTES): text
+    hidden 2688, vocab 131072, untied lm_head; MoE 128 routed experts top-6 of width
+    1856 with one shared expert of width 3712; Mamba2 64 heads x 64, 8 groups, state
+    128, conv 4, chunk 128; attention 32 heads, 2 KV heads, head_dim 128; C-RADIOv4-H
+    vision (1280 wide, 16 heads, MLP 5120, patch 16, Conv3D video embedder over 2
+    frames); Parakeet audio (1024 wide, 8 heads, FFN 4096, 128 mel bins, 8x
+    subsampling with 256 channels); projectors ``mlp1`` 5120 -> 20480 -> 2688 and
+    audio 1024 -> 4096 -> 2688. Token ids are not set (they do not change shapes).
+
+    Args:
+        pattern: Text layer pattern (letters of ``PATTERN_BLOCK_TYPES``).
+        vision_layers: Number of RADIO blocks (32 released).
+        audio_layers: Number of Parakeet layers (24 released).
+    """
+    text = {
+        "vocab_size": 131072,
+        "hidden_size": 2688,
+        "layers_block_type": [PATTERN_BLOCK_TYPES[c] for c in pattern],
+        "tie_word_embeddings": False,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 2,
+        "head_dim": 128,
+        "mamba_num_heads": 64,
+        "mamba_head_dim": 64,
+        "n_groups": 8,
+        "ssm_state_size": 128,
+        "conv_kernel": 4,
+        "chunk_size": 128,
+        "expand": 2,
+        "n_routed_experts": 128,
+        "num_experts_per_tok": 6,
+        "moe_intermediate_size": 1856,
+        "moe_shared_expert_intermediate_size": 3712,
+        "n_shared_experts": 1,
+        "intermediate_size": 1856,
+        "mlp_hidden_act": "relu2",
+        "routed_scaling_factor": 2.5,
+        "max_position_embeddings": 262144,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    vision = {
+        "hidden_size": 1280,
+        "num_hidden_layers": vision_layers,
+        "num_attention_heads": 16,
+        "mlp_ratio": 4.0,
+        "patch_size": 16,
+        "max_img_size": 2048,
+        "patch_dim": 3 * 16 * 16,
+        "video_patch_dim": 2 * 3 * 16 * 16,
+        "video_temporal_patch_size": 2,
+        "num_cls_tokens": 3,
+        "num_registers": 7,
+        "summary_idxs": [0, 1],
+    }
+    audio = {
+        "hidden_size": 1024,
+        "num_hidden_layers": audio_layers,
+        "num_attention_heads": 8,
+        "intermediate_size": 4096,
+        "num_mel_bins": 128,
+        "subsampling_factor": 8,
+        "subsampling_conv_channels": 256,
+        "projection_hidden_size": 4096,
+        "projection_bias": False,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "activation_dropout": 0.0,
+        "layerdrop": 0.0,
+    }
+    return {
+        "text_config": text,
+        "vision_config": vision,
+        "audio_config": audio,
+        "projector_hidden_size": 20480,
+        "vision_hidden_size": 1280,
+        "downsample_ratio": 0.5,
+        "video_pruning_rate": 0.0,
+        "video_temporal_patch_size": 2,
+    }
+
+
+def slice_config_dict() -> dict[str, Any]:
+    """The ``slice`` preset: ``released_config_dict`` with ``SLICE_PATTERN``, two RADIO
+    blocks and two Parakeet layers."""
+    return released_config_dict(SLICE_PATTERN, vision_layers=2, audio_layers=2)
 
 
 def tiny_config_dict(size: TinySize) -> dict[str, Any]:
@@ -181,6 +296,14 @@ def build_omni_model(spec: TinySize, tokenizer, seed: int = 0):
     The placeholder token ids come from the tokenizer; the router correction bias is
     made non-zero so the bias path of the real router is exercised.
     """
+    kwargs = tiny_config_dict(spec)
+    kwargs["text_config"]["vocab_size"] = len(tokenizer)
+    return _build_from_kwargs(kwargs, tokenizer, seed)
+
+
+def _build_from_kwargs(kwargs: dict[str, Any], tokenizer, seed: int, dtype: str | None = None):
+    """Build a seeded random omni model from config kwargs; ``dtype`` (e.g. ``"bfloat16"``)
+    initialises it in that dtype directly (a float32 copy of the slice would need 14 GB)."""
     import torch
     from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
         NemotronH_Omni_Reasoning_V3_Config,
@@ -189,8 +312,6 @@ def build_omni_model(spec: TinySize, tokenizer, seed: int = 0):
         NemotronH_Omni_Reasoning_V3,
     )
 
-    kwargs = tiny_config_dict(spec)
-    kwargs["text_config"]["vocab_size"] = len(tokenizer)
     config = NemotronH_Omni_Reasoning_V3_Config(
         **kwargs,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -200,7 +321,10 @@ def build_omni_model(spec: TinySize, tokenizer, seed: int = 0):
     # modelopt's exporter and serving loaders both need architectures set.
     config.architectures = ["NemotronH_Omni_Reasoning_V3"]
     torch.manual_seed(seed)
-    model = NemotronH_Omni_Reasoning_V3(config)
+    if dtype is None:
+        model = NemotronH_Omni_Reasoning_V3(config)
+    else:
+        model = NemotronH_Omni_Reasoning_V3._from_config(config, dtype=getattr(torch, dtype))
     _randomize_router_bias(model, seed)
     return model
 
@@ -213,6 +337,11 @@ def build_tiny_model(seed: int = 0, size: str = "tiny"):
     """
     import torch
 
+    if size == SLICE:
+        tokenizer = build_tokenizer()
+        # The released vocabulary (131072) stays: the tokenizer's ids are a prefix of it.
+        model = _build_from_kwargs(slice_config_dict(), tokenizer, seed, dtype="bfloat16")
+        return model.eval(), tokenizer
     spec = SIZES[size]
     tokenizer = build_tokenizer(spec.vocab_merges)
     model = build_omni_model(spec, tokenizer, seed)
@@ -236,7 +365,8 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
     Args:
         out: Output directory; must not exist unless ``force``.
         seed: RNG seed; the same seed gives byte-identical files.
-        size: A key of ``SIZES``.
+        size: A key of ``SIZES``, or ``"slice"`` (released widths, few layers, ~3.6 B
+            parameters, ~7 GB written in 2 GB shards; needs ~10 GB of RAM).
         force: Overwrite an existing directory.
 
     Returns:
@@ -245,8 +375,10 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
     import shutil
 
     out = Path(out)
-    if size not in SIZES:
-        raise ExportError(f"make-tiny: unknown --size {size!r}; choose one of {sorted(SIZES)}.")
+    if size not in SIZES and size != SLICE:
+        raise ExportError(
+            f"make-tiny: unknown --size {size!r}; choose one of {sorted([*SIZES, SLICE])}."
+        )
     if out.exists():
         if not force:
             raise ExportError(
@@ -256,7 +388,10 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
             raise ExportError(f"make-tiny: --out {out} exists and is not a directory.")
         shutil.rmtree(out)
     model, tokenizer = build_tiny_model(seed, size)
-    model.save_pretrained(out)
+    if size == SLICE:
+        model.save_pretrained(out, max_shard_size=SLICE_MAX_SHARD_SIZE)
+    else:
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _write_preprocessor_config(out, model.config)
     return out

@@ -67,3 +67,33 @@ def test_deterministic(tmp_path):
     assert main(["make-tiny", "--out", str(tmp_path / "c"), "--seed", "4"]) == 0
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
     assert digests(tmp_path / "a")["model.safetensors"] != digests(tmp_path / "c")["model.safetensors"]
+
+
+def _meta_params(kwargs) -> int:
+    import torch
+    from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3_Config,
+    )
+    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3,
+    )
+
+    with torch.device("meta"):
+        model = NemotronH_Omni_Reasoning_V3(NemotronH_Omni_Reasoning_V3_Config(**kwargs))
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_released_and_slice_configs_have_the_released_sizes():
+    """The released config builds to 33.016 B parameters = 61.50 GiB in BF16 (vLLM's
+    'Checkpoint size: 61.50 GiB'); the slice keeps its widths with 4 text layers."""
+    from omniquant.tiny import RELEASED_PATTERN, released_config_dict, slice_config_dict
+
+    assert len(RELEASED_PATTERN) == 52
+    assert [RELEASED_PATTERN.count(c) for c in "ME*"] == [23, 23, 6]
+    released = _meta_params(released_config_dict())
+    assert released == 33_015_727_040
+    assert round(released * 2 / 2**30, 2) == 61.50
+    sliced = slice_config_dict()
+    assert sliced["text_config"]["hidden_size"] == 2688
+    assert sliced["text_config"]["n_routed_experts"] == 128
+    assert _meta_params(sliced) == 3_654_859_072
