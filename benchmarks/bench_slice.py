@@ -153,7 +153,7 @@ def _run(kind: str, model: Path, recipe: str, samples: int, out: Path, threads: 
         + "print('SLICE ' + json.dumps(_RESULT))\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ}
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} {recipe} failed:\n{proc.stderr[-4000:]}")

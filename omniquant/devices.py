@@ -185,10 +185,10 @@ def resolve_placement(
         return Placement(requested, "single", device="cpu")
     # auto
     if n_gpu == 0 and budget is None:
-        return Placement(requested, "single", device="cpu", notes=["no CUDA device: auto means cpu"])
-    offload = None
-    if scratch is not None:
-        offload = Path(scratch)
+        return Placement(
+            requested, "single", device="cpu", notes=["no CUDA device: auto means cpu"]
+        )
+    offload = Path(scratch) if scratch is not None else None
     return Placement(requested, "dispatch", max_memory=budget, offload_folder=offload)
 
 
@@ -289,8 +289,6 @@ def device_map_summary(model) -> dict:
     A dispatched model reports accelerate's ``hf_device_map``; parameters on ``meta``
     belong to the device their module was offloaded to.
     """
-    import torch
-
     hf_map = getattr(model, "hf_device_map", None)
     where: dict[str, str] = {}
     if hf_map:
@@ -302,7 +300,9 @@ def device_map_summary(model) -> dict:
             return str(p.device) if p.device.type != "meta" else "meta"
         best = ""
         for prefix in where:
-            if (name == prefix or name.startswith(prefix + ".") or prefix == "") and len(prefix) >= len(best):
+            if (name == prefix or name.startswith(prefix + ".") or prefix == "") and len(
+                prefix
+            ) >= len(best):
                 best = prefix
         return where.get(best, "meta")
 
@@ -316,7 +316,6 @@ def device_map_summary(model) -> dict:
     if hf_map:
         summary["device_map_entries"] = len(hf_map)
         summary["offloaded"] = sorted({v for v in where.values() if v in ("cpu", "disk")})
-    del torch
     return summary
 
 
@@ -339,8 +338,11 @@ def kernel_report(placement_devices: list[str]) -> dict:
         for fn in ("mamba2_chunk_scan", "mamba2_split_conv1d_scan_combined", "causal_conv1d_fn"):
             f = getattr(nh, fn, None)
             if f is not None:
-                resolved[fn] = bool(inspect.getclosurevars(f).nonlocals.get("is_new_implementation"))
-    except Exception:  # a transformers without these names: report importability only
+                resolved[fn] = bool(
+                    inspect.getclosurevars(f).nonlocals.get("is_new_implementation")
+                )
+    except (ImportError, AttributeError, TypeError, ValueError):
+        # a transformers without these names: report importability only
         resolved = {}
     on_cuda = any(d.startswith("cuda") for d in placement_devices)
     fast = bool(resolved) and all(resolved.values()) and on_cuda

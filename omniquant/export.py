@@ -7,10 +7,15 @@ Policy:
   scale tensors beside them (``weight_scale``, ``weight_scale_2``,
   ``input_scale``), and KV-cache scales sit beside their attention projections.
   Sharding follows the source.
-- Quantized tensors come from modelopt's exporter (``_export_transformers_checkpoint``
-  on the language model, pinned modelopt 0.47), and their names are mapped back to
-  the hub layout with modelopt's quant-aware reverse conversion scoped to the
-  language model (applied to the whole omni model it refuses the scoped converter).
+- Quantized tensors come from modelopt's exporter (the steps of
+  ``_export_transformers_checkpoint`` on the language model, pinned modelopt 0.47,
+  run one decoder layer at a time: ``_LayerwiseQuantExport``), and their names are
+  mapped back to the hub layout with modelopt's quant-aware reverse conversion scoped
+  to the language model (applied to the whole omni model it refuses the scoped converter).
+- The export streams: one output shard is assembled, saved and freed before the next,
+  so host memory holds one source shard, one output shard and at most one layer's
+  quantized tensors beyond the model, whatever the model's size. Bytes are those of the
+  former all-at-once export (pinned in tests/test_devices.py).
 - ``hf_quant_config.json`` is written from the plan: modelopt's own lists native
   names and omits the vision/audio towers from ``exclude_modules``. Here every
   2-D weight that is not quantized is excluded by its hub module name, so a loader
@@ -219,7 +224,9 @@ class _LayerwiseQuantExport:
         )
         with window:
             for sub_name, sub in module.named_modules():
-                _dispatch_export_handler(f"{native}.{sub_name}" if sub_name else native, sub, self.ctx)
+                _dispatch_export_handler(
+                    f"{native}.{sub_name}" if sub_name else native, sub, self.ctx
+                )
             _reconstruct_fused_moe_linear(module)
             state = {f"{native}.{k}": v for k, v in module.state_dict().items()}
             post = postprocess_state_dict(
@@ -273,9 +280,7 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
                 unit = exporter.unit_of(name)
                 if unit is not None and unit not in exporter.exported:
                     exported = exporter.export(unit)
-                    pending.update(
-                        (k, v) for k, v in exported.items() if _wanted(k, qmods)
-                    )
+                    pending.update((k, v) for k, v in exported.items() if _wanted(k, qmods))
                     del exported
             tensors: dict[str, torch.Tensor] = {}
             with safe_open(src.path / shard, "pt") as fh:
@@ -296,7 +301,9 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
             for key in [k for k in pending if k.rsplit(".", 1)[-1] in KV_SUFFIXES]:
                 anchor = key.rsplit(".", 1)[0] + ".weight"
                 if anchor not in src.shard_of:
-                    raise ExportError(f"KV scale {key}: no source tensor {anchor} to place it beside.")
+                    raise ExportError(
+                        f"KV scale {key}: no source tensor {anchor} to place it beside."
+                    )
                 if src.shard_of[anchor] == shard:
                     tensors[key] = pending.pop(key).contiguous()
                     kv_written += 1

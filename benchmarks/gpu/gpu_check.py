@@ -161,7 +161,7 @@ def compare_nvfp4(work: Path, kwargs: dict, samples: int) -> dict:
 
     fake = logits(loaded)
     write_checkpoint(loaded, plan, ckpt)
-    del loaded, root
+    loaded = root = None  # free the fake-quant model before loading the emulated one
     torch.cuda.empty_cache()
     served = load_emulated(ckpt, dtype="float32")
     served.model.to("cuda:0")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         try:
             result["steps"][name] = {"ok": True, **fn()}
-        except Exception as exc:  # recorded, the next step still runs
+        except Exception as exc:  # noqa: BLE001 - recorded in the JSON; the next step still runs
             result["steps"][name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
         result["steps"][name]["wall_seconds"] = time.perf_counter() - t0
         print(f"[gpu_check] {name}: {json.dumps(result['steps'][name])[:600]}", flush=True)
@@ -235,7 +235,10 @@ def main(argv: list[str] | None = None) -> dict:
     if result["steps"]["build"]["ok"]:
         for recipe in args.recipes.split(","):
             out = args.work / f"out_{recipe}"
-            step(f"quantize/{recipe}", lambda: quantize_one(src, recipe, out, args.device, args.samples))
+            step(
+                f"quantize/{recipe}",
+                lambda recipe=recipe, out=out: quantize_one(src, recipe, out, args.device, args.samples),
+            )
             shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(src, ignore_errors=True)
     if args.skip_compare or not torch.cuda.is_available():
