@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -165,8 +166,11 @@ def bf16_bytes(model: Path) -> int:
     return sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
 
 
-def run_all(model: Path, samples: int, scratch: Path, recipes=RECIPES, threads=None) -> dict:
-    """Both recipes, omniquant then bare modelopt, each in a fresh process."""
+def run_all(
+    model: Path, samples: int, scratch: Path, recipes=RECIPES, threads=None, save=None
+) -> dict:
+    """Both recipes, omniquant then bare modelopt, each in a fresh process; ``save(results)``
+    is called after every run (a run stopped at a time limit keeps what it measured)."""
     scratch.mkdir(parents=True, exist_ok=True)
     bf16 = bf16_bytes(model)
     results: dict = {"model": str(model), "bf16_bytes": bf16, "samples": samples, "runs": {}}
@@ -178,11 +182,12 @@ def run_all(model: Path, samples: int, scratch: Path, recipes=RECIPES, threads=N
             r["anon_peak_ratio"] = (r["anon_peak"] - r["anon_base"]) / bf16
             r["cores_busy"] = r["cpu_seconds"] / r["seconds"]
             results["runs"][f"{kind}/{recipe}"] = r
-            import shutil
-
             shutil.rmtree(out, ignore_errors=True)
-        o, m = results["runs"][f"omniquant/{recipe}"], results["runs"][f"modelopt/{recipe}"]
-        results[f"overhead_{recipe}"] = o["seconds"] / m["seconds"]
+            if kind == "modelopt":
+                o = results["runs"][f"omniquant/{recipe}"]
+                results[f"overhead_{recipe}"] = o["seconds"] / r["seconds"]
+            if save is not None:
+                save(results)
     return results
 
 
@@ -200,7 +205,7 @@ def render(results: dict) -> str:
     for recipe in RECIPES:
         if f"overhead_{recipe}" in results:
             lines.append(f"\n{recipe}: omniquant / bare modelopt wall time = {results[f'overhead_{recipe}']:.2f}")
-    lines.append("\nforward seconds per block type (omniquant runs; wall, cores busy):")
+    lines.append("\nforward seconds per block type (per module, summed over samples; cores busy):")
     for name, r in results["runs"].items():
         blocks = ", ".join(
             f"{k} {v['wall'] / max(v['modules'], 1):.2f}s/module x{v['modules']} ({v['cpu'] / max(v['wall'], 1e-9):.2f})"
@@ -228,10 +233,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     args = ap.parse_args(argv)
-    res = run_all(args.model, args.samples, args.scratch, tuple(args.recipes.split(",")), args.threads)
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
-    print(render(res))
+
+    def save(res: dict) -> None:
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2) + "\n")
+        print(render(res), flush=True)
+
+    res = run_all(
+        args.model, args.samples, args.scratch, tuple(args.recipes.split(",")), args.threads, save
+    )
     return res
 
 
