@@ -191,6 +191,40 @@ def run_all(
     return results
 
 
+#: Modules of each block type in the released model (FIELD_NOTES): 52 text layers.
+FULL_COUNTS = {"mamba_layer": 23, "moe_layer": 23, "attention_layer": 6, "vision_block": 32,
+               "audio_layer": 24, "lm_head": 1}  # fmt: skip
+FULL_BF16_BYTES = 61.50 * 2**30
+
+
+def extrapolate(run: dict, bf16_bytes: int) -> dict:
+    """CPU seconds for the released model from one slice run, by block counts and bytes.
+
+    calibration forward = sum over block types of (seconds per module x modules in the
+    released model) + the rest of the forward (embeddings, projectors, encoder stems,
+    hooks: not per layer, kept as measured); load, the rest of ``mtq.quantize`` and export
+    scale with the checkpoint's bytes (61.50 GiB / the slice's); plan and audit are kept.
+    """
+    blocks = run["blocks"]
+    per_module = {k: v["wall"] / max(v["modules"], 1) for k, v in blocks.items()}
+    measured_blocks = sum(v["wall"] for v in blocks.values())
+    rest = run["phases"]["calibration_forward"] - measured_blocks
+    forward = sum(per_module.get(k, 0.0) * n for k, n in FULL_COUNTS.items()) + rest
+    scale = FULL_BF16_BYTES / bf16_bytes
+    ph = run["phases"]
+    by_bytes = sum(ph.get(k, 0.0) for k in ("load", "quantize_other", "export")) * scale
+    fixed = sum(ph.get(k, 0.0) for k in ("plan", "calibration_data", "audit"))
+    return {
+        "calibration_forward_s": forward,
+        "load_quantize_export_s": by_bytes,
+        "fixed_s": fixed,
+        "total_s": forward + by_bytes + fixed,
+        "per_module_s": per_module,
+        "rest_of_forward_s": rest,
+        "bytes_scale": scale,
+    }
+
+
 def render(results: dict) -> str:
     """A markdown table: phases in seconds, memory as multiples of BF16 bytes."""
     phases = ("load", "plan", "calibration_data", "calibration_forward", "quantize_other", "export", "audit")
@@ -212,6 +246,14 @@ def render(results: dict) -> str:
             for k, v in sorted(r["blocks"].items())
         )
         lines.append(f"- {name}: {blocks}")
+    lines.append("\nreleased model on this CPU, extrapolated (see extrapolate()):")
+    for name, r in results["runs"].items():
+        e = extrapolate(r, results["bf16_bytes"])
+        lines.append(
+            f"- {name}: calibration forward {e['calibration_forward_s'] / 60:.1f} min + load/quantize/"
+            f"export {e['load_quantize_export_s'] / 60:.1f} min + fixed {e['fixed_s']:.0f} s = "
+            f"{e['total_s'] / 3600:.2f} h for {results['samples']} samples"
+        )
     return "\n".join(lines)
 
 
