@@ -218,8 +218,8 @@ def extrapolate(run: dict, bf16_bytes: int) -> dict:
 
     calibration forward = sum over block types of (seconds per module x modules in the
     released model) + the rest of the forward (embeddings, projectors, encoder stems,
-    hooks: not per layer, kept as measured); load, the rest of ``mtq.quantize`` and export
-    scale with the checkpoint's bytes (61.50 GiB / the slice's); plan and audit are kept.
+    hooks: not per layer, kept as measured); load, the rest of ``mtq.quantize``, export and
+    audit scale with the checkpoint's bytes (61.50 GiB / the slice's); plan is kept.
     """
     blocks = run["blocks"]
     per_module = {k: v["wall"] / max(v["modules"], 1) for k, v in blocks.items()}
@@ -228,8 +228,8 @@ def extrapolate(run: dict, bf16_bytes: int) -> dict:
     forward = sum(per_module.get(k, 0.0) * n for k, n in FULL_COUNTS.items()) + rest
     scale = FULL_BF16_BYTES / bf16_bytes
     ph = run["phases"]
-    by_bytes = sum(ph.get(k, 0.0) for k in ("load", "quantize_other", "export")) * scale
-    fixed = sum(ph.get(k, 0.0) for k in ("plan", "calibration_data", "audit"))
+    by_bytes = sum(ph.get(k, 0.0) for k in ("load", "quantize_other", "export", "audit")) * scale
+    fixed = sum(ph.get(k, 0.0) for k in ("plan", "calibration_data"))
     return {
         "calibration_forward_s": forward,
         "load_quantize_export_s": by_bytes,
@@ -271,7 +271,7 @@ def render(results: dict) -> str:
         e = extrapolate(r, results["bf16_bytes"])
         lines.append(
             f"- {name}: calibration forward {e['calibration_forward_s'] / 60:.1f} min + load/quantize/"
-            f"export {e['load_quantize_export_s'] / 60:.1f} min + fixed {e['fixed_s']:.0f} s = "
+            f"export/audit {e['load_quantize_export_s'] / 60:.1f} min + fixed {e['fixed_s']:.0f} s = "
             f"{e['total_s'] / 3600:.2f} h for {results['samples']} samples"
         )
     return "\n".join(lines)
