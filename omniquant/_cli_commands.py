@@ -32,6 +32,20 @@ def quantize_cmd(
         bool, typer.Option(help="Skip unreadable calibration samples (warn with a count).")
     ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where the model lives: cpu, cuda, cuda:N, or auto (accelerate's placement "
+            "over the visible GPUs, then CPU, then disk; the CPU where there is no GPU)."
+        ),
+    ] = "auto",
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Budget per device for --device auto, e.g. 0=120GiB,1=120GiB,cpu=200GiB; "
+            "the rest is offloaded to disk."
+        ),
+    ] = None,
 ) -> None:
     """Calibrate on multimodal samples, quantize the backbone with modelopt, export and audit."""
     from omniquant.quantize import quantize
@@ -39,7 +53,7 @@ def quantize_cmd(
     console = _console()
     res = quantize(
         model, recipe, out, calib=calib, overrides=set_ or [], force=force,
-        skip_bad=skip_bad, quiet=quiet, log=console.print,
+        skip_bad=skip_bad, quiet=quiet, log=console.print, device=device, max_memory=max_memory,
     )
     cal = res.manifest["calibration"]
     toks = ", ".join(f"{k} {v}" for k, v in cal["tokens_by_modality"].items())

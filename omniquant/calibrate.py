@@ -7,6 +7,8 @@ Policy:
 - Statistics are measured, not inferred: tokens reaching the backbone are counted
   at the language model's input (after EVS), and expert token counts are read
   from the routers' own top-k choices.
+- Inputs go where the first layer executes (``omniquant.devices.input_device``); a
+  model split by accelerate moves activations between devices itself.
 - Expert coverage is a policy: ``error`` (default) fails naming layers and
   experts below ``min_tokens``; ``force_all_experts`` additionally runs every
   calibration token through every expert with zero routing weight, for statistics
@@ -171,6 +173,9 @@ def run_calibration(
     rate = model.video_pruning_rate if evs_rate is None else float(evs_rate)
     stats.evs_rate = float(rate)
     ph = adapter.placeholder_ids(model)
+    from omniquant.devices import input_device
+
+    device = input_device(model)
     t0 = time.perf_counter()
 
     def forward_loop(_quant_root=None) -> None:
@@ -178,7 +183,7 @@ def run_calibration(
         first = stats.samples == 0
         with _Probe(loaded, force_all_experts) as probe, torch.no_grad(), adapter.video_pruning(model, rate):
             for i, sample in enumerate(samples):
-                adapter.forward(model, sample)
+                adapter.forward(model, _to_device(sample, device))
                 if first:
                     _count(stats, sample, probe.seq_len_at_backbone, ph)
                     stats.samples += 1
@@ -197,6 +202,20 @@ def run_calibration(
         quantize_fn(forward_loop)
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _to_device(sample: Sample, device: str) -> Sample:
+    """``sample`` with its tensors on ``device`` (the same object on the CPU)."""
+    if device == "cpu":
+        return sample
+    import dataclasses
+
+    moved = {
+        f.name: getattr(sample, f.name).to(device)
+        for f in dataclasses.fields(sample)
+        if isinstance(getattr(sample, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(sample, **moved)
 
 
 def _count(stats: CalibrationStats, sample: Sample, seq_after: int, ph: dict[str, int]) -> None:

@@ -35,6 +35,10 @@ class PlanError(OmniquantError):
     """The quantization plan selects modules it must not, or none at all."""
 
 
+class DeviceError(OmniquantError):
+    """A requested device or memory budget does not exist or cannot be used on this host."""
+
+
 class ExportError(OmniquantError):
     """Writing a checkpoint failed or would overwrite something."""
 

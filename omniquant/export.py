@@ -7,10 +7,15 @@ Policy:
   scale tensors beside them (``weight_scale``, ``weight_scale_2``,
   ``input_scale``), and KV-cache scales sit beside their attention projections.
   Sharding follows the source.
-- Quantized tensors come from modelopt's exporter (``_export_transformers_checkpoint``
-  on the language model, pinned modelopt 0.47), and their names are mapped back to
-  the hub layout with modelopt's quant-aware reverse conversion scoped to the
-  language model (applied to the whole omni model it refuses the scoped converter).
+- Quantized tensors come from modelopt's exporter (the steps of
+  ``_export_transformers_checkpoint`` on the language model, pinned modelopt 0.47,
+  run one decoder layer at a time: ``_LayerwiseQuantExport``), and their names are
+  mapped back to the hub layout with modelopt's quant-aware reverse conversion scoped
+  to the language model (applied to the whole omni model it refuses the scoped converter).
+- The export streams: one output shard is assembled, saved and freed before the next,
+  so host memory holds one source shard, one output shard and at most one layer's
+  quantized tensors beyond the model, whatever the model's size. Bytes are those of the
+  former all-at-once export (pinned in tests/test_devices.py).
 - ``hf_quant_config.json`` is written from the plan: modelopt's own lists native
   names and omits the vision/audio towers from ``exclude_modules``. Here every
   weight of two or more dimensions that is not quantized is excluded by its hub
@@ -124,24 +129,127 @@ def _single_rounding_fp8():
         ueh.to_quantized_weight = orig
 
 
-def _modelopt_hub_state_dict(loaded) -> tuple[dict[str, torch.Tensor], dict]:
-    """Quantized language-model tensors from modelopt, under hub names."""
-    from modelopt.torch.export.quant_aware_conversion import revert_weight_conversion_quant_aware
-    from modelopt.torch.export.unified_export_hf import _export_transformers_checkpoint
+class _LayerwiseQuantExport:
+    """modelopt's resident exporter, applied one unit at a time.
 
-    from omniquant.heap import lean_heap
+    A unit is a decoder layer of the quantized root (or a quantized module outside the
+    layers). Model-level preparation runs once, in the order
+    ``_export_transformers_checkpoint`` runs it (pinned modelopt 0.47): MoE input
+    preparation, resmoothing, quant config, tied input amax. Then each unit runs the same
+    per-module export handlers, fused-expert reconstruction, ``postprocess_state_dict``
+    and quant-aware reverse conversion on its own state dict only, so the quantized
+    tensors of one unit exist at a time outside the model. modelopt's own streaming
+    exporter (``_export_transformers_checkpoint_streaming``) refuses NemotronH, whose
+    conversion mapping splits fused experts, and writes shards of its own sizing; this
+    keeps the source's shards. Offloaded units are materialised with modelopt's
+    ``enable_weight_access_and_writeback`` (read-only) while they export.
+    """
 
-    root_name = loaded.adapter.quant_root_name()
-    root = getattr(loaded.model, root_name)
-    # Per-weight temporaries go back to the OS when freed (omniquant/heap.py).
-    with lean_heap(), _single_rounding_fp8():
-        post_sd, mo_config = _export_transformers_checkpoint(root, torch.bfloat16)
-    hub_sd = revert_weight_conversion_quant_aware(root, dict(post_sd))
-    return {f"{root_name}.{k}": v for k, v in hub_sd.items()}, mo_config
+    def __init__(self, loaded):
+        import modelopt.torch.export.unified_export_hf as ueh
+        from modelopt.torch.export.model_utils import TiedWeightMap
+        from modelopt.torch.export.quant_utils import get_quant_config, sync_tied_input_amax
+        from modelopt.torch.export.registry import ExportContext
+        from modelopt.torch.quantization.nn import TensorQuantizer
+        from modelopt.torch.quantization.utils.core_utils import has_accelerate_offload
+
+        self.root_name = loaded.adapter.quant_root_name()
+        self.root = root = getattr(loaded.model, self.root_name)
+        self.adapter = loaded.adapter
+        dtype = torch.bfloat16
+        self.tied_map = TiedWeightMap(root)
+        ueh._prepare_moe_inputs(root, dtype, False)
+        ueh.requantize_resmooth_fused_llm_layers(root)
+        self.offloaded = has_accelerate_offload(root)
+        self.quant_config = get_quant_config(root, is_modelopt_qlora=False)
+        ueh._add_mtp_exclusions(root, self.quant_config)
+        ueh._warn_on_unsynced_moe_gate_up(root)
+        sync_tied_input_amax(root, self.tied_map)
+        self.ctx = ExportContext(model=root, dtype=dtype, is_modelopt_qlora=False)
+        self.kv_format = self.quant_config["quantization"]["kv_cache_quant_algo"]
+        self.name_to_module = dict(root.named_modules())
+
+        def has_quantizers(mod) -> bool:
+            return any(isinstance(m, TensorQuantizer) and m.is_enabled for m in mod.modules())
+
+        # native name (relative to root) -> module, for units that carry quantizers
+        self.units: dict[str, torch.nn.Module] = {}
+        layers = self._decoder_layers()
+        inside = set()
+        for name, mod in layers.items():
+            inside.update(id(m) for m in mod.modules())
+            if has_quantizers(mod):
+                self.units[name] = mod
+        for name, mod in root.named_modules():
+            if id(mod) in inside or not name:
+                continue
+            if any(isinstance(c, TensorQuantizer) for c in mod.children()) and has_quantizers(mod):
+                self.units[name] = mod
+        # hub prefix -> native unit name, longest first for lookups
+        hub = {self._hub(n): n for n in self.units}
+        self._by_hub = sorted(hub.items(), key=lambda kv: -len(kv[0]))
+        self.exported: set[str] = set()
+
+    def _decoder_layers(self) -> dict[str, torch.nn.Module]:
+        from modelopt.torch.quantization.utils.layerwise_calib import LayerActivationCollector
+
+        layers = LayerActivationCollector.get_decoder_layers(self.root) or []
+        ids = {id(m) for m in layers}
+        return {n: m for n, m in self.root.named_modules() if id(m) in ids}
+
+    def _hub(self, native: str) -> str:
+        return self.adapter.hub_name(f"{self.root_name}.{native}")
+
+    def unit_of(self, hub_tensor: str) -> str | None:
+        """Native name of the unit a hub-layout tensor belongs to (None: no quantizers)."""
+        for prefix, native in self._by_hub:
+            if hub_tensor.startswith(prefix + "."):
+                return native
+        return None
+
+    def export(self, native: str) -> dict[str, torch.Tensor]:
+        """All tensors of unit ``native`` after modelopt's export, under hub names, on the CPU."""
+        from modelopt.torch.export.quant_aware_conversion import (
+            revert_weight_conversion_quant_aware,
+        )
+        from modelopt.torch.export.quant_utils import postprocess_state_dict
+        from modelopt.torch.export.unified_export_hf import _dispatch_export_handler
+        from modelopt.torch.quantization.plugins.huggingface import _reconstruct_fused_moe_linear
+        from modelopt.torch.quantization.utils.core_utils import (
+            enable_weight_access_and_writeback,
+        )
+
+        module = self.units[native]
+        self.exported.add(native)
+        window = (
+            enable_weight_access_and_writeback(
+                module, self.root, self.name_to_module, writeback=False
+            )
+            if self.offloaded
+            else contextlib.nullcontext()
+        )
+        with window:
+            for sub_name, sub in module.named_modules():
+                _dispatch_export_handler(
+                    f"{native}.{sub_name}" if sub_name else native, sub, self.ctx
+                )
+            _reconstruct_fused_moe_linear(module)
+            state = {f"{native}.{k}": v for k, v in module.state_dict().items()}
+            post = postprocess_state_dict(
+                state, 448, self.kv_format, False, tied_map=self.tied_map
+            )  # 448: modelopt's KV scale bound (amax / 448) for FP8 and NVFP4 KV caches
+            hub_sd = revert_weight_conversion_quant_aware(self.root, post)
+            return {f"{self.root_name}.{k}": v.detach().cpu() for k, v in hub_sd.items()}
 
 
 def write_checkpoint(loaded, plan, out: Path) -> dict:
     """Write shards, configs and copied files of the quantized model into ``out``.
+
+    Streams: each output shard is assembled from its source shard (unquantized tensors
+    read from the file) and the quantized tensors of the units it holds (exported from
+    the model one decoder layer at a time), saved and freed before the next, so host
+    memory holds one source shard, one output shard and at most one unit's quantized
+    tensors beyond the model itself.
 
     Returns:
         ``{"shards": {file: sha256}, "hf_quant_config": {...}, "tensors": n}``;
@@ -150,51 +258,75 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from omniquant.heap import lean_heap
+
     src = SourceIndex.read(loaded.path)
     qmods = quantized_hub_modules(loaded, plan)
-    hub_sd, mo_config = _modelopt_hub_state_dict(loaded)
-
     missing = [m for m in qmods if f"{m}.weight" not in src.shard_of]
     if missing:
         raise ExportError(
             f"{loaded.path}: quantized module(s) not found in the source files under their hub "
             f"names (layout mismatch): {', '.join(missing[:5])}"
         )
-    kv_tensors = {k: v for k, v in hub_sd.items() if k.rsplit(".", 1)[-1] in KV_SUFFIXES}
-    if plan.kv_cache == "fp8" and not kv_tensors:
-        raise ExportError("kv_cache: fp8 was requested but modelopt exported no k/v scales.")
+    by_shard: dict[str, list[str]] = {s: [] for s in src.shards}
+    for name, shard in src.shard_of.items():
+        by_shard[shard].append(name)
 
     out.mkdir(parents=True, exist_ok=True)
-    shard_tensors: dict[str, dict[str, torch.Tensor]] = {s: {} for s in src.shards}
-    handles = {s: safe_open(src.path / s, "pt") for s in src.shards}
-    try:
-        for name, shard in src.shard_of.items():
-            module, leaf = name.rsplit(".", 1)
-            if module in qmods and leaf == "weight":
-                shard_tensors[shard][name] = hub_sd[name].contiguous()
-                for suffix in SCALE_SUFFIXES:
-                    key = f"{module}.{suffix}"
-                    if key in hub_sd:
-                        shard_tensors[shard][key] = hub_sd[key].contiguous()
-            else:
-                shard_tensors[shard][name] = handles[shard].get_tensor(name)
-        for key, value in kv_tensors.items():
-            anchor = key.rsplit(".", 1)[0] + ".weight"
-            if anchor not in src.shard_of:
-                raise ExportError(f"KV scale {key}: no source tensor {anchor} to place it beside.")
-            shard_tensors[src.shard_of[anchor]][key] = value.contiguous()
-    finally:
-        handles.clear()
-
-    checksums = {}
-    for shard, tensors in shard_tensors.items():
-        save_file(tensors, str(out / shard), metadata={"format": "pt"})
-        checksums[shard] = sha256_file(out / shard)
-    if src.indexed:
-        weight_map = {k: s for s, ts in shard_tensors.items() for k in ts}
-        total = sum(
-            t.numel() * t.element_size() for ts in shard_tensors.values() for t in ts.values()
+    checksums: dict[str, str] = {}
+    weight_map: dict[str, str] = {}
+    total = n = kv_written = 0
+    # Per-weight temporaries go back to the OS when freed (omniquant/heap.py).
+    with lean_heap(), _single_rounding_fp8():
+        exporter = _LayerwiseQuantExport(loaded)
+        mo_config = exporter.quant_config
+        pending: dict[str, torch.Tensor] = {}  # exported, not yet written
+        for shard in src.shards:
+            for name in by_shard[shard]:
+                unit = exporter.unit_of(name)
+                if unit is not None and unit not in exporter.exported:
+                    exported = exporter.export(unit)
+                    pending.update((k, v) for k, v in exported.items() if _wanted(k, qmods))
+                    del exported
+            tensors: dict[str, torch.Tensor] = {}
+            with safe_open(src.path / shard, "pt") as fh:
+                for name in by_shard[shard]:
+                    module, leaf = name.rsplit(".", 1)
+                    if module in qmods and leaf == "weight":
+                        if name not in pending:
+                            raise ExportError(
+                                f"internal: modelopt exported no quantized tensor for {name}."
+                            )
+                        tensors[name] = pending.pop(name).contiguous()
+                        for suffix in SCALE_SUFFIXES:
+                            key = f"{module}.{suffix}"
+                            if key in pending:
+                                tensors[key] = pending.pop(key).contiguous()
+                    else:
+                        tensors[name] = fh.get_tensor(name)
+            for key in [k for k in pending if k.rsplit(".", 1)[-1] in KV_SUFFIXES]:
+                anchor = key.rsplit(".", 1)[0] + ".weight"
+                if anchor not in src.shard_of:
+                    raise ExportError(
+                        f"KV scale {key}: no source tensor {anchor} to place it beside."
+                    )
+                if src.shard_of[anchor] == shard:
+                    tensors[key] = pending.pop(key).contiguous()
+                    kv_written += 1
+            save_file(tensors, str(out / shard), metadata={"format": "pt"})
+            checksums[shard] = sha256_file(out / shard)
+            weight_map.update(dict.fromkeys(tensors, shard))
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            n += len(tensors)
+            del tensors
+    if pending:
+        raise ExportError(
+            f"internal: {len(pending)} exported tensor(s) have no place in the source shards: "
+            f"{', '.join(sorted(pending)[:5])}"
         )
+    if plan.kv_cache == "fp8" and not kv_written:
+        raise ExportError("kv_cache: fp8 was requested but modelopt exported no k/v scales.")
+    if src.indexed:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -206,7 +338,6 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
     for f in sorted(src.path.iterdir()):
         if f.is_file() and f.name not in _SKIP_COPY and f.suffix != ".safetensors":
             shutil.copy2(f, out / f.name)
-    n = sum(len(t) for t in shard_tensors.values())
     return {"shards": checksums, "hf_quant_config": hf_quant, "tensors": n}
 
 
@@ -224,6 +355,13 @@ def serving_quant_config(hf_quant: dict) -> dict:
     from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
 
     return convert_hf_quant_config_format(copy.deepcopy(hf_quant))
+
+
+def _wanted(hub_key: str, qmods: dict[str, str]) -> bool:
+    """Whether an exported tensor goes into the checkpoint: quantized weights with their
+    scales, and KV-cache scales (everything else is copied from the source files)."""
+    module, leaf = hub_key.rsplit(".", 1)
+    return leaf in KV_SUFFIXES or (module in qmods and (leaf == "weight" or leaf in SCALE_SUFFIXES))
 
 
 def build_hf_quant_config(src: SourceIndex, qmods: dict[str, str], plan, mo_config: dict) -> dict:

@@ -11,7 +11,12 @@ Policy:
   only after the audit passes; an interrupted or failed run removes it, and a run
   killed outright leaves only a ``.omniquant-tmp-*`` directory without
   ``omniquant.json`` (which ``inspect`` and the audit refuse).
-- Same inputs and seed give byte-identical shards.
+- Same inputs and seed give byte-identical shards, wherever the model lives:
+  ``--device cpu``, ``auto`` and an offloading ``--max-memory`` give the same bytes on
+  the CPU (tested); GPU placements use modelopt's CUDA kernels and are not pinned here.
+- The model is placed by ``omniquant.devices`` (one device or accelerate's device map);
+  ``omniquant.json`` records the placement, the Mamba kernels and the peak memory per
+  device. A disk-offload folder lives beside ``--out`` and is removed at the end.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class QuantizeResult:
     manifest: dict
     plan_text: str
     warnings: list[str]
+    #: Wall seconds per phase (load, plan, calibration_forward, quantize_other, export, audit).
+    timings: dict[str, float] | None = None
 
 
 def versions() -> dict[str, str]:
@@ -104,6 +111,8 @@ def quantize(
     skip_bad: bool = False,
     quiet: bool = True,
     log: Callable[[str], None] | None = None,
+    device: str | None = None,
+    max_memory: str | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` with ``recipe`` and write an audited checkpoint to ``out``.
 
@@ -118,12 +127,15 @@ def quantize(
         skip_bad: Skip unreadable calibration samples with a warning instead of failing.
         quiet: No progress bar.
         log: Receives human-readable progress lines (plan, stats, warnings).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (default: accelerate's placement
+            over the visible GPUs; the CPU where there is none). See ``omniquant.devices``.
+        max_memory: Budget per device for ``auto``, e.g. ``0=120GiB,1=120GiB,cpu=200GiB``;
+            what does not fit is offloaded to CPU memory, then disk.
     """
-    from omniquant.audit import audit_checkpoint
-    from omniquant.calibrate import check_expert_coverage, iter_progress, run_calibration
-    from omniquant.export import default_permissions
+    from omniquant.devices import reset_cuda_peaks, resolve_placement
     from omniquant.models import load_model
-    from omniquant.plan import render_plan, resolve_plan, to_modelopt_config
+    from omniquant.plan import resolve_plan
+    from omniquant.predict import predict_size
     from omniquant.recipe import load_recipe
 
     say = log or (lambda _msg: None)
@@ -133,6 +145,8 @@ def quantize(
     out = Path(out).absolute()
     check_out_spares(out, Path(model), "--model checkpoint", ExportError)
     _check_out(out, force)
+    offload_dir = out.parent / f".omniquant-offload-{out.name}-{os.getpid()}"
+    placement = resolve_placement(device, max_memory, scratch=offload_dir)
 
     validated = set_dir = None
     if rec.calibration.set != "synthetic":
@@ -143,17 +157,56 @@ def quantize(
 
     # Plan on the meta device first: a recipe this config cannot take is refused
     # before any weight is read, and the export's size is predicted from the same plan.
-    from omniquant.predict import measured_tensor_bytes, predict_size
-
     meta = load_model(model, weights=False)
     prediction = predict_size(meta, resolve_plan(rec, meta))
     meta = None
 
-    loaded = load_model(model)
+    reset_cuda_peaks()
+    try:
+        result = _quantize_placed(
+            rec, recipe_path, Path(model), out, placement, validated, set_dir, prediction,
+            skip_bad=skip_bad, quiet=quiet, say=say,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(offload_dir, ignore_errors=True)
+    return result
+
+
+def _quantize_placed(
+    rec, recipe_path, model: Path, out: Path, placement, validated, set_dir, prediction, *,
+    skip_bad: bool, quiet: bool, say: Callable[[str], None],
+) -> QuantizeResult:  # fmt: skip
+    """The part of ``quantize`` that runs with the model loaded where ``placement`` says."""
+    from omniquant.audit import audit_checkpoint
+    from omniquant.calibrate import check_expert_coverage, iter_progress, run_calibration
+    from omniquant.devices import device_map_summary, input_device, kernel_report, peak_memory
+    from omniquant.export import default_permissions
+    from omniquant.models import load_model
+    from omniquant.plan import render_plan, resolve_plan, to_modelopt_config
+    from omniquant.predict import measured_tensor_bytes
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    loaded = load_model(model, placement=placement.from_pretrained_kwargs())
+    timings["load"] = time.perf_counter() - t
+    devices = {
+        "requested": placement.requested,
+        "placement": placement.kind,
+        "max_memory": {str(k): v for k, v in (placement.max_memory or {}).items()} or None,
+        "inputs_on": input_device(loaded.model),
+        **device_map_summary(loaded.model),
+    }
+    devices["notes"] = list(placement.notes) + list(loaded.placement_notes)
+    say(f"model placed on: {', '.join(devices['per_device'])} (inputs on {devices['inputs_on']})")
+    kernels = kernel_report(list(devices["per_device"]))
+    say(f"Mamba kernels: {kernels['mamba_path']}")
+    t = time.perf_counter()
     plan = resolve_plan(rec, loaded)
     plan_text = render_plan(plan)
+    timings["plan"] = time.perf_counter() - t
     say(f"plan ({rec.metadata.name}):\n{plan_text}")
 
+    t = time.perf_counter()
     samples, skipped = load_calibration_samples(
         loaded, rec.calibration.set, rec.calibration.size, rec.calibration.seed, skip_bad, validated
     )
@@ -175,14 +228,29 @@ def quantize(
     mo_config = to_modelopt_config(plan, rec)
     root = getattr(loaded.model, loaded.adapter.quant_root_name())
     cov = rec.calibration.expert_coverage
+    timings["calibration_data"] = time.perf_counter() - t
+    loop_seconds = [0.0]
+
+    def quantize_with(loop):
+        def timed_loop(m=None):
+            t0 = time.perf_counter()
+            loop(m)
+            loop_seconds[0] += time.perf_counter() - t0
+
+        mtq.quantize(root, mo_config, timed_loop)
+
+    t = time.perf_counter()
     stats = run_calibration(
         loaded,
         samples,
-        lambda loop: mtq.quantize(root, mo_config, loop),
+        quantize_with,
         evs_rate=rec.calibration.evs_rate,
         force_all_experts=cov.policy == "force_all_experts",
         progress=iter_progress(quiet),
     )
+    timings["calibration_forward"] = loop_seconds[0]
+    # mtq.quantize minus its forward passes: inserting quantizers, amax post-processing.
+    timings["quantize_other"] = time.perf_counter() - t - loop_seconds[0]
     warnings_out += check_expert_coverage(stats, cov.policy, cov.min_tokens)
     for w in warnings_out:
         say(f"warning: {w}")
@@ -191,7 +259,9 @@ def quantize(
     if tmp.exists():
         shutil.rmtree(tmp)
     with _cleanup_on_interrupt(tmp):
+        t = time.perf_counter()
         written = _write_quiet(loaded, plan, tmp)
+        timings["export"] = time.perf_counter() - t
         manifest = {
             "format_version": 1,
             "source": {
@@ -224,11 +294,16 @@ def quantize(
                 "headers_counted": False,
             },
             "warnings": warnings_out,
+            "devices": devices,
+            "kernels": kernels,
+            "peak_memory": peak_memory(),
             "created_unix": int(time.time()),
         }
         (tmp / OMNIQUANT_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         default_permissions(tmp)
+        t = time.perf_counter()
         audit_checkpoint(tmp, raise_on_error=True)
+        timings["audit"] = time.perf_counter() - t
         # --force: move the old checkpoint aside first (a rename, instant), so an
         # interruption never leaves neither the old nor the new one in place.
         old = out.parent / f".omniquant-old-{out.name}-{os.getpid()}"
@@ -242,7 +317,9 @@ def quantize(
     # it now, not at some later collection, so back-to-back runs (cliff) do not stack up.
     loaded = root = None
     gc.collect()
-    return QuantizeResult(out=out, manifest=manifest, plan_text=plan_text, warnings=warnings_out)
+    return QuantizeResult(
+        out=out, manifest=manifest, plan_text=plan_text, warnings=warnings_out, timings=timings
+    )
 
 
 def _write_quiet(loaded, plan, tmp: Path) -> dict:

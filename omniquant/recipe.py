@@ -60,6 +60,25 @@ class Calibration(_Strict):
     evs_rate: float | None = Field(default=None, ge=0.0, lt=1.0)
     seed: int = 0
     expert_coverage: ExpertCoverage = Field(default_factory=ExpertCoverage)
+    #: modelopt 0.47's layer-by-layer calibration (``layerwise: {enable, checkpoint_dir}``).
+    #: Refused: see ``_no_layerwise``. Excluded from dumps so recipe hashes stay as they were.
+    layerwise: bool = Field(default=False, exclude=True)
+
+    @model_validator(mode="after")
+    def _no_layerwise(self) -> Calibration:
+        # Tried on the tiny model (CPU): it runs once the backbone's early stop is tolerated
+        # (modelopt's capture pass returns None where transformers' omni forward reads
+        # .logits), but modelopt then replays each decoder layer from cached inputs outside
+        # omniquant's forward loop, so the calibration probe never sees the MoE layers:
+        # expert token counts come out all zero and force_all_experts does not route.
+        if self.layerwise:
+            raise ValueError(
+                "layerwise: true is not supported: modelopt 0.47 calibrates each layer from "
+                "cached inputs outside omniquant's forward loop, so expert token counts and "
+                "force_all_experts would silently not apply. For a model larger than the GPU, "
+                "use --device auto with --max-memory (offload to CPU memory, then disk)"
+            )
+        return self
 
 
 class Rule(_Strict):

@@ -40,6 +40,8 @@ class LoadedModel:
     config_dict: dict = field(default_factory=dict)
     #: Set when the model emulates serving numerics of a quantized checkpoint.
     emulation: dict | None = None
+    #: What the loader decided about placement beyond accelerate's map (devices.py).
+    placement_notes: list[str] = field(default_factory=list)
 
 
 class ModelAdapter(ABC):
@@ -54,8 +56,15 @@ class ModelAdapter(ABC):
     guarded_groups: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
-    def load(self, path: Path, dtype: str = "bfloat16", weights: bool = True) -> LoadedModel:
-        """Load a checkpoint directory.
+    def load(
+        self,
+        path: Path,
+        dtype: str = "bfloat16",
+        weights: bool = True,
+        placement: dict | None = None,
+    ) -> LoadedModel:
+        """Load a checkpoint directory; ``placement`` are ``from_pretrained`` device kwargs
+        (``device_map``, ``max_memory``, ``offload_folder``; see ``omniquant.devices``).
 
         With ``weights=False`` the model is built from ``config.json`` alone on the meta
         device (shapes, no storage; no weight file is opened), for planning.
@@ -117,10 +126,16 @@ def adapter_for(path: Path | str) -> ModelAdapter:
     )
 
 
-def load_model(path: Path | str, dtype: str = "bfloat16", weights: bool = True) -> LoadedModel:
+def load_model(
+    path: Path | str,
+    dtype: str = "bfloat16",
+    weights: bool = True,
+    placement: dict | None = None,
+) -> LoadedModel:
     """Load the checkpoint at ``path`` with its registered adapter.
 
     ``weights=False`` builds the model from ``config.json`` alone on the meta device
     (a directory holding only ``config.json`` is enough); no weight is read.
+    ``placement``: see ``ModelAdapter.load``.
     """
-    return adapter_for(path).load(Path(path), dtype=dtype, weights=weights)
+    return adapter_for(path).load(Path(path), dtype=dtype, weights=weights, placement=placement)

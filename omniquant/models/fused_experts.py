@@ -28,11 +28,13 @@ def patch_expert_linears(mod, fn: ExpertFn, projections=("up_proj", "down_proj")
         import torch.nn.functional as F
 
         f_linear = F.linear
-        params = [(p, getattr(mod, p)) for p in projections]
 
         def linear(x, weight, bias=None):
+            # Read the parameters at call time: an accelerate-offloaded container gets
+            # its weights materialised by its hook after this wrapper was entered.
             ptr = weight.untyped_storage().data_ptr()
-            for proj, param in params:
+            for proj in projections:
+                param = getattr(mod, proj)
                 if ptr == param.untyped_storage().data_ptr():
                     idx = (weight.storage_offset() - param.storage_offset()) // param.stride(0)
                     x = fn(proj, int(idx), x)

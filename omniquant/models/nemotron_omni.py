@@ -91,8 +91,15 @@ class NemotronOmniAdapter(ModelAdapter):
     fused_expert_groups: ClassVar[frozenset[str]] = frozenset({"routed_experts"})
 
     # ------------------------------------------------------------------ loading
-    def load(self, path: Path, dtype: str = "bfloat16", weights: bool = True) -> LoadedModel:
-        """Load model and tokenizer from a checkpoint directory (hub layout).
+    def load(
+        self,
+        path: Path,
+        dtype: str = "bfloat16",
+        weights: bool = True,
+        placement: dict | None = None,
+    ) -> LoadedModel:
+        """Load model and tokenizer from a checkpoint directory (hub layout), placed as
+        ``placement`` says (``from_pretrained`` device kwargs; None: the CPU).
 
         ``weights=False``: build the model from ``config.json`` alone on the meta
         device in ``dtype`` (no weights, no tokenizer), e.g. to plan the released model
@@ -111,10 +118,27 @@ class NemotronOmniAdapter(ModelAdapter):
         if not any(path.glob("*.safetensors")):
             raise ModelLoadError(f"--model {path}: no *.safetensors weights in the directory.")
         config = load_config(path)
+        placement = dict(placement or {})
+        notes: list[str] = []
+        if placement.get("device_map") == "auto":
+            from accelerate import init_empty_weights
+
+            from omniquant.devices import auto_device_map
+
+            with init_empty_weights():
+                empty = NemotronH_Omni_Reasoning_V3(config)
+            placement["device_map"], notes = auto_device_map(
+                empty, placement.pop("max_memory", None), self.resident_modules()
+            )
+            del empty
         try:
             # eager experts: modelopt intercepts their per-expert F.linear calls.
             model = NemotronH_Omni_Reasoning_V3.from_pretrained(
-                path, config=config, dtype=getattr(torch, dtype), experts_implementation="eager"
+                path,
+                config=config,
+                dtype=getattr(torch, dtype),
+                experts_implementation="eager",
+                **(placement or {}),
             )
         except Exception as exc:  # transformers raises many types; name the directory
             raise ModelLoadError(f"--model {path}: transformers could not load it: {exc}") from exc
@@ -130,7 +154,23 @@ class NemotronOmniAdapter(ModelAdapter):
                 "and tokenizer_config.json."
             ) from exc
         return LoadedModel(
-            model=model, tokenizer=tokenizer, path=path, adapter=self, config_dict=cfg
+            model=model, tokenizer=tokenizer, path=path, adapter=self, config_dict=cfg,
+            placement_notes=notes,
+        )
+
+    @staticmethod
+    def resident_modules() -> tuple[str, ...]:
+        """Modules never offloaded by ``--device auto``: the encoders and projectors
+        (transformers moves their inputs to their parameters' device; see
+        ``omniquant.devices.auto_device_map``) and the backbone's embeddings (the first
+        parameter, so ``language_model.device``, where modelopt's export puts its dummy
+        input)."""
+        return (
+            "language_model.model.embeddings",
+            "vision_model",
+            "multi_modal_projector",
+            "audio_tower",
+            "embed_audio",
         )
 
     def _load_meta(self, path: Path, cfg: dict, dtype: str) -> LoadedModel:
