@@ -54,8 +54,11 @@ def inspect_cmd(
     audit: Annotated[bool, typer.Option(help="Run the integrity audit; non-zero exit on failure.")] = False,
 ) -> None:
     """Show module groups with precision, parameters, bytes and bits per weight."""
+    from omniquant.errors import ModelLoadError
     from omniquant.inspect_ckpt import inspect_checkpoint, render_inspect, summary_json
+    from omniquant.verify import verify_checkpoint
 
+    verify_checkpoint(path, flag="inspect", error=ModelLoadError)
     summary = inspect_checkpoint(path)
     if audit:
         from omniquant.audit import audit_checkpoint

@@ -42,20 +42,19 @@ def inspect_checkpoint(path: str | Path) -> dict:
     Returns:
         ``{"path", "precision", "kv_cache", "groups": {group: {...}}, "total": {...}}``.
     """
-    from safetensors import safe_open
-
     from omniquant.audit import read_quant_config
     from omniquant.models import adapter_for
+    from omniquant.verify import open_safetensors
 
     path = Path(path)
     adapter = adapter_for(path)
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise ModelLoadError(f"{path}: no *.safetensors files.")
-    quant = read_quant_config(path)
+    quant = read_quant_config(path, ModelLoadError)
     groups: dict[str, GroupStats] = {}
     for shard in shards:
-        with safe_open(shard, "pt") as fh:
+        with open_safetensors(shard, ModelLoadError) as fh:
             for name in fh.keys():
                 sl = fh.get_slice(name)
                 shape, dtype = sl.get_shape(), sl.get_dtype()
