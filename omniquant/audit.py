@@ -16,7 +16,6 @@ A failed audit names every offending tensor.
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -43,7 +43,9 @@ def _console():
 @app.command("make-tiny")
 def make_tiny_cmd(
     out: Annotated[Path, typer.Option(help="Output directory for the checkpoint.")],
-    seed: Annotated[int, typer.Option(help="RNG seed; same seed, same bytes.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="RNG seed; same seed, same bytes.", min=0, max=2**63 - 1)
+    ] = 0,
     size: Annotated[
         str, typer.Option(help="Preset: tiny (~1 MB) or bench (~300M params).")
     ] = "tiny",

@@ -9,6 +9,10 @@ Policy:
   killed outright leaves only a ``.omniquant-tmp-*`` directory without
   ``omniquant.json`` (which ``inspect`` and the audit refuse).
 - Same inputs and seed give byte-identical shards.
+- One run at a time per ``--out`` (a lock beside it, ``omniquant.outdir``); temporary
+  directories of dead runs are cleaned first. Temporary names are never accepted as a
+  checkpoint by any consumer (``omniquant.verify``), even if a kill left
+  ``omniquant.json`` inside one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omniquant.errors import ExportError
+from omniquant.outdir import locked_out, write_errors
 
 OMNIQUANT_JSON = "omniquant.json"
 
@@ -90,6 +95,7 @@ def load_calibration_samples(
     return load_calibration_set(loaded, calib, size=size, skip_bad=skip_bad, validated=validated)
 
 
+@locked_out
 def quantize(
     model: str | Path,
     recipe: str | Path,
@@ -118,9 +124,17 @@ def quantize(
     """
     from omniquant.audit import audit_checkpoint
     from omniquant.calibrate import check_expert_coverage, iter_progress, run_calibration
+    from omniquant.errors import ModelLoadError
     from omniquant.models import load_model
+    from omniquant.outdir import clean_stale_temp_dirs
     from omniquant.plan import render_plan, resolve_plan, to_modelopt_config
     from omniquant.recipe import load_recipe
+    from omniquant.verify import (
+        check_finite_source,
+        check_writable_out,
+        preflight_source,
+        source_fingerprint,
+    )
 
     say = log or (lambda _msg: None)
     rec, recipe_path = load_recipe(recipe, overrides)
@@ -128,7 +142,11 @@ def quantize(
         rec.calibration.set = calib
     out = Path(out).absolute()
     check_out_spares(out, Path(model), "--model checkpoint", ExportError)
+    clean_stale_temp_dirs(out, say)
     _check_out(out, force)
+    preflight_source(Path(model), rec, recipe_path)
+    source_bytes = sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
+    check_writable_out(out, source_bytes, ExportError)
 
     validated = set_dir = None
     if rec.calibration.set != "synthetic":
@@ -137,6 +155,7 @@ def quantize(
         set_dir = resolve_calib_set(rec.calibration.set)
         validated = preflight_calibration_set(set_dir, skip_bad=skip_bad)
 
+    check_finite_source(Path(model), ModelLoadError)  # streams the shards; names bad tensors
     loaded = load_model(model)
     plan = resolve_plan(rec, loaded)
     plan_text = render_plan(plan)
@@ -178,13 +197,15 @@ def quantize(
     tmp = out.parent / f".omniquant-tmp-{out.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    with _cleanup_on_interrupt(tmp):
+    with _cleanup_on_interrupt(tmp), write_errors(out):
         written = _write_quiet(loaded, plan, tmp)
         manifest = {
             "format_version": 1,
             "source": {
                 "path": str(Path(loaded.path).resolve()),
                 "model_type": loaded.config_dict.get("model_type"),
+                # report checks a candidate against its baseline by this (omniquant.verify).
+                "fingerprint": source_fingerprint(loaded.path),
             },
             "recipe": {
                 "name": rec.metadata.name,
@@ -211,6 +232,11 @@ def quantize(
         # --force: move the old checkpoint aside first (a rename, instant), so an
         # interruption never leaves neither the old nor the new one in place.
         old = out.parent / f".omniquant-old-{out.name}-{os.getpid()}"
+        if out.exists() and not force:  # appeared while this run calibrated
+            raise ExportError(
+                f"--out {out}: created by someone else during this run; pass --force to "
+                "replace it, or choose another --out."
+            )
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)

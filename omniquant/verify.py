@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -193,9 +194,7 @@ def verify_checkpoint(
             "to the same --out)."
         )
     if not (path / "config.json").is_file():
-        raise error(
-            f"{where}: no config.json; this is not a Hugging Face checkpoint directory."
-        )
+        raise error(f"{where}: no config.json; this is not a Hugging Face checkpoint directory.")
     quantized = is_quantized_dir(path, error, flag)
     meta = None
     meta_file = path / OMNIQUANT_JSON
@@ -271,8 +270,7 @@ def check_writable_out(out: Path, need_bytes: int, error: type[OmniquantError]) 
         os.unlink(probe)
     except OSError as exc:
         raise error(
-            f"--out {out}: cannot write in {parent} ({exc.strerror}); choose a writable "
-            "--out."
+            f"--out {out}: cannot write in {parent} ({exc.strerror}); choose a writable --out."
         ) from None
     free = shutil.disk_usage(parent).free
     if free < need_bytes:
@@ -282,3 +280,75 @@ def check_writable_out(out: Path, need_bytes: int, error: type[OmniquantError]) 
             "quantized export). Free space or choose another --out."
         )
 
+
+_FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+_CHUNK_ELEMS = 1 << 24
+
+
+def check_finite_source(path: str | Path, error: type[OmniquantError]) -> None:
+    """Refuse a source checkpoint whose floating-point tensors hold NaN or Inf.
+
+    Streams every shard tensor by tensor (large tensors in row chunks of about 16 M
+    values), so memory stays flat; called before the model is loaded, so a bad source
+    fails in seconds instead of after calibration (modelopt then stops with "detected
+    nan values in amax", naming no tensor).
+
+    Raises:
+        error: Naming the shard and up to five tensors with their NaN/Inf counts.
+    """
+    import torch
+
+    path = Path(path)
+    found: list[str] = []
+    for shard in sorted(p for p in path.glob("*.safetensors") if p.is_file()):
+        with open_safetensors(shard, error, "--model") as fh:
+            for key in fh.keys():  # noqa: SIM118 (a safetensors handle)
+                sl = fh.get_slice(key)
+                if sl.get_dtype() not in _FLOAT_DTYPES:
+                    continue
+                shape = sl.get_shape()
+                numel = math.prod(shape)
+                if numel <= _CHUNK_ELEMS or not shape:
+                    chunks = [fh.get_tensor(key)]
+                else:
+                    step = max(1, _CHUNK_ELEMS // max(1, numel // shape[0]))
+                    chunks = (sl[i : i + step] for i in range(0, shape[0], step))
+                bad = sum(int((~torch.isfinite(c)).sum()) for c in chunks)
+                if bad:
+                    found.append(f"{shard.name}: {key}: {bad} NaN/Inf value(s)")
+    if found:
+        shown = "\n  ".join(found[:5]) + (
+            f"\n  ... and {len(found) - 5} more" if len(found) > 5 else ""
+        )
+        raise error(
+            f"--model {path}: the source weights hold NaN/Inf, so calibration cannot produce "
+            f"finite scales:\n  {shown}\nFix or re-download the checkpoint."
+        )
+
+
+def preflight_source(model: Path, rec, recipe_path: Path) -> None:
+    """Checks of ``--model`` that read only its config: a supported, unquantized
+    checkpoint of a type the recipe is written for.
+
+    Raises:
+        ModelLoadError: Quantized already.
+        RecipeError: ``metadata.model_types`` does not include the model.
+    """
+    from omniquant.errors import ModelLoadError, RecipeError
+    from omniquant.models import adapter_for
+    from omniquant.models.base import read_config
+
+    adapter = adapter_for(model)
+    if is_quantized_dir(model, ModelLoadError, "--model") or (model / OMNIQUANT_JSON).exists():
+        raise ModelLoadError(
+            f"--model {model}: already quantized ({QUANT_CONFIG} or a quantization_config "
+            "in config.json); quantize the BF16 checkpoint it was made from."
+        )
+    model_type = read_config(model).get("model_type")
+    allowed = list(rec.metadata.model_types)
+    if model_type not in allowed and not set(adapter.model_types) & set(allowed):
+        raise RecipeError(
+            f"{recipe_path}: metadata.model_types {allowed} does not include the model type "
+            f"{model_type!r} of --model {model}; use a recipe written for this model, or add "
+            "the type to metadata.model_types if the recipe fits it."
+        )

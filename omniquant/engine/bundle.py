@@ -243,7 +243,6 @@ def build_engine_bundle(
             existing ``out`` without ``force``, or a shard checksum mismatch.
     """
     from omniquant import __version__
-
     from omniquant.verify import verify_checkpoint
 
     spec = get_target(target)

@@ -86,22 +86,18 @@ def describe_checkpoint(path: Path, role: str) -> dict:
             f"--{role} {path}: no such directory; pass a checkpoint directory (the BF16 source "
             "or an `omniquant quantize` output)."
         )
+    from omniquant.verify import verify_checkpoint
+
+    verified = verify_checkpoint(path, flag=f"--{role}", error=ReportError)
     try:
         summary = inspect_checkpoint(path)
     except OmniquantError as err:
         reason = str(err).removeprefix(f"--model {path}: ").removeprefix(f"{path}: ")
         raise ReportError(f"--{role} {path}: {reason}") from err
-    meta = {}
-    meta_file = path / "omniquant.json"
-    if meta_file.is_file():
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ReportError(
-                f"--{role} {path}: omniquant.json is not valid JSON ({err})."
-            ) from err
+    meta = verified.meta or {}
     recipe = (meta.get("recipe") or {}).get("name")
     return {
+        "_meta": verified.meta,
         "name": recipe or path.resolve().name,  # "." has no name of its own
         "path": str(path.resolve()),
         "recipe": recipe,
@@ -122,6 +118,34 @@ def _unique_names(infos: list[dict]) -> None:
         seen[base] = seen.get(base, 0) + 1
         if seen[base] > 1:
             info["name"] = f"{base} ({seen[base]})"
+
+
+def _source_of(path: Path, meta: dict | None) -> tuple[str | None, str]:
+    """``(fingerprint, source path)`` of the model a checkpoint was quantized from (itself
+    for a source checkpoint without ``omniquant.json``)."""
+    from omniquant.verify import source_fingerprint
+
+    if not meta:
+        return source_fingerprint(path), str(path.resolve())
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    return source.get("fingerprint"), str(source.get("path"))
+
+
+def _check_same_source(baseline: Path, base_meta: dict | None, candidate: Path, meta: dict | None) -> None:
+    """Refuse a candidate quantized from another model than the baseline (before any
+    evaluation: the verdict would otherwise call a 0% top-1 agreement a recovery)."""
+    base_fp, base_src = _source_of(baseline, base_meta)
+    cand_fp, cand_src = _source_of(candidate, meta)
+    if base_fp and cand_fp:
+        same = base_fp == cand_fp
+    else:  # an export without a recorded fingerprint: only its source path can tell
+        same = base_src == cand_src
+    if not same:
+        raise ReportError(
+            f"--candidate {candidate}: quantized from another model ({cand_src}) than the "
+            f"baseline {baseline} (weights differ); a report compares exports of one model. "
+            "Pass the checkpoint it was quantized from as --baseline."
+        )
 
 
 def _check_same_processing(processor, candidate: Path) -> None:
@@ -255,12 +279,18 @@ def build_report(
             f"a BF16 checkpoint (it is {base_info['precision']})."
         )
 
+    # Same model and tokenizer as the baseline: checked now, not after its evaluation.
+    processor = OmniProcessor.from_pretrained(baseline)
+    base_meta = base_info.pop("_meta")
+    for path, info in zip(candidates, cand_infos):
+        _check_same_source(Path(baseline), base_meta, Path(path), info.pop("_meta"))
+        _check_same_processing(processor, Path(path))
+
     # ---------------------------------------------------------------- baseline
     say(f"baseline {base_info['name']}: loading {baseline}")
     t0 = time.perf_counter()
     loaded = load_emulated(baseline)
     load_s = time.perf_counter() - t0
-    processor = OmniProcessor.from_pretrained(baseline)
     items = prepare_task_items(processor, entries)
     groups_present = sorted(
         g
@@ -292,7 +322,6 @@ def build_report(
     # ---------------------------------------------------------------- candidates
     cand_evals = []
     for path, info in zip(candidates, cand_infos):
-        _check_same_processing(processor, Path(path))
         say(f"candidate {info['name']}: loading {path}")
         t0 = time.perf_counter()
         loaded = load_emulated(path)
