@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from omniquant.cli import _console, app
+from omniquant.cli import _console, _echo, app
 
 
 @app.command("quantize")
@@ -66,7 +66,7 @@ def inspect_cmd(
         report = audit_checkpoint(path, raise_on_error=True)
         summary["audit"] = {"ok": report.ok, "checked_weights": report.checked_weights}
     if json_:
-        typer.echo(summary_json(summary))
+        _echo(summary_json(summary))
         return
     console = _console()
     console.print(render_inspect(summary), markup=False)
@@ -87,7 +87,7 @@ def recipes_list(ctx: typer.Context) -> None:
 
     for name, path in builtin_recipes().items():
         rec, _ = load_recipe(path)
-        typer.echo(f"{name:<20} {rec.metadata.description}")
+        _echo(f"{name:<20} {rec.metadata.description}")
 
 
 @recipes_app.command("show")
@@ -96,7 +96,7 @@ def recipes_show(name: Annotated[str, typer.Argument(help="Built-in recipe name 
     from omniquant.recipe import load_recipe
 
     _, path = load_recipe(name)  # validates
-    typer.echo(path.read_text(), nl=False)
+    _echo(path.read_text(), nl=False)
 
 
 # --- build-engine (issue 7) -------------------------------------------------
@@ -268,7 +268,7 @@ def cliff_cmd(
         model, out, recipes=recipe or DEFAULT_RECIPES, calib=calib, tasks=tasks,
         sensitivity=sensitivity, force=force, log=console.print,
     )
-    typer.echo(render_cliff_table(res.report))
+    _echo(render_cliff_table(res.report))
     for c in res.report["candidates"]:
-        typer.echo(c['verdict'])
+        _echo(c['verdict'])
     console.print(f"report: {res.out / 'report' / 'report.html'}  ({res.seconds:.0f} s)")

@@ -28,8 +28,31 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="Show third-party warnings and prints (modelopt, transformers); without it "
+            "they go to $OMNIQUANT_LOG or <tmp>/omniquant-<pid>.log.",
+        ),
+    ] = False,
+) -> None:
     """Quantize omni-modal models to FP8/NVFP4 and report what was lost."""
+
+
+#: The stream that was sys.stdout when ``main`` started; library prints are routed to a
+#: log meanwhile (``omniquant.noise``), omniquant's own output goes here.
+_STDOUT = None
+
+
+def _stdout():
+    """Where omniquant's own output goes (see ``omniquant.noise``)."""
+    return _STDOUT or sys.stdout
+
+
+def _echo(text: str, nl: bool = True) -> None:
+    typer.echo(text, nl=nl, file=_stdout())
 
 
 def _console():
@@ -37,7 +60,9 @@ def _console():
     ``[...]`` print as they are, one line each (copy-pastable)."""
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False, markup=False, soft_wrap=True)
+    return Console(
+        file=_stdout(), stderr=False, highlight=False, markup=False, soft_wrap=True
+    )
 
 
 @app.command("make-tiny")
@@ -65,10 +90,21 @@ from omniquant import _cli_commands  # noqa: F401  (registers commands on `app`)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning ``OmniquantError`` into a clean message."""
+    global _STDOUT
+    import contextlib
+
+    from omniquant.noise import third_party_to_log
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    options = args[: args.index("--") if "--" in args else len(args)]
+    # Help is printed by click to sys.stdout: never routed to the log.
+    verbose = not args or "--verbose" in options or "--help" in options
+    _STDOUT = sys.stdout
     try:
         # Non-standalone click returns a command's exit code (typer.Exit(code), and 130 for
         # an interrupt it caught itself) instead of raising it.
-        rc = app(args=argv, standalone_mode=False)
+        with contextlib.nullcontext() if verbose else third_party_to_log():
+            rc = app(args=args, standalone_mode=False)
         if isinstance(rc, int) and rc != 0:
             if rc == 130:
                 print("interrupted", file=sys.stderr)
@@ -90,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             print("aborted", file=sys.stderr)
             return 130
         raise
+    finally:
+        _STDOUT = None
     return 0
 
 

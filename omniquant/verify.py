@@ -352,3 +352,8 @@ def preflight_source(model: Path, rec, recipe_path: Path) -> None:
             f"{model_type!r} of --model {model}; use a recipe written for this model, or add "
             "the type to metadata.model_types if the recipe fits it."
         )
+    from omniquant.data.processing import OmniProcessor
+
+    # Placeholder token ids of config.json against the tokenizer (a mismatch would fail
+    # every calibration sample as if its prompt held placeholder tokens).
+    OmniProcessor.from_pretrained(model)
