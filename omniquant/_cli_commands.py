@@ -54,16 +54,21 @@ def inspect_cmd(
     audit: Annotated[bool, typer.Option(help="Run the integrity audit; non-zero exit on failure.")] = False,
 ) -> None:
     """Show module groups with precision, parameters, bytes and bits per weight."""
-    from omniquant.errors import ModelLoadError
+    from omniquant.errors import AuditError, ModelLoadError
     from omniquant.inspect_ckpt import inspect_checkpoint, render_inspect, summary_json
-    from omniquant.verify import verify_checkpoint
+    from omniquant.verify import is_temp_dir, verify_checkpoint
 
-    verify_checkpoint(path, flag="inspect", error=ModelLoadError)
-    summary = inspect_checkpoint(path)
-    if audit:
+    report = None
+    if audit and path.is_dir() and not is_temp_dir(path.resolve()):
         from omniquant.audit import audit_checkpoint
 
+        # The full audit lists every problem (exit 3); the shared check below then passes.
         report = audit_checkpoint(path, raise_on_error=True)
+    # An unsound checkpoint under --audit is an audit failure (exit 3).
+    unsound = AuditError if audit and path.is_dir() else ModelLoadError
+    verify_checkpoint(path, flag="inspect", error=unsound)
+    summary = inspect_checkpoint(path)
+    if report is not None:
         summary["audit"] = {"ok": report.ok, "checked_weights": report.checked_weights}
     if json_:
         _echo(summary_json(summary))
