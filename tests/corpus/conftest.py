@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
-
 from corpus_tally import RESULTS
 
 
@@ -36,7 +35,9 @@ def pytest_terminal_summary(terminalreporter):
         row[4] += damaged
     tr = terminalreporter
     tr.write_sep("-", "bad-input corpus")
-    tr.write_line(f"{'family':<16}{'cases':>6}{'clean':>7}{'traceback':>10}{'accepted':>9}{'damaged':>8}")
+    tr.write_line(
+        f"{'family':<16}{'cases':>6}{'clean':>7}{'traceback':>10}{'accepted':>9}{'damaged':>8}"
+    )
     total = [0, 0, 0, 0, 0]
     for family in sorted(by_family):
         row = by_family[family]

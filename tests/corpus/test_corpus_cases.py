@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus_tally import RESULTS
 from safetensors.torch import load_file, save_file
 
 from omniquant.cli import main
-
-from corpus_tally import RESULTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,7 +57,7 @@ def _tensors(d: Path, fn: Callable[[dict], None], resum: bool = False) -> Path:
 
 
 def _first(t: dict, suffix: str) -> str:
-    return sorted(k for k in t if k.endswith(suffix))[0]
+    return min(k for k in t if k.endswith(suffix))
 
 
 def _nan_scale(e: Env) -> Path:
@@ -126,6 +125,11 @@ def _engine(e: Env, ckpt: Path, *extra: str) -> list[str]:
             "--out", str(e.tmp / "bundle"), "--no-validate", *extra]  # fmt: skip
 
 
+def _edit(d: Path, change: Callable[[Path], object]) -> Path:
+    change(d)
+    return d
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir()
     return path
@@ -191,6 +195,8 @@ class Case:
     fragment: str
 
 
+# One line per case, kept on one line each so the table reads as a table.
+# fmt: off
 CASES = [
     # ---- recipes and --set (items 3, 4, 6)
     Case("recipe", "non-utf8", lambda e: _q(e, None, str(_write(e.tmp / "r.yaml", b"metadata:\n  name: \xff\xfe\n"))), 2, "not UTF-8 text"),
@@ -224,8 +230,8 @@ CASES = [
     Case("model", "missing", lambda e: _q(e, e.tmp / "nope"), 2, "directory does not exist"),
     Case("model", "no-config", lambda e: _q(e, _mkdir(e.tmp / "empty")), 2, "no config.json"),
     Case("model", "config-not-json", lambda e: _q(e, _write(e.copy(e.tiny, "m") / "config.json", "{").parent), 2, "invalid JSON"),
-    Case("model", "truncated-shard", lambda e: _q(e, (lambda d: _truncate(d / "model.safetensors", 5000) or d)(e.copy(e.tiny, "m"))), 2, "not a readable safetensors file"),
-    Case("model", "lying-header", lambda e: _q(e, (lambda d: _lie_header(d / "model.safetensors", 10**12) or d)(e.copy(e.tiny, "m"))), 2, "not a readable safetensors file"),
+    Case("model", "truncated-shard", lambda e: _q(e, _edit(e.copy(e.tiny, "m"), lambda d: _truncate(d / "model.safetensors", 5000))), 2, "not a readable safetensors file"),
+    Case("model", "lying-header", lambda e: _q(e, _edit(e.copy(e.tiny, "m"), lambda d: _lie_header(d / "model.safetensors", 10**12))), 2, "not a readable safetensors file"),
     Case("model", "image-token-id", lambda e: _q(e, _set_config(e.copy(e.tiny, "m"), image_token_id=7)), 2, "image_token_id = 7, but the tokenizer's <image> is id 4"),
     Case("model", "audio-token-id", lambda e: _q(e, _set_config(e.copy(e.tiny, "m"), audio_token_id=4)), 2, "audio_token_id = 4, but the tokenizer's <so_embedding> is id 6"),
     Case("model", "video-token-id", lambda e: _q(e, _set_config(e.copy(e.tiny, "m"), video_token_id=9)), 2, "video_token_id = 9, but the tokenizer's <video> is id 5"),
@@ -240,23 +246,23 @@ CASES = [
     Case("calib-set", "png-as-audio", lambda e: _q(e, None, "fp8_omni", "--calib", str(_calib_set(e, [{"id": "a", "prompt": "x", "audio": "a.wav"}], {"a.wav": _png_bytes()}))), 2, "cannot decode audio"),
     Case("calib-set", "text-as-image", lambda e: _q(e, None, "fp8_omni", "--calib", str(_calib_set(e, [{"id": "a", "prompt": "x", "image": "i.png"}], {"i.png": b"not an image"}))), 2, "cannot decode image"),
     Case("calib-set", "missing-media", lambda e: _q(e, None, "fp8_omni", "--calib", str(_calib_set(e, [{"id": "a", "prompt": "x", "image": "gone.png"}]))), 2, "file not found"),
-    Case("calib-set", "bad-json-line", lambda e: _q(e, None, "fp8_omni", "--calib", str((lambda d: _write(d / "manifest.jsonl", "{oops\n") and d)(_calib_set(e, [])))), 2, "line 1"),
-    Case("calib-set", "non-utf8-manifest", lambda e: _q(e, None, "fp8_omni", "--calib", str((lambda d: _write(d / "manifest.jsonl", b'{"id": "\xff"}\n') and d)(_calib_set(e, [])))), 2, "manifest"),
+    Case("calib-set", "bad-json-line", lambda e: _q(e, None, "fp8_omni", "--calib", str(_edit(_calib_set(e, []), lambda d: _write(d / "manifest.jsonl", "{oops\n")))), 2, "line 1"),
+    Case("calib-set", "non-utf8-manifest", lambda e: _q(e, None, "fp8_omni", "--calib", str(_edit(_calib_set(e, []), lambda d: _write(d / "manifest.jsonl", b'{"id": "\xff"}\n')))), 2, "manifest"),
     Case("calib-set", "empty", lambda e: _q(e, None, "fp8_omni", "--calib", str(_calib_set(e, []))), 2, "has no samples"),
     Case("calib-set", "no-set", lambda e: _q(e, None, "fp8_omni", "--calib", str(e.tmp / "none")), 2, "none"),
     # ---- checkpoints given to inspect / build-engine / report (items 2, 4, 6)
-    Case("checkpoint", "inspect-missing", lambda e: ["inspect", str(e.tmp / "nope")], 2, f"inspect {{tmp}}/nope: no such directory"),
+    Case("checkpoint", "inspect-missing", lambda e: ["inspect", str(e.tmp / "nope")], 2, "inspect {tmp}/nope: no such directory"),
     Case("checkpoint", "inspect-no-marker", lambda e: ["inspect", str(_strip_meta(e))], 2, "quantized but has no omniquant.json"),
     Case("checkpoint", "inspect-temp-dir", lambda e: ["inspect", str(_temp_dir(e))], 2, "a temporary directory of an unfinished `omniquant quantize` run"),
     Case("checkpoint", "inspect-audit-temp-dir", lambda e: ["inspect", "--audit", str(_temp_dir(e))], 3, "a temporary directory of an unfinished"),
     Case("checkpoint", "inspect-changed-shard", lambda e: ["inspect", str(_changed_shard(e))], 2, "sha256 does not match omniquant.json"),
     Case("checkpoint", "inspect-nan-scale", lambda e: ["inspect", str(_nan_scale(e))], 2, "NaN/Inf scale value(s)"),
     Case("checkpoint", "inspect-audit-nan-scale", lambda e: ["inspect", "--audit", str(_nan_scale(e))], 3, "scale is nan"),
-    Case("checkpoint", "inspect-truncated-source", lambda e: ["inspect", str((lambda d: _truncate(d / "model.safetensors", 3) or d)(e.copy(e.tiny, "m")))], 2, "not a readable safetensors file"),
-    Case("checkpoint", "inspect-lying-source", lambda e: ["inspect", str((lambda d: _lie_header(d / "model.safetensors", 10**12) or d)(e.copy(e.tiny, "m")))], 2, "not a readable safetensors file"),
-    Case("checkpoint", "inspect-garbage-header", lambda e: ["inspect", str((lambda d: _write(d / "model.safetensors", struct.pack("<Q", 4) + b"{{{{") and d)(e.copy(e.tiny, "m")))], 2, "not a readable safetensors file"),
-    Case("checkpoint", "inspect-bad-quant-json", lambda e: ["inspect", str((lambda d: _write(d / "hf_quant_config.json", "{") and d)(e.copy(e.fp8, "m")))], 2, "hf_quant_config.json: not valid JSON"),
-    Case("checkpoint", "inspect-bad-omniquant-json", lambda e: ["inspect", str((lambda d: _write(d / "omniquant.json", "{") and d)(e.copy(e.fp8, "m")))], 2, "omniquant.json: not valid JSON"),
+    Case("checkpoint", "inspect-truncated-source", lambda e: ["inspect", str(_edit(e.copy(e.tiny, "m"), lambda d: _truncate(d / "model.safetensors", 3)))], 2, "not a readable safetensors file"),
+    Case("checkpoint", "inspect-lying-source", lambda e: ["inspect", str(_edit(e.copy(e.tiny, "m"), lambda d: _lie_header(d / "model.safetensors", 10**12)))], 2, "not a readable safetensors file"),
+    Case("checkpoint", "inspect-garbage-header", lambda e: ["inspect", str(_edit(e.copy(e.tiny, "m"), lambda d: _write(d / "model.safetensors", struct.pack("<Q", 4) + b"{{{{")))], 2, "not a readable safetensors file"),
+    Case("checkpoint", "inspect-bad-quant-json", lambda e: ["inspect", str(_edit(e.copy(e.fp8, "m"), lambda d: _write(d / "hf_quant_config.json", "{")))], 2, "hf_quant_config.json: not valid JSON"),
+    Case("checkpoint", "inspect-bad-omniquant-json", lambda e: ["inspect", str(_edit(e.copy(e.fp8, "m"), lambda d: _write(d / "omniquant.json", "{")))], 2, "omniquant.json: not valid JSON"),
     Case("checkpoint", "inspect-bad-config-json", lambda e: ["inspect", str(_write(e.copy(e.tiny, "m") / "config.json", b"\xff{").parent)], 2, "config.json"),
     Case("checkpoint", "engine-nan-scale", lambda e: _engine(e, _nan_scale(e)), 2, "NaN/Inf scale value(s)"),
     Case("checkpoint", "engine-no-marker", lambda e: _engine(e, _strip_meta(e)), 2, "quantized but has no omniquant.json"),
@@ -267,7 +273,7 @@ CASES = [
     Case("checkpoint", "report-changed-shard", lambda e: _report(e, _changed_shard(e)), 2, "sha256 does not match omniquant.json"),
     Case("checkpoint", "report-other-model", lambda e: _report(e, e.tiny1), 2, "from another model"),
     Case("checkpoint", "report-export-of-other-model", lambda e: _report(e, e.fp8, e.tiny1), 2, "from another model"),
-    Case("checkpoint", "report-other-processing", lambda e: _report(e, (lambda d: _write(d / "preprocessor_config.json", json.dumps({**json.loads((e.tiny / "preprocessor_config.json").read_text()), "max_num_patches": 32})) and d)(e.copy(e.tiny, "m"))), 2, "tokenizer or processing settings differ"),
+    Case("checkpoint", "report-other-processing", lambda e: _report(e, _edit(e.copy(e.tiny, "m"), lambda d: _write(d / "preprocessor_config.json", json.dumps({**json.loads((e.tiny / "preprocessor_config.json").read_text()), "max_num_patches": 32})))), 2, "tokenizer or processing settings differ"),
     Case("checkpoint", "report-temp-baseline", lambda e: _report(e, e.fp8, _temp_dir(e)), 2, "--baseline"),
     # ---- absurd values and CLI misuse (item 3)
     Case("cli", "engine-batch-huge", lambda e: _engine(e, e.fp8, "--max-batch-size", str(10**30)), 2, "max_batch_size = 1000000000000000000000000000000: at most 4096"),
@@ -285,10 +291,11 @@ CASES = [
     # ---- task sets given to report
     Case("task-set", "missing", lambda e: _report(e, e.tiny, tasks=e.tmp / "none"), 2, "none"),
     Case("task-set", "dotdot", lambda e: _report(e, e.tiny, tasks=_task_set(e, [{**_GOOD_TASK, "modality": "image", "prompt": "<image>", "image": "../x.png"}])), 2, "leaves the set directory"),
-    Case("task-set", "bad-json", lambda e: _report(e, e.tiny, tasks=(lambda d: _write(d / "tasks.jsonl", "{\n") and d)(_task_set(e, []))), 2, "line 1"),
+    Case("task-set", "bad-json", lambda e: _report(e, e.tiny, tasks=_edit(_task_set(e, []), lambda d: _write(d / "tasks.jsonl", "{\n"))), 2, "line 1"),
     Case("task-set", "png-as-video", lambda e: _report(e, e.tiny, tasks=_task_set(e, [{**_GOOD_TASK, "modality": "video", "prompt": "<video>", "video": "v.mp4"}], {"v.mp4": _png_bytes()})), 2, "the file holds PNG image bytes"),
     Case("task-set", "empty", lambda e: _report(e, e.tiny, tasks=_task_set(e, [])), 2, "tasks.jsonl"),
 ]
+# fmt: on
 
 
 def _snapshot(argv: list[str]) -> dict[str, str]:
@@ -325,7 +332,7 @@ def test_bad_input_is_refused_cleanly(case, shared, tmp_path, capsys):
     traceback = False
     try:
         rc = main(argv)
-    except Exception:  # a bug: record it, then fail below
+    except Exception:  # noqa: BLE001 (a bug: recorded, then the test fails below)
         traceback, rc = True, None
     err = capsys.readouterr().err
     after = _snapshot(argv)

@@ -107,8 +107,10 @@ def test_kills_never_leave_a_checkpoint_that_passes(tiny_dir, tmp_path):
                 verify_checkpoint(left, flag="inspect", error=OmniquantError)
         clean_stale_temp_dirs(out, lambda _m: None)
         assert _temps(out) == [], label
-        print(f"{label}: killed={r['killed_at'] is not None} rc={rc} out={out.exists()} "
-              f"leftovers={[p.name.split('-')[1] for p in leftovers]}")
+        print(
+            f"{label}: killed={r['killed_at'] is not None} rc={rc} out={out.exists()} "
+            f"leftovers={[p.name.split('-')[1] for p in leftovers]}"
+        )
     # The moments before the final rename are wide enough to be hit every time.
     assert all(r["killed_at"] for r in runs if r["moment"] in ("plan", "tmp_dir")), runs
 
@@ -119,7 +121,7 @@ def _mount_tmpfs(where: Path, size: str, *options: str) -> bool:
     where.mkdir()
     opts = ",".join([f"size={size}", *options])
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
-                          capture_output=True)  # fmt: skip
+                          capture_output=True, check=False)  # fmt: skip
     return done.returncode == 0
 
 
@@ -136,25 +138,29 @@ def tmpfs(tmp_path):
 
     yield mount
     for where in mounted:
-        subprocess.run(["umount", str(where)], capture_output=True)
+        subprocess.run(["umount", str(where)], capture_output=True, check=False)
 
 
 def test_read_only_output_filesystem_is_refused_before_calibration(tiny_dir, tmpfs, capsys):
-    from omniquant.cli import main
     from corpus_tally import RESULTS
+
+    from omniquant.cli import main
 
     ro = tmpfs("ro", "1m", "ro")
     rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out",
                str(ro / "ckpt"), "--quiet"])  # fmt: skip
     err = capsys.readouterr().err
-    RESULTS.append(("filesystem", rc == 2 and "Read-only file system" in err, False, rc == 0, False))
+    RESULTS.append(
+        ("filesystem", rc == 2 and "Read-only file system" in err, False, rc == 0, False)
+    )
     assert rc == 2 and "(Read-only file system); choose a writable --out" in err
     assert "calibrat" not in err
 
 
 def test_too_little_space_is_refused_before_calibration(tiny_dir, tmpfs, capsys):
-    from omniquant.cli import main
     from corpus_tally import RESULTS
+
+    from omniquant.cli import main
 
     small = tmpfs("small", "512k")
     rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out",
@@ -168,9 +174,10 @@ def test_too_little_space_is_refused_before_calibration(tiny_dir, tmpfs, capsys)
 @pytest.mark.usefixtures("one_thread")
 def test_a_disk_that_fills_during_the_run_is_a_clean_error(tiny_dir, tmpfs, capsys, monkeypatch):
     """Free space passes pre-flight, then another writer fills the disk before export."""
-    import omniquant.verify as verify
-    from omniquant.cli import main
     from corpus_tally import RESULTS
+
+    from omniquant import verify
+    from omniquant.cli import main
 
     fs = tmpfs("fills", "3m")
     real = verify.check_writable_out

@@ -91,7 +91,9 @@ def test_recipe_loader_never_crashes(text):
     assert isinstance(recipe, Recipe)
 
 
-_KEY = st.lists(st.sampled_from([*_RECIPE_KEYS, "0", "1", "99", "-1", "x y"]), max_size=4).map(".".join)
+_KEY = st.lists(st.sampled_from([*_RECIPE_KEYS, "0", "1", "99", "-1", "x y"]), max_size=4).map(
+    ".".join
+)
 _SET_ITEMS = st.one_of(
     st.text(max_size=40),
     st.tuples(_KEY, st.text(max_size=20)).map("=".join),
