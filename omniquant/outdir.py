@@ -7,6 +7,8 @@ Policy:
 - ``clean_stale_temp_dirs``: temporary directories (``.omniquant-tmp-*``,
   ``.omniquant-old-*``) whose process is dead are removed, or moved back when they hold
   the previous checkpoint of an interrupted ``--force``.
+- ``sigterm_as_interrupt``: SIGTERM is an interrupt for the whole run (lock released,
+  temporary directory removed, exit 130), whatever native code it lands in.
 - ``write_errors``: a full or read-only filesystem met while writing is an
   ``ExportError``, not an ``OSError`` traceback.
 
@@ -20,6 +22,7 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -113,12 +116,49 @@ class out_lock:
         return False
 
 
+class sigterm_as_interrupt:
+    """SIGTERM raises ``KeyboardInterrupt`` for the whole run (main thread only), so the
+    temporary directory and the lock are released as on Ctrl-C and the CLI exits 130.
+
+    A ``KeyboardInterrupt`` raised inside native code can come back as another exception
+    (safetensors' ``get_tensor`` turns it into ``ValueError``); once the signal arrived,
+    whatever escapes is reported as the interrupt it is.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.signum = signum
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        try:
+            self._old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not in the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        if (
+            self.signum is not None
+            and exc_type is not None
+            and not issubclass(exc_type, KeyboardInterrupt)
+        ):
+            raise KeyboardInterrupt(f"signal {self.signum}") from None
+        return False
+
+
 def locked_out(func):
-    """Run ``quantize`` holding the lock of its ``out`` (third argument)."""
+    """Run ``quantize`` holding the lock of its ``out`` (third argument), SIGTERM
+    turned into an interrupt."""
 
     @functools.wraps(func)
     def wrapper(model, recipe, out, *args, **kwargs):
-        with out_lock(Path(out).absolute()):
+        with sigterm_as_interrupt(), out_lock(Path(out).absolute()):
             return func(model, recipe, out, *args, **kwargs)
 
     return wrapper

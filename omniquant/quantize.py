@@ -21,7 +21,6 @@ import gc
 import json
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -265,25 +264,16 @@ def _write_quiet(loaded, plan, tmp: Path) -> dict:
 
 
 class _cleanup_on_interrupt:
-    """Remove ``tmp`` on any failure, Ctrl-C or SIGTERM (turned into KeyboardInterrupt)."""
+    """Remove ``tmp`` on any failure, Ctrl-C or SIGTERM (``locked_out`` turns SIGTERM into
+    KeyboardInterrupt for the whole run)."""
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self._old = None
 
     def __enter__(self):
-        def handler(signum, frame):
-            raise KeyboardInterrupt(f"signal {signum}")
-
-        try:
-            self._old = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not in the main thread
-            self._old = None
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
         if exc_type is not None and self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False

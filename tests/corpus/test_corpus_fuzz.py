@@ -5,13 +5,15 @@ Targets: the recipe loader (YAML text of a recipe file), ``--set`` overrides, th
 calibration manifest parser and validator, and the task-set validator. Inputs mix
 arbitrary text with structured near-misses (recipe/manifest keys with wrong types,
 ``..`` paths, markers) so the fuzzer reaches the validation code, not only the YAML or
-JSON syntax errors. Budget: ``MAX_EXAMPLES`` per target, no deadline (a shared CI
+JSON syntax errors. Budget: ``MAX_EXAMPLES`` per target (150; more with
+``OMNIQUANT_FUZZ_EXAMPLES``), no deadline (a shared CI
 machine has noisy timings); fixed derandomized seed so CI runs are reproducible.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import string
 import tempfile
 from pathlib import Path
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 
 from omniquant.errors import OmniquantError
 
-MAX_EXAMPLES = 150
+MAX_EXAMPLES = int(os.environ.get("OMNIQUANT_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
     max_examples=MAX_EXAMPLES,
     deadline=None,
@@ -69,7 +71,7 @@ def _yaml_text(data) -> str:
 
 _RECIPE_TEXT = st.one_of(
     st.text(max_size=200),
-    st.binary(max_size=120).map(lambda b: b.decode("latin-1")),
+    st.binary(max_size=120),  # raw bytes: not always UTF-8
     _RECIPE_DICTS.map(_yaml_text),
     st.lists(st.sampled_from([*(f"{k}:" for k in _RECIPE_KEYS), "  ", "- ", "{", "}", "[", "]",
                               "&a", "*a", "!!python/object:os.system", "\n", "fp8", "1e999",
@@ -83,7 +85,8 @@ def test_recipe_loader_never_crashes(text):
     from omniquant.recipe import Recipe, load_recipe
 
     path = _SCRATCH / "fuzz.yaml"
-    path.write_bytes(text.encode("utf-8", errors="surrogatepass"))
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogatepass")
+    path.write_bytes(raw)
     try:
         recipe, _ = load_recipe(path)
     except OmniquantError:
