@@ -186,6 +186,9 @@ def _nan_weight(e: Env, value: float) -> Path:
     return _tensors(d, poison)
 
 
+_IN_PROJ = "language_model.backbone.layers.0.mixer.in_proj.weight"
+
+
 @dataclass
 class Case:
     family: str
@@ -235,6 +238,8 @@ CASES = [
     Case("model", "image-token-id", lambda e: _q(e, _set_config(e.copy(e.tiny, "m"), image_token_id=7)), 2, "image_token_id = 7, but the tokenizer's <image> is id 4"),
     Case("model", "audio-token-id", lambda e: _q(e, _set_config(e.copy(e.tiny, "m"), audio_token_id=4)), 2, "audio_token_id = 4, but the tokenizer's <so_embedding> is id 6"),
     Case("model", "video-token-id", lambda e: _q(e, _set_config(e.copy(e.tiny, "m"), video_token_id=9)), 2, "video_token_id = 9, but the tokenizer's <video> is id 5"),
+    Case("model", "missing-tensor", lambda e: _q(e, _tensors(e.copy(e.tiny, "m"), lambda t: t.pop(_IN_PROJ))), 2, f"missing from the safetensors files or have the wrong shape: {_IN_PROJ};"),
+    Case("model", "wrong-shape", lambda e: _q(e, _tensors(e.copy(e.tiny, "m"), lambda t: t.update({_IN_PROJ: torch.zeros(3, 5, dtype=torch.bfloat16)}))), 2, f"{_IN_PROJ} (file (3, 5), config (328, 64))"),
     Case("model", "make-tiny-seed-huge", lambda e: ["make-tiny", "--out", str(e.tmp / "t"), "--seed", str(10**23)], 2, "Invalid value for '--seed'"),
     Case("model", "make-tiny-seed-negative", lambda e: ["make-tiny", "--out", str(e.tmp / "t"), "--seed", "-1"], 2, "Invalid value for '--seed'"),
     # ---- calibration sets (item 3)
