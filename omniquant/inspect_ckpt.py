@@ -3,7 +3,8 @@
 Policy: reads safetensors headers and ``hf_quant_config.json`` only (no model
 load), so it works on any machine and on checkpoints of any size. Bits per weight
 counts every stored byte of a group (weights and their scales) over the group's
-logical weight count (an NVFP4 byte holds two weights).
+logical weight count (an NVFP4 byte holds two weights). The ``inspect`` command runs
+``omniquant.verify.verify_checkpoint`` first; damaged headers and JSON are clean errors.
 """
 
 from __future__ import annotations

@@ -9,9 +9,13 @@ Policy:
 - One model in memory at a time: the baseline runs first and keeps only its
   answer-span distributions (``omniquant.evaluate.fidelity``), then it is freed and
   each candidate is loaded, evaluated and freed in turn.
+- Every checkpoint passes ``omniquant.verify.verify_checkpoint`` (finished, shard
+  checksums, finite scales), and every candidate must come from the baseline's model
+  (``source.fingerprint`` in its ``omniquant.json``): both before any evaluation.
 - Samples are processed once with the baseline's processor; each candidate must
   carry the same tokenizer and processing settings (they are exports of one model),
-  else the comparison would not be sample for sample and the report refuses.
+  else the comparison would not be sample for sample and the report refuses (checked
+  before the baseline is evaluated).
 - The three files are written to temporary names and renamed into place, so a
   failed run never leaves a report that mixes two runs.
 """
