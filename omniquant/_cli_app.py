@@ -6,6 +6,9 @@ both import it without importing each other.
 
 from __future__ import annotations
 
+import sys
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(
@@ -19,8 +22,32 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            help="Show third-party warnings and prints (modelopt, transformers); without it "
+            "they go to $OMNIQUANT_LOG or <tmp>/omniquant-<pid>.log.",
+        ),
+    ] = False,
+) -> None:
     """Quantize omni-modal models to FP8/NVFP4 and report what was lost."""
+
+
+#: The stream that was sys.stdout when ``omniquant.cli.main`` started; library prints are
+#: routed to a log meanwhile (``omniquant.noise``), omniquant's own output goes here.
+_STDOUT = None
+
+
+def _stdout():
+    """Where omniquant's own output goes (see ``omniquant.noise``)."""
+    return _STDOUT or sys.stdout
+
+
+def _echo(text: str, nl: bool = True) -> None:
+    """Print ``text`` to the user's stdout (not to the third-party log)."""
+    typer.echo(text, nl=nl, file=_stdout())
 
 
 def _console():
@@ -28,4 +55,4 @@ def _console():
     ``[...]`` print as they are, one line each (copy-pastable)."""
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False, markup=False, soft_wrap=True)
+    return Console(file=_stdout(), stderr=False, highlight=False, markup=False, soft_wrap=True)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from omniquant._cli_app import _console, app
+from omniquant._cli_app import _console, _echo, app
 
 
 @app.command("quantize")
@@ -76,9 +76,22 @@ def inspect_cmd(
     ] = None,
 ) -> None:
     """Show module groups with precision, parameters, bytes and bits per weight."""
+    from omniquant.errors import AuditError, ModelLoadError
     from omniquant.inspect_ckpt import inspect_checkpoint, render_inspect, summary_json
+    from omniquant.verify import is_temp_dir, verify_checkpoint
 
+    report = None
+    if audit and path.is_dir() and not is_temp_dir(path.resolve()):
+        from omniquant.audit import audit_checkpoint
+
+        # The full audit lists every problem (exit 3); the shared check below then passes.
+        report = audit_checkpoint(path, raise_on_error=True)
+    # An unsound checkpoint under --audit is an audit failure (exit 3).
+    unsound = AuditError if audit and path.is_dir() else ModelLoadError
+    verify_checkpoint(path, flag="inspect", error=unsound, foreign_ok=not audit)
     summary = inspect_checkpoint(path)
+    if report is not None:
+        summary["audit"] = {"ok": report.ok, "checked_weights": report.checked_weights}
     view = None
     if as_ is not None:
         from omniquant.readers import read_as
@@ -90,13 +103,8 @@ def inspect_cmd(
             "declared_otherwise": [m.__dict__ for m in view.misdeclared],
             "not_loaded": [{"tensor": n, "why": w} for n, w in view.unconsumed],
         }  # fmt: skip
-    if audit:
-        from omniquant.audit import audit_checkpoint
-
-        report = audit_checkpoint(path, raise_on_error=True)
-        summary["audit"] = {"ok": report.ok, "checked_weights": report.checked_weights}
     if json_:
-        typer.echo(summary_json(summary))
+        _echo(summary_json(summary))
     else:
         console = _console()
         console.print(render_inspect(summary), markup=False)
@@ -124,7 +132,7 @@ def recipes_list(ctx: typer.Context) -> None:
 
     for name, path in builtin_recipes().items():
         rec, _ = load_recipe(path)
-        typer.echo(f"{name:<20} {rec.metadata.description}")
+        _echo(f"{name:<20} {rec.metadata.description}")
 
 
 @recipes_app.command("show")
@@ -133,7 +141,7 @@ def recipes_show(name: Annotated[str, typer.Argument(help="Built-in recipe name 
     from omniquant.recipe import load_recipe
 
     _, path = load_recipe(name)  # validates
-    typer.echo(path.read_text(), nl=False)
+    _echo(path.read_text(), nl=False)
 
 
 # --- build-engine (issue 7) -------------------------------------------------
@@ -367,9 +375,9 @@ def cliff_cmd(
         model, out, recipes=recipe or DEFAULT_RECIPES, calib=calib, tasks=tasks,
         sensitivity=sensitivity, force=force, log=console.print,
     )
-    typer.echo(render_cliff_table(res.report))
+    _echo(render_cliff_table(res.report))
     for c in res.report["candidates"]:
-        typer.echo(c['verdict'])
+        _echo(c['verdict'])
     console.print(f"report: {res.out / 'report' / 'report.html'}  ({res.seconds:.0f} s)")
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from omniquant.errors import AuditError
+from omniquant.errors import AuditError, OmniquantError
 
 E4M3_MAX = 448.0
 
@@ -44,12 +44,22 @@ class AuditReport:
         return not self.problems
 
 
-def read_quant_config(path: Path) -> dict:
-    """The ``quantization`` section of ``hf_quant_config.json`` ({} for a BF16 checkpoint)."""
+def read_quant_config(path: Path, error: type[OmniquantError] = AuditError) -> dict:
+    """The ``quantization`` section of ``hf_quant_config.json`` ({} for a BF16 checkpoint).
+
+    Raises:
+        error: The file is not valid JSON or not an object.
+    """
+    from omniquant.verify import read_json_file
+
     f = Path(path) / "hf_quant_config.json"
     if not f.is_file():
         return {}
-    return json.loads(f.read_text()).get("quantization", {})
+    data = read_json_file(f, "", error)
+    quant = data.get("quantization", {}) if isinstance(data, dict) else None
+    if not isinstance(quant, dict):
+        raise error(f"{f}: 'quantization' must be a JSON object; re-export the checkpoint.")
+    return quant
 
 
 def layer_format(module: str, quant: dict) -> str | None:
@@ -77,8 +87,6 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
     """
     from safetensors import safe_open
 
-    from omniquant.export import sha256_file
-
     path = Path(path)
     report = AuditReport(path=path)
     meta_file = path / "omniquant.json"
@@ -88,17 +96,17 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
             "(an interrupted run, or not written by omniquant)."
         )
         return _finish(report, raise_on_error)
-    meta = json.loads(meta_file.read_text())
+    from omniquant.verify import open_safetensors, read_json_file, shard_problems
+
+    meta = read_json_file(meta_file, "", AuditError)
+    if not isinstance(meta, dict):
+        meta = {}
     quant = read_quant_config(path)
 
-    for shard, digest in sorted(meta.get("shards", {}).items()):
-        f = path / shard
-        if not f.is_file():
-            report.problems.append(f"{shard}: listed in omniquant.json but missing")
-        elif sha256_file(f) != digest:
-            report.problems.append(
-                f"{shard}: sha256 does not match omniquant.json (file changed or corrupt)"
-            )
+    # The same shard rule as every consumer (omniquant.verify), messages relative to path.
+    report.problems += [p.removeprefix(f"{path}/") for p in shard_problems(path, meta)]
+    if not isinstance(meta.get("shards"), dict):
+        return _finish(report, raise_on_error)
 
     # Headers only up front; tensors are read one module at a time (a 30B checkpoint
     # must not be loaded whole to be audited).
@@ -108,6 +116,8 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
         f = path / shard
         if not f.is_file():
             continue
+        with open_safetensors(f, AuditError):  # a damaged header: a clean error, not a traceback
+            pass
         handles[shard] = fh = safe_open(f, "pt")
         for k in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             sl = fh.get_slice(k)

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from omniquant import _cli_app
 from omniquant._cli_app import _console, app
 from omniquant.errors import OmniquantError
 
@@ -22,7 +23,9 @@ from omniquant.errors import OmniquantError
 @app.command("make-tiny")
 def make_tiny_cmd(
     out: Annotated[Path, typer.Option(help="Output directory for the checkpoint.")],
-    seed: Annotated[int, typer.Option(help="RNG seed; same seed, same bytes.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="RNG seed; same seed, same bytes.", min=0, max=2**63 - 1)
+    ] = 0,
     size: Annotated[
         str,
         typer.Option(
@@ -50,10 +53,20 @@ from omniquant import (  # noqa: F401
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning ``OmniquantError`` into a clean message."""
+    import contextlib
+
+    from omniquant.noise import third_party_to_log
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    options = args[: args.index("--") if "--" in args else len(args)]
+    # Help is printed by click to sys.stdout: never routed to the log.
+    verbose = not args or "--verbose" in options or "--help" in options
+    _cli_app._STDOUT = sys.stdout
     try:
         # Non-standalone click returns a command's exit code (typer.Exit(code), and 130 for
         # an interrupt it caught itself) instead of raising it.
-        rc = app(args=argv, standalone_mode=False)
+        with contextlib.nullcontext() if verbose else third_party_to_log():
+            rc = app(args=args, standalone_mode=False)
         if isinstance(rc, int) and rc != 0:
             if rc == 130:
                 print("interrupted", file=sys.stderr)
@@ -75,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             print("aborted", file=sys.stderr)
             return 130
         raise
+    finally:
+        _cli_app._STDOUT = None
     return 0
 
 

@@ -3,7 +3,8 @@
 Policy: reads safetensors headers and ``hf_quant_config.json`` only (no model
 load), so it works on any machine and on checkpoints of any size. Bits per weight
 counts every stored byte of a group (weights and their scales) over the group's
-logical weight count (an NVFP4 byte holds two weights).
+logical weight count (an NVFP4 byte holds two weights). The ``inspect`` command runs
+``omniquant.verify.verify_checkpoint`` first; damaged headers and JSON are clean errors.
 """
 
 from __future__ import annotations
@@ -42,21 +43,20 @@ def inspect_checkpoint(path: str | Path) -> dict:
     Returns:
         ``{"path", "precision", "kv_cache", "groups": {group: {...}}, "total": {...}}``.
     """
-    from safetensors import safe_open
-
     from omniquant.audit import read_quant_config
     from omniquant.models import adapter_for
+    from omniquant.verify import open_safetensors
 
     path = Path(path)
     adapter = adapter_for(path)
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise ModelLoadError(f"{path}: no *.safetensors files.")
-    quant = read_quant_config(path)
+    quant = read_quant_config(path, ModelLoadError)
     groups: dict[str, GroupStats] = {}
     for shard in shards:
-        with safe_open(shard, "pt") as fh:
-            for name in fh.keys():
+        with open_safetensors(shard, ModelLoadError) as fh:
+            for name in fh.keys():  # noqa: SIM118 (a safetensors handle)
                 sl = fh.get_slice(name)
                 shape, dtype = sl.get_shape(), sl.get_dtype()
                 numel = 1

@@ -17,6 +17,10 @@ Policy:
 - The model is placed by ``omniquant.devices`` (one device or accelerate's device map);
   ``omniquant.json`` records the placement, the Mamba kernels and the peak memory per
   device. A disk-offload folder lives beside ``--out`` and is removed at the end.
+- One run at a time per ``--out`` (a lock beside it, ``omniquant.outdir``); temporary
+  directories of dead runs are cleaned first. Temporary names are never accepted as a
+  checkpoint by any consumer (``omniquant.verify``), even if a kill left
+  ``omniquant.json`` inside one.
 """
 
 from __future__ import annotations
@@ -25,13 +29,13 @@ import gc
 import json
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from omniquant.errors import ExportError
+from omniquant.outdir import locked_out, write_errors
 
 OMNIQUANT_JSON = "omniquant.json"
 
@@ -100,6 +104,7 @@ def load_calibration_samples(
     return load_calibration_set(loaded, calib, size=size, skip_bad=skip_bad, validated=validated)
 
 
+@locked_out
 def quantize(
     model: str | Path,
     recipe: str | Path,
@@ -133,10 +138,13 @@ def quantize(
             what does not fit is offloaded to CPU memory, then disk.
     """
     from omniquant.devices import reset_cuda_peaks, resolve_placement
+    from omniquant.errors import ModelLoadError
     from omniquant.models import load_model
+    from omniquant.outdir import clean_stale_temp_dirs
     from omniquant.plan import resolve_plan
     from omniquant.predict import predict_size
     from omniquant.recipe import load_recipe
+    from omniquant.verify import check_finite_source, check_writable_out, preflight_source
 
     say = log or (lambda _msg: None)
     rec, recipe_path = load_recipe(recipe, overrides)
@@ -144,9 +152,11 @@ def quantize(
         rec.calibration.set = calib
     out = Path(out).absolute()
     check_out_spares(out, Path(model), "--model checkpoint", ExportError)
+    clean_stale_temp_dirs(out, say)
     _check_out(out, force)
     offload_dir = out.parent / f".omniquant-offload-{out.name}-{os.getpid()}"
     placement = resolve_placement(device, max_memory, scratch=offload_dir)
+    preflight_source(Path(model), rec, recipe_path)
 
     validated = set_dir = None
     if rec.calibration.set != "synthetic":
@@ -160,12 +170,16 @@ def quantize(
     meta = load_model(model, weights=False)
     prediction = predict_size(meta, resolve_plan(rec, meta))
     meta = None
+    # The predicted tensor bytes are what the export writes (headers and configs add
+    # kilobytes): refuse a read-only or too-small --out filesystem before calibrating.
+    check_writable_out(out, prediction.predicted_bytes, ExportError)
+    check_finite_source(Path(model), ModelLoadError)  # streams the shards; names bad tensors
 
     reset_cuda_peaks()
     try:
         result = _quantize_placed(
             rec, recipe_path, Path(model), out, placement, validated, set_dir, prediction,
-            skip_bad=skip_bad, quiet=quiet, say=say,
+            force=force, skip_bad=skip_bad, quiet=quiet, say=say,
         )  # fmt: skip
     finally:
         shutil.rmtree(offload_dir, ignore_errors=True)
@@ -174,7 +188,7 @@ def quantize(
 
 def _quantize_placed(
     rec, recipe_path, model: Path, out: Path, placement, validated, set_dir, prediction, *,
-    skip_bad: bool, quiet: bool, say: Callable[[str], None],
+    force: bool, skip_bad: bool, quiet: bool, say: Callable[[str], None],
 ) -> QuantizeResult:  # fmt: skip
     """The part of ``quantize`` that runs with the model loaded where ``placement`` says."""
     from omniquant.audit import audit_checkpoint
@@ -184,6 +198,7 @@ def _quantize_placed(
     from omniquant.models import load_model
     from omniquant.plan import render_plan, resolve_plan, to_modelopt_config
     from omniquant.predict import measured_tensor_bytes
+    from omniquant.verify import source_fingerprint
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -258,7 +273,7 @@ def _quantize_placed(
     tmp = out.parent / f".omniquant-tmp-{out.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    with _cleanup_on_interrupt(tmp):
+    with _cleanup_on_interrupt(tmp), write_errors(out):
         t = time.perf_counter()
         written = _write_quiet(loaded, plan, tmp)
         timings["export"] = time.perf_counter() - t
@@ -267,6 +282,8 @@ def _quantize_placed(
             "source": {
                 "path": str(Path(loaded.path).resolve()),
                 "model_type": loaded.config_dict.get("model_type"),
+                # report checks a candidate against its baseline by this (omniquant.verify).
+                "fingerprint": source_fingerprint(loaded.path),
             },
             "recipe": {
                 "name": rec.metadata.name,
@@ -307,6 +324,11 @@ def _quantize_placed(
         # --force: move the old checkpoint aside first (a rename, instant), so an
         # interruption never leaves neither the old nor the new one in place.
         old = out.parent / f".omniquant-old-{out.name}-{os.getpid()}"
+        if out.exists() and not force:  # appeared while this run calibrated
+            raise ExportError(
+                f"--out {out}: created by someone else during this run; pass --force to "
+                "replace it, or choose another --out."
+            )
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
@@ -337,25 +359,16 @@ def _write_quiet(loaded, plan, tmp: Path) -> dict:
 
 
 class _cleanup_on_interrupt:
-    """Remove ``tmp`` on any failure, Ctrl-C or SIGTERM (turned into KeyboardInterrupt)."""
+    """Remove ``tmp`` on any failure, Ctrl-C or SIGTERM (``locked_out`` turns SIGTERM into
+    KeyboardInterrupt for the whole run)."""
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self._old = None
 
     def __enter__(self):
-        def handler(signum, frame):
-            raise KeyboardInterrupt(f"signal {signum}")
-
-        try:
-            self._old = signal.signal(signal.SIGTERM, handler)
-        except ValueError:  # not in the main thread
-            self._old = None
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
         if exc_type is not None and self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
         return False

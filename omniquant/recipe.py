@@ -25,6 +25,35 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from omniquant.errors import RecipeError
 
 Format = Literal["fp8", "nvfp4", "bf16"]
+MAX_CALIBRATION_SIZE = 65536
+MAX_SEED = 2**63 - 1
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (PyYAML keeps the
+    last one silently, so a repeated ``rules:`` would drop the first list unseen)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first at line {first.line + 1}); "
+                    "remove one of them", key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str):
+    """Parse YAML safely, refusing duplicate keys (raises ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 class _Strict(BaseModel):
@@ -55,10 +84,14 @@ class Calibration(_Strict):
     """Calibration data and settings."""
 
     set: str = "synthetic"
-    size: int = Field(default=32, ge=1)
+    # Upper bound: every sample is processed and held in memory before calibration, and
+    # modelopt's recipes calibrate on 512; a larger size is a typo that grows memory
+    # until the run is killed.
+    size: int = Field(default=32, ge=1, le=MAX_CALIBRATION_SIZE)
     batch_size: Literal[1] = 1
     evs_rate: float | None = Field(default=None, ge=0.0, lt=1.0)
-    seed: int = 0
+    # A seed feeds torch/numpy generators, which take 64-bit seeds.
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     expert_coverage: ExpertCoverage = Field(default_factory=ExpertCoverage)
     #: modelopt 0.47's layer-by-layer calibration (``layerwise: {enable, checkpoint_dir}``).
     #: Refused: see ``_no_layerwise``. Excluded from dumps so recipe hashes stay as they were.
@@ -172,6 +205,11 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
         return builtins[text]
     p = Path(name_or_path)
     if looks_like_path or p.exists():
+        if p.is_dir():
+            raise RecipeError(
+                f"--recipe {name_or_path}: no such recipe file (it is a directory); pass a "
+                f"recipe .yaml file or a built-in name ({', '.join(sorted(builtins)) or 'none found'})."
+            )
         if not p.is_file():
             raise RecipeError(f"--recipe {name_or_path}: no such recipe file.")
         return p
@@ -198,28 +236,46 @@ def load_recipe(
     """
     path = resolve_recipe_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the recipe as UTF-8."
+        ) from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc.strerror}).") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:
+        raise RecipeError(f"{path}: not valid YAML: nested too deeply.") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping with 'metadata' and 'quantization'.")
+    overridden: dict[tuple[str, ...], str] = {}
     for item in overrides or []:
-        _apply_override(data, item, path)
+        overridden[_apply_override(data, item, path)] = item
     try:
         return Recipe.model_validate(data), path
     except ValidationError as exc:
-        raise RecipeError(_format_validation_error(path, exc, data)) from exc
+        raise RecipeError(_format_validation_error(path, exc, data, overridden)) from exc
 
 
-def _apply_override(data: dict, item: str, path: Path) -> None:
+def _apply_override(data: dict, item: str, path: Path) -> tuple[str, ...]:
+    """Apply one ``key.path=value`` to ``data``; returns the key path (for messages)."""
     if "=" not in item:
         raise RecipeError(f"--set {item!r}: expected key.path=value (e.g. calibration.size=16).")
     key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(p.strip() for p in parts):
+        raise RecipeError(
+            f"--set {item!r}: the key {key!r} has an empty part; expected key.path=value "
+            "(e.g. calibration.size=16)."
+        )
+    parts = [p.strip() for p in parts]
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml_text(raw)
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {item!r}: value is not valid YAML ({exc}).") from exc
-    parts = key.strip().split(".")
+    except RecursionError:
+        raise RecipeError(f"--set {item!r}: value is not valid YAML (nested too deeply).") from None
     node: Any = data
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -240,6 +296,7 @@ def _apply_override(data: dict, item: str, path: Path) -> None:
                 node = node.setdefault(part, {})
         else:
             raise RecipeError(f"--set {item!r}: {'.'.join(parts[:i])} is not a section.")
+    return tuple(parts)
 
 
 def _allowed_fields(loc: tuple, data: dict) -> list[str]:
@@ -263,9 +320,27 @@ def _allowed_fields(loc: tuple, data: dict) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _format_validation_error(path: Path, exc: ValidationError, data: dict) -> str:
-    lines = [f"{path}: invalid recipe:"]
-    for err in exc.errors():
+def _format_validation_error(
+    path: Path, exc: ValidationError, data: dict, overridden: dict | None = None
+) -> str:
+    overridden = overridden or {}
+
+    def source(loc: tuple) -> str | None:
+        """The --set item that wrote the field at ``loc`` (or a section above it)."""
+        text = tuple(str(p) for p in loc)
+        for key, item in overridden.items():
+            if text[: len(key)] == key or key[: len(text)] == text:
+                return item
+        return None
+
+    errors = exc.errors()
+    from_set = [source(tuple(e["loc"])) for e in errors]
+    if all(from_set):
+        lines = [f"invalid --set override(s) for recipe {path}:"]
+    else:
+        lines = [f"{path}: invalid recipe:"]
+    for err, item in zip(errors, from_set):
+        before = len(lines)
         loc = tuple(err["loc"])
         where = ".".join(str(p) for p in loc) or "(top level)"
         value = err.get("input")
@@ -279,12 +354,14 @@ def _format_validation_error(path: Path, exc: ValidationError, data: dict) -> st
         elif isinstance(value, dict):  # a check across fields of one section
             lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
         else:
-            shown = (
-                json.dumps(value)
-                if isinstance(value, (str, int, float, bool, type(None)))
-                else "..."
-            )
+            try:
+                shown = json.dumps(value, default=str)
+            except ValueError:  # a structure that refers to itself (YAML anchors)
+                shown = "..."
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
             lines.append(f"  {where}: bad value {shown}: {err['msg']}")
+        if item is not None and len(lines) > before:
+            lines[-1] += f" (from --set {item!r})"
     return "\n".join(lines)
 
 

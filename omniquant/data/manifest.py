@@ -25,6 +25,7 @@ then put before the text, see ``processing``) or exactly one marker per file.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -101,6 +102,11 @@ class ManifestEntry(BaseModel):
             if Path(rel).is_absolute():
                 raise ValueError(
                     f"media path {rel!r} is absolute; make it relative to the manifest"
+                )
+            if os.path.normpath(rel).split(os.sep)[0] == "..":
+                raise ValueError(
+                    f"media path {rel!r} leaves the set directory; keep media files inside "
+                    "the directory of the manifest"
                 )
         for marker, count in (
             (IMAGE_MARKER, len(self.images)),

@@ -196,6 +196,7 @@ def read_video(
     import av
 
     path = _existing(path)
+    _refuse_image_as_video(path)
     try:
         with av.open(str(path)) as container:
             stream = _video_stream(container, path)
@@ -237,11 +238,41 @@ def read_video(
     return VideoClip(frames=tensor, frame_indices=indices, fps=source_fps)
 
 
+#: Leading bytes of image formats. FFmpeg opens a single image as a one-frame "video",
+#: so a PNG named ``clip.mp4`` in ``video`` would calibrate the video path on a still.
+_IMAGE_MAGIC = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+}
+
+
+def sniff_image_format(path: str | Path) -> str | None:
+    """The image format named by a file's first bytes (PNG, JPEG, GIF, BMP, WEBP), else None."""
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for magic, fmt in _IMAGE_MAGIC.items() if head.startswith(magic)), None)
+
+
+def _refuse_image_as_video(path: Path) -> None:
+    fmt = sniff_image_format(path)
+    if fmt is not None:
+        raise MediaError(
+            path, f"cannot use as video: the file holds {fmt} image bytes; put it under "
+            "'image', or give a video file (MP4, WebM, MKV, ...)"
+        )  # fmt: skip
+
+
 def check_video(path: str | Path) -> None:
     """Open a video and decode its first frame, or raise ``MediaError``."""
     import av
 
     path = _existing(path)
+    _refuse_image_as_video(path)
     try:
         with av.open(str(path)) as container:
             stream = _video_stream(container, path)

@@ -377,6 +377,20 @@ class OmniProcessor:
                 f"The tokenizer lacks the omni placeholder token(s) {missing}; use the "
                 f"checkpoint's own tokenizer."
             )
+        for field_name, token, tokenizer_id in (
+            ("image_token_id", IMAGE_TOKEN, ids[0]),
+            ("audio_token_id", AUDIO_TOKEN, ids[1]),
+        ):
+            configured = getattr(self, field_name)
+            if configured >= 0 and configured != tokenizer_id:
+                # Every prompt would then count the wrong placeholders and fail as if
+                # its text held placeholder tokens.
+                raise ModelLoadError(
+                    f"config.json {field_name} = {configured}, but the tokenizer's {token} is "
+                    f"id {tokenizer_id}; the config and the tokenizer come from different "
+                    f"checkpoints. Set {field_name} to {tokenizer_id} or use the matching "
+                    "tokenizer."
+                )
         if self.image_token_id < 0:
             self.image_token_id = ids[0]
         if self.audio_token_id < 0:
@@ -411,12 +425,25 @@ class OmniProcessor:
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"{model_dir}: cannot load the tokenizer: {err}") from err
         settings = settings_from_configs(config, pre, **overrides)
-        return cls(
-            tokenizer=tokenizer,
-            settings=settings,
-            image_token_id=int(config.get("image_token_id", -1)),
-            audio_token_id=int(config.get("audio_token_id", -1)),
-        )
+        video_id = config.get("video_token_id")
+        vocab_video = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        if isinstance(video_id, int) and vocab_video not in (None, tokenizer.unk_token_id) \
+                and video_id != vocab_video:
+            raise ModelLoadError(
+                f"{model_dir / 'config.json'}: video_token_id = {video_id}, but the tokenizer's "
+                f"{VIDEO_TOKEN} is id {vocab_video}; the config and the tokenizer come from "
+                f"different checkpoints. Set video_token_id to {vocab_video} or use the "
+                "matching tokenizer."
+            )  # fmt: skip
+        try:
+            return cls(
+                tokenizer=tokenizer,
+                settings=settings,
+                image_token_id=int(config.get("image_token_id", -1)),
+                audio_token_id=int(config.get("audio_token_id", -1)),
+            )
+        except ModelLoadError as err:
+            raise ModelLoadError(f"{model_dir}: {err}") from None
 
     @property
     def feature_extractor(self):

@@ -101,11 +101,27 @@ def check_compatibility(info: CheckpointInfo, target: Target) -> None:
         raise EngineError(nvfp4_on_hopper_message(str(info.path), info.quant.describe()))
 
 
+#: Upper bounds of the runtime options: a larger value is a typo, and it would be written
+#: into the options YAML and the launch scripts as it is.
+MAX_BATCH_SIZE = 4096
+MAX_SEQ_LEN = 1 << 20
+
+
 def _check_args(max_batch_size: int, max_seq_len: int, rate: float | None, info: CheckpointInfo):
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
         raise EngineError(f"max_batch_size = {max_batch_size!r}: must be a positive integer")
+    if max_batch_size > MAX_BATCH_SIZE:
+        raise EngineError(
+            f"max_batch_size = {max_batch_size!r}: at most {MAX_BATCH_SIZE} (TensorRT-LLM's "
+            f"own default is 2048, and a CUDA graph is captured per batch size up to it)"
+        )
     if not isinstance(max_seq_len, int) or max_seq_len < 16:
         raise EngineError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 16")
+    if max_seq_len > MAX_SEQ_LEN:
+        raise EngineError(
+            f"max_seq_len = {max_seq_len!r}: at most {MAX_SEQ_LEN} (2**20 tokens, the longest "
+            f"context Nemotron 3 Nano is released for)"
+        )
     if rate is not None:
         if not 0.0 <= rate < 1.0:
             raise EngineError(
@@ -211,8 +227,11 @@ def build_engine_bundle(
             existing ``out`` without ``force``, or a shard checksum mismatch.
     """
     from omniquant import __version__
+    from omniquant.verify import verify_checkpoint
 
     spec = get_target(target)
+    # Shards are hashed against omniquant.json by place_checkpoint while it copies them.
+    verify_checkpoint(checkpoint, flag="--checkpoint", error=EngineError, checksums=False)
     info = read_checkpoint(checkpoint)
     check_compatibility(info, spec)
     _check_args(max_batch_size, max_seq_len, video_pruning_rate, info)

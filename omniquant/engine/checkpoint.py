@@ -15,8 +15,10 @@ files, read once, before anything is copied:
   ``model*.safetensors`` shard. Shards are hashed while they are copied (or, with
   ``link``, read in place) and must match; a shard on disk that the file does not
   list, or a listed shard that is missing, is an error. A checkpoint without
-  ``omniquant.json`` (for example a hub download) is bundled with the checksums
-  computed here and recorded as unverified.
+  ``omniquant.json`` is bundled with the checksums computed here and recorded as
+  unverified only when it is BF16 (a source checkpoint); a quantized one without it is
+  refused by ``omniquant.verify.verify_checkpoint``, which ``build_engine_bundle`` runs
+  first (temporary directories, NaN/Inf scales).
 
 Hidden files and folders (``.git``, ``.cache``) are not part of a bundle.
 """

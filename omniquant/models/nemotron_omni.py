@@ -133,15 +133,42 @@ class NemotronOmniAdapter(ModelAdapter):
             del empty
         try:
             # eager experts: modelopt intercepts their per-expert F.linear calls.
-            model = NemotronH_Omni_Reasoning_V3.from_pretrained(
+            model, info = NemotronH_Omni_Reasoning_V3.from_pretrained(
                 path,
                 config=config,
                 dtype=getattr(torch, dtype),
                 experts_implementation="eager",
+                output_loading_info=True,
+                # Load through shape mismatches so they are listed below by name (else
+                # transformers stops with a hint to set this flag, naming no tensor).
+                ignore_mismatched_sizes=True,
                 **(placement or {}),
             )
         except Exception as exc:  # transformers raises many types; name the directory
+            if "ignore_mismatched_sizes" in str(exc):  # its hint is for fine-tuning, not here
+                raise ModelLoadError(
+                    f"--model {path}: a tensor's shape in the safetensors files does not match "
+                    f"config.json ({str(exc).splitlines()[0]}); the weights and the config come "
+                    "from different checkpoints."
+                ) from exc
             raise ModelLoadError(f"--model {path}: transformers could not load it: {exc}") from exc
+        # transformers initialises missing tensors randomly with only a log line; a source
+        # checkpoint must hold every tensor of its model.
+        missing = sorted(info.get("missing_keys") or [])
+        mismatched = sorted(
+            f"{self._disk_name(m[0])} (file {tuple(m[1])}, config {tuple(m[2])})"
+            if isinstance(m, tuple) and len(m) == 3
+            else str(m)
+            for m in info.get("mismatched_keys") or []
+        )
+        if missing or mismatched:
+            names = [self._disk_name(k) for k in missing] + mismatched
+            raise ModelLoadError(
+                f"--model {path}: {len(names)} tensor(s) of the model are missing from the "
+                f"safetensors files or have the wrong shape: {', '.join(names[:5])}"
+                f"{' ...' if len(names) > 5 else ''}; the shards are incomplete or belong to "
+                "another config.json."
+            )
         model.eval()
         # modelopt's exporter needs architectures on the sub-config it exports.
         if not model.language_model.config.architectures:
@@ -191,6 +218,13 @@ class NemotronOmniAdapter(ModelAdapter):
             ) from exc
         model.eval()
         return LoadedModel(model=model, tokenizer=None, path=path, adapter=self, config_dict=cfg)
+
+    def _disk_name(self, native_name: str) -> str:
+        """The hub (on-disk) name of a native tensor name, for messages."""
+        try:
+            return self.hub_name(native_name)
+        except ValueError:  # towers keep their source names
+            return native_name
 
     def quant_root_name(self) -> str:
         return "language_model"

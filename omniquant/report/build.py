@@ -9,9 +9,13 @@ Policy:
 - One model in memory at a time: the baseline runs first and keeps only its
   answer-span distributions (``omniquant.evaluate.fidelity``), then it is freed and
   each candidate is loaded, evaluated and freed in turn.
+- Every checkpoint passes ``omniquant.verify.verify_checkpoint`` (finished, shard
+  checksums, finite scales), and every candidate must come from the baseline's model
+  (``source.fingerprint`` in its ``omniquant.json``): both before any evaluation.
 - Samples are processed once with the baseline's processor; each candidate must
   carry the same tokenizer and processing settings (they are exports of one model),
-  else the comparison would not be sample for sample and the report refuses.
+  else the comparison would not be sample for sample and the report refuses (checked
+  before the baseline is evaluated).
 - The three files are written to temporary names and renamed into place, so a
   failed run never leaves a report that mixes two runs.
 - Served models: a baseline or candidate may be the base URL of an OpenAI-compatible
@@ -95,22 +99,18 @@ def describe_checkpoint(path: Path, role: str) -> dict:
             f"--{role} {path}: no such directory; pass a checkpoint directory (the BF16 source "
             "or an `omniquant quantize` output)."
         )
+    from omniquant.verify import verify_checkpoint
+
+    verified = verify_checkpoint(path, flag=f"--{role}", error=ReportError)
     try:
         summary = inspect_checkpoint(path)
     except OmniquantError as err:
         reason = str(err).removeprefix(f"--model {path}: ").removeprefix(f"{path}: ")
         raise ReportError(f"--{role} {path}: {reason}") from err
-    meta = {}
-    meta_file = path / "omniquant.json"
-    if meta_file.is_file():
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ReportError(
-                f"--{role} {path}: omniquant.json is not valid JSON ({err})."
-            ) from err
+    meta = verified.meta or {}
     recipe = (meta.get("recipe") or {}).get("name")
     return {
+        "_meta": verified.meta,
         "name": recipe or path.resolve().name,  # "." has no name of its own
         "path": str(path.resolve()),
         "recipe": recipe,
@@ -131,6 +131,34 @@ def _unique_names(infos: list[dict]) -> None:
         seen[base] = seen.get(base, 0) + 1
         if seen[base] > 1:
             info["name"] = f"{base} ({seen[base]})"
+
+
+def _source_of(path: Path, meta: dict | None) -> tuple[str | None, str]:
+    """``(fingerprint, source path)`` of the model a checkpoint was quantized from (itself
+    for a source checkpoint without ``omniquant.json``)."""
+    from omniquant.verify import source_fingerprint
+
+    if not meta:
+        return source_fingerprint(path), str(path.resolve())
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    return source.get("fingerprint"), str(source.get("path"))
+
+
+def _check_same_source(baseline: Path, base_meta: dict | None, candidate: Path, meta: dict | None) -> None:
+    """Refuse a candidate quantized from another model than the baseline (before any
+    evaluation: the verdict would otherwise call a 0% top-1 agreement a recovery)."""
+    base_fp, base_src = _source_of(baseline, base_meta)
+    cand_fp, cand_src = _source_of(candidate, meta)
+    if base_fp and cand_fp:
+        same = base_fp == cand_fp
+    else:  # an export without a recorded fingerprint: only its source path can tell
+        same = base_src == cand_src
+    if not same:
+        raise ReportError(
+            f"--candidate {candidate}: quantized from another model ({cand_src}) than the "
+            f"baseline {baseline} (weights differ); a report compares exports of one model. "
+            "Pass the checkpoint it was quantized from as --baseline."
+        )
 
 
 def _check_same_processing(processor, candidate: Path) -> None:
@@ -381,13 +409,22 @@ def build_report(
             f"({client.requests_sent} requests, {client.cache_hits} from the cache)")  # fmt: skip
         return ev
 
-    # ---------------------------------------------------------------- baseline
+    # Same model and tokenizer as the baseline: checked now, not after its evaluation.
+    metas = [info.pop("_meta", None) for info in (base_info, *cand_infos)]
     processor = items = None
     local = [s for s in (base_src, *cand_srcs) if not s.is_endpoint]
     if local:
         # Samples are processed once, with the baseline's processor when it is local.
         processor = OmniProcessor.from_pretrained(local[0].path)
+        for src, meta in zip(cand_srcs, metas[1:]):
+            if src.is_endpoint:
+                continue
+            if not base_src.is_endpoint:
+                _check_same_source(Path(base_src.path), metas[0], Path(src.path), meta)
+            _check_same_processing(processor, Path(src.path))
         items = prepare_task_items(processor, entries)
+
+    # ---------------------------------------------------------------- baseline
     groups_present: list[str] = []
     if base_src.is_endpoint:
         base_eval = served(base_src, base_info, "baseline", None, True)
@@ -436,7 +473,6 @@ def build_report(
             cand_evals.append(served(src, info, "candidate", spans or None, False))
             continue
         path = src.path
-        _check_same_processing(processor, Path(path))
         say(f"candidate {info['name']}: loading {path}")
         t0 = time.perf_counter()
         loaded = load_emulated(path)

@@ -1,0 +1,192 @@
+"""The output directory of a quantize run: one writer at a time, no leftovers.
+
+Policy:
+- ``out_lock``: an exclusive, non-blocking ``fcntl.flock`` on ``.<out>.omniquant-lock``
+  beside ``--out``, held for the whole run: a second run to the same ``--out`` stops at
+  once with the holder's pid instead of replacing the first run's checkpoint.
+- ``clean_stale_temp_dirs``: temporary directories (``.omniquant-tmp-*``,
+  ``.omniquant-old-*``) whose process is dead are removed, or moved back when they hold
+  the previous checkpoint of an interrupted ``--force``.
+- ``sigterm_as_interrupt``: SIGTERM is an interrupt for the whole run (lock released,
+  temporary directory removed, exit 130), whatever native code it lands in.
+- ``write_errors``: a full or read-only filesystem met while writing is an
+  ``ExportError``, not an ``OSError`` traceback.
+
+``filelock`` would do the locking, but it is not a dependency and the pid in the file
+(for the message) needs the raw descriptor anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from omniquant.errors import ExportError
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def clean_stale_temp_dirs(out: Path, say: Callable[[str], None]) -> None:
+    """Remove temporary directories that dead quantize runs left beside ``out``.
+
+    ``.omniquant-tmp-<out>-<pid>`` is an unfinished new checkpoint: removed.
+    ``.omniquant-old-<out>-<pid>`` is the previous checkpoint that ``--force`` moved aside:
+    when the run died before moving the new one in (``out`` is missing), it is moved back,
+    else removed. Only directories whose process is gone are touched; the caller holds
+    the lock of ``out``, so no live run can be writing them.
+    """
+    for prefix in (".omniquant-tmp-", ".omniquant-old-"):
+        for stale in sorted(out.parent.glob(f"{prefix}{out.name}-*")):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            if prefix == ".omniquant-old-" and not out.exists():
+                os.replace(stale, out)
+                say(f"restored {out} from {stale.name}, left by an interrupted --force run")
+            else:
+                shutil.rmtree(stale, ignore_errors=True)
+                say(f"removed {stale}, left by a run that did not finish (pid {pid})")
+
+
+class out_lock:
+    """Exclusive lock of an output directory: ``fcntl.flock`` on ``.<out>.omniquant-lock``
+    beside it, taken without waiting.
+
+    Two runs to one ``--out`` would otherwise both pass the existence check and the
+    later rename would replace the other's checkpoint. The lock file is removed on
+    release; an acquirer re-checks that the file it locked is still the one on disk.
+    """
+
+    def __init__(self, out: Path):
+        self.path = out.parent / f".{out.name}.omniquant-lock"
+        self.out = out
+        self.fd: int | None = None
+
+    def __enter__(self):
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise ExportError(
+                    f"--out {self.out}: cannot create the lock file {self.path} "
+                    f"({exc.strerror}); choose a writable --out."
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise ExportError(
+                    f"--out {self.out}: another omniquant run (pid {holder}) is writing it; "
+                    "wait for it to finish or choose another --out."
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # released and removed by its holder meanwhile: take the new one
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
+        return False
+
+
+class sigterm_as_interrupt:
+    """SIGTERM raises ``KeyboardInterrupt`` for the whole run (main thread only), so the
+    temporary directory and the lock are released as on Ctrl-C and the CLI exits 130.
+
+    A ``KeyboardInterrupt`` raised inside native code can come back as another exception
+    (safetensors' ``get_tensor`` turns it into ``ValueError``); once the signal arrived,
+    whatever escapes is reported as the interrupt it is.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            self.signum = signum
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        try:
+            self._old = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not in the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        if (
+            self.signum is not None
+            and exc_type is not None
+            and not issubclass(exc_type, KeyboardInterrupt)
+        ):
+            raise KeyboardInterrupt(f"signal {self.signum}") from None
+        return False
+
+
+def locked_out(func):
+    """Run ``quantize`` holding the lock of its ``out`` (third argument), SIGTERM
+    turned into an interrupt."""
+
+    @functools.wraps(func)
+    def wrapper(model, recipe, out, *args, **kwargs):
+        with sigterm_as_interrupt(), out_lock(Path(out).absolute()):
+            return func(model, recipe, out, *args, **kwargs)
+
+    return wrapper
+
+
+class write_errors:
+    """A full or read-only filesystem while writing becomes an ``ExportError``.
+
+    safetensors reports write failures as ``SafetensorError("... I/O error: No space
+    left on device (os error 28)")``, not ``OSError``; both are caught.
+    """
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            return False
+        if issubclass(exc_type, OSError):
+            reason = exc.strerror or str(exc)
+        elif exc_type.__name__ == "SafetensorError" and "os error" in str(exc):
+            reason = str(exc).rsplit("I/O error: ", 1)[-1]
+        else:
+            return False
+        raise ExportError(
+            f"--out {self.out}: writing the checkpoint failed ({reason}); nothing was left "
+            "behind. Free space or choose another --out."
+        ) from exc
