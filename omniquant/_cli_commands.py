@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from omniquant._cli_app import _console, _echo, app
+from omniquant._cli_app import _console, _echo, _stdout, app
 
 
 @app.command("quantize")
@@ -406,16 +406,18 @@ def serve_cmd(
 
     from omniquant.endpoint.server import serve
     from omniquant.errors import ModelLoadError
+    from omniquant.verify import verify_checkpoint
 
-    if not checkpoint.is_dir():
-        raise ModelLoadError(f"{checkpoint}: no such checkpoint directory.")
+    verify_checkpoint(checkpoint, flag="serve", error=ModelLoadError)
     if max_request_mb <= 0 or max_logprobs < 0:
         raise ModelLoadError("--max-request-mb must be > 0 and --max-logprobs >= 0.")
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {host}: the server is reachable beyond this machine", file=sys.stderr)
 
     def announce(text: str) -> None:
-        print(text, flush=True)
+        # omniquant's own stdout: library prints go to the log (omniquant.noise).
+        _echo(text)
+        _stdout().flush()
 
     serve(
         checkpoint,

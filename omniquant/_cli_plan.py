@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from omniquant._cli_app import _console, app
+from omniquant._cli_app import _console, _echo, app
 
 
 @app.command("plan")
@@ -45,6 +45,6 @@ def plan_cmd(
         model, recipe, overrides=set_, device=device, max_memory=max_memory, tokens=tokens
     )
     if json_:
-        typer.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+        _echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
         return
     _console().print(report.render())
