@@ -13,14 +13,34 @@ def _sm() -> int:
     return major * 10 + minor
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-slice",
+        action="store_true",
+        default=False,
+        help="also run the real-width slice tests (3.65 B parameters: ~10 GB RAM and several "
+        "minutes each on 2 cores); OMNIQUANT_RUN_SLICE=1 does the same",
+    )
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "requires_sm(N): needs a CUDA GPU of compute capability >= N (e.g. 89, 100)"
     )
+    config.addinivalue_line(
+        "markers", "slice: quantizes the real-width slice; opt in with --run-slice"
+    )
 
 
 def pytest_runtest_setup(item):
-    """Skip ``@pytest.mark.requires_sm(N)`` tests unless such a GPU is present."""
+    """Skip ``@pytest.mark.requires_sm(N)`` tests unless such a GPU is present, and
+    ``@pytest.mark.slice`` tests unless asked for (they do not fit the CI budget)."""
+    import os
+
+    if item.get_closest_marker("slice") and not (
+        item.config.getoption("--run-slice") or os.environ.get("OMNIQUANT_RUN_SLICE") == "1"
+    ):
+        pytest.skip("real-width slice test: run with --run-slice (~10 GB RAM, minutes)")
     for mark in item.iter_markers("requires_sm"):
         if _sm() < mark.args[0]:
             pytest.skip(f"needs a CUDA GPU with SM >= {mark.args[0]}")

@@ -284,6 +284,7 @@ def test_header_reader_matches_safetensors(tiny_dir):
 
 
 # ------------------------------------------------------------------ slice
+@pytest.mark.slice
 @pytest.mark.slow
 def test_slice_nvfp4_omni_plan_equals_export(tmp_path):
     """The real-width slice (3.65 B parameters): quantize with nvfp4_omni, compare bytes.

@@ -122,6 +122,7 @@ def _has_slice() -> bool:
     return "slice" in tiny.SIZES or getattr(tiny, "SLICE", None) == "slice"
 
 
+@pytest.mark.slice
 @pytest.mark.slow
 @pytest.mark.skipif(
     not _has_slice(), reason="make-tiny --size slice is not in omniquant.tiny.SIZES"
