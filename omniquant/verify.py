@@ -116,16 +116,10 @@ def is_quantized_dir(path: Path, error: type[OmniquantError], what: str = "") ->
     return False
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shard_problems(path: Path, meta: dict, *, checksums: bool = True) -> list[str]:
     """Problems of the shards ``omniquant.json`` lists: missing, unlisted, changed."""
+    from omniquant.export import sha256_file
+
     problems = []
     listed = meta.get("shards")
     if not isinstance(listed, dict) or not listed:
@@ -134,7 +128,7 @@ def shard_problems(path: Path, meta: dict, *, checksums: bool = True) -> list[st
         f = path / shard
         if not f.is_file():
             problems.append(f"{f}: listed in {OMNIQUANT_JSON} but missing")
-        elif checksums and _sha256(f) != digest:
+        elif checksums and sha256_file(f) != digest:
             problems.append(
                 f"{f}: sha256 does not match {OMNIQUANT_JSON} (file changed or corrupt)"
             )
