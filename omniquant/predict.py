@@ -19,7 +19,6 @@ Policy:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,11 +143,16 @@ def source_tensors(loaded) -> tuple[dict[str, tuple[str, tuple[int, ...]]], str]
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Tensor name -> (dtype, shape) from a safetensors file's header only."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    """Tensor name -> (dtype, shape) from a safetensors file's header only (no tensor data
+    is read); a truncated file or a lying header is a ``ModelLoadError`` naming the file."""
+    from omniquant.errors import ModelLoadError
+    from omniquant.verify import open_safetensors
+
+    with open_safetensors(path, ModelLoadError, "--model") as fh:
+        return {
+            k: (fh.get_slice(k).get_dtype(), tuple(fh.get_slice(k).get_shape()))
+            for k in fh.keys()  # noqa: SIM118 (a safetensors handle)
+        }
 
 
 def measured_tensor_bytes(ckpt: Path) -> int:
@@ -194,6 +198,24 @@ def predict_size(loaded, plan) -> SizePrediction:
     source_params = sum(math.prod(s) for _, s in tensors.values())
     qweights = quantized_weights(loaded, plan)
 
+    if origin == "safetensors headers":
+        # The same words as the adapter's load check: quantize predicts before it loads.
+        bad = []
+        for q in qweights:
+            name, want = f"{q.module}.weight", (q.out_features, q.in_features)
+            if name not in tensors:
+                bad.append(name)
+            elif tensors[name][1] != want:
+                bad.append(f"{name} (file {tensors[name][1]}, config {want})")
+        if bad:
+            from omniquant.errors import ModelLoadError
+
+            raise ModelLoadError(
+                f"--model {loaded.path}: {len(bad)} tensor(s) of the model are missing from the "
+                f"safetensors files or have the wrong shape: {', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''}; the shards are incomplete or belong to "
+                "another config.json."
+            )
     removed = 0
     layers: dict[str, int] = {}
     params: dict[str, int] = {}

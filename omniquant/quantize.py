@@ -156,7 +156,6 @@ def quantize(
     _check_out(out, force)
     offload_dir = out.parent / f".omniquant-offload-{out.name}-{os.getpid()}"
     placement = resolve_placement(device, max_memory, scratch=offload_dir)
-    preflight_source(Path(model), rec, recipe_path)
 
     validated = set_dir = None
     if rec.calibration.set != "synthetic":
@@ -170,6 +169,7 @@ def quantize(
     meta = load_model(model, weights=False)
     prediction = predict_size(meta, resolve_plan(rec, meta))
     meta = None
+    preflight_source(Path(model), rec, recipe_path)
     # The predicted tensor bytes are what the export writes (headers and configs add
     # kilobytes): refuse a read-only or too-small --out filesystem before calibrating.
     check_writable_out(out, prediction.predicted_bytes, ExportError)

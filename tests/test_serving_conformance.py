@@ -268,3 +268,19 @@ def test_inspect_as_flags_a_backbone_layer_missing_from_ignore(quantized, tmp_pa
         assert main(["inspect", str(bad), "--as", reader]) == 4
         out = capsys.readouterr().out
         assert f"  DIFFERS {module}: stored bf16, {reader} builds fp8" in out
+
+
+def test_inspect_as_reads_a_checkpoint_written_by_another_tool(quantized, tmp_path, capsys):
+    """A released checkpoint has no omniquant.json: plain ``inspect --as`` still reads it
+    (headers and scales are checked; there are no checksums to check), ``--audit`` refuses."""
+    import shutil
+
+    from omniquant.cli import main
+
+    ckpt = tmp_path / "released_like"
+    shutil.copytree(quantized("nvfp4_omni"), ckpt)
+    (ckpt / "omniquant.json").unlink()
+    assert main(["inspect", str(ckpt), "--as", "vllm"]) == 0
+    assert "reads the checkpoint as stored" in capsys.readouterr().out
+    assert main(["inspect", "--audit", str(ckpt)]) == 3
+    assert "omniquant.json: missing; this is not a finished omniquant checkpoint" in capsys.readouterr().err

@@ -257,7 +257,9 @@ CASES = [
     Case("calib-set", "no-set", lambda e: _q(e, None, "fp8_omni", "--calib", str(e.tmp / "none")), 2, "none"),
     # ---- checkpoints given to inspect / build-engine / report (items 2, 4, 6)
     Case("checkpoint", "inspect-missing", lambda e: ["inspect", str(e.tmp / "nope")], 2, "inspect {tmp}/nope: no such directory"),
-    Case("checkpoint", "inspect-no-marker", lambda e: ["inspect", str(_strip_meta(e))], 2, "quantized but has no omniquant.json"),
+    # Plain inspect shows a checkpoint another tool wrote (a released one, for --as); the
+    # audit, like report and build-engine, refuses it.
+    Case("checkpoint", "inspect-audit-no-marker", lambda e: ["inspect", "--audit", str(_strip_meta(e))], 3, "omniquant.json: missing; this is not a finished omniquant checkpoint"),
     Case("checkpoint", "inspect-temp-dir", lambda e: ["inspect", str(_temp_dir(e))], 2, "a temporary directory of an unfinished `omniquant quantize` run"),
     Case("checkpoint", "inspect-audit-temp-dir", lambda e: ["inspect", "--audit", str(_temp_dir(e))], 3, "a temporary directory of an unfinished"),
     Case("checkpoint", "inspect-changed-shard", lambda e: ["inspect", str(_changed_shard(e))], 2, "sha256 does not match omniquant.json"),
