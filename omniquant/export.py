@@ -93,7 +93,7 @@ def quantized_hub_modules(loaded, plan) -> dict[str, str]:
     out = {}
     for name, fmt in plan.quantized().items():
         hub = adapter.hub_name(name)
-        if plan.module_group[name] in getattr(adapter, "fused_expert_groups", ()):
+        if plan.module_group[name] in adapter.fused_expert_groups:
             mod = modules[name]
             for i in range(mod.num_experts):
                 for proj in ("up_proj", "down_proj"):

@@ -90,7 +90,7 @@ def resolve_plan(recipe: Recipe, loaded) -> Plan:
     """
     adapter, model = loaded.adapter, loaded.model
     groups = adapter.module_groups(model)
-    selectors = adapter.selectors(model) if hasattr(adapter, "selectors") else {}
+    selectors = adapter.selectors(model)
     module_group = {name: g for g, names in groups.items() for name in names}
     module_format = {name: "bf16" for name in module_group}
     errors: list[str] = []

@@ -92,7 +92,7 @@ def quantized_weights(loaded, plan) -> list[QuantizedWeight]:
 
     adapter, model = loaded.adapter, loaded.model
     modules = dict(model.named_modules())
-    fused = getattr(adapter, "fused_expert_groups", frozenset())
+    fused = adapter.fused_expert_groups
     out: list[QuantizedWeight] = []
     for name, fmt in sorted(plan.quantized().items()):
         hub, mod = adapter.hub_name(name), modules[name]
@@ -113,7 +113,7 @@ def quantized_weights(loaded, plan) -> list[QuantizedWeight]:
 def linear_layer_count(loaded, plan) -> int:
     """GEMM layers of the model (fused experts per expert and projection)."""
     modules = dict(loaded.model.named_modules())
-    fused = getattr(loaded.adapter, "fused_expert_groups", frozenset())
+    fused = loaded.adapter.fused_expert_groups
     n = 0
     for name, group in plan.module_group.items():
         if group in _NOT_LINEAR:

@@ -54,6 +54,9 @@ class ModelAdapter(ABC):
     #: Module groups that are encoders/projectors: a rule may quantize them only by
     #: naming the group explicitly (the field's most common silent failure).
     guarded_groups: ClassVar[frozenset[str]] = frozenset()
+    #: Groups whose modules are fused 3-D expert containers (one module, E experts, each
+    #: with ``up_proj``/``down_proj``); the export and the size prediction expand them.
+    fused_expert_groups: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     def load(
@@ -85,6 +88,36 @@ class ModelAdapter(ABC):
     @abstractmethod
     def hub_name(self, native_name: str) -> str:
         """On-disk (hub layout) name of a native tensor or module name."""
+
+    @abstractmethod
+    def hub_tensor_group(self, name: str) -> str:
+        """Group of an on-disk tensor name (``other`` for norms, SSM parameters, ...)."""
+
+    @abstractmethod
+    def placeholder_ids(self, model) -> dict[str, int]:
+        """Token ids whose positions receive encoder features, per modality."""
+
+    @abstractmethod
+    def video_pruning(self, model, rate: float | None):
+        """Context manager: the video token pruning (EVS) rate while it is open (None: the
+        config's)."""
+
+    @abstractmethod
+    def calibration_shapes(self, model):
+        """``omniquant.memory.CalibrationShapes``: what sizes one calibration forward."""
+
+    @abstractmethod
+    def placement_units(self, model) -> list[tuple[str, int]]:
+        """``(name, bytes)`` in module order, as a device map may place them."""
+
+    def selectors(self, model) -> dict[str, list[str]]:
+        """Named subsets of groups that recipes may select besides the groups (none by
+        default)."""
+        return {}
+
+    def resident_modules(self) -> tuple[str, ...]:
+        """Modules ``--device auto`` never offloads (none by default)."""
+        return ()
 
 
 def read_config(path: Path) -> dict:
