@@ -9,7 +9,9 @@ Policy: while a CLI command runs (unless ``omniquant --verbose``):
 - Python warnings (modelopt's version-compatibility ``UserWarning``, transformers'
   deprecations) are written to the log instead of stderr;
 - transformers' logger writes to the log; when transformers is first imported during
-  the command, ``TRANSFORMERS_VERBOSITY=error`` keeps its warnings off stderr.
+  the command, ``TRANSFORMERS_VERBOSITY=error`` keeps its warnings off stderr;
+- transformers' "Loading weights" progress bar is off (``HF_HUB_DISABLE_PROGRESS_BARS``
+  before it is imported, ``disable_progress_bar()`` after), and back on afterwards.
 
 Errors are untouched: exceptions propagate, and the CLI prints them as always.
 The log is ``$OMNIQUANT_LOG`` or ``<tmp>/omniquant-<pid>.log``; it is removed when empty.
@@ -48,6 +50,13 @@ def third_party_to_log():
     env_before = os.environ.get("TRANSFORMERS_VERBOSITY")
     if "transformers" not in sys.modules and env_before is None:
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    bars_env_before = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    bars_were_on = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if hf_logging is None and bars_env_before is None:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    elif bars_were_on:
+        hf_logging.disable_progress_bar()
     if saved_handlers:
         tf_logger.handlers = [handler]
 
@@ -63,6 +72,10 @@ def third_party_to_log():
             tf_logger.handlers = saved_handlers
         if env_before is None:
             os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+        if bars_env_before is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        if bars_were_on:  # (huggingface_hub reads the variable once, at its import)
+            hf_logging.enable_progress_bar()
         log.close()
         with contextlib.suppress(OSError):
             if path.stat().st_size == 0:
