@@ -90,6 +90,14 @@ _QKV = re.compile(r"^(.*\.mixer)\.([qkv])_proj$")
 _TOWERS = ("vision_model.", "mlp1.", "sound_encoder.", "sound_projection.", "vision_projector.")
 
 
+def _fp8_kv_scheme(scheme) -> str | None:
+    """``FP8`` when a flat-shape ``kv_cache_scheme`` is an 8-bit float scheme (how both
+    readers turn that dict into a KV-cache format), else None."""
+    if isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8:
+        return "FP8"
+    return None
+
+
 @dataclass(frozen=True)
 class ModulePick:
     """One module as stored and as a reader would build it.
@@ -269,14 +277,7 @@ def _vllm_config(ckpt: _Checkpoint) -> tuple[_VllmConfig, str]:
         layers = q.get("quantized_layers", {})
     else:  # flat shape (modelopt.py:342-360)
         algo = block.get("quant_algo")
-        scheme = block.get("kv_cache_scheme")
-        kv = (
-            "FP8"
-            if isinstance(scheme, dict)
-            and scheme.get("type") == "float"
-            and scheme.get("num_bits") == 8
-            else None
-        )
+        kv = _fp8_kv_scheme(block.get("kv_cache_scheme"))
         ignore = block.get("ignore", block.get("exclude_modules", []))
         layers = block.get("quantized_layers", {})
     # utils/torch_utils.py:443-495: `auto` resolves from either key, shape-agnostic.
@@ -471,14 +472,7 @@ def _trtllm_struct(raw: dict) -> dict:
         return {"quant_algo": q.get("quant_algo"), "kv": q.get("kv_cache_quant_algo"),
                 "group_size": q.get("group_size"), "exclude": list(q.get("exclude_modules") or []),
                 "layers": q.get("quantized_layers") or {}}  # fmt: skip
-    scheme = raw.get("kv_cache_scheme")
-    kv = (
-        "FP8"
-        if isinstance(scheme, dict)
-        and scheme.get("type") == "float"
-        and scheme.get("num_bits") == 8
-        else None
-    )
+    kv = _fp8_kv_scheme(raw.get("kv_cache_scheme"))
     return {"quant_algo": raw.get("quant_algo"), "kv": kv, "group_size": raw.get("group_size"),
             "exclude": list(raw.get("ignore") or []), "layers": raw.get("quantized_layers") or {}}  # fmt: skip
 
