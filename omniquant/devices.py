@@ -77,7 +77,7 @@ class Placement:
         return kwargs
 
 
-def parse_size(text: str, where: str) -> int:
+def parse_size(text: str, where: str = "--max-memory") -> int:
     """``120GiB`` / ``200GB`` / ``512MiB`` / ``1000000`` -> bytes."""
     m = _SIZE_RE.match(text)
     if not m:

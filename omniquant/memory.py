@@ -4,8 +4,9 @@ Policy:
 - ``estimate_calibration_memory`` is a pure function of weight placement units
   (name, bytes), the model's shape summary (``CalibrationShapes``, from the
   adapter), the token count of the longest calibration sample, and the
-  ``--device`` / ``--max-memory`` strings. It loads nothing, so the quantize stage
-  can share it (and ``parse_max_memory``) for its own device placement.
+  ``--device`` / ``--max-memory`` strings. It loads nothing. ``--max-memory`` is read
+  by the quantize stage's parser (``omniquant.devices``), so plan and quantize accept
+  and refuse the same budgets.
 - Every term is an explicit formula whose text is returned with the numbers. The
   terms are the largest *transient* allocations of one calibration forward of
   transformers' eager implementation (batch 1, BF16 weights and activations), not
@@ -24,66 +25,28 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from omniquant.errors import OmniquantError
+from omniquant.devices import parse_max_memory as parse_budget
+from omniquant.devices import parse_size  # noqa: F401  (re-exported: one size parser)
+from omniquant.errors import DeviceError
 
-
-class MemorySpecError(OmniquantError):
-    """A ``--device`` or ``--max-memory`` value cannot be parsed."""
-
-
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
-
-
-def parse_size(text: str, where: str = "--max-memory") -> int:
-    """``120GiB`` / ``80GB`` / ``1024`` -> bytes.
-
-    Raises:
-        MemorySpecError: naming ``where`` and the accepted units.
-    """
-    m = _SIZE_RE.match(text)
-    unit = m.group(2).upper() if m else None
-    if not m or unit not in _UNITS:
-        raise MemorySpecError(
-            f"{where}: cannot read size {text!r}; write a number with a unit "
-            "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. 120GiB."
-        )
-    return int(float(m.group(1)) * _UNITS[unit])
+#: ``--device`` / ``--max-memory`` errors: the same class as quantize's (one parser).
+MemorySpecError = DeviceError
 
 
 def parse_max_memory(text: str) -> dict[str, int]:
     """``0=120GiB,1=120GiB,cpu=200GiB`` -> ``{"cuda:0": ..., "cuda:1": ..., "cpu": ...}``.
 
-    Keys are GPU ordinals (``0``, ``cuda:0``) or ``cpu``; GPUs come first, in ordinal
-    order, then ``cpu``.
+    Parsed by quantize's parser (``omniquant.devices.parse_max_memory``: GPU ordinals,
+    ``cuda:N`` or ``cpu``; sizes with B/KB/.../GiB/TiB units), named as devices here; GPUs
+    come first, in ordinal order, then ``cpu``. Empty items are ignored.
 
     Raises:
         MemorySpecError: naming the bad item and the expected form.
     """
-    out: dict[str, int] = {}
-    for item in [p for p in text.split(",") if p.strip()]:
-        if "=" not in item:
-            raise MemorySpecError(
-                f"--max-memory: item {item!r} is not DEVICE=SIZE; write e.g. 0=120GiB,cpu=200GiB."
-            )
-        key, size = (s.strip() for s in item.split("=", 1))
-        device = _device_name(key, "--max-memory")
-        if device in out:
-            raise MemorySpecError(f"--max-memory: device {key!r} given twice.")
-        out[device] = parse_size(size, f"--max-memory {key}")
-    if not out:
+    budget = parse_budget(",".join(p for p in text.split(",") if p.strip()))
+    if not budget:
         raise MemorySpecError("--max-memory: empty; write e.g. 0=120GiB,1=120GiB,cpu=200GiB.")
+    out = {("cpu" if key == "cpu" else f"cuda:{key}"): size for key, size in budget.items()}
     return dict(sorted(out.items(), key=lambda kv: _device_order(kv[0])))
 
 
