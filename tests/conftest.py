@@ -91,3 +91,24 @@ def quantized(tiny_dir, tmp_path_factory):
         return _QUANTIZED[recipe]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def demo_quantized(tmp_path_factory):
+    """Factory: ``demo_quantized(recipe)`` -> a checkpoint of the bundled demo model (2
+    synthetic calibration samples; experts that see no token warn), built once per recipe
+    for the session (the plan and serving-conformance tests share them)."""
+    from omniquant.demo import demo_model_dir
+    from omniquant.quantize import quantize
+
+    done = {}
+
+    def build(recipe: str):
+        if recipe not in done:
+            out = tmp_path_factory.mktemp(f"demo_{recipe}") / "ckpt"
+            quantize(demo_model_dir(), recipe, out, calib="synthetic",
+                     overrides=["calibration.size=2", "calibration.expert_coverage.policy=warn"])  # fmt: skip
+            done[recipe] = out
+        return done[recipe]
+
+    return build

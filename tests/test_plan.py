@@ -112,24 +112,6 @@ def test_tiny_prediction_equals_exported_bytes(tiny_dir, quantized, recipe):
     assert spans == predicted
 
 
-@pytest.fixture(scope="module")
-def demo_quantized(tmp_path_factory):
-    from omniquant.demo import demo_model_dir
-    from omniquant.quantize import quantize
-
-    done = {}
-
-    def build(recipe):
-        if recipe not in done:
-            out = tmp_path_factory.mktemp(f"demo_{recipe}") / "ckpt"
-            quantize(demo_model_dir(), recipe, out, calib="synthetic",
-                     overrides=["calibration.size=2", "calibration.expert_coverage.policy=warn"])  # fmt: skip
-            done[recipe] = out
-        return done[recipe]
-
-    return build
-
-
 @pytest.mark.parametrize("recipe", ["fp8_omni", "nvfp4_omni", "nvfp4_aggressive"])
 def test_demo_prediction_equals_exported_bytes(demo_quantized, recipe):
     from omniquant.demo import demo_model_dir

@@ -91,28 +91,10 @@ def test_tiny_exports_read_as_stored(quantized, recipe, reader):
     _assert_read_as_stored(quantized(recipe), reader)
 
 
-@pytest.fixture(scope="module")
-def demo_export(tmp_path_factory):
-    from omniquant.demo import demo_model_dir
-    from omniquant.quantize import quantize
-
-    built = {}
-
-    def build(recipe):
-        if recipe not in built:
-            out = tmp_path_factory.mktemp(f"demo_{recipe}") / "ckpt"
-            built[recipe] = quantize(
-                demo_model_dir(), recipe, out, calib="synthetic", quiet=True
-            ).out
-        return built[recipe]
-
-    return build
-
-
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_demo_exports_read_as_stored(demo_export, recipe, reader):
-    _assert_read_as_stored(demo_export(recipe), reader)
+def test_demo_exports_read_as_stored(demo_quantized, recipe, reader):
+    _assert_read_as_stored(demo_quantized(recipe), reader)
 
 
 def _has_slice() -> bool:
