@@ -34,7 +34,7 @@ def fp8_export(tmp_path_factory):
     import torch
 
     from omniquant.demo import DEMO_CALIB, demo_model_dir
-    from omniquant.quantize import quantize
+    from omniquant.quantize.pipeline import quantize
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("bench_endpoint") / "fp8"

@@ -31,11 +31,11 @@ from benchmarks._memwatch import _PRELUDE
 _BODY = """
 import torch
 from omniquant.models import load_model
-from omniquant.recipe import load_recipe
-from omniquant.plan import resolve_plan, to_modelopt_config
-from omniquant.calibrate import run_calibration
-from omniquant.quantize import load_calibration_samples
-from omniquant.export import write_checkpoint
+from omniquant.quantize.recipe import load_recipe
+from omniquant.quantize.plan import resolve_plan, to_modelopt_config
+from omniquant.quantize.calibrate import run_calibration
+from omniquant.quantize.pipeline import load_calibration_samples
+from omniquant.quantize.export import write_checkpoint
 import modelopt.torch.quantization as mtq
 rec, _ = load_recipe("fp8_omni")
 loaded = load_model(MODEL)
@@ -110,7 +110,7 @@ def measure_export(model: Path, out: Path) -> dict:
 
 
 def run(scratch: Path) -> dict:
-    from omniquant.tiny import make_tiny
+    from omniquant.demo.tiny import make_tiny
 
     one = make_tiny(scratch / "one", seed=0, size="bench", force=True)
     eight = scratch / "eight"

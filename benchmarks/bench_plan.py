@@ -16,14 +16,14 @@ from benchmarks._memwatch import measure
 
 @pytest.fixture(scope="module")
 def released_config(tmp_path_factory):
-    from omniquant.tiny import write_config_only
+    from omniquant.demo.tiny import write_config_only
 
     return write_config_only(tmp_path_factory.mktemp("released") / "config-only")
 
 
 @pytest.mark.parametrize("recipe", ["nvfp4_omni", "fp8_omni"])
 def test_plan_released_config(benchmark, released_config, recipe):
-    setup = "import torch, transformers\nfrom omniquant.planner import plan_model\n"
+    setup = "import torch, transformers\nfrom omniquant.quantize.planner import plan_model\n"
     body = f"r = plan_model({str(released_config)!r}, {recipe!r})\n"
     result = benchmark.pedantic(measure, args=(setup, body), rounds=1, iterations=1)
     bf16 = 33_015_727_040 * 2

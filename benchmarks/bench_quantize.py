@@ -15,7 +15,7 @@ from benchmarks._memwatch import measure
 
 @pytest.fixture(scope="module")
 def bench_model(tmp_path_factory):
-    from omniquant.tiny import make_tiny
+    from omniquant.demo.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("bench") / "model", seed=0, size="bench")
 
@@ -26,7 +26,7 @@ def _bf16_bytes(path) -> int:
 
 @pytest.mark.parametrize("recipe", ["fp8_omni", "nvfp4_omni"])
 def test_quantize_export_memory(benchmark, bench_model, tmp_path, recipe):
-    setup = "import torch, modelopt.torch.quantization\nfrom omniquant.quantize import quantize\n"
+    setup = "import torch, modelopt.torch.quantization\nfrom omniquant.quantize.pipeline import quantize\n"
     body = (
         f"quantize({str(bench_model)!r}, {recipe!r}, {str(tmp_path / 'out')!r}, calib='synthetic', force=True,\n"
         "         overrides=['calibration.size=8', 'calibration.expert_coverage.policy=force_all_experts'])\n"

@@ -35,7 +35,7 @@ import torch
 torch.set_num_threads(1)
 import modelopt.torch.quantization  # imported by every path below; part of the base footprint
 from omniquant.report import build_report
-from omniquant.serving import load_emulated
+from omniquant.evaluate.emulated import load_emulated
 from omniquant.evaluate.runner import evaluate_model
 from omniquant.evaluate.tasks import prepare_task_items, validate_task_set
 from omniquant.data.processing import OmniProcessor
@@ -76,8 +76,8 @@ def _checkpoints(root: Path, size: str) -> tuple[Path, list[Path]]:
 
     import torch
 
-    from omniquant.quantize import quantize
-    from omniquant.tiny import make_tiny
+    from omniquant.demo.tiny import make_tiny
+    from omniquant.quantize.pipeline import quantize
 
     torch.set_num_threads(1)
     base = make_tiny(root / "model", seed=0, size=size)

@@ -13,7 +13,7 @@ For each recipe (``fp8_omni``, ``nvfp4_omni``) two fresh processes run the same 
 and the same calibration forward (``synthetic`` samples, the adapter's forward, no
 forced expert routing in either, so both see the same tokens):
 
-- ``omniquant``: ``omniquant.quantize.quantize`` (load, plan, calibration data,
+- ``omniquant``: ``omniquant.quantize.pipeline.quantize`` (load, plan, calibration data,
   calibration forward, the rest of ``mtq.quantize``, streaming export, audit), with the
   coverage policy ``warn`` (a short run leaves experts without tokens).
 - ``modelopt``: the same ``from_pretrained`` load, ``mtq.quantize(language_model,
@@ -87,7 +87,7 @@ def _load(*a, **k):
 _models.load_model = _load
 # Export broken down: modelopt's per-layer export, shard saving, checksums (the rest is
 # reading source tensors and bookkeeping).
-import omniquant.export as _ex, safetensors.torch as _st
+import omniquant.quantize.export as _ex, safetensors.torch as _st
 _EXPORT = {"modelopt_layers": 0.0, "save_file": 0.0, "sha256": 0.0}
 def _timed(key, fn):
     def wrapper(*a, **k):
@@ -100,7 +100,7 @@ def _timed(key, fn):
 _ex._LayerwiseQuantExport.export = _timed("modelopt_layers", _ex._LayerwiseQuantExport.export)
 _st.save_file = _timed("save_file", _st.save_file)
 _ex.sha256_file = _timed("sha256", _ex.sha256_file)
-from omniquant.quantize import quantize
+from omniquant.quantize.pipeline import quantize
 _c0 = _time.process_time()
 res = quantize(MODEL, RECIPE, OUT, calib="synthetic", force=True, device="cpu",
                overrides=[f"calibration.size={SAMPLES}", "calibration.expert_coverage.policy=warn"])
@@ -114,9 +114,9 @@ _BARE = """
 import modelopt.torch.quantization as mtq
 from modelopt.torch.export import export_hf_checkpoint
 from omniquant.models import load_model
-from omniquant.plan import resolve_plan, to_modelopt_config
-from omniquant.quantize import load_calibration_samples
-from omniquant.recipe import load_recipe
+from omniquant.quantize.plan import resolve_plan, to_modelopt_config
+from omniquant.quantize.pipeline import load_calibration_samples
+from omniquant.quantize.recipe import load_recipe
 phases = {}
 _c0 = _time.process_time()
 t = _time.perf_counter()

@@ -4,7 +4,7 @@ Policy: what a format *is* lives here, once: its ``quant_algo`` name in
 ``hf_quant_config.json``, the dtype and shape of the stored weight, every scale
 tensor modelopt's exporter writes beside it (suffix, dtype, shape), and the
 modelopt quantizer config that produces it. The plan stage predicts checkpoint
-sizes from this table and ``omniquant.plan`` builds its modelopt config from it.
+sizes from this table and ``omniquant.quantize.plan`` builds its modelopt config from it.
 Other modules still keep their own small tables; they move here in a later
 refactor.
 

@@ -316,7 +316,7 @@ def spoken_digit(rng, index, split, stem):
 
 def sequence_specs(split: str) -> list[tuple[int, int]]:
     """``(start, length)`` of every counting sequence of a split (see the module doc)."""
-    return [(start, length) for length in SEQUENCE_LENGTHS[split] for start in range(0, 24)]
+    return [(start, length) for length in SEQUENCE_LENGTHS[split] for start in range(24)]
 
 
 def next_number(rng, index, split, stem):
@@ -392,8 +392,7 @@ def generate_split(out: Path, split: str, per_task: int, seed: int = 0,
         keep = ("id", "image", "video", "audio", "prompt", "answer")
         rows = [{k: line[k] for k in keep if k in line} for line in lines]
     with open(out / name, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return lines
 
 

@@ -182,7 +182,7 @@ def save_checkpoint(model, tokenizer, out: Path) -> None:
 
     import torch
 
-    from omniquant.tiny import _write_preprocessor_config
+    from omniquant.demo.tiny import _write_preprocessor_config
 
     if out.exists():
         shutil.rmtree(out)
@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from omniquant.data.processing import OmniProcessor
     from omniquant.demo.build import build_demo_model, build_demo_tokenizer
+    from omniquant.demo.tiny import _write_preprocessor_config
     from omniquant.models.base import adapter_for
-    from omniquant.tiny import _write_preprocessor_config
 
     tmp = Path(tempfile.mkdtemp(prefix="omni-demo-train-"))
     train_dir = args.train_dir or tmp / "train"

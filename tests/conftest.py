@@ -70,7 +70,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny random nemotron_h_omni checkpoint (seed 0), shared by the session. Read-only."""
-    from omniquant.tiny import make_tiny
+    from omniquant.demo.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
@@ -81,7 +81,7 @@ _QUANTIZED: dict = {}
 @pytest.fixture(scope="session")
 def quantized(tiny_dir, tmp_path_factory):
     """Factory: ``quantized(recipe)`` -> a checkpoint of the tiny model, built once per recipe."""
-    from omniquant.quantize import quantize
+    from omniquant.quantize.pipeline import quantize
 
     def build(recipe: str):
         if recipe not in _QUANTIZED:
@@ -99,7 +99,7 @@ def demo_quantized(tmp_path_factory):
     synthetic calibration samples; experts that see no token warn), built once per recipe
     for the session (the plan and serving-conformance tests share them)."""
     from omniquant.demo import demo_model_dir
-    from omniquant.quantize import quantize
+    from omniquant.quantize.pipeline import quantize
 
     done = {}
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from omniquant.calibrate import _Probe, run_calibration
 from omniquant.cli import main
 from omniquant.data.synthetic import synthetic_samples
 from omniquant.errors import CalibrationError
 from omniquant.models import load_model
-from omniquant.plan import resolve_plan, to_modelopt_config
-from omniquant.quantize import quantize
-from omniquant.recipe import load_recipe
+from omniquant.quantize.calibrate import _Probe, run_calibration
+from omniquant.quantize.pipeline import quantize
+from omniquant.quantize.plan import resolve_plan, to_modelopt_config
+from omniquant.quantize.recipe import load_recipe
 
 STARVED = (6, 7)
 

@@ -90,7 +90,7 @@ def served(path: Path, model_id: str, **limits):
 @pytest.fixture(scope="module")
 def demo_exports(tmp_path_factory):
     """The demo model and its FP8 and NVFP4 exports (demo calibration set)."""
-    from omniquant.quantize import quantize
+    from omniquant.quantize.pipeline import quantize
 
     root = tmp_path_factory.mktemp("demo_exports")
     out = {"bf16": demo_model_dir()}

@@ -261,7 +261,7 @@ def test_recovery_and_paired_bootstrap():
 @pytest.fixture(scope="module")
 def loaded_and_items(tiny_dir):
     from omniquant.data.processing import OmniProcessor
-    from omniquant.serving import load_emulated
+    from omniquant.evaluate.emulated import load_emulated
 
     loaded = load_emulated(tiny_dir)
     items = prepare_task_items(

@@ -1,4 +1,4 @@
-"""glibc keeps freed tensor memory unless its mmap threshold is fixed (omniquant/heap.py)."""
+"""glibc keeps freed tensor memory unless its mmap threshold is fixed (omniquant/quantize/heap.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 _PROBE = """
 import contextlib, json, re, sys
 import torch
-from omniquant.heap import lean_heap
+from omniquant.quantize.heap import lean_heap
 
 def anon_mib():
     text = open("/proc/self/status").read()

@@ -87,8 +87,8 @@ def test_released_naming_quantizes_to_the_same_bytes_and_reloads(hub_style, quan
     """Same weights, same calibration: the export of the released-naming checkpoint has the
     native export's shard checksums, keeps its own config.json naming, and reloads with
     serving numerics."""
-    from omniquant.quantize import quantize
-    from omniquant.serving import load_emulated
+    from omniquant.evaluate.emulated import load_emulated
+    from omniquant.quantize.pipeline import quantize
 
     native = json.loads((quantized("fp8_omni") / "omniquant.json").read_text())
     res = quantize(hub_style, "fp8_omni", tmp_path / "q", calib="synthetic")

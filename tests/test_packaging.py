@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 _PROBE = """
 import json, omniquant
-from omniquant.recipe import builtin_recipes
+from omniquant.quantize.recipe import builtin_recipes
 from omniquant.data.sets import shipped_calib_sets, resolve_calib_set
 from omniquant.evaluate.tasks import shipped_task_sets, validate_task_set
 from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir

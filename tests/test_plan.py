@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 
 from omniquant.cli import main
+from omniquant.demo.tiny import SIZES, tiny_config_dict, write_config_only
 from omniquant.errors import ModelLoadError, PlanError
 from omniquant.formats import FORMATS
-from omniquant.memory import (
+from omniquant.quantize.memory import (
     CalibrationShapes,
     MemorySpecError,
     estimate_calibration_memory,
     parse_max_memory,
     parse_size,
 )
-from omniquant.planner import plan_model
-from omniquant.predict import measured_tensor_bytes, read_safetensors_header
-from omniquant.tiny import SIZES, tiny_config_dict, write_config_only
+from omniquant.quantize.planner import plan_model
+from omniquant.quantize.predict import measured_tensor_bytes, read_safetensors_header
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,7 +87,7 @@ def test_format_registry_layouts():
     }
     assert FORMATS["fp8"].stored_bytes(64, 32) == 64 * 32 + 8
     assert FORMATS["nvfp4"].bits_per_weight(2688, 1856) == 4.5 + 64 / (2688 * 1856)  # 2 scalars
-    from omniquant.plan import FP8_CFG, NVFP4_CFG
+    from omniquant.quantize.plan import FP8_CFG, NVFP4_CFG
 
     assert FP8_CFG == {"num_bits": (4, 3), "axis": None}
     assert NVFP4_CFG["block_sizes"] == {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}
@@ -151,7 +151,7 @@ def _config(tmp_path, edit, name="cfg") -> Path:
 def _refused_everywhere(tmp_path, model: Path, recipe: str, needles: list[str]) -> None:
     """plan and quantize both refuse, before any weight is read (there are none: a
     quantize that got past the plan would fail on the missing weights instead)."""
-    from omniquant.quantize import quantize
+    from omniquant.quantize.pipeline import quantize
 
     with pytest.raises(PlanError) as plan_err:
         plan_model(model, recipe)
@@ -271,8 +271,8 @@ def test_header_reader_matches_safetensors(tiny_dir):
 def test_slice_nvfp4_omni_plan_equals_export(tmp_path):
     """The real-width slice (3.65 B parameters): quantize with nvfp4_omni, compare bytes.
     Needs ~10 GB of RAM and several minutes on 2 cores."""
-    from omniquant.quantize import quantize
-    from omniquant.tiny import make_tiny
+    from omniquant.demo.tiny import make_tiny
+    from omniquant.quantize.pipeline import quantize
 
     src = make_tiny(tmp_path / "slice", size="slice")
     assert len(list(src.glob("model-*-of-*.safetensors"))) > 1

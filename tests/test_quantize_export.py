@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from omniquant.audit import audit_checkpoint
+from omniquant.checkpoint.audit import audit_checkpoint
+from omniquant.checkpoint.inspect import inspect_checkpoint
 from omniquant.cli import main
 from omniquant.errors import AuditError
-from omniquant.inspect_ckpt import inspect_checkpoint
 
 SCALE_LEAVES = {"weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale"}
 
@@ -259,14 +259,14 @@ def test_quantized_layer_also_excluded_fails_audit(quantized, tmp_path, recipe):
 
 _KILL_SCRIPT = """
 import os, signal, sys
-import omniquant.export as ex
+import omniquant.quantize.export as ex
 orig = ex.write_checkpoint
 def killer(loaded, plan, out):
     result = orig(loaded, plan, out)
     os.kill(os.getpid(), getattr(signal, sys.argv[3]))
     return result
 ex.write_checkpoint = killer
-from omniquant.quantize import quantize
+from omniquant.quantize.pipeline import quantize
 quantize(sys.argv[1], "fp8_omni", sys.argv[2])
 """
 

@@ -8,8 +8,8 @@ import pytest
 
 from omniquant.errors import PlanError, RecipeError
 from omniquant.models import load_model
-from omniquant.plan import resolve_plan, to_modelopt_config
-from omniquant.recipe import builtin_recipes, load_recipe, recipe_header
+from omniquant.quantize.plan import resolve_plan, to_modelopt_config
+from omniquant.quantize.recipe import builtin_recipes, load_recipe, recipe_header
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +135,9 @@ def test_divisibility_lists_every_offender(tmp_path):
         NemotronH_Omni_Reasoning_V3,
     )
 
+    from omniquant.demo.tiny import SIZES, TinySize, build_tiny_model, tiny_config_dict  # noqa: F401
     from omniquant.models.base import LoadedModel
     from omniquant.models.nemotron_omni import NemotronOmniAdapter
-    from omniquant.tiny import SIZES, TinySize, build_tiny_model, tiny_config_dict  # noqa: F401
 
     model, tok = build_tiny_model(0)
     cfg = model.config

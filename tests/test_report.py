@@ -56,7 +56,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def cliff(tiny_dir, quantized, tmp_path_factory):
     """BF16 baseline vs FP8 and NVFP4 candidates, with sensitivity; models tracked for liveness."""
-    from omniquant import serving
+    from omniquant.evaluate import emulated as serving
 
     out = tmp_path_factory.mktemp("cliff") / "report"
     fp8, nvfp4 = quantized("fp8_omni"), quantized("nvfp4_omni")
@@ -167,7 +167,7 @@ def test_one_model_in_memory_at_a_time(cliff):
 
 
 def test_sensitivity_ranks_every_quantizable_group(cliff, tmp_path):
-    from omniquant.recipe import load_recipe
+    from omniquant.quantize.recipe import load_recipe
 
     report, out, _, _ = cliff
     sens = report["sensitivity"]

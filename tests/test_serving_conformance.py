@@ -4,7 +4,7 @@ For every Linear-like module (weight of >= 2 dims) and every attention layer of 
 tiny and demo exports of fp8_omni, nvfp4_omni and nvfp4_aggressive, the precision each
 reader would build (BF16 / FP8 / NVFP4, FP8 KV cache) must equal what the shards hold,
 the quantization config must not declare anything else, and every tensor must be one the
-loader consumes. The readers' decisions live in ``omniquant/readers.py``; they encode:
+loader consumes. The readers' decisions live in ``omniquant/checkpoint/readers.py``; they encode:
 
 * vLLM 0.33.0 (PyPI wheel; ``vllm/_version.py`` commit ``g4ba787ec9``):
   ``transformers_utils/config.py:951-963`` (config.json's block wins over
@@ -43,7 +43,7 @@ import shutil
 
 import pytest
 
-from omniquant.readers import READERS, read_as
+from omniquant.checkpoint.readers import READERS, read_as
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,7 +99,7 @@ def test_demo_exports_read_as_stored(demo_quantized, recipe, reader):
 
 def _has_slice() -> bool:
     """``make-tiny --size slice`` (issue 13's real-width preset) exists on this tree."""
-    from omniquant import tiny
+    from omniquant.demo import tiny
 
     return "slice" in tiny.SIZES or getattr(tiny, "SLICE", None) == "slice"
 
@@ -107,15 +107,15 @@ def _has_slice() -> bool:
 @pytest.mark.slice
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not _has_slice(), reason="make-tiny --size slice is not in omniquant.tiny.SIZES"
+    not _has_slice(), reason="make-tiny --size slice is not in omniquant.demo.tiny.SIZES"
 )
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_slice_exports_read_as_stored(tmp_path_factory, recipe):
     """Real widths, sharded like the hub checkpoints (~10 GB RAM, minutes on 2 cores: run
     under the heavy lock). Calibration as issue 13's slice test: 2 samples, experts that
     see no token warn instead of failing (their scales are not what is checked here)."""
-    from omniquant.quantize import quantize
-    from omniquant.tiny import make_tiny
+    from omniquant.demo.tiny import make_tiny
+    from omniquant.quantize.pipeline import quantize
 
     src = tmp_path_factory.getbasetemp() / "slice_src"
     if not src.exists():
@@ -184,7 +184,7 @@ def _main_shape(src, dst):
 
 def test_mains_config_shape_fails_the_readers(quantized, tmp_path):
     """The check can fail: the shape main wrote is flagged by the reader it misleads."""
-    from omniquant.audit import audit_checkpoint
+    from omniquant.checkpoint.audit import audit_checkpoint
 
     fp8 = _main_shape(quantized("fp8_omni"), tmp_path / "fp8")
     trt = read_as(fp8, "trtllm")
@@ -207,7 +207,7 @@ def test_mains_config_shape_fails_the_readers(quantized, tmp_path):
 
 def _drop_from_ignore(src, dst, module):
     """Remove ``module`` from both configs, keeping them consistent with each other."""
-    from omniquant.export import serving_quant_config
+    from omniquant.quantize.export import serving_quant_config
 
     shutil.copytree(src, dst)
     hf = json.loads((dst / "hf_quant_config.json").read_text())

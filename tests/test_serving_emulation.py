@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omniquant.calibrate import run_calibration
 from omniquant.data.synthetic import synthetic_samples
-from omniquant.export import write_checkpoint
+from omniquant.evaluate.emulated import load_emulated
 from omniquant.models import load_model
-from omniquant.plan import resolve_plan, to_modelopt_config
-from omniquant.recipe import load_recipe
-from omniquant.serving import load_emulated
+from omniquant.quantize.calibrate import run_calibration
+from omniquant.quantize.export import write_checkpoint
+from omniquant.quantize.plan import resolve_plan, to_modelopt_config
+from omniquant.quantize.recipe import load_recipe
 
 
 def _logits(loaded, samples):

@@ -82,7 +82,7 @@ def test_help_lists_every_command(capsys):
 
 
 def test_recipes_lists_the_builtins_with_descriptions(capsys):
-    from omniquant.recipe import builtin_recipes
+    from omniquant.quantize.recipe import builtin_recipes
 
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -101,14 +101,14 @@ def test_exit_codes_survive_the_cli(monkeypatch, tmp_path, capsys, raised, code,
     """An interrupt or a command's own non-zero exit must not end as exit 0."""
     import typer
 
-    import omniquant.tiny
+    import omniquant.demo.tiny
 
     def fake_make_tiny(*_a, **_k):
         if raised == "interrupt":
             raise KeyboardInterrupt
         raise typer.Exit(code=3 if raised == "exit3" else 0)
 
-    monkeypatch.setattr(omniquant.tiny, "make_tiny", fake_make_tiny)
+    monkeypatch.setattr(omniquant.demo.tiny, "make_tiny", fake_make_tiny)
     assert main(["make-tiny", "--out", str(tmp_path / "t")]) == code
     err = capsys.readouterr().err
     assert (message in err) if message else "Traceback" not in err

@@ -8,7 +8,7 @@ import json
 from safetensors import safe_open
 
 from omniquant.cli import main
-from omniquant.tiny import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
+from omniquant.demo.tiny import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
 
 
 def _keys(d):
@@ -86,7 +86,7 @@ def _meta_params(kwargs) -> int:
 def test_released_and_slice_configs_have_the_released_sizes():
     """The released config builds to 33.016 B parameters = 61.50 GiB in BF16 (vLLM's
     'Checkpoint size: 61.50 GiB'); the slice keeps its widths with 4 text layers."""
-    from omniquant.tiny import RELEASED_PATTERN, released_config_dict, slice_config_dict
+    from omniquant.demo.tiny import RELEASED_PATTERN, released_config_dict, slice_config_dict
 
     assert len(RELEASED_PATTERN) == 52
     assert [RELEASED_PATTERN.count(c) for c in "ME*"] == [23, 23, 6]

@@ -17,7 +17,7 @@ Steps:
 3. ``compare_nvfp4``: a smaller real-width model (``--compare-pattern``, default ``ME*E``)
    in float32 on the GPU, calibrated with ``nvfp4_omni`` through modelopt (CUDA fake
    quant), exported; the exported checkpoint loaded with omniquant's serving emulation
-   (``omniquant.serving.load_emulated``) on the GPU; logits of the same samples compared.
+   (``omniquant.evaluate.emulated.load_emulated``) on the GPU; logits of the same samples compared.
    Verdict: bit-exact, or within the tolerance the tiny-model GPU test states (3e-2
    absolute on logits: ties at E2M1 boundaries may round differently), with the
    relative error and top-1 agreement recorded.
@@ -63,7 +63,7 @@ def reset_gpu_peaks() -> None:
 
 def config_kwargs(scale: str, layers: int, pattern: str | None = None) -> dict:
     """Config kwargs: released widths (``real``) or the tiny preset (``tiny``)."""
-    from omniquant import tiny
+    from omniquant.demo import tiny
 
     if scale == "tiny":
         kwargs = tiny.tiny_config_dict(tiny.SIZES["tiny"])
@@ -78,7 +78,7 @@ def build(out: Path, kwargs: dict, device: str, dtype: str, seed: int = 0) -> di
     """Random omni model of ``kwargs`` built on ``device`` and saved to ``out`` (hub layout)."""
     import torch
 
-    from omniquant import tiny
+    from omniquant.demo import tiny
 
     t0 = time.perf_counter()
     tokenizer = tiny.build_tokenizer()
@@ -104,8 +104,8 @@ def build(out: Path, kwargs: dict, device: str, dtype: str, seed: int = 0) -> di
 
 
 def quantize_one(model: Path, recipe: str, out: Path, device: str, samples: int) -> dict:
-    from omniquant.audit import audit_checkpoint
-    from omniquant.quantize import quantize
+    from omniquant.checkpoint.audit import audit_checkpoint
+    from omniquant.quantize.pipeline import quantize
 
     reset_gpu_peaks()
     t0 = time.perf_counter()
@@ -134,13 +134,13 @@ def compare_nvfp4(work: Path, kwargs: dict, samples: int) -> dict:
     import modelopt.torch.quantization as mtq
     import torch
 
-    from omniquant.calibrate import _to_device, run_calibration
     from omniquant.data.synthetic import synthetic_samples
-    from omniquant.export import write_checkpoint
+    from omniquant.evaluate.emulated import load_emulated
     from omniquant.models import load_model
-    from omniquant.plan import resolve_plan, to_modelopt_config
-    from omniquant.recipe import load_recipe
-    from omniquant.serving import load_emulated
+    from omniquant.quantize.calibrate import _to_device, run_calibration
+    from omniquant.quantize.export import write_checkpoint
+    from omniquant.quantize.plan import resolve_plan, to_modelopt_config
+    from omniquant.quantize.recipe import load_recipe
 
     src, ckpt = work / "compare_src", work / "compare_ckpt"
     info = build(src, kwargs, "cuda", "float32")

@@ -5,7 +5,7 @@ Policy (one rule for every kind of set):
        of the same name as a path (``./omni-mix``) to use it instead.
     2. Anything else must be a directory holding the set's index file.
     3. The root is the environment variable's value when set, else the shipped
-       directory of that kind (``omniquant.shipped``: the checkout's top-level
+       directory of that kind (``omniquant.data.shipped``: the checkout's top-level
        directory for an editable install, the wheel's copy for a wheel).
 """
 
@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from omniquant.data.shipped import shipped_dir
 from omniquant.errors import DataError
-from omniquant.shipped import shipped_dir
 
 
 @dataclass(frozen=True)

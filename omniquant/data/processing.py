@@ -53,6 +53,8 @@ from omniquant.data.manifest import AUDIO_MARKER, IMAGE_MARKER, VIDEO_MARKER, Ma
 from omniquant.data.media import VideoClip
 from omniquant.errors import DataError, ModelLoadError
 
+# Placeholder tokens exactly as transformers' NemotronH omni processor spells them; the one
+# definition (the demo builder's tokenizer and the synthetic samples take them from here).
 IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN = "<image>", "<video>", "<so_embedding>"
 IMAGE_START, IMAGE_END = "<img>", "</img>"
 AUDIO_START, AUDIO_END = "<so_start>", "<so_end>"

@@ -5,7 +5,7 @@ Policy (lookup rule):
        directory of the same name as a path (``./omni-mix``) to use it instead.
     2. Anything else must be a directory holding a ``manifest.jsonl``.
     3. The calib root is ``$OMNIQUANT_CALIB_DATA`` when set, else the shipped
-       ``calib_data/`` directory (``omniquant.shipped``: the checkout's for editable
+       ``calib_data/`` directory (``omniquant.data.shipped``: the checkout's for editable
        installs, the wheel's copy for wheels).
 
 A shipped set is any directory under the calib root with a ``manifest.jsonl``; they are

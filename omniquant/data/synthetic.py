@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 
 from omniquant.data.batch import Sample
-from omniquant.tiny import AUDIO_END, AUDIO_START, AUDIO_TOKEN, IMAGE_END, IMAGE_START, IMAGE_TOKEN
+from omniquant.data.processing import (
+    AUDIO_END,
+    AUDIO_START,
+    AUDIO_TOKEN,
+    IMAGE_END,
+    IMAGE_START,
+    IMAGE_TOKEN,
+)
 
 _PROMPTS = [
     "Describe what you see.",

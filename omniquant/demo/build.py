@@ -1,6 +1,6 @@
 """Build the untrained demo model and its tokenizer (used by ``scripts/train_demo.py``).
 
-Policy: the demo model is built exactly as ``omniquant.tiny`` builds its tiny models
+Policy: the demo model is built exactly as ``omniquant.demo.tiny`` builds its tiny models
 (``tiny_config_dict``, the same placeholder tokens and special-token ids, routers with a
 non-zero ``e_score_correction_bias``, ``architectures`` set), only wider, and with a BPE
 tokenizer trained on the demo tasks' own text so that every answer is one or two tokens.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from omniquant.tiny import (
+from omniquant.demo.tiny import (
     _HYBRID,
     TinySize,
     build_omni_model,
@@ -32,7 +32,7 @@ DEMO_SIZE = TinySize(
 def build_demo_tokenizer(corpus: Iterable[str], merges: int = DEMO_SIZE.vocab_merges):
     """Byte-level BPE with the omni placeholder tokens, merges learnt from ``corpus``.
 
-    ``omniquant.tiny.build_tokenizer`` (special tokens first, so
+    ``omniquant.demo.tiny.build_tokenizer`` (special tokens first, so
     ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2); only the merge corpus differs. Deterministic for
     a given corpus.
     """

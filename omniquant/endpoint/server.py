@@ -1,7 +1,7 @@
 """``omniquant serve``: an OpenAI-compatible server over the emulated serving numerics.
 
 Policy:
-- The model is the one the report measures: ``omniquant.serving.load_emulated`` loads
+- The model is the one the report measures: ``omniquant.evaluate.emulated.load_emulated`` loads
   the checkpoint's files (FP8 / NVFP4 dequantized from the stored bytes, activation and
   FP8 KV quantization emulated), prompts go through ``omniquant.data.processing`` and
   the backbone is driven by the same helpers as ``omniquant.evaluate.runner``. It runs
@@ -94,8 +94,8 @@ class ServedModel:
 
     def __init__(self, path: str | Path, model_id: str | None = None):
         from omniquant.data.processing import OmniProcessor
+        from omniquant.evaluate.emulated import load_emulated
         from omniquant.report.build import describe_checkpoint
-        from omniquant.serving import load_emulated
 
         self.path = Path(path)
         self.info = describe_checkpoint(self.path, "model")

@@ -227,7 +227,7 @@ def build_engine_bundle(
             existing ``out`` without ``force``, or a shard checksum mismatch.
     """
     from omniquant import __version__
-    from omniquant.verify import verify_checkpoint
+    from omniquant.checkpoint.verify import verify_checkpoint
 
     spec = get_target(target)
     # Shards are hashed against omniquant.json by place_checkpoint while it copies them.

@@ -17,7 +17,7 @@ files, read once, before anything is copied:
   list, or a listed shard that is missing, is an error. A checkpoint without
   ``omniquant.json`` is bundled with the checksums computed here and recorded as
   unverified only when it is BF16 (a source checkpoint); a quantized one without it is
-  refused by ``omniquant.verify.verify_checkpoint``, which ``build_engine_bundle`` runs
+  refused by ``omniquant.checkpoint.verify.verify_checkpoint``, which ``build_engine_bundle`` runs
   first (temporary directories, NaN/Inf scales).
 
 Hidden files and folders (``.git``, ``.cache``) are not part of a bundle.

@@ -3,7 +3,7 @@
 Policy:
 - One forward through the whole omni model per sample runs the encoders (and EVS);
   a forward pre-hook on the language model (the adapter's quant root, as in
-  ``omniquant.calibrate``) captures the embeddings that reach the backbone and
+  ``omniquant.quantize.calibrate``) captures the embeddings that reach the backbone and
   stops the pass there. Every further step (teacher forcing, greedy decoding,
   choice scoring) calls the backbone on those embeddings plus embedded text tokens,
   exactly what the omni forward would feed it, without re-running the encoders.
@@ -177,7 +177,7 @@ def evaluate_model(
     """Evaluate ``loaded`` on ``items``.
 
     Args:
-        loaded: A ``LoadedModel`` (normally from ``omniquant.serving.load_emulated``).
+        loaded: A ``LoadedModel`` (normally from ``omniquant.evaluate.emulated.load_emulated``).
         items: Processed task items (``omniquant.evaluate.tasks.prepare_task_items``).
         reference: The baseline's stored spans by sample id; with it, each sample gets
             ``kl`` and ``top1`` against the baseline.

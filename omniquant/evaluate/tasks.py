@@ -26,7 +26,7 @@ no media); other media may accompany it (an image question asked by voice is
 
 Lookup (``resolve_task_set``): a shipped name resolves to ``<tasks root>/<name>``, the
 tasks root being ``$OMNIQUANT_TASKS`` when set, else the shipped ``tasks/`` directory
-(``omniquant.shipped``: the checkout's for editable installs, the wheel's copy for
+(``omniquant.data.shipped``: the checkout's for editable installs, the wheel's copy for
 wheels); anything else must be a directory holding a ``tasks.jsonl``. Write a local
 directory of the same name as a shipped set as a path (``./omni-smoke``) to use it
 instead.

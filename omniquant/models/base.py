@@ -104,7 +104,7 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def calibration_shapes(self, model):
-        """``omniquant.memory.CalibrationShapes``: what sizes one calibration forward."""
+        """``omniquant.quantize.memory.CalibrationShapes``: what sizes one calibration forward."""
 
     @abstractmethod
     def placement_units(self, model) -> list[tuple[str, int]]:

@@ -310,8 +310,8 @@ class NemotronOmniAdapter(ModelAdapter):
         return {"attention_neighbours": picked}
 
     def calibration_shapes(self, model):
-        """The shapes that size one calibration forward (``omniquant.memory``)."""
-        from omniquant.memory import CalibrationShapes
+        """The shapes that size one calibration forward (``omniquant.quantize.memory``)."""
+        from omniquant.quantize.memory import CalibrationShapes
 
         text = model.config.text_config
         widest = ("", 0, 0)

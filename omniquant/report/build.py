@@ -2,14 +2,14 @@
 
 Policy:
 - Measure the artifact: baseline and candidates alike are loaded from their files
-  with ``omniquant.serving.load_emulated`` (serving numerics, on any machine).
+  with ``omniquant.evaluate.emulated.load_emulated`` (serving numerics, on any machine).
 - Pre-flight before any model work: arguments, output directory, the whole task set
   (every media file decoded), every checkpoint directory (config, weights, size on
   disk) and, for ``sensitivity``, that the baseline is BF16.
 - One model in memory at a time: the baseline runs first and keeps only its
   answer-span distributions (``omniquant.evaluate.fidelity``), then it is freed and
   each candidate is loaded, evaluated and freed in turn.
-- Every checkpoint passes ``omniquant.verify.verify_checkpoint`` (finished, shard
+- Every checkpoint passes ``omniquant.checkpoint.verify.verify_checkpoint`` (finished, shard
   checksums, finite scales), and every candidate must come from the baseline's model
   (``source.fingerprint`` in its ``omniquant.json``): both before any evaluation.
 - Samples are processed once with the baseline's processor; each candidate must
@@ -91,7 +91,7 @@ def describe_checkpoint(path: Path, role: str) -> dict:
     Raises:
         ReportError: Not a readable checkpoint directory (names the flag and the fix).
     """
-    from omniquant.inspect_ckpt import inspect_checkpoint
+    from omniquant.checkpoint.inspect import inspect_checkpoint
 
     path = Path(path)
     if not path.is_dir():
@@ -99,7 +99,7 @@ def describe_checkpoint(path: Path, role: str) -> dict:
             f"--{role} {path}: no such directory; pass a checkpoint directory (the BF16 source "
             "or an `omniquant quantize` output)."
         )
-    from omniquant.verify import verify_checkpoint
+    from omniquant.checkpoint.verify import verify_checkpoint
 
     verified = verify_checkpoint(path, flag=f"--{role}", error=ReportError)
     try:
@@ -136,7 +136,7 @@ def _unique_names(infos: list[dict]) -> None:
 def _source_of(path: Path, meta: dict | None) -> tuple[str | None, str]:
     """``(fingerprint, source path)`` of the model a checkpoint was quantized from (itself
     for a source checkpoint without ``omniquant.json``)."""
-    from omniquant.verify import source_fingerprint
+    from omniquant.checkpoint.verify import source_fingerprint
 
     if not meta:
         return source_fingerprint(path), str(path.resolve())
@@ -312,13 +312,13 @@ def build_report(
     """
     from omniquant.data.processing import OmniProcessor
     from omniquant.endpoint.protocol import parse_model_source
+    from omniquant.evaluate.emulated import load_emulated
     from omniquant.evaluate.evs import evs_sweep
     from omniquant.evaluate.runner import evaluate_model
     from omniquant.evaluate.tasks import prepare_task_items, resolve_task_set, validate_task_set
-    from omniquant.plan import QUANTIZABLE_GROUPS
+    from omniquant.quantize.plan import QUANTIZABLE_GROUPS
     from omniquant.report.render import write_html, write_markdown
     from omniquant.report.stats import summarize, verdict
-    from omniquant.serving import load_emulated
 
     say = log or (lambda _m: None)
     started = time.time()
@@ -506,7 +506,7 @@ def build_report(
     # ---------------------------------------------------------------- sensitivity
     sens = None
     if sensitivity:
-        from omniquant.report.sensitivity import group_sensitivity
+        from omniquant.experiments.sensitivity import group_sensitivity
 
         scratch = out.parent if out.parent.is_dir() else None
         with tempfile.TemporaryDirectory(prefix=".omniquant-sensitivity-", dir=scratch) as tmp:

@@ -17,7 +17,7 @@ from corpus_tally import RESULTS
 @pytest.fixture(scope="session")
 def other_tiny_dir(tmp_path_factory):
     """A second tiny model (seed 1): same architecture and tokenizer, other weights."""
-    from omniquant.tiny import make_tiny
+    from omniquant.demo.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny_seed1") / "model", seed=1)
 

@@ -63,9 +63,9 @@ SCENARIOS = [
 
 @pytest.mark.slow
 def test_kills_never_leave_a_checkpoint_that_passes(tiny_dir, tmp_path):
-    from omniquant.audit import audit_checkpoint
+    from omniquant.checkpoint.audit import audit_checkpoint
+    from omniquant.checkpoint.verify import verify_checkpoint
     from omniquant.outdir import clean_stale_temp_dirs
-    from omniquant.verify import verify_checkpoint
 
     runs = []
     for i, (moment, sig) in enumerate(SCENARIOS):
@@ -100,7 +100,7 @@ def test_kills_never_leave_a_checkpoint_that_passes(tiny_dir, tmp_path):
             text = (r["output"] + (proc.stdout.read() or b"")).decode()
             assert rc == 0, text
             assert text.rstrip().endswith(f"audit passed; checkpoint at {out}"), text
-            # Library noise goes to the log (omniquant.noise), not into the user's output.
+            # Library noise goes to the log (omniquant.cli.noise), not into the user's output.
             for noise in (
                 "\x1b[",
                 "UserWarning",
@@ -195,7 +195,7 @@ def test_a_disk_that_fills_during_the_run_is_a_clean_error(tiny_dir, tmpfs, caps
     """Free space passes pre-flight, then another writer fills the disk before export."""
     from corpus_tally import RESULTS
 
-    from omniquant import verify
+    from omniquant.checkpoint import verify
     from omniquant.cli import main
 
     fs = tmpfs("fills", "3m")

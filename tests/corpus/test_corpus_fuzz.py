@@ -82,7 +82,7 @@ _RECIPE_TEXT = st.one_of(
 @FUZZ
 @given(text=_RECIPE_TEXT)
 def test_recipe_loader_never_crashes(text):
-    from omniquant.recipe import Recipe, load_recipe
+    from omniquant.quantize.recipe import Recipe, load_recipe
 
     path = _SCRATCH / "fuzz.yaml"
     raw = text if isinstance(text, bytes) else text.encode("utf-8", errors="surrogatepass")
@@ -107,7 +107,7 @@ _SET_ITEMS = st.one_of(
 @FUZZ
 @given(items=st.lists(_SET_ITEMS, min_size=1, max_size=3))
 def test_set_overrides_never_crash(items):
-    from omniquant.recipe import Recipe, load_recipe
+    from omniquant.quantize.recipe import Recipe, load_recipe
 
     try:
         recipe, _ = load_recipe("fp8_omni", items)

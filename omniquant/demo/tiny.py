@@ -22,14 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Placeholder tokens: omniquant.data.processing owns their spelling (transformers' own).
+from omniquant.data.processing import (
+    AUDIO_END,
+    AUDIO_START,
+    AUDIO_TOKEN,
+    IMAGE_END,
+    IMAGE_START,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+)
 from omniquant.errors import ExportError
 
-# Placeholder tokens exactly as transformers' NemotronH omni processor spells them.
-IMAGE_TOKEN = "<image>"
-VIDEO_TOKEN = "<video>"
-AUDIO_TOKEN = "<so_embedding>"
-IMAGE_START, IMAGE_END = "<img>", "</img>"
-AUDIO_START, AUDIO_END = "<so_start>", "<so_end>"
 SPECIAL_TOKENS = [
     "<pad>", "<s>", "</s>", "<unk>",
     IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN, IMAGE_START, IMAGE_END, AUDIO_START, AUDIO_END,
@@ -395,7 +399,7 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
     """
     import shutil
 
-    from omniquant.export import default_permissions
+    from omniquant.quantize.export import default_permissions
 
     out = Path(out)
     if size not in SIZES and size != SLICE:

@@ -85,10 +85,10 @@ class SizePrediction:
 def quantized_weights(loaded, plan) -> list[QuantizedWeight]:
     """Every weight the export quantizes, in hub names, with its ``[out, in]`` shape.
 
-    Names are those of ``omniquant.export.quantized_hub_modules`` (checked equal), so
+    Names are those of ``omniquant.quantize.export.quantized_hub_modules`` (checked equal), so
     the prediction and the export agree on what is quantized.
     """
-    from omniquant.export import quantized_hub_modules
+    from omniquant.quantize.export import quantized_hub_modules
 
     adapter, model = loaded.adapter, loaded.model
     modules = dict(model.named_modules())
@@ -145,8 +145,8 @@ def source_tensors(loaded) -> tuple[dict[str, tuple[str, tuple[int, ...]]], str]
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensor name -> (dtype, shape) from a safetensors file's header only (no tensor data
     is read); a truncated file or a lying header is a ``ModelLoadError`` naming the file."""
+    from omniquant.checkpoint.verify import open_safetensors
     from omniquant.errors import ModelLoadError
-    from omniquant.verify import open_safetensors
 
     with open_safetensors(path, ModelLoadError, "--model") as fh:
         return {

@@ -2,7 +2,7 @@
 
 Policy:
 - From the BF16 baseline checkpoint, each quantizable module group present in the
-  model (``omniquant.plan.QUANTIZABLE_GROUPS``) is quantized alone to the target
+  model (``omniquant.quantize.plan.QUANTIZABLE_GROUPS``) is quantized alone to the target
   format through the ordinary ``quantize`` stage (a generated one-rule recipe; every
   other group BF16; no KV-cache quantization, so the group's own cost is measured),
   exported, reloaded with serving numerics and scored against the baseline's stored
@@ -85,10 +85,10 @@ def group_sensitivity(
         ``top1_agreement``, ``kl_by_modality``, ``size_bytes``, ``bits_per_weight``,
         ``warnings``.
     """
+    from omniquant.checkpoint.inspect import inspect_checkpoint
+    from omniquant.evaluate.emulated import load_emulated
     from omniquant.evaluate.runner import evaluate_model
-    from omniquant.inspect_ckpt import inspect_checkpoint
-    from omniquant.quantize import quantize
-    from omniquant.serving import load_emulated
+    from omniquant.quantize.pipeline import quantize
 
     say = log or (lambda _m: None)
     workdir.mkdir(parents=True, exist_ok=True)

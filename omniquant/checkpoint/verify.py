@@ -118,7 +118,7 @@ def is_quantized_dir(path: Path, error: type[OmniquantError], what: str = "") ->
 
 def shard_problems(path: Path, meta: dict, *, checksums: bool = True) -> list[str]:
     """Problems of the shards ``omniquant.json`` lists: missing, unlisted, changed."""
-    from omniquant.export import sha256_file
+    from omniquant.quantize.export import sha256_file
 
     problems = []
     listed = meta.get("shards")

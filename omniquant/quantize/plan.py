@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from omniquant.errors import PlanError, RecipeError
 from omniquant.formats import FORMATS
-from omniquant.recipe import Recipe
+from omniquant.quantize.recipe import Recipe
 
 #: Groups that a recipe may set to fp8/nvfp4 (serving engines have no quantized
 #: path for the others).

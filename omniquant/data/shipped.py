@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # omniquant/
 #: Top-level directories a wheel carries under ``omniquant/_shipped/``.
 SHIPPED_DIRS = ("recipes", "calib_data", "tasks")
 WHEEL_SUBDIR = "_shipped"

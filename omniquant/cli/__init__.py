@@ -15,8 +15,8 @@ from typing import Annotated
 
 import typer
 
-from omniquant import _cli_app
-from omniquant._cli_app import _console, app
+from omniquant.cli import _app as _cli_app
+from omniquant.cli._app import _console, app
 from omniquant.errors import OmniquantError
 
 
@@ -36,18 +36,18 @@ def make_tiny_cmd(
     force: Annotated[bool, typer.Option(help="Overwrite an existing output directory.")] = False,
 ) -> None:
     """Write a tiny random nemotron_h_omni checkpoint in the hub layout."""
-    from omniquant.tiny import make_tiny
+    from omniquant.demo.tiny import make_tiny
 
     path = make_tiny(out, seed=seed, size=size, force=force)
     _console().print(f"wrote tiny nemotron_h_omni checkpoint to {path}")
 
 
 # Further commands are registered on `app` by these modules (they import `app` from
-# omniquant._cli_app, never from here: no import loop); each keeps its stage imports
+# omniquant.cli._app, never from here: no import loop); each keeps its stage imports
 # inside the command body.
-from omniquant import (  # noqa: F401
-    _cli_commands,
-    _cli_plan,  # plan
+from omniquant.cli import (  # noqa: F401
+    commands,
+    plan,
 )
 
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning ``OmniquantError`` into a clean message."""
     import contextlib
 
-    from omniquant.noise import third_party_to_log
+    from omniquant.cli.noise import third_party_to_log
 
     args = sys.argv[1:] if argv is None else list(argv)
     options = args[: args.index("--") if "--" in args else len(args)]
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    # Run through the imported module: commands register on omniquant.cli.app, which
+    # Run through the imported module: commands register on omniquant.cli._app, which
     # is not this __main__ module's app.
     from omniquant.cli import main as _main
 

@@ -1,5 +1,5 @@
-"""The ``plan`` command, registered on ``omniquant._cli_app.app`` (kept apart from
-``_cli_commands`` so the stage stays one small file; imports inside the body)."""
+"""The ``plan`` command, registered on ``omniquant.cli._app.app`` (kept apart from
+``commands`` so the stage stays one small file; imports inside the body)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from omniquant._cli_app import _console, _echo, app
+from omniquant.cli._app import _console, _echo, app
 
 
 @app.command("plan")
@@ -39,7 +39,7 @@ def plan_cmd(
     ] = None,
 ) -> None:
     """Plan a recipe from the model's config alone: layout, size and calibration memory."""
-    from omniquant.planner import plan_model
+    from omniquant.quantize.planner import plan_model
 
     report = plan_model(
         model, recipe, overrides=set_, device=device, max_memory=max_memory, tokens=tokens

@@ -4,7 +4,7 @@ Policy: reads safetensors headers and ``hf_quant_config.json`` only (no model
 load), so it works on any machine and on checkpoints of any size. Bits per weight
 counts every stored byte of a group (weights and their scales) over the group's
 logical weight count (an NVFP4 byte holds two weights). The ``inspect`` command runs
-``omniquant.verify.verify_checkpoint`` first; damaged headers and JSON are clean errors.
+``omniquant.checkpoint.verify.verify_checkpoint`` first; damaged headers and JSON are clean errors.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def inspect_checkpoint(path: str | Path) -> dict:
     Returns:
         ``{"path", "precision", "kv_cache", "groups": {group: {...}}, "total": {...}}``.
     """
-    from omniquant.audit import read_quant_config
+    from omniquant.checkpoint.audit import read_quant_config
+    from omniquant.checkpoint.verify import open_safetensors
     from omniquant.models import adapter_for
-    from omniquant.verify import open_safetensors
 
     path = Path(path)
     adapter = adapter_for(path)

@@ -258,7 +258,7 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from omniquant.heap import lean_heap
+    from omniquant.quantize.heap import lean_heap
 
     src = SourceIndex.read(loaded.path)
     qmods = quantized_hub_modules(loaded, plan)
@@ -276,7 +276,7 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
     checksums: dict[str, str] = {}
     weight_map: dict[str, str] = {}
     total = n = kv_written = 0
-    # Per-weight temporaries go back to the OS when freed (omniquant/heap.py).
+    # Per-weight temporaries go back to the OS when freed (omniquant/quantize/heap.py).
     with lean_heap(), _single_rounding_fp8():
         exporter = _LayerwiseQuantExport(loaded)
         mo_config = exporter.quant_config

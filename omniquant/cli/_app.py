@@ -1,6 +1,6 @@
 """The typer application every ``omniquant`` command registers on, and the console it prints to.
 
-Its own module so that ``cli`` (entry point, ``main``) and ``_cli_commands`` (the commands)
+Its own module so that ``cli`` (entry point, ``main``) and ``commands`` (the commands)
 both import it without importing each other.
 """
 
@@ -36,12 +36,12 @@ def _root(
 
 
 #: The stream that was sys.stdout when ``omniquant.cli.main`` started; library prints are
-#: routed to a log meanwhile (``omniquant.noise``), omniquant's own output goes here.
+#: routed to a log meanwhile (``omniquant.cli.noise``), omniquant's own output goes here.
 _STDOUT = None
 
 
 def _stdout():
-    """Where omniquant's own output goes (see ``omniquant.noise``)."""
+    """Where omniquant's own output goes (see ``omniquant.cli.noise``)."""
     return _STDOUT or sys.stdout
 
 

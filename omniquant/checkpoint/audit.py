@@ -50,7 +50,7 @@ def read_quant_config(path: Path, error: type[OmniquantError] = AuditError) -> d
     Raises:
         error: The file is not valid JSON or not an object.
     """
-    from omniquant.verify import read_json_file
+    from omniquant.checkpoint.verify import read_json_file
 
     f = Path(path) / "hf_quant_config.json"
     if not f.is_file():
@@ -96,14 +96,14 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
             "(an interrupted run, or not written by omniquant)."
         )
         return _finish(report, raise_on_error)
-    from omniquant.verify import open_safetensors, read_json_file, shard_problems
+    from omniquant.checkpoint.verify import open_safetensors, read_json_file, shard_problems
 
     meta = read_json_file(meta_file, "", AuditError)
     if not isinstance(meta, dict):
         meta = {}
     quant = read_quant_config(path)
 
-    # The same shard rule as every consumer (omniquant.verify), messages relative to path.
+    # The same shard rule as every consumer (omniquant.checkpoint.verify), messages relative to path.
     report.problems += [p.removeprefix(f"{path}/") for p in shard_problems(path, meta)]
     if not isinstance(meta.get("shards"), dict):
         return _finish(report, raise_on_error)
@@ -180,8 +180,8 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
 
 def _check_config_block(path: Path, report: AuditReport) -> None:
     """``config.json``'s ``quantization_config`` must be the converter's output for
-    ``hf_quant_config.json`` (omniquant.export.serving_quant_config)."""
-    from omniquant.export import serving_quant_config
+    ``hf_quant_config.json`` (omniquant.quantize.export.serving_quant_config)."""
+    from omniquant.quantize.export import serving_quant_config
 
     hf_file, cfg_file = path / "hf_quant_config.json", path / "config.json"
     if not hf_file.is_file() or not cfg_file.is_file():
@@ -198,7 +198,7 @@ def _check_config_block(path: Path, report: AuditReport) -> None:
         report.problems.append(
             f"{cfg_file}: quantization_config differs from modelopt's converter output for "
             f"hf_quant_config.json in {', '.join(differ)} (re-export, or replace it with "
-            "omniquant.export.serving_quant_config(hf_quant_config))"
+            "omniquant.quantize.export.serving_quant_config(hf_quant_config))"
         )
 
 

@@ -19,7 +19,7 @@ Policy:
   device. A disk-offload folder lives beside ``--out`` and is removed at the end.
 - One run at a time per ``--out`` (a lock beside it, ``omniquant.outdir``); temporary
   directories of dead runs are cleaned first. Temporary names are never accepted as a
-  checkpoint by any consumer (``omniquant.verify``), even if a kill left
+  checkpoint by any consumer (``omniquant.checkpoint.verify``), even if a kill left
   ``omniquant.json`` inside one.
 """
 
@@ -137,14 +137,18 @@ def quantize(
         max_memory: Budget per device for ``auto``, e.g. ``0=120GiB,1=120GiB,cpu=200GiB``;
             what does not fit is offloaded to CPU memory, then disk.
     """
+    from omniquant.checkpoint.verify import (
+        check_finite_source,
+        check_writable_out,
+        preflight_source,
+    )
     from omniquant.devices import reset_cuda_peaks, resolve_placement
     from omniquant.errors import ModelLoadError
     from omniquant.models import load_model
     from omniquant.outdir import clean_stale_temp_dirs
-    from omniquant.plan import resolve_plan
-    from omniquant.predict import predict_size
-    from omniquant.recipe import load_recipe
-    from omniquant.verify import check_finite_source, check_writable_out, preflight_source
+    from omniquant.quantize.plan import resolve_plan
+    from omniquant.quantize.predict import predict_size
+    from omniquant.quantize.recipe import load_recipe
 
     say = log or (lambda _msg: None)
     rec, recipe_path = load_recipe(recipe, overrides)
@@ -191,14 +195,14 @@ def _quantize_placed(
     force: bool, skip_bad: bool, quiet: bool, say: Callable[[str], None],
 ) -> QuantizeResult:  # fmt: skip
     """The part of ``quantize`` that runs with the model loaded where ``placement`` says."""
-    from omniquant.audit import audit_checkpoint
-    from omniquant.calibrate import check_expert_coverage, iter_progress, run_calibration
+    from omniquant.checkpoint.audit import audit_checkpoint
+    from omniquant.checkpoint.verify import source_fingerprint
     from omniquant.devices import device_map_summary, input_device, kernel_report, peak_memory
-    from omniquant.export import default_permissions
     from omniquant.models import load_model
-    from omniquant.plan import render_plan, resolve_plan, to_modelopt_config
-    from omniquant.predict import measured_tensor_bytes
-    from omniquant.verify import source_fingerprint
+    from omniquant.quantize.calibrate import check_expert_coverage, iter_progress, run_calibration
+    from omniquant.quantize.export import default_permissions
+    from omniquant.quantize.plan import render_plan, resolve_plan, to_modelopt_config
+    from omniquant.quantize.predict import measured_tensor_bytes
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -282,7 +286,7 @@ def _quantize_placed(
             "source": {
                 "path": str(Path(loaded.path).resolve()),
                 "model_type": loaded.config_dict.get("model_type"),
-                # report checks a candidate against its baseline by this (omniquant.verify).
+                # report checks a candidate against its baseline by this (omniquant.checkpoint.verify).
                 "fingerprint": source_fingerprint(loaded.path),
             },
             "recipe": {
@@ -350,7 +354,7 @@ def _write_quiet(loaded, plan, tmp: Path) -> dict:
     import io
     import warnings
 
-    from omniquant.export import write_checkpoint
+    from omniquant.quantize.export import write_checkpoint
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), warnings.catch_warnings():

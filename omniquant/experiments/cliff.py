@@ -60,8 +60,8 @@ def run_cliff(
     """
     from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir
     from omniquant.models.base import read_config
-    from omniquant.quantize import check_out_spares, quantize
-    from omniquant.recipe import load_recipe
+    from omniquant.quantize.pipeline import check_out_spares, quantize
+    from omniquant.quantize.recipe import load_recipe
     from omniquant.report import build_report
 
     say = log or (lambda _m: None)

@@ -1,4 +1,4 @@
-"""CLI commands beyond make-tiny, one function each, registered on ``omniquant.cli.app``.
+"""CLI commands beyond make-tiny, one function each, registered on ``omniquant.cli._app``.
 
 Each command parses, calls one stage function and prints. Keep stage imports inside
 the function bodies (``import omniquant.cli`` must stay cheap).
@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from omniquant._cli_app import _console, _echo, _stdout, app
+from omniquant.cli._app import _console, _echo, _stdout, app
 
 
 @app.command("quantize")
@@ -48,7 +48,7 @@ def quantize_cmd(
     ] = None,
 ) -> None:
     """Calibrate on multimodal samples, quantize the backbone with modelopt, export and audit."""
-    from omniquant.quantize import quantize
+    from omniquant.quantize.pipeline import quantize
 
     console = _console()
     res = quantize(
@@ -76,13 +76,13 @@ def inspect_cmd(
     ] = None,
 ) -> None:
     """Show module groups with precision, parameters, bytes and bits per weight."""
+    from omniquant.checkpoint.inspect import inspect_checkpoint, render_inspect, summary_json
+    from omniquant.checkpoint.verify import is_temp_dir, verify_checkpoint
     from omniquant.errors import AuditError, ModelLoadError
-    from omniquant.inspect_ckpt import inspect_checkpoint, render_inspect, summary_json
-    from omniquant.verify import is_temp_dir, verify_checkpoint
 
     report = None
     if audit and path.is_dir() and not is_temp_dir(path.resolve()):
-        from omniquant.audit import audit_checkpoint
+        from omniquant.checkpoint.audit import audit_checkpoint
 
         # The full audit lists every problem (exit 3); the shared check below then passes.
         report = audit_checkpoint(path, raise_on_error=True)
@@ -94,7 +94,7 @@ def inspect_cmd(
         summary["audit"] = {"ok": report.ok, "checked_weights": report.checked_weights}
     view = None
     if as_ is not None:
-        from omniquant.readers import read_as
+        from omniquant.checkpoint.readers import read_as
 
         view = read_as(path, as_)
         summary["reader"] = {
@@ -111,8 +111,8 @@ def inspect_cmd(
         if audit:
             console.print(f"audit passed ({summary['audit']['checked_weights']} quantized weights checked)")
         if view is not None:
+            from omniquant.checkpoint.readers import render_view
             from omniquant.models import adapter_for
-            from omniquant.readers import render_view
 
             console.print(render_view(view, adapter_for(path).hub_tensor_group), markup=False)
     if view is not None and not view.ok:
@@ -128,7 +128,7 @@ def recipes_list(ctx: typer.Context) -> None:
     """List built-in recipes with their descriptions."""
     if ctx.invoked_subcommand is not None:
         return
-    from omniquant.recipe import builtin_recipes, load_recipe
+    from omniquant.quantize.recipe import builtin_recipes, load_recipe
 
     for name, path in builtin_recipes().items():
         rec, _ = load_recipe(path)
@@ -138,7 +138,7 @@ def recipes_list(ctx: typer.Context) -> None:
 @recipes_app.command("show")
 def recipes_show(name: Annotated[str, typer.Argument(help="Built-in recipe name or path.")]) -> None:
     """Print a recipe file as written (comments included)."""
-    from omniquant.recipe import load_recipe
+    from omniquant.quantize.recipe import load_recipe
 
     _, path = load_recipe(name)  # validates
     _echo(path.read_text(), nl=False)
@@ -368,7 +368,7 @@ def cliff_cmd(
     force: Annotated[bool, typer.Option(help="Overwrite an existing output directory.")] = False,
 ) -> None:
     """The main job: quantize with each recipe, evaluate against BF16, report the quality cliff."""
-    from omniquant.cliff import DEFAULT_RECIPES, render_cliff_table, run_cliff
+    from omniquant.experiments.cliff import DEFAULT_RECIPES, render_cliff_table, run_cliff
 
     console = _console()
     res = run_cliff(
@@ -404,9 +404,9 @@ def serve_cmd(
     """Serve a checkpoint through an OpenAI-compatible API with the emulated serving numerics."""
     import sys
 
+    from omniquant.checkpoint.verify import verify_checkpoint
     from omniquant.endpoint.server import serve
     from omniquant.errors import ModelLoadError
-    from omniquant.verify import verify_checkpoint
 
     verify_checkpoint(checkpoint, flag="serve", error=ModelLoadError)
     if max_request_mb <= 0 or max_logprobs < 0:
@@ -415,7 +415,7 @@ def serve_cmd(
         print(f"warning: binding {host}: the server is reachable beyond this machine", file=sys.stderr)
 
     def announce(text: str) -> None:
-        # omniquant's own stdout: library prints go to the log (omniquant.noise).
+        # omniquant's own stdout: library prints go to the log (omniquant.cli.noise).
         _echo(text)
         _stdout().flush()
 

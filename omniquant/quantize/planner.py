@@ -4,12 +4,12 @@ Policy:
 - The model is built on the meta device from ``config.json`` (``load_model(...,
   weights=False)``): no weight is read, so a directory holding only the released
   model's ``config.json`` is planned in seconds, before a 61.5 GiB download.
-- The per-module plan is ``omniquant.plan.resolve_plan``, the very function the
+- The per-module plan is ``omniquant.quantize.plan.resolve_plan``, the very function the
   quantize stage calls, so what ``plan`` prints is what ``quantize`` does; its
   refusals (rules matching nothing, NVFP4 widths not divisible by the block) are
   raised here the same way.
-- Size comes from ``omniquant.predict`` (exact tensor bytes of the export) and
-  calibration memory from ``omniquant.memory`` (stated arithmetic per device).
+- Size comes from ``omniquant.quantize.predict`` (exact tensor bytes of the export) and
+  calibration memory from ``omniquant.quantize.memory`` (stated arithmetic per device).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ class PlanReport:
         }
 
     def render(self) -> str:
-        from omniquant.memory import gib
-        from omniquant.plan import render_plan
+        from omniquant.quantize.memory import gib
+        from omniquant.quantize.plan import render_plan
 
         s, m = self.size, self.memory
         origin = "config.json only (meta device)" if self.config_only else "checkpoint headers"
@@ -120,11 +120,11 @@ def plan_model(
         RecipeError, PlanError, ModelLoadError: the recipe cannot be applied to the
             model (naming the rules and modules), before any weight is read.
     """
-    from omniquant.memory import estimate_calibration_memory
     from omniquant.models import load_model
-    from omniquant.plan import resolve_plan
-    from omniquant.predict import predict_size
-    from omniquant.recipe import load_recipe
+    from omniquant.quantize.memory import estimate_calibration_memory
+    from omniquant.quantize.plan import resolve_plan
+    from omniquant.quantize.predict import predict_size
+    from omniquant.quantize.recipe import load_recipe
 
     t0 = time.perf_counter()
     rec, recipe_path = load_recipe(recipe, overrides)

@@ -177,8 +177,8 @@ class Recipe(_Strict):
 
 
 def builtin_recipe_dir() -> Path:
-    """The shipped ``recipes/`` directory (checkout or wheel, see ``omniquant.shipped``)."""
-    from omniquant.shipped import shipped_dir
+    """The shipped ``recipes/`` directory (checkout or wheel, see ``omniquant.data.shipped``)."""
+    from omniquant.data.shipped import shipped_dir
 
     return shipped_dir("recipes")
 
