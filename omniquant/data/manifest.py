@@ -33,6 +33,7 @@ from typing import NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from omniquant.errors import DataError
+from omniquant.schema import field_problems
 
 MANIFEST_NAME = "manifest.jsonl"
 IMAGE_MARKER = "<image>"
@@ -353,17 +354,16 @@ def _parse(file: Path) -> tuple[list[ManifestEntry], list[Problem]]:
 
 def _pydantic_reason(err: ValidationError, allowed: tuple[str, ...]) -> str:
     parts = []
-    for item in err.errors():
-        where = ".".join(str(x) for x in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "missing":
+    for problem in field_problems(err):
+        where = problem.where
+        if problem.kind == "missing":
             parts.append(f"missing field {where!r}")
-        elif item["type"] == "extra_forbidden":
+        elif problem.kind == "unknown":
             parts.append(f"unknown field {where!r} (allowed: {', '.join(allowed)})")
         elif where:
-            parts.append(f"field {where!r}: {message} (got {item.get('input')!r})")
+            parts.append(f"field {where!r}: {problem.message} (got {problem.input!r})")
         else:
-            parts.append(message)
+            parts.append(problem.message)
     return "; ".join(parts)
 
 

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from omniquant.errors import EngineError
+from omniquant.schema import FieldProblem, StrictTyped, allowed_fields, field_problems
 
 FREE_GPU_MEMORY_FRACTION = 0.6
 MAMBA_SSM_CACHE_DTYPE = "float32"
@@ -46,11 +47,7 @@ MoeBackend = Literal[
 ]  # fmt: skip
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class KvCacheOptions(_Strict):
+class KvCacheOptions(StrictTyped):
     """``kv_cache_config`` (TensorRT-LLM ``KvCacheConfig``), the fields omniquant sets."""
 
     dtype: Literal["auto", "fp8"]
@@ -59,7 +56,7 @@ class KvCacheOptions(_Strict):
     free_gpu_memory_fraction: float = Field(gt=0.0, le=1.0)
 
 
-class CudaGraphOptions(_Strict):
+class CudaGraphOptions(StrictTyped):
     """``cuda_graph_config`` (TensorRT-LLM ``CudaGraphConfig``)."""
 
     batch_sizes: list[int] = Field(min_length=1)
@@ -81,13 +78,13 @@ class CudaGraphOptions(_Strict):
         return self
 
 
-class MoeOptions(_Strict):
+class MoeOptions(StrictTyped):
     """``moe_config`` (TensorRT-LLM ``MoeConfig``)."""
 
     backend: MoeBackend
 
 
-class LlmApiOptions(_Strict):
+class LlmApiOptions(StrictTyped):
     """The ``extra_llm_api_options`` YAML omniquant writes (``tensorrt_llm.LLM`` keyword args)."""
 
     max_batch_size: int = Field(ge=1)
@@ -120,29 +117,16 @@ def cuda_graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
-def _model_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Allowed field names at ``loc`` (the parent of a rejected key)."""
-    for part in loc:
-        info = model.model_fields.get(str(part))
-        ann = getattr(info, "annotation", None) if info else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
-
-
-def _describe(err: dict[str, Any]) -> str:
-    loc = tuple(err["loc"])
-    path = ".".join(str(p) for p in loc) or "<top level>"
-    if err["type"] == "extra_forbidden":
-        allowed = _model_fields(LlmApiOptions, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+def _describe(problem: FieldProblem) -> str:
+    path = problem.where or "<top level>"
+    if problem.kind == "unknown":
+        allowed = allowed_fields(LlmApiOptions, problem.loc[:-1])
+        close = difflib.get_close_matches(str(problem.loc[-1]), allowed, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"{path}: unknown key{hint} (allowed here: {', '.join(allowed)})"
-    if err["type"] == "missing":
+    if problem.kind == "missing":
         return f"{path}: required key missing"
-    value = err.get("input")
-    return f"{path}: {err['msg']} (got {value!r})"
+    return f"{path}: {problem.message} (got {problem.input!r})"
 
 
 def validate_llm_api_options(data: Any, source: str | Path) -> LlmApiOptions:
@@ -162,7 +146,7 @@ def validate_llm_api_options(data: Any, source: str | Path) -> LlmApiOptions:
     try:
         return LlmApiOptions.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
+        problems = "; ".join(_describe(p) for p in field_problems(exc))
         raise EngineError(
             f"{source}: invalid LLM API options: {problems}. Fix the key (names as in "
             f"TensorRT-LLM's LLM API reference) or rebuild the bundle"

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from omniquant.errors import RecipeError
+from omniquant.schema import Strict, allowed_fields, field_problems
 
 Format = Literal["fp8", "nvfp4", "bf16"]
 MAX_CALIBRATION_SIZE = 65536
@@ -56,11 +57,7 @@ def load_yaml_text(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Metadata(_Strict):
+class Metadata(Strict):
     """Who the recipe is for."""
 
     name: str
@@ -68,7 +65,7 @@ class Metadata(_Strict):
     model_types: list[str] = Field(default_factory=lambda: ["nemotron_h_omni"])
 
 
-class ExpertCoverage(_Strict):
+class ExpertCoverage(Strict):
     """What to do with experts that received few calibration tokens.
 
     ``error``: fail naming layers and experts under ``min_tokens``. ``warn``: record
@@ -80,7 +77,7 @@ class ExpertCoverage(_Strict):
     min_tokens: int = Field(default=1, ge=0)
 
 
-class Calibration(_Strict):
+class Calibration(Strict):
     """Calibration data and settings."""
 
     set: str = "synthetic"
@@ -114,7 +111,7 @@ class Calibration(_Strict):
         return self
 
 
-class Rule(_Strict):
+class Rule(Strict):
     """Select modules by adapter group/selector name or by glob, and set a format."""
 
     group: str | None = None
@@ -132,7 +129,7 @@ class Rule(_Strict):
         return f"{{{sel}, format: {self.format}}}"
 
 
-class Quantization(_Strict):
+class Quantization(Strict):
     """Ordered rules (later rules win), KV cache format and calibration algorithm."""
 
     rules: list[Rule] = Field(min_length=1)
@@ -152,13 +149,13 @@ class Quantization(_Strict):
         return self
 
 
-class Export(_Strict):
+class Export(Strict):
     """How the checkpoint is written."""
 
     dtype: Literal["bfloat16"] = "bfloat16"
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     """A whole recipe file."""
 
     metadata: Metadata
@@ -300,24 +297,8 @@ def _apply_override(data: dict, item: str, path: Path) -> tuple[str, ...]:
 
 
 def _allowed_fields(loc: tuple, data: dict) -> list[str]:
-    """Field names allowed at the parent of ``loc`` (for 'extra field' errors)."""
-    model: type[BaseModel] = Recipe
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        inner = getattr(ann, "__args__", None)
-        candidates = [ann, *(inner or ())]
-        nxt = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
-        if nxt is None:
-            return []
-        model = nxt
-    return sorted(model.model_fields)
+    """Field names allowed at the parent of ``loc`` (for 'extra field' errors), sorted."""
+    return sorted(allowed_fields(Recipe, loc[:-1]))
 
 
 def _format_validation_error(
@@ -333,33 +314,31 @@ def _format_validation_error(
                 return item
         return None
 
-    errors = exc.errors()
-    from_set = [source(tuple(e["loc"])) for e in errors]
+    problems = field_problems(exc)
+    from_set = [source(p.loc) for p in problems]
     if all(from_set):
         lines = [f"invalid --set override(s) for recipe {path}:"]
     else:
         lines = [f"{path}: invalid recipe:"]
-    for err, item in zip(errors, from_set):
+    for problem, item in zip(problems, from_set):
         before = len(lines)
-        loc = tuple(err["loc"])
-        where = ".".join(str(p) for p in loc) or "(top level)"
-        value = err.get("input")
-        if err["type"] == "extra_forbidden":
+        loc, where, value = problem.loc, problem.where or "(top level)", problem.input
+        if problem.kind == "unknown":
             allowed = _allowed_fields(loc, data)
             lines.append(
                 f"  {where}: unknown field {loc[-1]!r}; allowed fields here: {', '.join(allowed)}"
             )
-        elif err["type"] == "missing":
+        elif problem.kind == "missing":
             lines.append(f"  {where}: required field is missing")
         elif isinstance(value, dict):  # a check across fields of one section
-            lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
+            lines.append(f"  {where}: {problem.message}")
         else:
             try:
                 shown = json.dumps(value, default=str)
             except ValueError:  # a structure that refers to itself (YAML anchors)
                 shown = "..."
             shown = shown if len(shown) <= 80 else shown[:77] + "..."
-            lines.append(f"  {where}: bad value {shown}: {err['msg']}")
+            lines.append(f"  {where}: bad value {shown}: {problem.message}")
         if item is not None and len(lines) > before:
             lines[-1] += f" (from --set {item!r})"
     return "\n".join(lines)
