@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omniquant.errors import DeviceError
+from omniquant.errors import DeviceError, arg_ref
 
 DEVICE_CHOICES = ("cpu", "cuda", "cuda:N", "auto")
 _CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
@@ -77,8 +77,10 @@ class Placement:
         return kwargs
 
 
-def parse_size(text: str, where: str = "--max-memory") -> int:
-    """``120GiB`` / ``200GB`` / ``512MiB`` / ``1000000`` -> bytes."""
+def parse_size(text: str, where: str | None = None) -> int:
+    """``120GiB`` / ``200GB`` / ``512MiB`` / ``1000000`` -> bytes (``where``: what the error
+    names, default the ``max_memory`` argument)."""
+    where = arg_ref("max_memory") if where is None else where
     m = _SIZE_RE.match(text)
     if not m:
         raise DeviceError(
@@ -102,7 +104,7 @@ def parse_max_memory(text: str | None) -> dict[int | str, int] | None:
     for item in text.split(","):
         key, sep, value = item.partition("=")
         key = key.strip().lower()
-        where = f"--max-memory {item.strip()!r}"
+        where = f"{arg_ref('max_memory')} {item.strip()!r}"
         if not sep:
             raise DeviceError(
                 f"{where}: expected DEVICE=SIZE entries separated by commas, "
@@ -151,34 +153,39 @@ def resolve_placement(
     m = _CUDA_RE.match(requested)
     if requested not in ("cpu", "auto") and not m:
         raise DeviceError(
-            f"--device {device!r}: unknown device; choose one of cpu, cuda, cuda:N, auto."
+            "unknown device; choose one of cpu, cuda, cuda:N, auto.",
+            arg="device",
+            value=repr(device),
         )
     if budget is not None:
         gpus = sorted(k for k in budget if isinstance(k, int))
         past = [g for g in gpus if g >= n_gpu]
         if past:
             raise DeviceError(
-                f"--max-memory: GPU {past[0]} is not visible on this host ({n_gpu} CUDA "
+                f"{arg_ref('max_memory')}: GPU {past[0]} is not visible on this host ({n_gpu} CUDA "
                 f"device(s){', CUDA unavailable' if n_gpu == 0 else ''}); name GPUs 0.."
                 f"{max(n_gpu - 1, 0)} or only cpu."
             )
         if requested != "auto":
             raise DeviceError(
-                f"--max-memory is a budget for --device auto (accelerate's placement); "
-                f"--device {requested} puts the whole model on one device. Drop one of them."
+                f"{arg_ref('max_memory')} is a budget for {arg_ref('device')} auto (accelerate's placement); "
+                f"{arg_ref('device')} {requested} puts the whole model on one device. Drop one of them."
             )
     if m:
         if n_gpu == 0:
             raise DeviceError(
-                f"--device {requested}: CUDA is not available on this host (torch "
-                f"{_torch_version()} sees no GPU). Use --device cpu or auto, or run on a GPU host "
-                "with a CUDA build of torch."
+                f"CUDA is not available on this host (torch "
+                f"{_torch_version()} sees no GPU). Use {arg_ref('device')} cpu or auto, or run on a GPU host "
+                "with a CUDA build of torch.",
+                arg="device",
+                value=requested,
             )
         index = int(m.group(1) or 0)
         if index >= n_gpu:
             raise DeviceError(
-                f"--device {requested}: this host has {n_gpu} CUDA device(s) "
-                f"(cuda:0..cuda:{n_gpu - 1})."
+                f"this host has {n_gpu} CUDA device(s) (cuda:0..cuda:{n_gpu - 1}).",
+                arg="device",
+                value=requested,
             )
         return Placement(requested, "single", device=f"cuda:{index}")
     if requested == "cpu":

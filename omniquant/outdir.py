@@ -26,7 +26,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from omniquant.errors import ExportError
+from omniquant.errors import ExportError, arg_ref
 
 
 def _pid_alive(pid: int) -> bool:
@@ -83,8 +83,10 @@ class out_lock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
                 raise ExportError(
-                    f"--out {self.out}: cannot create the lock file {self.path} "
-                    f"({exc.strerror}); choose a writable --out."
+                    f"cannot create the lock file {self.path} "
+                    f"({exc.strerror}); choose a writable {arg_ref('out')}.",
+                    arg="out",
+                    value=self.out,
                 ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -92,8 +94,10 @@ class out_lock:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 os.close(fd)
                 raise ExportError(
-                    f"--out {self.out}: another omniquant run (pid {holder}) is writing it; "
-                    "wait for it to finish or choose another --out."
+                    f"another omniquant run (pid {holder}) is writing it; "
+                    f"wait for it to finish or choose another {arg_ref('out')}.",
+                    arg="out",
+                    value=self.out,
                 ) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -187,6 +191,8 @@ class write_errors:
         else:
             return False
         raise ExportError(
-            f"--out {self.out}: writing the checkpoint failed ({reason}); nothing was left "
-            "behind. Free space or choose another --out."
+            f"writing the checkpoint failed ({reason}); nothing was left "
+            f"behind. Free space or choose another {arg_ref('out')}.",
+            arg="out",
+            value=self.out,
         ) from exc

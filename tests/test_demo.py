@@ -7,11 +7,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
 from safetensors import safe_open
 
 from omniquant import demo
 from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir, demo_training_record
-from omniquant.errors import ModelLoadError
+from omniquant.cli import CLI_NAMES
+from omniquant.errors import ModelLoadError, argument_style
 
 SUBSET_PER_TASK = 2
 
@@ -41,9 +43,11 @@ def test_missing_assets_give_a_clear_error(tmp_path: Path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError) as info:
         demo.demo_model_dir()
-    message = str(info.value)
+    with argument_style(CLI_NAMES):  # as the `omniquant` command prints it
+        message = str(info.value)
     assert message.startswith(f"The bundled demo model is incomplete: {tmp_path} lacks model.safetensors, ")
     assert "python scripts/train_demo.py" in message and "--model DIR" in message
+    assert "pass model DIR" in str(info.value)  # a Python caller reads the argument's name
     monkeypatch.setattr(demo, "_RECORD", tmp_path / "accuracy.json")
     with pytest.raises(ModelLoadError, match=r"has no training record"):
         demo.demo_training_record()

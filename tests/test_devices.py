@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from omniquant.cli import main
+from omniquant.cli import CLI_NAMES, main
 from omniquant.devices import parse_max_memory, resolve_placement
-from omniquant.errors import DeviceError
+from omniquant.errors import DeviceError, argument_style
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,14 +104,18 @@ def test_placement_without_cuda():
     assert resolve_placement(None, None).device == "cpu"
     offload = resolve_placement("auto", "cpu=1MiB")
     assert offload.kind == "dispatch" and offload.max_memory == {"cpu": 2**20}
-    for dev in ("cuda", "cuda:1"):
-        with pytest.raises(DeviceError, match=f"--device {dev}: CUDA is not available"):
-            resolve_placement(dev, None)
-    with pytest.raises(DeviceError, match="GPU 0 is not visible on this host"):
-        resolve_placement("auto", "0=10GiB,cpu=1GiB")
-    with pytest.raises(DeviceError, match="unknown device; choose one of cpu, cuda, cuda:N, auto"):
-        resolve_placement("tpu", None)
-    with pytest.raises(DeviceError, match="--max-memory is a budget for --device auto"):
+    with argument_style(CLI_NAMES):  # the messages as the `omniquant` command prints them
+        for dev in ("cuda", "cuda:1"):
+            with pytest.raises(DeviceError, match=f"--device {dev}: CUDA is not available"):
+                resolve_placement(dev, None)
+        with pytest.raises(DeviceError, match="GPU 0 is not visible on this host"):
+            resolve_placement("auto", "0=10GiB,cpu=1GiB")
+        with pytest.raises(DeviceError, match="unknown device; choose one of cpu, cuda, cuda:N, auto"):
+            resolve_placement("tpu", None)
+        with pytest.raises(DeviceError, match="--max-memory is a budget for --device auto"):
+            resolve_placement("cpu", "cpu=1GiB")
+    # A Python caller reads the arguments' own names.
+    with pytest.raises(DeviceError, match="^max_memory is a budget for device auto"):
         resolve_placement("cpu", "cpu=1GiB")
 
 

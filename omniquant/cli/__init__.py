@@ -17,7 +17,7 @@ import typer
 
 from omniquant.cli import _app as _cli_app
 from omniquant.cli._app import _console, app
-from omniquant.errors import OmniquantError
+from omniquant.errors import OmniquantError, argument_style, cli_style
 
 
 @app.command("make-tiny")
@@ -50,9 +50,21 @@ from omniquant.cli import (  # noqa: F401
     plan,
 )
 
+#: Library argument -> flag, where the flag is not ``--`` + the name with dashes.
+CLI_NAMES = cli_style(overrides="--set")
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app, turning ``OmniquantError`` into a clean message."""
+    """Entry point: run the app, turning ``OmniquantError`` into a clean message.
+
+    Library errors name Python arguments; while a command runs (and its error is
+    printed) they read as the command's flags (``omniquant.errors.argument_style``).
+    """
+    with argument_style(CLI_NAMES):
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     import contextlib
 
     from omniquant.cli.noise import third_party_to_log

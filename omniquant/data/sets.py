@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from omniquant.data.locate import SetLocator
 from omniquant.data.manifest import MANIFEST_NAME, BadLine, ValidatedManifest, validate_manifest
-from omniquant.errors import DataError
+from omniquant.errors import DataError, arg_ref
 
 if TYPE_CHECKING:
     from omniquant.data.batch import Sample
@@ -119,7 +119,7 @@ def load_calibration_set(
         lines = "\n".join(f"  {bad}" for bad in failed)
         raise DataError(
             f"Calibration set {root}: {len(failed)} sample(s) cannot be processed:\n{lines}\n"
-            f"Fix or remove these lines, or skip them (--skip-bad, or skip_bad=True in Python)."
+            f"Fix or remove these lines, or skip them with {arg_ref('skip_bad')}."
         )
     if not samples:
         raise DataError(f"Calibration set {root}: no usable sample is left.")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omniquant.errors import ModelLoadError
+from omniquant.errors import ModelLoadError, arg_ref
 
 #: Name of the shipped calibration set made for the demo model (``calib_data/omni-demo``).
 DEMO_CALIB = "omni-demo"
@@ -40,7 +40,7 @@ def demo_model_dir() -> Path:
             f"The bundled demo model is incomplete: {_MODEL_DIR} lacks {', '.join(missing)}. "
             "Reinstall omniquant from a checkout that has omniquant/demo/model/ "
             "(`pip install -e .`), or retrain it with `python scripts/train_demo.py`, or pass "
-            "--model DIR."
+            f"{arg_ref('model')} DIR."
         )
     return _MODEL_DIR
 

@@ -32,7 +32,7 @@ from omniquant.data.processing import (
     IMAGE_TOKEN,
     VIDEO_TOKEN,
 )
-from omniquant.errors import ExportError
+from omniquant.errors import ExportError, arg_ref
 
 SPECIAL_TOKENS = [
     "<pad>", "<s>", "</s>", "<unk>",
@@ -404,15 +404,15 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
     out = Path(out)
     if size not in SIZES and size != SLICE:
         raise ExportError(
-            f"make-tiny: unknown --size {size!r}; choose one of {sorted([*SIZES, SLICE])}."
+            f"make-tiny: unknown {arg_ref('size')} {size!r}; choose one of {sorted([*SIZES, SLICE])}."
         )
     if out.exists():
         if not force:
             raise ExportError(
-                f"make-tiny: output directory {out} already exists; pass --force to overwrite it."
+                f"make-tiny: output directory {out} already exists; pass {arg_ref('force')} to overwrite it."
             )
         if not out.is_dir():
-            raise ExportError(f"make-tiny: --out {out} exists and is not a directory.")
+            raise ExportError(f"make-tiny: {arg_ref('out')} {out} exists and is not a directory.")
         shutil.rmtree(out)
     model, tokenizer = build_tiny_model(seed, size)
     if size == SLICE:
@@ -441,4 +441,6 @@ def _write_preprocessor_config(out: Path, config) -> None:
         "sampling_rate": 16000,
         "feature_size": config.audio_config.num_mel_bins,
     }
-    (out / "preprocessor_config.json").write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    )

@@ -51,7 +51,7 @@ from omniquant.engine.scripts import (
     render_scripts,
 )
 from omniquant.engine.targets import Target, get_target, nvfp4_on_hopper_message
-from omniquant.errors import EngineError
+from omniquant.errors import EngineError, arg_ref
 
 BUNDLE_SCHEMA_VERSION = 1
 
@@ -139,11 +139,11 @@ def _check_out(out: Path, checkpoint: Path, force: bool) -> None:
     if out == checkpoint or out in checkpoint.parents or checkpoint in out.parents:
         raise EngineError(
             f"{out}: the bundle directory must not contain, or be inside, the checkpoint "
-            f"{checkpoint}; choose another --out"
+            f"{checkpoint}; choose another {arg_ref('out')}"
         )
     if (out.exists() or out.is_symlink()) and not force:
         raise EngineError(
-            f"{out}: already exists; choose another --out or pass --force to replace it"
+            f"{out}: already exists; choose another {arg_ref('out')} or pass {arg_ref('force')} to replace it"
         )
 
 

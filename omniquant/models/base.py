@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from omniquant.errors import ModelLoadError
+from omniquant.errors import ModelLoadError, arg_ref
 
 _REGISTRY: dict[str, type[ModelAdapter]] = {}
 
@@ -125,15 +125,19 @@ def read_config(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(
-            f"--model {path}: directory does not exist; pass a checkpoint directory."
+            "directory does not exist; pass a checkpoint directory.", arg="model", value=path
         )
     if not path.is_dir():
-        raise ModelLoadError(f"--model {path}: not a directory; pass a checkpoint directory.")
+        raise ModelLoadError(
+            "not a directory; pass a checkpoint directory.", arg="model", value=path
+        )
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelLoadError(
-            f"--model {path}: no config.json; this is not a Hugging Face checkpoint directory "
-            "(create one with `omniquant make-tiny --out DIR` or download a nemotron_h_omni checkpoint)."
+            "no config.json; this is not a Hugging Face checkpoint directory "
+            "(create one with `omniquant make-tiny --out DIR` or download a nemotron_h_omni checkpoint).",
+            arg="model",
+            value=path,
         )
     try:
         return json.loads(cfg_file.read_text())

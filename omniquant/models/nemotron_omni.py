@@ -116,7 +116,7 @@ class NemotronOmniAdapter(ModelAdapter):
         if not weights:
             return self._load_meta(path, cfg, dtype)
         if not any(path.glob("*.safetensors")):
-            raise ModelLoadError(f"--model {path}: no *.safetensors weights in the directory.")
+            raise ModelLoadError("no *.safetensors weights in the directory.", arg="model", value=path)
         config = load_config(path)
         placement = dict(placement or {})
         notes: list[str] = []
@@ -147,11 +147,11 @@ class NemotronOmniAdapter(ModelAdapter):
         except Exception as exc:  # transformers raises many types; name the directory
             if "ignore_mismatched_sizes" in str(exc):  # its hint is for fine-tuning, not here
                 raise ModelLoadError(
-                    f"--model {path}: a tensor's shape in the safetensors files does not match "
+                    f"a tensor's shape in the safetensors files does not match "
                     f"config.json ({str(exc).splitlines()[0]}); the weights and the config come "
-                    "from different checkpoints."
+                    "from different checkpoints.", arg="model", value=path
                 ) from exc
-            raise ModelLoadError(f"--model {path}: transformers could not load it: {exc}") from exc
+            raise ModelLoadError(f"transformers could not load it: {exc}", arg="model", value=path) from exc
         # transformers initialises missing tensors randomly with only a log line; a source
         # checkpoint must hold every tensor of its model.
         missing = sorted(info.get("missing_keys") or [])
@@ -164,10 +164,10 @@ class NemotronOmniAdapter(ModelAdapter):
         if missing or mismatched:
             names = [self._disk_name(k) for k in missing] + mismatched
             raise ModelLoadError(
-                f"--model {path}: {len(names)} tensor(s) of the model are missing from the "
+                f"{len(names)} tensor(s) of the model are missing from the "
                 f"safetensors files or have the wrong shape: {', '.join(names[:5])}"
                 f"{' ...' if len(names) > 5 else ''}; the shards are incomplete or belong to "
-                "another config.json."
+                "another config.json.", arg="model", value=path
             )
         model.eval()
         # modelopt's exporter needs architectures on the sub-config it exports.
@@ -177,8 +177,8 @@ class NemotronOmniAdapter(ModelAdapter):
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as exc:
             raise ModelLoadError(
-                f"--model {path}: no usable tokenizer ({exc}); the directory needs tokenizer.json "
-                "and tokenizer_config.json."
+                f"no usable tokenizer ({exc}); the directory needs tokenizer.json "
+                "and tokenizer_config.json.", arg="model", value=path
             ) from exc
         return LoadedModel(
             model=model, tokenizer=tokenizer, path=path, adapter=self, config_dict=cfg,

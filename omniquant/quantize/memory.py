@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from omniquant.devices import parse_max_memory as parse_budget
 from omniquant.devices import parse_size  # noqa: F401  (re-exported: one size parser)
-from omniquant.errors import DeviceError
+from omniquant.errors import DeviceError, arg_ref
 
 #: ``--device`` / ``--max-memory`` errors: the same class as quantize's (one parser).
 MemorySpecError = DeviceError
@@ -45,16 +45,20 @@ def parse_max_memory(text: str) -> dict[str, int]:
     """
     budget = parse_budget(",".join(p for p in text.split(",") if p.strip()))
     if not budget:
-        raise MemorySpecError("--max-memory: empty; write e.g. 0=120GiB,1=120GiB,cpu=200GiB.")
+        raise MemorySpecError(
+            f"{arg_ref('max_memory')}: empty; write e.g. 0=120GiB,1=120GiB,cpu=200GiB."
+        )
     out = {("cpu" if key == "cpu" else f"cuda:{key}"): size for key, size in budget.items()}
     return dict(sorted(out.items(), key=lambda kv: _device_order(kv[0])))
 
 
 def parse_devices(text: str) -> list[str]:
     """``cpu`` / ``cuda`` / ``cuda:0,cuda:1`` / ``0,1`` -> device names (``cuda`` is ``cuda:0``)."""
-    devices = [_device_name(p.strip(), "--device") for p in text.split(",") if p.strip()]
+    devices = [_device_name(p.strip(), arg_ref("device")) for p in text.split(",") if p.strip()]
     if not devices:
-        raise MemorySpecError("--device: empty; write cpu, cuda, cuda:0 or cuda:0,cuda:1.")
+        raise MemorySpecError(
+            f"{arg_ref('device')}: empty; write cpu, cuda, cuda:0 or cuda:0,cuda:1."
+        )
     return devices
 
 
@@ -201,7 +205,7 @@ def estimate_calibration_memory(
             no budget.
     """
     if tokens < 1:
-        raise MemorySpecError(f"--tokens {tokens}: must be at least 1.")
+        raise MemorySpecError("must be at least 1.", arg="tokens", value=tokens)
     weights = sum(b for _, b in units)
     terms, lines = activation_terms(shapes, tokens)
     peak = max(terms.values())
@@ -218,8 +222,10 @@ def estimate_calibration_memory(
         devices = parse_devices(device or "cpu")
         if len(devices) > 1:
             raise MemorySpecError(
-                f"--device {device}: several devices need --max-memory to place weights "
-                "(e.g. --max-memory 0=120GiB,1=120GiB,cpu=200GiB)."
+                f"several devices need {arg_ref('max_memory')} to place weights "
+                f"(e.g. {arg_ref('max_memory')} 0=120GiB,1=120GiB,cpu=200GiB).",
+                arg="device",
+                value=device,
             )
         need = weights + reserve
         rows = [{"device": devices[0], "weights": weights, "reserve": reserve, "total": need,
@@ -237,8 +243,10 @@ def estimate_calibration_memory(
         missing = [d for d in wanted if d not in budgets]
         if missing:
             raise MemorySpecError(
-                f"--device {device}: --max-memory {max_memory} gives no budget for "
-                f"{', '.join(missing)}; add e.g. {missing[0].split(':')[-1]}=80GiB."
+                f"{arg_ref('max_memory')} {max_memory} gives no budget for "
+                f"{', '.join(missing)}; add e.g. {missing[0].split(':')[-1]}=80GiB.",
+                arg="device",
+                value=device,
             )
         budgets = {d: b for d, b in budgets.items() if d in wanted or d == "cpu"}
     rows = []

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from omniquant.errors import RecipeError
+from omniquant.errors import RecipeError, arg_ref
 from omniquant.schema import Strict, allowed_fields, field_problems
 
 Format = Literal["fp8", "nvfp4", "bf16"]
@@ -106,7 +106,7 @@ class Calibration(Strict):
                 "layerwise: true is not supported: modelopt 0.47 calibrates each layer from "
                 "cached inputs outside omniquant's forward loop, so expert token counts and "
                 "force_all_experts would silently not apply. For a model larger than the GPU, "
-                "use --device auto with --max-memory (offload to CPU memory, then disk)"
+                f"use {arg_ref('device')} auto with {arg_ref('max_memory')} (offload to CPU memory, then disk)"
             )
         return self
 
@@ -204,15 +204,19 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
     if looks_like_path or p.exists():
         if p.is_dir():
             raise RecipeError(
-                f"--recipe {name_or_path}: no such recipe file (it is a directory); pass a "
-                f"recipe .yaml file or a built-in name ({', '.join(sorted(builtins)) or 'none found'})."
+                f"no such recipe file (it is a directory); pass a "
+                f"recipe .yaml file or a built-in name ({', '.join(sorted(builtins)) or 'none found'}).",
+                arg="recipe",
+                value=name_or_path,
             )
         if not p.is_file():
-            raise RecipeError(f"--recipe {name_or_path}: no such recipe file.")
+            raise RecipeError("no such recipe file.", arg="recipe", value=name_or_path)
         return p
     raise RecipeError(
-        f"--recipe {name_or_path}: unknown recipe name; built-in recipes are "
-        f"{', '.join(sorted(builtins)) or '(none found)'}, or pass a path to a .yaml file."
+        f"unknown recipe name; built-in recipes are "
+        f"{', '.join(sorted(builtins)) or '(none found)'}, or pass a path to a .yaml file.",
+        arg="recipe",
+        value=name_or_path,
     )
 
 
@@ -258,29 +262,39 @@ def load_recipe(
 def _apply_override(data: dict, item: str, path: Path) -> tuple[str, ...]:
     """Apply one ``key.path=value`` to ``data``; returns the key path (for messages)."""
     if "=" not in item:
-        raise RecipeError(f"--set {item!r}: expected key.path=value (e.g. calibration.size=16).")
+        raise RecipeError(
+            "expected key.path=value (e.g. calibration.size=16).", arg="overrides", value=repr(item)
+        )
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     if not all(p.strip() for p in parts):
         raise RecipeError(
-            f"--set {item!r}: the key {key!r} has an empty part; expected key.path=value "
-            "(e.g. calibration.size=16)."
+            f"the key {key!r} has an empty part; expected key.path=value "
+            "(e.g. calibration.size=16).",
+            arg="overrides",
+            value=repr(item),
         )
     parts = [p.strip() for p in parts]
     try:
         value = load_yaml_text(raw)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"--set {item!r}: value is not valid YAML ({exc}).") from exc
+        raise RecipeError(
+            f"value is not valid YAML ({exc}).", arg="overrides", value=repr(item)
+        ) from exc
     except RecursionError:
-        raise RecipeError(f"--set {item!r}: value is not valid YAML (nested too deeply).") from None
+        raise RecipeError(
+            "value is not valid YAML (nested too deeply).", arg="overrides", value=repr(item)
+        ) from None
     node: Any = data
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise RecipeError(
-                    f"--set {item!r}: {'.'.join(parts[:i])} is a list of {len(node)} "
-                    f"items; {part!r} is not an index into it."
+                    f"{'.'.join(parts[:i])} is a list of {len(node)} "
+                    f"items; {part!r} is not an index into it.",
+                    arg="overrides",
+                    value=repr(item),
                 )
             if last:
                 node[int(part)] = value
@@ -292,7 +306,9 @@ def _apply_override(data: dict, item: str, path: Path) -> tuple[str, ...]:
             else:
                 node = node.setdefault(part, {})
         else:
-            raise RecipeError(f"--set {item!r}: {'.'.join(parts[:i])} is not a section.")
+            raise RecipeError(
+                f"{'.'.join(parts[:i])} is not a section.", arg="overrides", value=repr(item)
+            )
     return tuple(parts)
 
 
