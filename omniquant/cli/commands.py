@@ -6,6 +6,7 @@ the function bodies (``import omniquant.cli`` must stay cheap).
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -144,14 +145,9 @@ def recipes_show(name: Annotated[str, typer.Argument(help="Built-in recipe name 
     _echo(path.read_text(), nl=False)
 
 
-# --- build-engine (issue 7) -------------------------------------------------
+# --- build-engine -----------------------------------------------------------
 # Same names as omniquant.engine.targets.TARGETS, spelt out so the CLI stays cheap to import.
 _ENGINE_TARGETS = ("hopper", "blackwell")
-
-from enum import Enum
-
-import typer
-
 _EngineTarget = Enum("_EngineTarget", [(name, name) for name in _ENGINE_TARGETS], type=str)
 
 
@@ -222,7 +218,7 @@ def build_engine_cmd(
     say(f"serve: {result.path / 'serve.sh'}")
 
 
-# --- report (issue 5) -------------------------------------------------------
+# --- report -----------------------------------------------------------------
 
 
 @app.command("report")
@@ -381,7 +377,7 @@ def cliff_cmd(
     console.print(f"report: {res.out / 'report' / 'report.html'}  ({res.seconds:.0f} s)")
 
 
-# --- serve (issue 15) -------------------------------------------------------
+# --- serve ------------------------------------------------------------------
 
 
 @app.command("serve")
