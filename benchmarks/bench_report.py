@@ -34,7 +34,7 @@ import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
 import modelopt.torch.quantization  # imported by every path below; part of the base footprint
-from omniquant.report import build_report
+from omniquant.experiments.compare import build_report
 from omniquant.evaluate.emulated import load_emulated
 from omniquant.evaluate.runner import evaluate_model
 from omniquant.evaluate.tasks import prepare_task_items, validate_task_set
@@ -105,7 +105,7 @@ def bench_ckpts(tmp_path_factory):
 def test_bench_report_throughput_tiny(benchmark, tiny_ckpts, tmp_path):
     import torch
 
-    from omniquant.report import build_report
+    from omniquant.experiments.compare import build_report
 
     base, cands = tiny_ckpts
     torch.set_num_threads(1)

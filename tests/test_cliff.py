@@ -9,7 +9,8 @@ import pytest
 from omniquant.cli import main
 from omniquant.demo import DEMO_TASKS
 from omniquant.evaluate import validate_task_set
-from omniquant.experiments.cliff import BASELINE_NAME, render_cliff_table
+from omniquant.experiments.cliff import BASELINE_NAME
+from omniquant.report.table import render_cliff_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

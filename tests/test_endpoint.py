@@ -35,7 +35,7 @@ from omniquant.endpoint.evaluate import evaluate_endpoint
 from omniquant.endpoint.protocol import chat_prompt, entry_content, parse_model_source
 from omniquant.errors import EndpointError
 from omniquant.evaluate import validate_task_set
-from omniquant.report import build_report
+from omniquant.experiments.compare import build_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,7 +15,8 @@ import torch
 
 from omniquant.cli import main
 from omniquant.errors import ReportError
-from omniquant.report import REPORT_FILES, build_report
+from omniquant.experiments.compare import build_report
+from omniquant.report import REPORT_FILES
 
 CHROMIUM = Path("/usr/bin/chromium")
 TASK_FIELDS = {
@@ -387,7 +388,7 @@ def test_coverage_text_does_not_call_force_calibrated_experts_uncalibrated():
 
 
 def test_a_checkpoint_given_as_dot_is_named_by_its_directory(tiny_dir, monkeypatch):
-    from omniquant.report.build import describe_checkpoint
+    from omniquant.evaluate.describe import describe_checkpoint
 
     monkeypatch.chdir(tiny_dir)
     assert describe_checkpoint(Path("."), "baseline")["name"] == tiny_dir.name

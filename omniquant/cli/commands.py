@@ -294,7 +294,8 @@ def report_cmd(
             raise ReportError(f"--request-extra: not valid JSON ({err}).") from err
         if not isinstance(extra, dict):
             raise ReportError("--request-extra: must be a JSON object.")
-    from omniquant.report import build_report
+    from omniquant.experiments.compare import build_report
+    from omniquant.report.table import render_summary_table
 
     console = _console()
 
@@ -321,27 +322,8 @@ def report_cmd(
         request_extra=extra,
     )
 
-    def cell(value, spec: str, width: int, scale: float = 1.0, suffix: str = "") -> str:
-        # Served models may not report size or provide every metric: "n/a", never a number.
-        if value is None:
-            return f"{'n/a':>{width + len(suffix)}}"
-        return f"{format(value * scale, spec):>{width}}{suffix}"
-
-    say(
-        f"{'model':<22}{'precision':<18}{'bits/w':>8}{'size MB':>10}{'accuracy':>10}"
-        f"{'min recov':>10}{'KL mean':>11}{'top-1':>8}"
-    )
-    for m in [report["baseline"], *report["candidates"]]:
-        overall = m["overall"]
-        recovs = [t["recovery"] for t in m["tasks"].values() if t["recovery"] is not None]
-        recov = min(recovs, default=1.0 if not m["tasks"] else None)
-        size = None if m["size_bytes"] is None else m["size_bytes"] / 1e6
-        say(
-            f"{m['name'][:21]:<22}{m['precision'][:17]:<18}{cell(m['bits_per_weight'], '.3f', 8)}"
-            f"{cell(size, '.3f', 10)}{cell(overall['accuracy'], '.3f', 10)}"
-            f"{cell(recov, '.1f', 9, 100, '%')}"
-            f"{cell(overall['kl_mean'], '.3g', 11)}{cell(overall['top1_agreement'], '.1f', 7, 100, '%')}"
-        )
+    for line in render_summary_table(report).splitlines():
+        say(line)
     for line in report["verdicts"]:
         say(line)
     if report.get("sensitivity"):
@@ -364,7 +346,8 @@ def cliff_cmd(
     force: Annotated[bool, typer.Option(help="Overwrite an existing output directory.")] = False,
 ) -> None:
     """The main job: quantize with each recipe, evaluate against BF16, report the quality cliff."""
-    from omniquant.experiments.cliff import DEFAULT_RECIPES, render_cliff_table, run_cliff
+    from omniquant.experiments.cliff import DEFAULT_RECIPES, run_cliff
+    from omniquant.report.table import render_cliff_table
 
     console = _console()
     res = run_cliff(

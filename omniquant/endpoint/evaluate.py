@@ -1,5 +1,8 @@
 """Evaluate a served model on a task set: what ``evaluate.runner`` does, through the API.
 
+``describe_endpoint`` says what a served model is (``evaluate.describe`` for a
+checkpoint directory), in the fields a report shows.
+
 Policy (per sample, in this order; the requests of one sample run one after another,
 samples run concurrently on ``concurrency`` threads):
 1. Prompt request: the user message (``protocol.entry_content``), ``temperature`` 0,
@@ -35,10 +38,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
 
 from omniquant.endpoint.client import EndpointClient
 from omniquant.endpoint.protocol import entry_content
-from omniquant.errors import EndpointError
+from omniquant.errors import EndpointError, OmniquantError
 
 
 class Unavailable(Exception):
@@ -282,3 +286,41 @@ def evaluate_endpoint(
         pool.shutdown(wait=True, cancel_futures=True)
     evaluation = ModelEvaluation(samples=results, spans=spans, seconds=time.perf_counter() - start)
     return evaluation, missing
+
+
+def describe_endpoint(client, role: str) -> dict:
+    """What a served model says about itself, in ``describe_checkpoint``'s fields.
+
+    ``omniquant serve`` reports its checkpoint in ``/v1/models`` (field ``omniquant``);
+    another server whose ``root`` is a checkpoint directory on this machine (vLLM or
+    trtllm-serve started by a bundle's ``eval.sh``) is described from those files;
+    otherwise precision, size and bits per weight are not available (``None``).
+
+    Raises:
+        EndpointError: The server is unreachable or does not serve the model.
+    """
+    from omniquant.evaluate.describe import describe_checkpoint
+
+    entry = client.resolve_model()
+    own = entry.get("omniquant") if isinstance(entry.get("omniquant"), dict) else None
+    root = entry.get("root")
+    info = None
+    if own is not None:
+        info = {k: own.get(k) for k in ("recipe", "precision", "kv_cache", "bits_per_weight",
+                                        "size_bytes", "params", "group_precision", "calibration")}  # fmt: skip
+    elif isinstance(root, str) and Path(root).is_dir():
+        try:
+            info = describe_checkpoint(Path(root), role)
+        except OmniquantError:
+            info = None
+    if info is None:
+        info = dict.fromkeys(("recipe", "kv_cache", "bits_per_weight", "size_bytes", "params",
+                              "calibration"))  # fmt: skip
+        info.update(precision="served (not reported)", group_precision={})
+    info.update(
+        name=client.source.name or (own or {}).get("name") or client.model_id,
+        path=f"{client.base_url}#{client.model_id}",
+        endpoint={"url": client.base_url, "model": client.model_id, "root": root},
+    )
+    info["emulation"] = (own or {}).get("emulation")
+    return info

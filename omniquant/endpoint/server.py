@@ -94,8 +94,8 @@ class ServedModel:
 
     def __init__(self, path: str | Path, model_id: str | None = None):
         from omniquant.data.processing import OmniProcessor
+        from omniquant.evaluate.describe import describe_checkpoint
         from omniquant.evaluate.emulated import load_emulated
-        from omniquant.report.build import describe_checkpoint
 
         self.path = Path(path)
         self.info = describe_checkpoint(self.path, "model")

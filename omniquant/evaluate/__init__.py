@@ -3,8 +3,10 @@
 Stages build on each other: ``tasks`` validates and processes a task set,
 ``runner.evaluate_model`` runs one loaded model over it (greedy answers, metric
 scores, per-sample KL and top-1 agreement against stored baseline distributions),
-``evs.evs_sweep`` repeats the video samples at several EVS rates. The report stage
-(``omniquant.report``) loads one model at a time and calls these.
+``evs.evs_sweep`` repeats the video samples at several EVS rates, ``describe`` says
+what a checkpoint's files are, and ``results`` holds the typed results (no model, no
+tensor) that the report renders. ``omniquant.experiments.compare`` loads one model at a
+time and calls these.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from omniquant.evaluate.fidelity import SpanDistribution
 from omniquant.evaluate.metrics import mean_present
+from omniquant.evaluate.results import EvsRow
 from omniquant.evaluate.runner import ModelEvaluation, evaluate_model
 from omniquant.evaluate.tasks import TaskItem
 
@@ -30,7 +31,7 @@ def evs_sweep(
     max_new_tokens: int = 16,
     topk: int | None = None,
     main: ModelEvaluation | None = None,
-) -> tuple[list[dict], dict[str, SpanDistribution]]:
+) -> tuple[list[EvsRow], dict[str, SpanDistribution]]:
     """Evaluate the video items of ``items`` at each EVS rate.
 
     Args:
@@ -47,12 +48,12 @@ def evs_sweep(
             baseline at that same rate, which is the sweep's reference).
 
     Returns:
-        ``(rows, reference)``: one row per rate with ``rate``, ``n``, ``video_tokens``,
-        ``video_placeholders``, ``kept_fraction``, ``accuracy``, ``kl_mean`` and
-        ``top1_agreement``; and the reference spans used.
+        ``(rows, reference)``: one ``EvsRow`` per rate (``rate``, ``n``,
+        ``video_tokens``, ``video_placeholders``, ``kept_fraction``, ``accuracy``,
+        ``kl_mean``, ``top1_agreement``); and the reference spans used.
     """
     videos = video_items(items)
-    rows: list[dict] = []
+    rows: list[EvsRow] = []
     if not videos:
         return rows, reference or {}
     ordered = sorted(float(r) for r in rates)
@@ -81,16 +82,16 @@ def evs_sweep(
         tokens = sum(s.video_tokens or 0 for s in samples)
         placeholders = sum(s.video_placeholders or 0 for s in samples)
         rows.append(
-            {
-                "rate": rate,
-                "n": len(samples),
-                "video_tokens": tokens,
-                "video_placeholders": placeholders,
-                "kept_fraction": tokens / placeholders if placeholders else None,
-                "accuracy": mean_present([s.score for s in samples]),
-                "kl_mean": mean_present([s.kl for s in samples]),
-                "top1_agreement": mean_present([s.top1 for s in samples]),
-            }
+            EvsRow(
+                rate=rate,
+                n=len(samples),
+                video_tokens=tokens,
+                video_placeholders=placeholders,
+                kept_fraction=tokens / placeholders if placeholders else None,
+                accuracy=mean_present([s.score for s in samples]),
+                kl_mean=mean_present([s.kl for s in samples]),
+                top1_agreement=mean_present([s.top1 for s in samples]),
+            )
         )
     return rows, reference
 

@@ -26,55 +26,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from omniquant.errors import ReportError
 from omniquant.evaluate.fidelity import SpanDistribution
 from omniquant.evaluate.metrics import choose, score_sample
+from omniquant.evaluate.results import SampleResult
 from omniquant.evaluate.tasks import TaskItem
-
-
-@dataclass
-class SampleResult:
-    """What one model did on one task sample.
-
-    Attributes:
-        id: Sample id.
-        task: Task name.
-        modality: The modality the task tests.
-        metric: Metric name.
-        prediction: Generated text (scored on its first line) or the chosen option;
-            ``None`` when only fidelity was measured.
-        score: Metric score in [0, 1] (``None`` when only fidelity was measured).
-        wer: Word error rate (``wer`` tasks only).
-        kl: Mean ``KL(baseline || model)`` over the answer span (``None`` without a
-            reference; 0 for the baseline itself).
-        top1: Mean top-1 agreement with the baseline over the answer span.
-        answer_tokens: Answer span length (reference tokens + EOS).
-        video_tokens: Video tokens that reached the backbone (after EVS), video samples only.
-        video_placeholders: Video placeholder tokens in the prompt (before EVS).
-        evs_rate: EVS pruning rate in effect (``None`` for a served model: a server setting).
-    """
-
-    id: str
-    task: str
-    modality: str
-    metric: str
-    prediction: str | None
-    score: float | None
-    wer: float | None
-    kl: float | None
-    top1: float | None
-    answer_tokens: int
-    video_tokens: int | None
-    video_placeholders: int | None
-    evs_rate: float | None
-
-    def to_json(self) -> dict:
-        """Plain-JSON form."""
-        return asdict(self)
 
 
 @dataclass

@@ -2,9 +2,11 @@
 
 Policy: ``cliff`` is composition only. It quantizes the model with each recipe
 (``quantize``), evaluates the exported checkpoints against the BF16 source with the
-report (``build_report``: serving numerics from the files on disk), prints a
-short accuracy/recovery table and says where the report is. With no ``--model``
-it uses the bundled demo model with its shipped calibration and task sets.
+report (``omniquant.experiments.compare.build_report``: serving numerics from the
+files on disk) and returns the report; the CLI prints its accuracy/recovery table
+(``omniquant.report.table.render_cliff_table``) and says where the report is. With
+no ``--model`` it uses the bundled demo model with its shipped calibration and task
+sets.
 """
 
 from __future__ import annotations
@@ -59,10 +61,10 @@ def run_cliff(
         log: Receives progress lines.
     """
     from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir
+    from omniquant.experiments.compare import build_report
     from omniquant.models.base import read_config
     from omniquant.quantize.pipeline import check_out_spares, quantize
     from omniquant.quantize.recipe import load_recipe
-    from omniquant.report import build_report
 
     say = log or (lambda _m: None)
     t0 = time.perf_counter()
@@ -101,25 +103,3 @@ def run_cliff(
     return CliffResult(
         out=out, report=report, checkpoints=checkpoints, seconds=time.perf_counter() - t0
     )
-
-
-def render_cliff_table(report: dict) -> str:
-    """Accuracy per task for BF16 and each candidate, with recovery in parentheses."""
-    base = report["baseline"]
-    cands = report["candidates"]
-    names = [base["name"]] + [c["name"] for c in cands]
-    width = max(14, *(len(n) + 2 for n in names))
-    lines = [f"{'task':<22}" + "".join(f"{n:>{width}}" for n in names)]
-    for task, b in base["tasks"].items():
-        row = f"{task:<22}" + f"{b['accuracy']:>{width}.2f}"
-        for c in cands:
-            t = c["tasks"][task]
-            rec = "-" if t["recovery"] is None else f"{t['recovery']:.2f}"
-            row += f"{t['accuracy']:.2f} ({rec})".rjust(width)
-        lines.append(row)
-    lines.append(
-        f"{'bits/weight':<22}"
-        + f"{base['bits_per_weight']:>{width}.2f}"
-        + "".join(f"{c['bits_per_weight']:>{width}.2f}" for c in cands)
-    )
-    return "\n".join(lines)

@@ -3,8 +3,9 @@
 Policy:
 - From the BF16 baseline checkpoint, each quantizable module group present in the
   model (``omniquant.quantize.plan.QUANTIZABLE_GROUPS``) is quantized alone to the target
-  format through the ordinary ``quantize`` stage (a generated one-rule recipe; every
-  other group BF16; no KV-cache quantization, so the group's own cost is measured),
+  format through the ordinary ``quantize`` stage (a generated one-rule ``Recipe``
+  object, passed as an object: no recipe file is written; every other group BF16;
+  no KV-cache quantization, so the group's own cost is measured),
   exported, reloaded with serving numerics and scored against the baseline's stored
   answer-span distributions. Fidelity only (no decoding): the ranking is by mean KL
   added over the task set; it costs one teacher-forced pass per sample and group.
@@ -73,7 +74,7 @@ def group_sensitivity(
         reference: The baseline's answer-span distributions by sample id.
         groups: Quantizable groups present in the model.
         fmt: Target format, ``nvfp4`` or ``fp8``.
-        workdir: Scratch directory for probe recipes and checkpoints.
+        workdir: Scratch directory for the probe checkpoints.
         calib: Calibration set for the probes.
         calib_size: Calibration samples per probe.
         topk: Span distribution size (must match the reference's).
@@ -89,21 +90,19 @@ def group_sensitivity(
     from omniquant.evaluate.emulated import load_emulated
     from omniquant.evaluate.runner import evaluate_model
     from omniquant.quantize.pipeline import quantize
+    from omniquant.quantize.recipe import Recipe
 
     say = log or (lambda _m: None)
     workdir.mkdir(parents=True, exist_ok=True)
     measured, skipped = [], []
     for group in groups:
-        recipe_file = workdir / f"probe_{group}.yaml"
-        recipe_file.write_text(
-            yaml.safe_dump(_probe_recipe(group, fmt, calib, calib_size), sort_keys=False)
-        )
+        recipe = Recipe.model_validate(_probe_recipe(group, fmt, calib, calib_size))
         ckpt = workdir / f"probe_{group}"
         say(f"sensitivity: {group} -> {fmt}")
         try:
             # modelopt prints per-module notices on stdout; the report keeps stdout clean.
             with contextlib.redirect_stdout(io.StringIO()):
-                result = quantize(baseline, recipe_file, ckpt, force=True, quiet=True)
+                result = quantize(baseline, recipe, ckpt, force=True, quiet=True)
         except OmniquantError as err:
             skipped.append({"group": group, "reason": str(err).splitlines()[0]})
             say(f"sensitivity: {group} skipped: {err}")

@@ -33,9 +33,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omniquant.errors import ExportError
 from omniquant.outdir import locked_out, write_errors
+
+if TYPE_CHECKING:
+    from omniquant.quantize.recipe import Recipe
 
 OMNIQUANT_JSON = "omniquant.json"
 
@@ -107,7 +111,7 @@ def load_calibration_samples(
 @locked_out
 def quantize(
     model: str | Path,
-    recipe: str | Path,
+    recipe: str | Path | Recipe,
     out: str | Path,
     *,
     calib: str | None = None,
@@ -123,7 +127,8 @@ def quantize(
 
     Args:
         model: Source checkpoint directory (hub layout, BF16).
-        recipe: Built-in recipe name or YAML path.
+        recipe: Built-in recipe name, YAML path, or a ``Recipe`` object (recorded in
+            ``omniquant.json`` with no path).
         out: Output directory (must not exist unless ``force``).
         calib: Calibration set (``synthetic``, a shipped name, or a directory);
             overrides ``calibration.set`` of the recipe.
@@ -173,7 +178,7 @@ def quantize(
     meta = load_model(model, weights=False)
     prediction = predict_size(meta, resolve_plan(rec, meta))
     meta = None
-    preflight_source(Path(model), rec, recipe_path)
+    preflight_source(Path(model), rec, recipe_path or f"recipe {rec.metadata.name!r}")
     # The predicted tensor bytes are what the export writes (headers and configs add
     # kilobytes): refuse a read-only or too-small --out filesystem before calibrating.
     check_writable_out(out, prediction.predicted_bytes, ExportError)
@@ -291,7 +296,7 @@ def _quantize_placed(
             },
             "recipe": {
                 "name": rec.metadata.name,
-                "path": str(recipe_path),
+                "path": None if recipe_path is None else str(recipe_path),
                 "effective": rec.model_dump(mode="json"),
             },
             "recipe_sha256": rec.sha256(),

@@ -221,21 +221,40 @@ def resolve_recipe_path(name_or_path: str | Path) -> Path:
 
 
 def load_recipe(
-    name_or_path: str | Path, overrides: list[str] | None = None
-) -> tuple[Recipe, Path]:
+    name_or_path: str | Path | Recipe, overrides: list[str] | None = None
+) -> tuple[Recipe, Path | None]:
     """Load, override and validate a recipe.
 
     Args:
-        name_or_path: Built-in recipe name or YAML path.
+        name_or_path: Built-in recipe name, YAML path, or a ``Recipe`` object (as
+            llm-compressor's ``oneshot`` takes a recipe object: a composition such as
+            the sensitivity sweep builds recipes in code and writes no file).
         overrides: ``key.path=value`` strings; values are parsed as YAML scalars/lists.
 
     Returns:
-        ``(recipe, path)``.
+        ``(recipe, path)``; ``path`` is ``None`` for a ``Recipe`` object, whose returned
+        copy is validated again with the overrides (the caller's object is never changed).
 
     Raises:
         RecipeError: naming the file, the field path, the bad value and what is allowed.
     """
-    path = resolve_recipe_path(name_or_path)
+    if isinstance(name_or_path, Recipe):
+        path = None
+        where = f"recipe {name_or_path.metadata.name!r} (in memory)"
+        data = name_or_path.model_dump(mode="json")
+    else:
+        path = where = resolve_recipe_path(name_or_path)
+        data = _read_recipe_file(path)
+    overridden: dict[tuple[str, ...], str] = {}
+    for item in overrides or []:
+        overridden[_apply_override(data, item, where)] = item
+    try:
+        return Recipe.model_validate(data), path
+    except ValidationError as exc:
+        raise RecipeError(_format_validation_error(where, exc, data, overridden)) from exc
+
+
+def _read_recipe_file(path: Path) -> dict:
     try:
         data = load_yaml_text(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
@@ -250,16 +269,10 @@ def load_recipe(
         raise RecipeError(f"{path}: not valid YAML: nested too deeply.") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping with 'metadata' and 'quantization'.")
-    overridden: dict[tuple[str, ...], str] = {}
-    for item in overrides or []:
-        overridden[_apply_override(data, item, path)] = item
-    try:
-        return Recipe.model_validate(data), path
-    except ValidationError as exc:
-        raise RecipeError(_format_validation_error(path, exc, data, overridden)) from exc
+    return data
 
 
-def _apply_override(data: dict, item: str, path: Path) -> tuple[str, ...]:
+def _apply_override(data: dict, item: str, path: Path | str) -> tuple[str, ...]:
     """Apply one ``key.path=value`` to ``data``; returns the key path (for messages)."""
     if "=" not in item:
         raise RecipeError(
@@ -318,7 +331,7 @@ def _allowed_fields(loc: tuple, data: dict) -> list[str]:
 
 
 def _format_validation_error(
-    path: Path, exc: ValidationError, data: dict, overridden: dict | None = None
+    path: Path | str, exc: ValidationError, data: dict, overridden: dict | None = None
 ) -> str:
     overridden = overridden or {}
 

@@ -1,14 +1,16 @@
 """The quality-cliff report: what each precision cost, on which task and modality.
 
-``build_report`` evaluates a BF16 baseline and quantized candidates from their
-exported files (serving numerics, one model in memory at a time) on a task set and
-writes ``report.json``, ``report.md`` and a self-contained ``report.html``;
-``render`` turns a report dict into Markdown/HTML, ``sensitivity`` ranks module
-groups by the KL each adds alone.
+The report renders results and never loads a model: ``build`` turns the typed
+results of a comparison (``omniquant.evaluate.results.Comparison``, made by
+``omniquant.experiments.compare``, which also offers ``build_report``) into the report
+dict and writes ``report.json``, ``report.md`` and a self-contained ``report.html``;
+``stats`` computes per-task and per-modality numbers, intervals and verdicts;
+``render`` turns a report dict into Markdown/HTML; ``table`` into the plain-text
+tables the CLI prints.
 """
 
 from __future__ import annotations
 
-from omniquant.report.build import REPORT_FILES, build_report
+from omniquant.report.build import REPORT_FILES
 
-__all__ = ["REPORT_FILES", "build_report"]
+__all__ = ["REPORT_FILES"]

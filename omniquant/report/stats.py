@@ -27,7 +27,7 @@ import zlib
 import numpy as np
 
 from omniquant.evaluate.metrics import mean_present
-from omniquant.evaluate.runner import SampleResult
+from omniquant.evaluate.results import SampleResult
 
 
 def recovery(candidate: float, baseline: float) -> tuple[float, bool]:

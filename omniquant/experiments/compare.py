@@ -1,0 +1,557 @@
+"""Compare exported checkpoints or served models on a task set: the composition behind a report.
+
+``compare`` loads each model, evaluates it, sweeps EVS and (with ``sensitivity``)
+probes module groups, and returns the typed results
+(``omniquant.evaluate.results.Comparison``); ``build_report`` runs it and has
+``omniquant.report`` write ``report.json``, ``report.md`` and ``report.html`` from
+those results (the report itself never loads a model).
+
+Policy:
+- Measure the artifact: baseline and candidates alike are loaded from their files
+  with ``omniquant.evaluate.emulated.load_emulated`` (serving numerics, on any machine).
+- Pre-flight before any model work: arguments, output directory, the whole task set
+  (every media file decoded), every checkpoint directory (config, weights, size on
+  disk) and, for ``sensitivity``, that the baseline is BF16.
+- One model in memory at a time: the baseline runs first and keeps only its
+  answer-span distributions (``omniquant.evaluate.fidelity``), then it is freed and
+  each candidate is loaded, evaluated and freed in turn.
+- Every checkpoint passes ``omniquant.checkpoint.verify.verify_checkpoint`` (finished, shard
+  checksums, finite scales), and every candidate must come from the baseline's model
+  (``source.fingerprint`` in its ``omniquant.json``): both before any evaluation.
+- Samples are processed once with the baseline's processor; each candidate must
+  carry the same tokenizer and processing settings (they are exports of one model),
+  else the comparison would not be sample for sample and the report refuses (checked
+  before the baseline is evaluated).
+- Served models: a baseline or candidate may be the base URL of an OpenAI-compatible
+  server (``NAME=http://127.0.0.1:8000/v1``), mixed freely with directories. It is
+  evaluated through the API (``omniquant.endpoint.evaluate``) from the task lines
+  themselves, concurrently, with retries and a resume cache (default
+  ``<out>/endpoint-cache``). What the server cannot provide (likelihood choices or
+  fidelity without ``prompt_logprobs``, video token counts, EVS sweeps, which are a
+  server setting) is recorded as not available. Sensitivity needs the BF16 baseline's
+  files and refuses a served baseline. In-process models are evaluated and rendered
+  exactly as before.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from omniquant.errors import ReportError
+from omniquant.evaluate.results import Comparison, ModelResult
+
+
+def _check_args(
+    sensitivity_format: str,
+    evs_rates,
+    recovery_threshold: float,
+    bootstrap: int,
+    max_new_tokens: int,
+) -> tuple[float, ...]:
+    if sensitivity_format not in ("nvfp4", "fp8"):
+        raise ReportError(f"--sensitivity-format {sensitivity_format!r}: choose nvfp4 or fp8.")
+    rates = tuple(sorted({float(r) for r in evs_rates}))
+    bad = [r for r in rates if not 0.0 <= r < 1.0]
+    if bad:
+        raise ReportError(
+            f"evs_rates {list(evs_rates)}: every EVS rate must be in [0, 1); got {bad}."
+        )
+    if not 0.0 < recovery_threshold <= 1.0:
+        raise ReportError(
+            f"--recovery-threshold {recovery_threshold}: must be in (0, 1] (e.g. 0.95)."
+        )
+    if bootstrap < 0:
+        raise ReportError(f"--bootstrap {bootstrap}: must be >= 0 (0 disables the intervals).")
+    if max_new_tokens < 1:
+        raise ReportError(f"--max-new-tokens {max_new_tokens}: must be >= 1.")
+    return rates
+
+
+def _unique_names(infos: list[dict]) -> None:
+    seen: dict[str, int] = {}
+    for info in infos:
+        base = info["name"]
+        seen[base] = seen.get(base, 0) + 1
+        if seen[base] > 1:
+            info["name"] = f"{base} ({seen[base]})"
+
+
+def _source_of(path: Path, meta: dict | None) -> tuple[str | None, str]:
+    """``(fingerprint, source path)`` of the model a checkpoint was quantized from (itself
+    for a source checkpoint without ``omniquant.json``)."""
+    from omniquant.checkpoint.verify import source_fingerprint
+
+    if not meta:
+        return source_fingerprint(path), str(path.resolve())
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    return source.get("fingerprint"), str(source.get("path"))
+
+
+def _check_same_source(
+    baseline: Path, base_meta: dict | None, candidate: Path, meta: dict | None
+) -> None:
+    """Refuse a candidate quantized from another model than the baseline (before any
+    evaluation: the verdict would otherwise call a 0% top-1 agreement a recovery)."""
+    base_fp, base_src = _source_of(baseline, base_meta)
+    cand_fp, cand_src = _source_of(candidate, meta)
+    if base_fp and cand_fp:
+        same = base_fp == cand_fp
+    else:  # an export without a recorded fingerprint: only its source path can tell
+        same = base_src == cand_src
+    if not same:
+        raise ReportError(
+            f"--candidate {candidate}: quantized from another model ({cand_src}) than the "
+            f"baseline {baseline} (weights differ); a report compares exports of one model. "
+            "Pass the checkpoint it was quantized from as --baseline."
+        )
+
+
+def _check_same_processing(processor, candidate: Path) -> None:
+    from omniquant.data.processing import OmniProcessor
+
+    other = OmniProcessor.from_pretrained(candidate)
+    if (
+        other.settings != processor.settings
+        or other.tokenizer.get_vocab() != processor.tokenizer.get_vocab()
+    ):
+        raise ReportError(
+            f"--candidate {candidate}: its tokenizer or processing settings differ from the "
+            "baseline's; a report compares exports of one model. Pass the checkpoint it was "
+            "quantized from as --baseline."
+        )
+
+
+def _peak_rss_mb() -> float | None:
+    """Peak resident memory of this process in MB (``VmHWM`` on Linux).
+
+    Not ``ru_maxrss`` where ``/proc`` exists: it survives ``exec``, so a process started
+    by a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    import omniquant
+
+    return {
+        "omniquant": omniquant.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _span_topk(spans: dict) -> int | None:
+    """Size of the stored baseline distributions; ``None`` for the full vocabulary."""
+    first = next(iter(spans.values()), None)
+    if first is None or first.indices is None:
+        return None
+    return int(first.indices.shape[-1])
+
+
+def compare(
+    baseline: str | Path,
+    candidates: list[str | Path],
+    tasks: str | Path,
+    *,
+    sensitivity: bool = False,
+    sensitivity_format: str = "nvfp4",
+    evs_rates: tuple[float, ...] | list[float] = (0.0, 0.25, 0.5, 0.75),
+    recovery_threshold: float = 0.95,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    max_new_tokens: int = 16,
+    topk: int | None = None,
+    sensitivity_calib: str = "synthetic",
+    baseline_name: str | None = None,
+    concurrency: int = 4,
+    endpoint_timeout: float = 300.0,
+    endpoint_retries: int = 5,
+    endpoint_cache: Path | None = None,
+    endpoint_topk: int = 20,
+    request_extra: dict | None = None,
+    scratch: Path | None = None,
+) -> Comparison:
+    """Evaluate ``baseline`` and ``candidates`` on a task set (see ``build_report``).
+
+    Args:
+        baseline: The BF16 checkpoint directory or a served model.
+        candidates: Checkpoint directories or served models.
+        tasks: Shipped task-set name or a directory with ``tasks.jsonl``.
+        sensitivity: Also rank module groups by the KL each adds alone.
+        sensitivity_format: ``nvfp4`` or ``fp8``.
+        evs_rates: EVS pruning rates for the video sweep (empty: no sweep).
+        recovery_threshold: Recorded for the verdicts (the report applies it).
+        bootstrap: Recorded for the intervals (the report computes them).
+        seed: Bootstrap seed (recorded).
+        log: Receives progress lines.
+        max_new_tokens: Greedy decoding budget per sample.
+        topk: Stored baseline distribution size.
+        sensitivity_calib: Calibration set of the sensitivity probes.
+        baseline_name: How the results name the baseline.
+        concurrency: Samples in flight per served model.
+        endpoint_timeout: Seconds per request to a served model.
+        endpoint_retries: Retries of a transient failure.
+        endpoint_cache: Resume cache directory for served models (``None``: none).
+        endpoint_topk: Log-probabilities per position asked of served models.
+        request_extra: Fields merged into every request to a served model.
+        scratch: Directory for the sensitivity probes' temporary checkpoints
+            (``None``: the system's temporary directory).
+
+    Returns:
+        The typed results, no model or tensor in them.
+
+    Raises:
+        ReportError: Bad arguments, checkpoints or (with ``sensitivity``) a baseline
+            that is not BF16.
+        DataError: A bad task set (every bad line listed).
+    """
+    from omniquant.data.processing import OmniProcessor
+    from omniquant.endpoint.protocol import parse_model_source
+    from omniquant.evaluate.describe import describe_checkpoint
+    from omniquant.evaluate.emulated import load_emulated
+    from omniquant.evaluate.evs import evs_sweep
+    from omniquant.evaluate.runner import evaluate_model
+    from omniquant.evaluate.tasks import prepare_task_items, resolve_task_set, validate_task_set
+    from omniquant.quantize.plan import QUANTIZABLE_GROUPS
+
+    say = log or (lambda _m: None)
+    started = time.time()
+    # ---------------------------------------------------------------- pre-flight
+    rates = _check_args(
+        sensitivity_format, evs_rates, recovery_threshold, bootstrap, max_new_tokens
+    )
+    if not candidates:
+        raise ReportError(
+            "no --candidate given; pass one or more quantized checkpoint directories."
+        )
+    task_dir = resolve_task_set(tasks)
+    entries = validate_task_set(task_dir)
+    if concurrency < 1 or endpoint_topk < 1 or endpoint_retries < 0 or endpoint_timeout <= 0:
+        raise ReportError(
+            "--concurrency and --endpoint-topk must be >= 1, --endpoint-retries >= 0 and "
+            "--endpoint-timeout > 0."
+        )
+    base_src = parse_model_source(baseline)
+    cand_srcs = [parse_model_source(c) for c in candidates]
+    if sensitivity and base_src.is_endpoint:
+        raise ReportError(
+            f"--baseline {base_src}: --sensitivity quantizes module groups of the baseline's "
+            "files; pass the BF16 checkpoint directory, not a served model."
+        )
+    clients: dict[int, object] = {}
+
+    def describe(src, role: str) -> dict:
+        if not src.is_endpoint:
+            info = describe_checkpoint(src.path, role)
+            if src.name:
+                info["name"] = src.name
+            return info
+        from omniquant.endpoint.client import EndpointClient
+        from omniquant.endpoint.evaluate import describe_endpoint
+
+        client = EndpointClient(
+            src,
+            timeout=endpoint_timeout,
+            retries=endpoint_retries,
+            cache_dir=Path(endpoint_cache) if endpoint_cache else None,
+            concurrency=concurrency,
+            request_extra=request_extra,
+        )
+        clients[id(src)] = client
+        return describe_endpoint(client, role)
+
+    base_info = describe(base_src, "baseline")
+    if baseline_name:
+        base_info["name"] = baseline_name
+    cand_infos = [describe(c, "candidate") for c in cand_srcs]
+    _unique_names([base_info, *cand_infos])
+    if sensitivity and base_info["precision"] != "BF16":
+        raise ReportError(
+            f"--baseline {baseline}: --sensitivity quantizes groups from the baseline, which must be "
+            f"a BF16 checkpoint (it is {base_info['precision']})."
+        )
+
+    def served(src, info: dict, role: str, reference, keep: bool) -> ModelResult:
+        from omniquant.endpoint.evaluate import evaluate_endpoint
+
+        client = clients[id(src)]
+        say(f"{role} {info['name']}: {len(entries)} samples from {client.base_url} "
+            f"(model {client.model_id}, concurrency {concurrency})")  # fmt: skip
+        ev, missing = evaluate_endpoint(
+            client,
+            entries,
+            reference=reference,
+            keep_spans=keep,
+            max_new_tokens=max_new_tokens,
+            topk=endpoint_topk,
+            concurrency=concurrency,
+        )
+        info["endpoint"].update(
+            not_available={k: v for k, v in missing.items() if v},
+            requests_sent=client.requests_sent,
+            cache_hits=client.cache_hits,
+            cache=str(client.cache_dir) if client.cache_dir else None,
+            topk=endpoint_topk,
+        )
+        client.close()
+        say(f"{role} {info['name']}: {ev.samples_per_s:.2f} samples/s "
+            f"({client.requests_sent} requests, {client.cache_hits} from the cache)")  # fmt: skip
+        # EVS is a server setting; the API cannot sweep it.
+        return ModelResult(info, ev.samples, ev.seconds, 0.0, None), ev
+
+    # Same model and tokenizer as the baseline: checked now, not after its evaluation.
+    metas = [info.pop("_meta", None) for info in (base_info, *cand_infos)]
+    processor = items = None
+    local = [s for s in (base_src, *cand_srcs) if not s.is_endpoint]
+    if local:
+        # Samples are processed once, with the baseline's processor when it is local.
+        processor = OmniProcessor.from_pretrained(local[0].path)
+        for src, meta in zip(cand_srcs, metas[1:]):
+            if src.is_endpoint:
+                continue
+            if not base_src.is_endpoint:
+                _check_same_source(Path(base_src.path), metas[0], Path(src.path), meta)
+            _check_same_processing(processor, Path(src.path))
+        items = prepare_task_items(processor, entries)
+
+    # ---------------------------------------------------------------- baseline
+    groups_present: list[str] = []
+    if base_src.is_endpoint:
+        base_result, base_eval = served(base_src, base_info, "baseline", None, True)
+        evs_reference = None
+        reuse_main = False
+        if set(base_eval.spans) != {e.id for e in entries}:
+            reason = base_info["endpoint"]["not_available"].get("fidelity", "no spans")
+            say(f"baseline {base_info['name']}: fidelity not available ({reason})")
+    else:
+        say(f"baseline {base_info['name']}: loading {base_src.path}")
+        t0 = time.perf_counter()
+        loaded = load_emulated(base_src.path)
+        load_s = time.perf_counter() - t0
+        groups_present = sorted(
+            g
+            for g, mods in loaded.adapter.module_groups(loaded.model).items()
+            if mods and g in QUANTIZABLE_GROUPS
+        )
+        base_eval = evaluate_model(
+            loaded, items, keep_spans=True, max_new_tokens=max_new_tokens, topk=topk
+        )
+        base_info["emulation"] = loaded.emulation
+        say(
+            f"baseline {base_info['name']}: {len(items)} samples at {base_eval.samples_per_s:.2f} samples/s"
+        )
+        base_evs, evs_reference = evs_sweep(
+            loaded, items, rates, max_new_tokens=max_new_tokens, topk=topk, main=base_eval
+        )
+        base_result = ModelResult(base_info, base_eval.samples, base_eval.seconds, load_s, base_evs)
+        # A candidate's main evaluation doubles as its lowest-rate sweep row only when its
+        # KL was taken against that same reference: the baseline's main run at that rate.
+        base_rates = {s.evs_rate for s in base_eval.samples}
+        reuse_main = bool(rates) and base_rates == {min(rates)}
+        del loaded
+        gc.collect()
+    for s in base_eval.samples:  # the baseline against itself, by definition
+        s.kl, s.top1 = 0.0, 1.0
+    spans = base_eval.spans
+    complete_spans = set(spans) == {e.id for e in entries}
+
+    # ---------------------------------------------------------------- candidates
+    cand_results: list[ModelResult] = []
+    for src, info in zip(cand_srcs, cand_infos):
+        if src.is_endpoint:
+            cand_results.append(served(src, info, "candidate", spans or None, False)[0])
+            continue
+        path = src.path
+        say(f"candidate {info['name']}: loading {path}")
+        t0 = time.perf_counter()
+        loaded = load_emulated(path)
+        load_s = time.perf_counter() - t0
+        ev = evaluate_model(
+            loaded,
+            items,
+            reference=spans if complete_spans else None,
+            max_new_tokens=max_new_tokens,
+            topk=topk,
+        )
+        info["emulation"] = loaded.emulation
+        say(f"candidate {info['name']}: {ev.samples_per_s:.2f} samples/s")
+        cand_evs = None  # a served baseline: no reference to sweep against
+        if evs_reference is not None:
+            cand_evs, _ = evs_sweep(
+                loaded,
+                items,
+                rates,
+                reference=evs_reference,
+                max_new_tokens=max_new_tokens,
+                topk=topk,
+                main=ev if reuse_main else None,
+            )
+        del loaded
+        gc.collect()
+        cand_results.append(ModelResult(info, ev.samples, ev.seconds, load_s, cand_evs))
+
+    # ---------------------------------------------------------------- sensitivity
+    sens = None
+    if sensitivity:
+        from omniquant.experiments.sensitivity import group_sensitivity
+
+        with tempfile.TemporaryDirectory(prefix=".omniquant-sensitivity-", dir=scratch) as tmp:
+            sens = group_sensitivity(
+                Path(base_src.path),
+                items,
+                spans,
+                groups_present,
+                sensitivity_format,
+                Path(tmp),
+                calib=sensitivity_calib,
+                topk=topk,
+                log=say,
+            )
+
+    return Comparison(
+        created_unix=int(started),
+        task_set=task_dir,
+        samples=len(entries),
+        video_samples=sum(1 for e in entries if e.video is not None),
+        baseline=base_result,
+        candidates=cand_results,
+        recovery_threshold=recovery_threshold,
+        bootstrap=bootstrap,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        evs_rates=rates,
+        evs_reference=evs_reference is not None,
+        span_topk=_span_topk(spans),
+        sensitivity_format=sensitivity_format if sensitivity else None,
+        sensitivity=sens,
+        endpoint_topk=endpoint_topk if clients else None,
+        concurrency=concurrency,
+        peak_rss_mb=_peak_rss_mb(),
+        versions=_versions(),
+    )
+
+
+def build_report(
+    baseline: Path,
+    candidates: list[Path],
+    tasks: str | Path,
+    out: Path,
+    *,
+    sensitivity: bool = False,
+    sensitivity_format: str = "nvfp4",
+    evs_rates: tuple[float, ...] | list[float] = (0.0, 0.25, 0.5, 0.75),
+    recovery_threshold: float = 0.95,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    force: bool = False,
+    max_new_tokens: int = 16,
+    topk: int | None = None,
+    sensitivity_calib: str = "synthetic",
+    baseline_name: str | None = None,
+    concurrency: int = 4,
+    endpoint_timeout: float = 300.0,
+    endpoint_retries: int = 5,
+    endpoint_cache: Path | None | bool = True,
+    endpoint_topk: int = 20,
+    request_extra: dict | None = None,
+) -> dict:
+    """Evaluate ``baseline`` and ``candidates`` on a task set and write the report.
+
+    Args:
+        baseline: The BF16 checkpoint directory (the reference for fidelity), or a
+            served model: ``URL``, ``NAME=URL`` or ``URL#MODEL_ID`` (see
+            ``omniquant.endpoint.protocol.parse_model_source``).
+        candidates: Quantized checkpoint directories (FP8, NVFP4, mixed; BF16 works
+            too) or served models, mixed as needed.
+        tasks: Shipped task-set name or a directory with ``tasks.jsonl``.
+        out: Directory for ``report.json``, ``report.md`` and ``report.html``.
+        sensitivity: Also rank module groups by the KL each adds alone in
+            ``sensitivity_format`` and suggest a recipe.
+        sensitivity_format: ``nvfp4`` or ``fp8``.
+        evs_rates: EVS pruning rates for the video sweep (empty: no sweep).
+        recovery_threshold: Verdicts name tasks whose recovery is below this.
+        bootstrap: Paired bootstrap resamples for the accuracy-delta intervals.
+        seed: Bootstrap seed.
+        log: Receives progress lines.
+        force: Overwrite report files already in ``out``.
+        max_new_tokens: Greedy decoding budget per sample.
+        topk: Stored baseline distribution size (``None``: full vocabulary for
+            vocabularies up to 32768 tokens, else the top 256).
+        sensitivity_calib: Calibration set of the sensitivity probes.
+        baseline_name: How the report names the baseline (default: its directory name,
+            or its recipe when it is an omniquant export).
+        concurrency: Samples in flight per served model.
+        endpoint_timeout: Seconds per request to a served model.
+        endpoint_retries: Retries of a transient failure (connection, 429, 5xx).
+        endpoint_cache: Resume cache directory; ``True``: ``<out>/endpoint-cache``;
+            ``False``/``None``: none.
+        endpoint_topk: Log-probabilities per position asked of served models.
+        request_extra: Fields merged into every request to a served model.
+
+    Returns:
+        The report as written to ``report.json``.
+
+    Raises:
+        ReportError: Bad arguments, output directory, checkpoints or (with
+            ``sensitivity``) a baseline that is not BF16.
+        DataError: A bad task set (every bad line listed).
+    """
+    from omniquant.report.build import _check_out, report_dict, write_report
+
+    # Arguments, then the output directory, before anything else (compare checks the
+    # arguments again: it is callable on its own).
+    _check_args(sensitivity_format, evs_rates, recovery_threshold, bootstrap, max_new_tokens)
+    out = Path(out)
+    _check_out(out, force)
+    if endpoint_cache is True:
+        endpoint_cache = out / "endpoint-cache"
+    results = compare(
+        baseline,
+        candidates,
+        tasks,
+        sensitivity=sensitivity,
+        sensitivity_format=sensitivity_format,
+        evs_rates=evs_rates,
+        recovery_threshold=recovery_threshold,
+        bootstrap=bootstrap,
+        seed=seed,
+        log=log,
+        max_new_tokens=max_new_tokens,
+        topk=topk,
+        sensitivity_calib=sensitivity_calib,
+        baseline_name=baseline_name,
+        concurrency=concurrency,
+        endpoint_timeout=endpoint_timeout,
+        endpoint_retries=endpoint_retries,
+        endpoint_cache=endpoint_cache or None,
+        endpoint_topk=endpoint_topk,
+        request_extra=request_extra,
+        scratch=out.parent if out.parent.is_dir() else None,
+    )
+    report = report_dict(results)
+    write_report(report, out)
+    (log or (lambda _m: None))(f"wrote {out / 'report.html'}")
+    return report
