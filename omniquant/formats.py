@@ -221,7 +221,7 @@ class Format:
 
     def layout_text(self) -> str:
         """The stored tensors of one ``[out, in]`` weight, symbolically."""
-        per_byte = 8 * DTYPE_BYTES[self.weight_dtype] // self.element_bits
+        per_byte = self.values_per_element
         parts = [f"weight {self.weight_dtype} [out, in{'' if per_byte == 1 else f' / {per_byte}'}]"]
         for scale in self.scales:
             shape = "[]" if scale.kind == "scalar" else f"[out, in / {self.block_size}]"
@@ -247,6 +247,8 @@ FP8 = Format(
     dequantize_fn="dequantize_fp8",
     activation_fn="fake_quant_fp8",
 )
+#: NVFP4 elements per E4M3 block scale (the modelopt config and the stored layout share it).
+_NVFP4_BLOCK = 16
 NVFP4 = Format(
     name="nvfp4",
     hf_quant_algo="NVFP4",
@@ -259,9 +261,9 @@ NVFP4 = Format(
     ),
     modelopt_cfg={
         "num_bits": (2, 1),
-        "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)},
+        "block_sizes": {-1: _NVFP4_BLOCK, "type": "dynamic", "scale_bits": (4, 3)},
     },
-    block_size=16,
+    block_size=_NVFP4_BLOCK,
     dequantize_fn="dequantize_nvfp4",
     activation_fn="fake_quant_nvfp4_activation",
 )

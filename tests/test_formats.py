@@ -82,6 +82,15 @@ def test_lookups_round_trip():
         get_format("int4")
 
 
+def test_recipe_formats_are_the_registry():
+    """A recipe may name exactly the registered formats (the recipe schema's Literal)."""
+    import typing
+
+    from omniquant.quantize.recipe import Format as RecipeFormat
+
+    assert set(typing.get_args(RecipeFormat)) == set(FORMATS)
+
+
 def test_import_stays_cheap():
     code = "import sys, omniquant.formats; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
