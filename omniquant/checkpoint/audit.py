@@ -27,6 +27,14 @@ from pathlib import Path
 import torch
 
 from omniquant.errors import AuditError, OmniquantError
+from omniquant.formats import (
+    KV_CACHE_FORMAT,
+    KV_SCALE_SUFFIXES,
+    SCALE_SUFFIXES,
+    Format,
+    by_stored_dtype,
+    torch_dtype,
+)
 
 E4M3_MAX = 448.0
 
@@ -134,7 +142,8 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
     }
     for module in sorted(weights):
         _, dtype, _ = index[f"{module}.weight"]
-        fmt = _STORED_FORMAT.get(dtype)
+        stored = by_stored_dtype(dtype)
+        fmt = stored.name if stored is not None and stored.quantized else None
         declared = layer_format(module, quant)
         if fmt is None:  # high-precision weight
             if declared is not None:
@@ -160,14 +169,14 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
                 f"{module}.weight: stored as {fmt} but hf_quant_config declares "
                 f"{declared or 'it unquantized/excluded'}"
             )
-        _check_scales(module, fmt, load(f"{module}.weight"), load, report)
+        _check_scales(module, stored, load(f"{module}.weight"), load, report)
 
     for k in index:
         module, leaf = k.rsplit(".", 1)
-        if leaf in ("weight_scale", "weight_scale_2", "input_scale") and module not in weights:
+        if leaf in SCALE_SUFFIXES and module not in weights:
             report.problems.append(f"{k}: scale without a weight beside it")
-    if quant.get("kv_cache_quant_algo") == "FP8":
-        kv = [k for k in index if k.endswith((".k_scale", ".v_scale"))]
+    if quant.get("kv_cache_quant_algo") == KV_CACHE_FORMAT.hf_quant_algo:
+        kv = [k for k in index if k.rsplit(".", 1)[-1] in KV_SCALE_SUFFIXES]
         if not kv:
             report.problems.append(
                 "kv_cache_quant_algo is FP8 but no k_scale/v_scale tensors exist"
@@ -202,9 +211,6 @@ def _check_config_block(path: Path, report: AuditReport) -> None:
         )
 
 
-_STORED_FORMAT = {"F8_E4M3": "fp8", "U8": "nvfp4"}
-
-
 def _check_scalar(name: str, t: torch.Tensor | None, report: AuditReport) -> None:
     if t is None:
         report.problems.append(f"{name}: missing")
@@ -219,37 +225,55 @@ def _check_scalar(name: str, t: torch.Tensor | None, report: AuditReport) -> Non
         report.problems.append(f"{name}: scale is {v} (must be > 0)")
 
 
-def _check_scales(module: str, fmt: str, w: torch.Tensor, load, report: AuditReport) -> None:
-    def get(suffix):
-        return load(f"{module}.{suffix}")
+def _check_scales(module: str, fmt: Format, w: torch.Tensor, load, report: AuditReport) -> None:
+    """Every scale ``fmt`` declares beside ``module``'s weight (omniquant.formats).
 
-    _check_scalar(f"{module}.input_scale", get("input_scale"), report)
-    if fmt == "fp8":
-        _check_scalar(f"{module}.weight_scale", get("weight_scale"), report)
-        return
-    _check_scalar(f"{module}.weight_scale_2", get("weight_scale_2"), report)
-    bs = get("weight_scale")
+    Order of the checks (and so of the messages): the activation scale, then the other
+    per-tensor scales, then the per-block scales.
+    """
+    order = sorted(fmt.scales, key=lambda s: (s.role != "input", s.kind == "per_block"))
+    for scale in order:
+        name = f"{module}.{scale.suffix}"
+        if scale.kind == "scalar":
+            _check_scalar(name, load(name), report)
+        else:
+            _check_block_scales(name, fmt, scale.dtype, w, load(name), report)
+
+
+def _check_block_scales(
+    name: str,
+    fmt: Format,
+    dtype: str,
+    w: torch.Tensor,
+    bs: torch.Tensor | None,
+    report: AuditReport,
+) -> None:
+    """A per-block E4M3 scale tensor ``[out, in / block]`` beside packed weight ``w``."""
     out_f, packed_in = w.shape
-    want = (out_f, packed_in * 2 // 16)
+    want = (out_f, packed_in * fmt.values_per_element // fmt.block_size)
     if bs is None:
-        report.problems.append(f"{module}.weight_scale: missing")
+        report.problems.append(f"{name}: missing")
         return
-    if bs.dtype != torch.float8_e4m3fn or tuple(bs.shape) != want:
+    want_dtype = torch_dtype(dtype)
+    if bs.dtype != want_dtype or tuple(bs.shape) != want:
         report.problems.append(
-            f"{module}.weight_scale: expected float8_e4m3fn {want}, got {bs.dtype} {tuple(bs.shape)}"
+            f"{name}: expected {str(want_dtype).removeprefix('torch.')} {want}, "
+            f"got {bs.dtype} {tuple(bs.shape)}"
         )
         return
     f = bs.float()
     bad = ~torch.isfinite(f)
     if bad.any():
-        report.problems.append(f"{module}.weight_scale: {int(bad.sum())} NaN/Inf block scale(s)")
+        report.problems.append(f"{name}: {int(bad.sum())} NaN/Inf block scale(s)")
     if (f.abs() > E4M3_MAX).any():
-        report.problems.append(f"{module}.weight_scale: block scale(s) outside the E4M3 range")
-    nonzero_blocks = (w.view(out_f, -1, 8) != 0).any(-1)  # 8 packed bytes = 16 values
+        report.problems.append(f"{name}: block scale(s) outside the E4M3 range")
+    # Stored elements per block (8 packed NVFP4 bytes = 16 values).
+    per_block = fmt.block_size // fmt.values_per_element
+    nonzero_blocks = (w.view(out_f, -1, per_block) != 0).any(-1)
     zero_on_data = (f == 0) & nonzero_blocks
     if zero_on_data.any():
         report.problems.append(
-            f"{module}.weight_scale: {int(zero_on_data.sum())} zero block scale(s) on non-zero blocks"
+            f"{name}: {int(zero_on_data.sum())} zero block scale(s) on non-zero blocks"
         )
 
 

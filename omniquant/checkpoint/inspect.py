@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omniquant.errors import ModelLoadError
+from omniquant.formats import DTYPE_BYTES, KV_SCALE_SUFFIXES, SCALE_SUFFIXES, by_stored_dtype
 
-_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "U8": 1, "I64": 8, "I32": 4, "BOOL": 1}
-_SCALE_LEAVES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")
+_SCALE_LEAVES = SCALE_SUFFIXES + KV_SCALE_SUFFIXES
 
 
 @dataclass
@@ -62,18 +62,16 @@ def inspect_checkpoint(path: str | Path) -> dict:
                 numel = 1
                 for d in shape:
                     numel *= d
-                nbytes = numel * _DTYPE_BYTES.get(dtype, 2)
+                nbytes = numel * DTYPE_BYTES.get(dtype, 2)
                 g = groups.setdefault(adapter.hub_tensor_group(name), GroupStats())
                 g.bytes += nbytes
                 leaf = name.rsplit(".", 1)[-1]
                 if leaf in _SCALE_LEAVES:
                     continue
-                if dtype == "U8" and leaf == "weight":
-                    g.params += 2 * numel
-                    fmt = "nvfp4"
-                elif dtype == "F8_E4M3":
-                    g.params += numel
-                    fmt = "fp8"
+                stored = by_stored_dtype(dtype) if leaf == "weight" else None
+                if stored is not None and stored.quantized:
+                    g.params += stored.values_per_element * numel
+                    fmt = stored.name
                 else:
                     g.params += numel
                     fmt = dtype.lower()

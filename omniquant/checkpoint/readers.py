@@ -72,15 +72,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omniquant.errors import ModelLoadError
+from omniquant.formats import FORMATS, KV_SCALE_SUFFIXES, NVFP4, SCALE_SUFFIXES
 
 READERS = ("vllm", "trtllm")
-SCALE_LEAVES = ("weight_scale", "weight_scale_2", "input_scale")
-KV_LEAVES = ("k_scale", "v_scale")
+SCALE_LEAVES = SCALE_SUFFIXES
+KV_LEAVES = KV_SCALE_SUFFIXES
+# The format tables below are views of the registry (omniquant.formats).
 #: Scale tensors a quantized Linear (and each routed expert) consumes, by format.
-_SCALES_FOR = {"bf16": set(), "fp8": {"weight_scale", "input_scale"},
-               "nvfp4": {"weight_scale", "weight_scale_2", "input_scale"}}  # fmt: skip
-_STORED = {"F8_E4M3": "fp8", "U8": "nvfp4"}
-_ALGO = {"FP8": "fp8", "NVFP4": "nvfp4"}
+_SCALES_FOR = {name: set(f.scale_suffixes) for name, f in FORMATS.items()}
+#: Stored weight dtype -> quantized format name.
+_STORED = {f.weight_dtype: name for name, f in FORMATS.items() if f.quantized}
+#: ``quant_algo`` -> quantized format name.
+_ALGO = {f.hf_quant_algo: name for name, f in FORMATS.items() if f.quantized}
 
 _LAYER = re.compile(r"^language_model\.backbone\.layers\.(\d+)\.mixer\.")
 _EXPERT = re.compile(
@@ -504,8 +507,9 @@ def trtllm_view(ckpt: _Checkpoint) -> ReaderView:
         return view
     exclude = [_trtllm_name(e) for e in q["exclude"]]
     layers = {_trtllm_name(k): str(v["quant_algo"]).upper() for k, v in q["layers"].items()}
-    if not mixed and q.get("group_size") not in (None, 16) and algo == "NVFP4":
-        view.notes.append(f"group_size {q['group_size']}: TensorRT-LLM NVFP4 needs 16")
+    block = NVFP4.block_size
+    if not mixed and algo == NVFP4.hf_quant_algo and q.get("group_size") not in (None, block):
+        view.notes.append(f"group_size {q['group_size']}: TensorRT-LLM NVFP4 needs {block}")
 
     for module, stored in sorted(_stored_modules(ckpt).items()):
         kind = _kind(module)

@@ -41,14 +41,17 @@ from pathlib import Path
 from typing import Any
 
 from omniquant.errors import OmniquantError
+from omniquant.formats import KV_SCALE_SUFFIXES, SCALAR_SCALE_SUFFIXES, SCALE_SUFFIXES
 
 OMNIQUANT_JSON = "omniquant.json"
 QUANT_CONFIG = "hf_quant_config.json"
 #: Name prefixes of quantize's temporary directories (the new output, and the old one
 #: moved aside by ``--force``). A directory so named is never a finished checkpoint.
 TEMP_PREFIXES = (".omniquant-tmp-", ".omniquant-old-")
-SCALE_LEAVES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")
-_SCALAR_LEAVES = ("weight_scale_2", "input_scale", "k_scale", "v_scale")
+#: Every stored scale suffix (omniquant.formats), and those that are per-tensor scalars
+#: in every format that stores them (so must be > 0; a per-block scale may be 0).
+SCALE_LEAVES = SCALE_SUFFIXES + KV_SCALE_SUFFIXES
+_SCALAR_LEAVES = SCALAR_SCALE_SUFFIXES
 _WINDOW = 1 << 20
 
 

@@ -23,9 +23,18 @@ from pathlib import Path
 import torch
 
 from omniquant.errors import ModelLoadError
+from omniquant.formats import (
+    KV_CACHE_FORMAT,
+    KV_SCALE_SUFFIXES,
+    SCALE_SUFFIXES,
+    by_stored_dtype,
+    get_format,
+)
 
-SCALE_LEAVES = ("weight_scale", "weight_scale_2", "input_scale")
-KV_LEAVES = ("k_scale", "v_scale")
+# Which stored tensors are scales, and how each format dequantizes and quantizes
+# activations, come from the format registry (omniquant.formats).
+SCALE_LEAVES = SCALE_SUFFIXES
+KV_LEAVES = KV_SCALE_SUFFIXES
 _EXPERT_RE = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)$")
 
 
@@ -49,8 +58,6 @@ def dequantize_state_dict(tensors: dict[str, torch.Tensor], dtype=torch.bfloat16
         module name to ``(format, input_scale)`` and ``kv_scales`` maps a hub
         projection module name (``...k_proj``) to its scale.
     """
-    from omniquant.numerics import dequantize_fp8, dequantize_nvfp4
-
     sd: dict[str, torch.Tensor] = {}
     act: dict[str, tuple[str, torch.Tensor]] = {}
     kv: dict[str, torch.Tensor] = {}
@@ -61,17 +68,11 @@ def dequantize_state_dict(tensors: dict[str, torch.Tensor], dtype=torch.bfloat16
         if leaf in KV_LEAVES:
             kv[module] = t.float()
             continue
-        if leaf == "weight" and t.dtype == torch.float8_e4m3fn:
-            sd[name] = dequantize_fp8(t, tensors[f"{module}.weight_scale"], dtype=dtype)
-            act[module] = ("fp8", tensors[f"{module}.input_scale"].float())
-        elif leaf == "weight" and t.dtype == torch.uint8:
-            sd[name] = dequantize_nvfp4(
-                t,
-                tensors[f"{module}.weight_scale"],
-                tensors[f"{module}.weight_scale_2"],
-                dtype=dtype,
-            )
-            act[module] = ("nvfp4", tensors[f"{module}.input_scale"].float())
+        fmt = by_stored_dtype(t.dtype) if leaf == "weight" else None
+        if fmt is not None and fmt.quantized:
+            scales = {s: tensors[f"{module}.{s}"] for s in fmt.weight_scale_suffixes}
+            sd[name] = fmt.dequantize(t, scales, dtype=dtype)
+            act[module] = (fmt.name, tensors[f"{module}.{fmt.input_scale_suffix}"].float())
         else:
             sd[name] = t
     return sd, act, kv
@@ -123,7 +124,7 @@ def load_emulated(path: str | Path, dtype: str = "bfloat16"):
     emulation = {
         "formats": formats,
         "quantized_linears": len(act),
-        "kv_cache": "fp8" if kv else None,
+        "kv_cache": KV_CACHE_FORMAT.name if kv else None,
         "hooks": installed,
         "quant_algo": json.loads((path / "hf_quant_config.json").read_text())["quantization"][
             "quant_algo"
@@ -155,11 +156,7 @@ def _native(adapter, hub_module: str) -> str:
 
 
 def _act_fn(fmt: str, scale: torch.Tensor):
-    from omniquant.numerics import fake_quant_fp8, fake_quant_nvfp4_activation
-
-    if fmt == "fp8":
-        return lambda x: fake_quant_fp8(x, scale)
-    return lambda x: fake_quant_nvfp4_activation(x, scale)
+    return get_format(fmt).activation_quantizer(scale)
 
 
 def install_serving_numerics(model, adapter, act: dict, kv: dict) -> int:
@@ -184,7 +181,7 @@ def install_serving_numerics(model, adapter, act: dict, kv: dict) -> int:
         n += 1
     for hub, scale in kv.items():
         mod = modules[_native(adapter, hub)]
-        quant = _act_fn("fp8", scale)
+        quant = _act_fn(KV_CACHE_FORMAT.name, scale)
         mod.register_forward_hook(lambda _m, _a, out, q=quant: q(out))
         n += 1
     return n

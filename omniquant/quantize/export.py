@@ -42,16 +42,16 @@ from pathlib import Path
 import torch
 
 from omniquant.errors import ExportError
+from omniquant.formats import FORMATS, KV_CACHE_FORMAT, KV_SCALE_SUFFIXES
 
-SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
-KV_SUFFIXES = ("k_scale", "v_scale")
 _SKIP_COPY = {
     "config.json",
     "hf_quant_config.json",
     "omniquant.json",
     "model.safetensors.index.json",
 }
-QUANT_ALGO = {"fp8": "FP8", "nvfp4": "NVFP4"}
+#: Format name -> ``hf_quant_config`` ``quant_algo``, from the format registry.
+QUANT_ALGO = {name: f.hf_quant_algo for name, f in FORMATS.items() if f.quantized}
 
 
 @dataclass
@@ -298,13 +298,13 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
                                 f"internal: modelopt exported no quantized tensor for {name}."
                             )
                         tensors[name] = pending.pop(name).contiguous()
-                        for suffix in SCALE_SUFFIXES:
+                        for suffix in FORMATS[qmods[module]].scale_suffixes:
                             key = f"{module}.{suffix}"
                             if key in pending:
                                 tensors[key] = pending.pop(key).contiguous()
                     else:
                         tensors[name] = fh.get_tensor(name)
-            for key in [k for k in pending if k.rsplit(".", 1)[-1] in KV_SUFFIXES]:
+            for key in [k for k in pending if k.rsplit(".", 1)[-1] in KV_SCALE_SUFFIXES]:
                 anchor = key.rsplit(".", 1)[0] + ".weight"
                 if anchor not in src.shard_of:
                     raise ExportError(
@@ -361,7 +361,9 @@ def _wanted(hub_key: str, qmods: dict[str, str]) -> bool:
     """Whether an exported tensor goes into the checkpoint: quantized weights with their
     scales, and KV-cache scales (everything else is copied from the source files)."""
     module, leaf = hub_key.rsplit(".", 1)
-    return leaf in KV_SUFFIXES or (module in qmods and (leaf == "weight" or leaf in SCALE_SUFFIXES))
+    return leaf in KV_SCALE_SUFFIXES or (
+        module in qmods and (leaf == "weight" or leaf in FORMATS[qmods[module]].scale_suffixes)
+    )
 
 
 def build_hf_quant_config(src: SourceIndex, qmods: dict[str, str], plan, mo_config: dict) -> dict:
@@ -401,17 +403,19 @@ def build_hf_quant_config(src: SourceIndex, qmods: dict[str, str], plan, mo_conf
         )
     quant: dict = {
         "quant_algo": algo,
-        "kv_cache_quant_algo": "FP8" if plan.kv_cache == "fp8" else None,
+        "kv_cache_quant_algo": (
+            KV_CACHE_FORMAT.hf_quant_algo if plan.kv_cache == KV_CACHE_FORMAT.name else None
+        ),
     }
-    if algo == "NVFP4":
-        quant["group_size"] = 16
+    if len(formats) == 1 and FORMATS[formats[0]].block_size is not None:
+        quant["group_size"] = FORMATS[formats[0]].block_size
     quant["exclude_modules"] = sorted(set(excluded))
     if algo == "MIXED_PRECISION":
         layers = {}
         for module, fmt in sorted(qmods.items()):
             entry = {"quant_algo": QUANT_ALGO[fmt]}
-            if fmt == "nvfp4":
-                entry["group_size"] = 16
+            if FORMATS[fmt].block_size is not None:
+                entry["group_size"] = FORMATS[fmt].block_size
             layers[module] = entry
         quant["quantized_layers"] = layers
     return {

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from omniquant.errors import PlanError, RecipeError
-from omniquant.formats import FORMATS
+from omniquant.formats import FORMATS, NARROWEST_FIRST
 from omniquant.quantize.recipe import Recipe
 
 #: Groups that a recipe may set to fp8/nvfp4 (serving engines have no quantized
@@ -214,7 +214,7 @@ def to_modelopt_config(plan: Plan, recipe: Recipe) -> dict:
 def render_plan(plan: Plan) -> str:
     """A plain-text table: group, modules per format."""
     counts = plan.counts()
-    fmts = ["nvfp4", "fp8", "bf16"]
+    fmts = NARROWEST_FIRST
     lines = [f"{'group':<18}" + "".join(f"{f:>8}" for f in fmts)]
     for group, c in counts.items():
         lines.append(f"{group:<18}" + "".join(f"{c.get(f, 0):>8}" for f in fmts))

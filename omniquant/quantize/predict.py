@@ -23,7 +23,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omniquant.formats import DTYPE_BYTES, FORMATS, KV_CACHE_SCALES
+from omniquant.formats import (
+    DTYPE_BYTES,
+    FORMATS,
+    KV_CACHE_SCALES,
+    NARROWEST_FIRST,
+    safetensors_dtype,
+)
 
 #: Groups that hold no GEMM weight (not counted as Linear layers).
 _NOT_LINEAR = frozenset({"embeddings", "mamba_conv1d"})
@@ -138,7 +144,7 @@ def source_tensors(loaded) -> tuple[dict[str, tuple[str, tuple[int, ...]]], str]
         return out, "safetensors headers"
     out = {}
     for name, tensor in loaded.model.state_dict().items():
-        out[name] = (_torch_dtype_name(tensor.dtype), tuple(int(d) for d in tensor.shape))
+        out[name] = (safetensors_dtype(tensor.dtype), tuple(int(d) for d in tensor.shape))
     return out, "config"
 
 
@@ -163,25 +169,6 @@ def measured_tensor_bytes(ckpt: Path) -> int:
             n = int.from_bytes(fh.read(8), "little")
         total += f.stat().st_size - 8 - n
     return total
-
-
-def _torch_dtype_name(dtype) -> str:
-    import torch
-
-    return {
-        torch.float32: "F32",
-        torch.float16: "F16",
-        torch.bfloat16: "BF16",
-        torch.float64: "F64",
-        torch.int64: "I64",
-        torch.int32: "I32",
-        torch.int16: "I16",
-        torch.int8: "I8",
-        torch.uint8: "U8",
-        torch.bool: "BOOL",
-        torch.float8_e4m3fn: "F8_E4M3",
-        torch.float8_e5m2: "F8_E5M2",
-    }[dtype]
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
@@ -243,8 +230,8 @@ def predict_size(loaded, plan) -> SizePrediction:
     fmt_bytes["bf16"] = kept
 
     arithmetic = [f"source tensor bytes ({origin}): {source_bytes:,}"]
-    for name in ("nvfp4", "fp8"):
-        if name not in fmt_bytes:
+    for name in NARROWEST_FIRST:
+        if name not in fmt_bytes or not FORMATS[name].quantized:
             continue
         parts = FORMATS[name].layout_text()
         arithmetic.append(
@@ -262,7 +249,7 @@ def predict_size(loaded, plan) -> SizePrediction:
         f"{sum(fmt_bytes[f] for f in fmt_bytes if f != 'bf16'):,} + {kv_bytes} = {predicted:,} "
         f"bytes of tensor data (safetensors headers not counted)"
     )
-    order = [f for f in ("nvfp4", "fp8", "bf16") if f in layers]
+    order = [f for f in NARROWEST_FIRST if f in layers]
     return SizePrediction(
         predicted_bytes=predicted,
         source_bytes=source_bytes,
