@@ -192,6 +192,11 @@ class ModelAdapter(ABC):
         finally:
             handle.remove()
 
+    def audio_tokens(self, model, input_features_mask) -> int:
+        """Audio embeddings the model scatters for one clip of mel features whose mask is
+        ``input_features_mask`` ``(1, frames)``. Only called for a model with audio."""
+        raise NotImplementedError(f"{type(self).__name__}: the model has no audio encoder")
+
     def evs_rate(self, model) -> float:
         """The video token pruning (EVS) rate the model applies now (0 without EVS)."""
         return 0.0

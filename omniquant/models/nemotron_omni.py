@@ -86,6 +86,41 @@ def load_config(path: Path):
         ) from exc
 
 
+#: transformers' class of the model, as ``config.json``'s ``architectures`` names it.
+NATIVE_ARCHITECTURE = "NemotronH_Omni_Reasoning_V3"
+
+
+def new_model(config, dtype: str | None = None):
+    """A randomly initialised model of ``config`` (transformers' init under the caller's
+    seed): float32 through ``__init__``, or built directly in ``dtype``."""
+    import torch
+    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3,
+    )
+
+    if dtype is None:
+        return NemotronH_Omni_Reasoning_V3(config)
+    return NemotronH_Omni_Reasoning_V3._from_config(config, dtype=getattr(torch, dtype))
+
+
+def reset_audio_convolutions(model) -> None:
+    """Give the Parakeet convolutions PyTorch's fan-in scaled init (the demo trainer's).
+
+    transformers initialises every weight from N(0, 0.02) (harmless for a checkpoint that
+    is loaded, not trained). The subsampling stack's convolutions have fan-ins of 9 to 16,
+    so six of them shrink the signal by ~1e-6 and the LayerNorm that follows turns that
+    into gradients of ~1e5, which (through global gradient clipping) stalls training of
+    the whole model.
+    """
+    from torch import nn
+
+    for module in model.audio_tower.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) or (
+            isinstance(module, nn.Linear) and module is model.audio_tower.subsampling.linear
+        ):
+            module.reset_parameters()
+
+
 @register_adapter
 class NemotronOmniAdapter(ModelAdapter):
     """Nemotron 3 Nano Omni: NemotronH backbone + RADIO vision + Parakeet audio."""
@@ -461,6 +496,17 @@ class NemotronOmniAdapter(ModelAdapter):
         """
         cfg = model.config
         return {"image": cfg.image_token_id, "audio": cfg.audio_token_id}
+
+    def audio_tokens(self, model, input_features_mask) -> int:
+        """The Parakeet encoder's output length, cut at the length transformers derives
+        from the mask (``sum + 1``)."""
+        import torch
+
+        tower = model.audio_tower
+        n_frames = torch.tensor([input_features_mask.shape[-1]])
+        produced = int(tower._get_subsampling_output_length(n_frames)[0])
+        kept = int(tower._get_subsampling_output_length(input_features_mask.sum(-1) + 1)[0])
+        return min(produced, kept)
 
     def evs_rate(self, model) -> float:
         """The EVS pruning rate the model applies now (its ``video_pruning_rate``)."""
