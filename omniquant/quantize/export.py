@@ -151,7 +151,7 @@ class _LayerwiseQuantExport:
         from modelopt.torch.quantization.utils.core_utils import has_accelerate_offload
 
         self.root_name = loaded.adapter.quant_root_name()
-        self.root = root = getattr(loaded.model, self.root_name)
+        self.root = root = loaded.adapter.quant_root(loaded.model)
         self.adapter = loaded.adapter
         dtype = torch.bfloat16
         self.tied_map = TiedWeightMap(root)
