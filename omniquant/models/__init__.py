@@ -22,8 +22,8 @@ from omniquant.models.base import (
 __all__ = [
     "ExpertLinear",
     "LoadedModel",
-    "ModelAdapter",
     "MoELayer",
+    "ModelAdapter",
     "adapter_for",
     "load_model",
     "register_adapter",
