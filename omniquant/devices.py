@@ -275,8 +275,8 @@ def input_device(model) -> str:
     """
     import torch
 
-    lm = getattr(model, "language_model", model)
-    emb = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+    # transformers' composite models answer with their language model's embeddings.
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for mod in (emb, model):
         if mod is None:
             continue

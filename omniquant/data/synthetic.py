@@ -64,19 +64,9 @@ def synthetic_samples(loaded, n: int = 16, seed: int = 0) -> list[Sample]:
             extra["input_features"] = torch.randn(1, n_frames, mels, generator=gen)
             mask = torch.ones(1, n_frames, dtype=torch.long)
             extra["input_features_mask"] = mask
-            n_tok = audio_token_count(model, mask)
+            n_tok = loaded.adapter.audio_tokens(model, mask)
             pieces.append(AUDIO_START + AUDIO_TOKEN * n_tok + AUDIO_END)
         text = "".join(pieces) + prompt
         ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
         out.append(Sample(id=f"synthetic-{i:03d}-{kind}", input_ids=ids, meta={"kind": kind}, **extra))
     return out
-
-
-def audio_token_count(model, input_features_mask: torch.Tensor) -> int:
-    """Audio embeddings the omni model scatters for one clip: the encoder's output
-    length, cut at the length transformers derives from the mask (``sum + 1``)."""
-    tower = model.audio_tower
-    n_frames = torch.tensor([input_features_mask.shape[-1]])
-    produced = int(tower._get_subsampling_output_length(n_frames)[0])
-    kept = int(tower._get_subsampling_output_length(input_features_mask.sum(-1) + 1)[0])
-    return min(produced, kept)

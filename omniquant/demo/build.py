@@ -19,6 +19,7 @@ from omniquant.demo.tiny import (
     build_omni_model,
     build_tokenizer,
 )
+from omniquant.models.nemotron_omni import reset_audio_convolutions
 
 #: The demo model's widths: hidden 128, the tiny hybrid layer pattern (Mamba at 0, 2, 6;
 #: attention at 4; MoE at 1, 3, 5, 7), 8 routed experts of width 64 + 1 shared expert,
@@ -42,23 +43,5 @@ def build_demo_tokenizer(corpus: Iterable[str], merges: int = DEMO_SIZE.vocab_me
 def build_demo_model(tokenizer, seed: int = 0, size: TinySize = DEMO_SIZE):
     """A seeded, untrained demo model in float32 (train in float32, save in BF16)."""
     model = build_omni_model(size, tokenizer, seed)
-    _reinit_audio_convolutions(model)
+    reset_audio_convolutions(model)
     return model.float()
-
-
-def _reinit_audio_convolutions(model) -> None:
-    """Give the Parakeet convolutions PyTorch's fan-in scaled init.
-
-    transformers initialises every weight from N(0, 0.02) (harmless for a checkpoint that
-    is loaded, not trained). The subsampling stack's convolutions have fan-ins of 9 to 16,
-    so six of them shrink the signal by ~1e-6 and the LayerNorm that follows turns that
-    into gradients of ~1e5, which (through global gradient clipping) stalls training of
-    the whole model.
-    """
-    from torch import nn
-
-    for module in model.audio_tower.modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) or (
-            isinstance(module, nn.Linear) and module is model.audio_tower.subsampling.linear
-        ):
-            module.reset_parameters()

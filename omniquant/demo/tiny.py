@@ -202,10 +202,12 @@ def write_config_only(out: str | Path, kwargs: dict[str, Any] | None = None) -> 
         NemotronH_Omni_Reasoning_V3_Config,
     )
 
+    from omniquant.models.nemotron_omni import NATIVE_ARCHITECTURE
+
     config = NemotronH_Omni_Reasoning_V3_Config(
         **(released_config_dict() if kwargs is None else kwargs)
     )
-    config.architectures = ["NemotronH_Omni_Reasoning_V3"]
+    config.architectures = [NATIVE_ARCHITECTURE]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
@@ -333,9 +335,8 @@ def _build_from_kwargs(kwargs: dict[str, Any], tokenizer, seed: int, dtype: str 
     from transformers.models.nemotron_h_omni.configuration_nemotron_h_omni import (
         NemotronH_Omni_Reasoning_V3_Config,
     )
-    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
-        NemotronH_Omni_Reasoning_V3,
-    )
+
+    from omniquant.models.nemotron_omni import NATIVE_ARCHITECTURE, new_model
 
     config = NemotronH_Omni_Reasoning_V3_Config(
         **kwargs,
@@ -344,12 +345,9 @@ def _build_from_kwargs(kwargs: dict[str, Any], tokenizer, seed: int, dtype: str 
         audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
     )
     # modelopt's exporter and serving loaders both need architectures set.
-    config.architectures = ["NemotronH_Omni_Reasoning_V3"]
+    config.architectures = [NATIVE_ARCHITECTURE]
     torch.manual_seed(seed)
-    if dtype is None:
-        model = NemotronH_Omni_Reasoning_V3(config)
-    else:
-        model = NemotronH_Omni_Reasoning_V3._from_config(config, dtype=getattr(torch, dtype))
+    model = new_model(config, dtype)
     _randomize_router_bias(model, seed)
     return model
 

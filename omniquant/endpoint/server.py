@@ -176,7 +176,7 @@ class ServedModel:
         from omniquant.evaluate.runner import _append_tokens, _continue, backbone_input
 
         loaded = self.loaded
-        backbone = getattr(loaded.model, loaded.adapter.quant_root_name())
+        backbone = loaded.adapter.quant_root(loaded.model)
         embed = loaded.model.get_input_embeddings()
         with self.lock, torch.no_grad():
             prefix = backbone_input(loaded, sample)

@@ -10,14 +10,15 @@ ship. Here the *files on disk* are the source of truth:
 - the FP8 KV cache is emulated by quantizing k/v projections with ``k_scale`` /
   ``v_scale`` (per-tensor, the same values a cache would hold).
 The dequantized state dict goes through transformers' own ``from_pretrained``
-(conversion mapping included), which must report no missing or unexpected keys.
+(conversion mapping included; the adapter's ``load_from_state_dict``), which must
+report no missing or unexpected keys; hub names map back to modules through the
+adapter's ``native_module``.
 A BF16 checkpoint loads unchanged. Pure torch: runs on CPU and GPU.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -35,7 +36,6 @@ from omniquant.formats import (
 # activations, come from the format registry (omniquant.formats).
 SCALE_LEAVES = SCALE_SUFFIXES
 KV_LEAVES = KV_SCALE_SUFFIXES
-_EXPERT_RE = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)$")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -85,39 +85,14 @@ def load_emulated(path: str | Path, dtype: str = "bfloat16"):
         A ``LoadedModel`` whose ``emulation`` records the formats found.
     """
     from transformers import AutoTokenizer
-    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
-        NemotronH_Omni_Reasoning_V3,
-    )
 
     from omniquant.models.base import LoadedModel, adapter_for, read_config
-    from omniquant.models.nemotron_omni import load_config
 
     path = Path(path)
     adapter = adapter_for(path)
     cfg_dict = read_config(path)
-    config = load_config(path)
-    # The weights are dequantized here; transformers must not dispatch to a quantizer.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    tdtype = getattr(torch, dtype)
-    sd, act, kv = dequantize_state_dict(_read_tensors(path), tdtype)
-    model, info = NemotronH_Omni_Reasoning_V3.from_pretrained(
-        None,
-        config=config,
-        state_dict=sd,
-        output_loading_info=True,
-        dtype=tdtype,
-        # The per-expert F.linear calls are where activations get quantized; the
-        # grouped_mm kernel transformers picks by default would bypass them.
-        experts_implementation="eager",
-    )
-    if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
-        raise ModelLoadError(
-            f"{path}: dequantized tensors do not fit nemotron_h_omni: missing "
-            f"{sorted(info['missing_keys'])[:5]}, unexpected {sorted(info['unexpected_keys'])[:5]}, "
-            f"mismatched {sorted(info['mismatched_keys'])[:5]}"
-        )
-    model.eval()
+    sd, act, kv = dequantize_state_dict(_read_tensors(path), getattr(torch, dtype))
+    model = adapter.load_from_state_dict(path, sd, dtype)
     installed = install_serving_numerics(model, adapter, act, kv)
     tokenizer = AutoTokenizer.from_pretrained(path)
     formats = sorted({f for f, _ in act.values()})
@@ -142,17 +117,15 @@ def load_emulated(path: str | Path, dtype: str = "bfloat16"):
     )
 
 
-def _native(adapter, hub_module: str) -> str:
-    """Inverse of ``adapter.hub_name`` for backbone modules."""
-    for native_prefix, hub_prefix in (("language_model.model.", "language_model.backbone."),):
-        if hub_module.startswith(hub_prefix):
-            native = native_prefix + hub_module[len(hub_prefix) :]
-            if adapter.hub_name(native) != hub_module:
-                break
-            return native
-    raise ModelLoadError(
-        f"quantized module {hub_module}: outside the backbone; omniquant cannot emulate it."
-    )
+def _native(adapter, hub_module: str) -> tuple[str, tuple[str, int] | None]:
+    """The adapter's ``native_module``, with this module's error for a module outside the
+    backbone."""
+    try:
+        return adapter.native_module(hub_module)
+    except ValueError:
+        raise ModelLoadError(
+            f"quantized module {hub_module}: outside the backbone; omniquant cannot emulate it."
+        ) from None
 
 
 def _act_fn(fmt: str, scale: torch.Tensor):
@@ -165,36 +138,31 @@ def install_serving_numerics(model, adapter, act: dict, kv: dict) -> int:
     experts: dict[str, dict[tuple[str, int], tuple[str, torch.Tensor]]] = {}
     n = 0
     for hub, (fmt, scale) in act.items():
-        m = _EXPERT_RE.match(hub)
-        if m:
-            experts.setdefault(_native(adapter, m.group(1)), {})[(m.group(3), int(m.group(2)))] = (
-                fmt,
-                scale,
-            )
+        native, expert = _native(adapter, hub)
+        if expert is not None:
+            experts.setdefault(native, {})[expert] = (fmt, scale)
             continue
-        mod = modules[_native(adapter, hub)]
+        mod = modules[native]
         quant = _act_fn(fmt, scale)
         mod.register_forward_pre_hook(lambda _m, args, q=quant: (q(args[0]), *args[1:]))
         n += 1
     for native, table in experts.items():
-        _wrap_experts(modules[native], table)
+        _wrap_experts(adapter, modules[native], table)
         n += 1
     for hub, scale in kv.items():
-        mod = modules[_native(adapter, hub)]
+        mod = modules[_native(adapter, hub)[0]]
         quant = _act_fn(KV_CACHE_FORMAT.name, scale)
         mod.register_forward_hook(lambda _m, _a, out, q=quant: q(out))
         n += 1
     return n
 
 
-def _wrap_experts(mod, table: dict) -> None:
-    """Quantize the inputs of a fused-experts module's per-expert ``F.linear`` calls."""
-    from omniquant.models.fused_experts import patch_expert_linears
-
+def _wrap_experts(adapter, mod, table: dict) -> None:
+    """Quantize the inputs of a fused-experts module's per-expert GEMMs."""
     quant = {key: _act_fn(fmt, scale) for key, (fmt, scale) in table.items()}
 
     def fn(proj: str, idx: int, x: torch.Tensor) -> torch.Tensor:
         q = quant.get((proj, idx))
         return x if q is None else q(x)
 
-    patch_expert_linears(mod, fn)
+    adapter.patch_expert_inputs(mod, fn)

@@ -2,9 +2,9 @@
 
 Policy:
 - One forward through the whole omni model per sample runs the encoders (and EVS);
-  a forward pre-hook on the language model (the adapter's quant root, as in
-  ``omniquant.quantize.calibrate``) captures the embeddings that reach the backbone and
-  stops the pass there. Every further step (teacher forcing, greedy decoding,
+  the adapter's backbone-input hook (``ModelAdapter.backbone_inputs``, the one
+  ``omniquant.quantize.calibrate`` counts tokens with) captures the embeddings that
+  reach the backbone and stops the pass there. Every further step (teacher forcing, greedy decoding,
   choice scoring) calls the backbone on those embeddings plus embedded text tokens,
   exactly what the omni forward would feed it, without re-running the encoders.
   Video tokens are counted at that same point, after EVS.
@@ -61,39 +61,26 @@ class _ReachedBackbone(Exception):
     """Raised by the pre-hook to stop the omni forward once the backbone input is known."""
 
 
-class _BackboneInput:
-    """Capture the language model's ``inputs_embeds`` and stop the forward there."""
-
-    def __init__(self, backbone):
-        self.backbone = backbone
-        self.embeds: torch.Tensor | None = None
-        self._handle = None
-
-    def __enter__(self):
-        def pre_hook(_mod, _args, kwargs):
-            self.embeds = kwargs["inputs_embeds"].detach()
-            raise _ReachedBackbone
-
-        self._handle = self.backbone.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc):
-        self._handle.remove()
-        return exc[0] is _ReachedBackbone
-
-
 def backbone_input(loaded, sample) -> torch.Tensor:
     """Embeddings the backbone receives for ``sample`` (encoders run, EVS applied).
 
     Returns:
         ``(1, L', H)`` with ``L'`` the sequence length after EVS.
     """
-    backbone = getattr(loaded.model, loaded.adapter.quant_root_name())
-    with _BackboneInput(backbone) as cap:
-        loaded.adapter.forward(loaded.model, sample)
-    if cap.embeds is None:  # pragma: no cover - the adapter always reaches the backbone
+    captured: list[torch.Tensor | None] = []
+
+    def stop(embeds) -> None:
+        captured.append(None if embeds is None else embeds.detach())
+        raise _ReachedBackbone
+
+    try:
+        with loaded.adapter.backbone_inputs(loaded.model, stop):
+            loaded.adapter.forward(loaded.model, sample)
+    except _ReachedBackbone:
+        pass
+    if not captured or captured[0] is None:  # pragma: no cover - the adapter always reaches it
         raise RuntimeError("the model's forward never reached its language model")
-    return cap.embeds
+    return captured[0]
 
 
 def _append_tokens(embed, prefix: torch.Tensor, ids: list[int] | torch.Tensor) -> torch.Tensor:
@@ -153,11 +140,11 @@ def evaluate_model(
         The per-sample results (and spans with ``keep_spans``).
     """
     model, adapter, tokenizer = loaded.model, loaded.adapter, loaded.tokenizer
-    backbone = getattr(model, adapter.quant_root_name())
+    backbone = adapter.quant_root(model)
     embed = model.get_input_embeddings()
     eos = _eos_id(loaded)
     image_token = adapter.placeholder_ids(model)["image"]
-    rate_in_effect = float(model.video_pruning_rate if evs_rate is None else evs_rate)
+    rate_in_effect = float(adapter.evs_rate(model) if evs_rate is None else evs_rate)
     results: list[SampleResult] = []
     spans: dict[str, SpanDistribution] = {}
     start = time.perf_counter()

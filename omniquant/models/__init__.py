@@ -10,11 +10,21 @@ from __future__ import annotations
 # Importing the module registers the adapter.
 from omniquant.models import nemotron_omni  # noqa: F401
 from omniquant.models.base import (
+    ExpertLinear,
     LoadedModel,
     ModelAdapter,
+    MoELayer,
     adapter_for,
     load_model,
     register_adapter,
 )
 
-__all__ = ["LoadedModel", "ModelAdapter", "adapter_for", "load_model", "register_adapter"]
+__all__ = [
+    "ExpertLinear",
+    "LoadedModel",
+    "MoELayer",
+    "ModelAdapter",
+    "adapter_for",
+    "load_model",
+    "register_adapter",
+]

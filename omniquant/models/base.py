@@ -1,13 +1,19 @@
 """Adapter interface and registry.
 
 Policy: per-architecture knowledge lives in exactly one adapter class per model
-family. Nothing outside ``omniquant/models`` branches on ``model_type``.
+family. Nothing outside ``omniquant/models`` branches on ``model_type``, names a
+transformers class of the model or one of its module attributes: a stage asks the
+adapter. Every method a stage calls is declared here, abstract or with a default that
+is correct for a model without the feature (no MoE, no video, no KV cache), so no
+stage probes an adapter with ``hasattr``/``getattr``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,6 +48,48 @@ class LoadedModel:
     emulation: dict | None = None
     #: What the loader decided about placement beyond accelerate's map (devices.py).
     placement_notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExpertLinear:
+    """One per-expert GEMM of a fused 3-D expert container, as the hub layout stores it.
+
+    Attributes:
+        hub_module: Hub-layout module name of this expert's projection (its ``.weight``
+            is the stored tensor).
+        projection: The container's projection it belongs to (its quantizers are named
+            after it by modelopt's fused-experts wrapper).
+        expert: Expert index within the container.
+        out_features: Output width of the GEMM.
+        in_features: Input width of the GEMM.
+    """
+
+    hub_module: str
+    projection: str
+    expert: int
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One routed-expert (MoE) layer, as calibration statistics see it.
+
+    Attributes:
+        name: Module name of the layer; the key of its expert statistics.
+        num_experts: Routed experts.
+        projections: Per-expert GEMMs of the expert container, in the order their
+            statistics are kept.
+    """
+
+    name: str
+    num_experts: int
+    projections: tuple[str, ...]
+
+
+#: ``fn(layer, projection, expert, x) -> x``: sees (and may replace) the input of one
+#: per-expert GEMM (``ModelAdapter.expert_probes``).
+ExpertInputFn = Callable[[str, str, int, Any], Any]
 
 
 class ModelAdapter(ABC):
@@ -118,6 +166,106 @@ class ModelAdapter(ABC):
     def resident_modules(self) -> tuple[str, ...]:
         """Modules ``--device auto`` never offloads (none by default)."""
         return ()
+
+    # ------------------------------------------------------------ the backbone
+    def quant_root(self, model):
+        """The submodule handed to ``mtq.quantize`` (``quant_root_name``): the backbone."""
+        return model.get_submodule(self.quant_root_name())
+
+    @contextlib.contextmanager
+    def backbone_inputs(self, model, fn: Callable[[Any], None]) -> Iterator[None]:
+        """Context manager: ``fn(inputs_embeds)`` each time the backbone is entered.
+
+        ``inputs_embeds`` is what the backbone receives after the encoders ran and their
+        features were scattered (EVS applied), or ``None`` when it is called with token
+        ids. ``fn`` may raise to stop the forward there; the hook is removed either way.
+        This default fits a backbone that takes ``inputs_embeds`` as a keyword, as
+        transformers' causal LMs do.
+        """
+
+        def pre_hook(_mod, _args, kwargs):
+            fn(kwargs.get("inputs_embeds"))
+
+        handle = self.quant_root(model).register_forward_pre_hook(pre_hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def audio_tokens(self, model, input_features_mask) -> int:
+        """Audio embeddings the model scatters for one clip of mel features whose mask is
+        ``input_features_mask`` ``(1, frames)``. Only called for a model with audio."""
+        raise NotImplementedError(f"{type(self).__name__}: the model has no audio encoder")
+
+    def evs_rate(self, model) -> float:
+        """The video token pruning (EVS) rate the model applies now (0 without EVS)."""
+        return 0.0
+
+    def kv_cache_modules(self, model) -> list[str]:
+        """Attention modules whose K/V a serving engine caches, as modelopt names its
+        ``k_bmm_quantizer``/``v_bmm_quantizer`` parents (none by default: no attention)."""
+        return []
+
+    # ----------------------------------------------------------- fused experts
+    def expert_linears(self, name: str, module) -> list[ExpertLinear]:
+        """The per-expert GEMMs of fused expert container ``name`` (a module of a
+        ``fused_expert_groups`` group), expert-major, in hub names.
+
+        Only called for modules of ``fused_expert_groups``, which is empty by default.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} declares fused_expert_groups but not expert_linears"
+        )
+
+    def moe_layers(self, model) -> list[MoELayer]:
+        """The model's routed-expert layers, in module order (none by default)."""
+        return []
+
+    def expert_probes(
+        self,
+        model,
+        on_routed: Callable[[str, Any], None],
+        on_expert_input: ExpertInputFn,
+        force_all_experts: bool = False,
+    ):
+        """Context manager over ``moe_layers``: ``on_routed(layer, expert_indices)`` after
+        each routing decision (the chosen experts of every token), ``on_expert_input``
+        on every per-expert GEMM input; with ``force_all_experts`` every token also runs
+        through every expert with zero routing weight (statistics only: outputs are
+        unchanged). A model without MoE layers has nothing to probe (this default).
+        """
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------ emulated loading
+    def load_from_state_dict(self, path: Path, state_dict: dict, dtype: str = "bfloat16"):
+        """The model of checkpoint ``path`` (its config) holding ``state_dict`` (hub
+        names), in eval mode; every model tensor must be in ``state_dict`` and every
+        entry must fit one. Per-expert GEMMs run one call per expert so that
+        ``patch_expert_inputs`` sees them (``omniquant.evaluate.emulated``).
+
+        Raises:
+            ModelLoadError: the tensors do not fit the model.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot load a state dict")
+
+    def native_module(self, hub_module: str) -> tuple[str, tuple[str, int] | None]:
+        """Inverse of ``hub_name`` for a module: its native name and, for a per-expert
+        GEMM of a fused container (``expert_linears``), ``(projection, expert)`` in it.
+
+        Raises:
+            ValueError: ``hub_module`` is not a module of the quantized backbone.
+        """
+        raise ValueError(f"{hub_module}: {type(self).__name__} maps no hub name back")
+
+    def patch_expert_inputs(
+        self, module, fn: Callable[[str, int, Any], Any]
+    ) -> Callable[[], None]:
+        """Route every per-expert GEMM input of fused container ``module`` through
+        ``fn(projection, expert, x)``; returns the undo. Only called for modules of
+        ``fused_expert_groups``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} declares fused_expert_groups but not patch_expert_inputs"
+        )
 
 
 def read_config(path: Path) -> dict:

@@ -21,9 +21,20 @@ from pathlib import Path
 from typing import ClassVar
 
 from omniquant.errors import ModelLoadError
-from omniquant.models.base import LoadedModel, ModelAdapter, read_config, register_adapter
+from omniquant.models.base import (
+    ExpertLinear,
+    LoadedModel,
+    ModelAdapter,
+    MoELayer,
+    read_config,
+    register_adapter,
+)
 
 _LAYER_RE = re.compile(r"^language_model\.model\.layers\.(\d+)\.mixer\.")
+#: A per-expert GEMM of a fused container in hub names: container, expert, projection.
+_HUB_EXPERT_RE = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)$")
+#: The fused container's 3-D projections (``NemotronHExperts``), in export order.
+_EXPERT_PROJECTIONS = ("up_proj", "down_proj")
 
 #: Group names in the order they are reported.
 GROUPS = (
@@ -73,6 +84,41 @@ def load_config(path: Path):
         raise ModelLoadError(
             f"{Path(path) / 'config.json'}: transformers cannot build the config: {exc}"
         ) from exc
+
+
+#: transformers' class of the model, as ``config.json``'s ``architectures`` names it.
+NATIVE_ARCHITECTURE = "NemotronH_Omni_Reasoning_V3"
+
+
+def new_model(config, dtype: str | None = None):
+    """A randomly initialised model of ``config`` (transformers' init under the caller's
+    seed): float32 through ``__init__``, or built directly in ``dtype``."""
+    import torch
+    from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
+        NemotronH_Omni_Reasoning_V3,
+    )
+
+    if dtype is None:
+        return NemotronH_Omni_Reasoning_V3(config)
+    return NemotronH_Omni_Reasoning_V3._from_config(config, dtype=getattr(torch, dtype))
+
+
+def reset_audio_convolutions(model) -> None:
+    """Give the Parakeet convolutions PyTorch's fan-in scaled init (the demo trainer's).
+
+    transformers initialises every weight from N(0, 0.02) (harmless for a checkpoint that
+    is loaded, not trained). The subsampling stack's convolutions have fan-ins of 9 to 16,
+    so six of them shrink the signal by ~1e-6 and the LayerNorm that follows turns that
+    into gradients of ~1e5, which (through global gradient clipping) stalls training of
+    the whole model.
+    """
+    from torch import nn
+
+    for module in model.audio_tower.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) or (
+            isinstance(module, nn.Linear) and module is model.audio_tower.subsampling.linear
+        ):
+            module.reset_parameters()
 
 
 @register_adapter
@@ -450,3 +496,154 @@ class NemotronOmniAdapter(ModelAdapter):
         """
         cfg = model.config
         return {"image": cfg.image_token_id, "audio": cfg.audio_token_id}
+
+    def audio_tokens(self, model, input_features_mask) -> int:
+        """The Parakeet encoder's output length, cut at the length transformers derives
+        from the mask (``sum + 1``)."""
+        import torch
+
+        tower = model.audio_tower
+        n_frames = torch.tensor([input_features_mask.shape[-1]])
+        produced = int(tower._get_subsampling_output_length(n_frames)[0])
+        kept = int(tower._get_subsampling_output_length(input_features_mask.sum(-1) + 1)[0])
+        return min(produced, kept)
+
+    def evs_rate(self, model) -> float:
+        """The EVS pruning rate the model applies now (its ``video_pruning_rate``)."""
+        return float(model.video_pruning_rate)
+
+    def kv_cache_modules(self, model) -> list[str]:
+        """The attention mixers (the parents of the ``attention_o`` projections)."""
+        return [n.rsplit(".", 1)[0] for n in self.module_groups(model).get("attention_o", [])]
+
+    # ---------------------------------------------------------- fused experts
+    def expert_linears(self, name: str, module) -> list[ExpertLinear]:
+        """``NemotronHExperts``: ``up_proj``/``down_proj`` are ``[E, out, in]``; the hub
+        layout stores expert ``i``'s as ``<container>.<i>.<projection>``."""
+        hub = self.hub_name(name)
+        out = []
+        for i in range(module.num_experts):
+            for proj in _EXPERT_PROJECTIONS:
+                _, o, n = getattr(module, proj).shape
+                out.append(ExpertLinear(f"{hub}.{i}.{proj}", proj, i, int(o), int(n)))
+        return out
+
+    def patch_expert_inputs(self, module, fn):
+        """See ``omniquant.models.fused_experts.patch_expert_linears``."""
+        from omniquant.models.fused_experts import patch_expert_linears
+
+        return patch_expert_linears(module, fn, _EXPERT_PROJECTIONS)
+
+    @staticmethod
+    def _is_expert_container(name: str, module) -> bool:
+        # By shape, not class: under mtq.quantize the container is modelopt's subclass.
+        return (
+            hasattr(module, "up_proj") and hasattr(module, "num_experts") and name.endswith("experts")
+        )
+
+    def moe_layers(self, model) -> list[MoELayer]:
+        """One entry per ``NemotronHTopkRouter``, named by its MoE mixer."""
+        return [
+            MoELayer(name.rsplit(".", 1)[0], int(mod.num_experts), _EXPERT_PROJECTIONS)
+            for name, mod in model.named_modules()
+            if type(mod).__name__ == "NemotronHTopkRouter"
+        ]
+
+    @contextlib.contextmanager
+    def expert_probes(self, model, on_routed, on_expert_input, force_all_experts=False):
+        """Routers report their top-k indices (the third output of ``NemotronHTopkRouter``);
+        expert inputs are read per ``F.linear`` call (``fused_experts``); forcing calls the
+        container again with every expert and zero routing weights (its output is
+        discarded), inside the container's forward hook."""
+        handles, undo = [], []
+        forcing = [False]
+
+        def router_hook(layer):
+            def hook(_mod, _args, output):
+                if not forcing[0]:
+                    on_routed(layer, output[2])
+
+            return hook
+
+        def force_hook(mod, args, output):
+            import torch
+
+            if forcing[0]:
+                return
+            hidden = args[0]
+            n_tok = hidden.shape[0]
+            idx = torch.arange(mod.num_experts, device=hidden.device).expand(n_tok, -1)
+            weights = torch.zeros(n_tok, mod.num_experts, dtype=torch.float32, device=hidden.device)
+            forcing[0] = True
+            try:
+                mod(hidden, idx, weights)  # statistics only: output discarded
+            finally:
+                forcing[0] = False
+
+        try:
+            for name, mod in model.named_modules():
+                layer = name.rsplit(".", 1)[0]  # ...mixer
+                if type(mod).__name__ == "NemotronHTopkRouter":
+                    handles.append(mod.register_forward_hook(router_hook(layer)))
+                elif self._is_expert_container(name, mod):
+                    undo.append(
+                        self.patch_expert_inputs(
+                            mod, lambda proj, i, x, layer=layer: on_expert_input(layer, proj, i, x)
+                        )
+                    )
+                    if force_all_experts:
+                        handles.append(mod.register_forward_hook(force_hook))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for fn in reversed(undo):
+                fn()
+
+    # ------------------------------------------------------ emulated loading
+    def load_from_state_dict(self, path: Path, state_dict: dict, dtype: str = "bfloat16"):
+        """Build ``NemotronH_Omni_Reasoning_V3`` from the checkpoint's config with
+        ``state_dict`` through transformers' own ``from_pretrained`` (conversion mapping
+        included), eager experts: the per-expert ``F.linear`` calls are where activations
+        get quantized; the grouped_mm kernel transformers picks by default would bypass
+        them."""
+        import torch
+        from transformers.models.nemotron_h_omni.modeling_nemotron_h_omni import (
+            NemotronH_Omni_Reasoning_V3,
+        )
+
+        config = load_config(path)
+        # The weights come dequantized; transformers must not dispatch to a quantizer.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model, info = NemotronH_Omni_Reasoning_V3.from_pretrained(
+            None,
+            config=config,
+            state_dict=state_dict,
+            output_loading_info=True,
+            dtype=getattr(torch, dtype),
+            experts_implementation="eager",
+        )
+        if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]:
+            raise ModelLoadError(
+                f"{path}: dequantized tensors do not fit nemotron_h_omni: missing "
+                f"{sorted(info['missing_keys'])[:5]}, unexpected {sorted(info['unexpected_keys'])[:5]}, "
+                f"mismatched {sorted(info['mismatched_keys'])[:5]}"
+            )
+        model.eval()
+        return model
+
+    def native_module(self, hub_module: str) -> tuple[str, tuple[str, int] | None]:
+        """Inverse of ``hub_name`` for backbone modules (``backbone.`` -> ``model.``)."""
+        m = _HUB_EXPERT_RE.match(hub_module)
+        if m:
+            return self._native_name(m.group(1)), (m.group(3), int(m.group(2)))
+        return self._native_name(hub_module), None
+
+    def _native_name(self, hub_module: str) -> str:
+        native_prefix, hub_prefix = "language_model.model.", "language_model.backbone."
+        if hub_module.startswith(hub_prefix):
+            native = native_prefix + hub_module[len(hub_prefix) :]
+            if self.hub_name(native) == hub_module:
+                return native
+        raise ValueError(f"{hub_module}: outside the backbone")

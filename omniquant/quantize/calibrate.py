@@ -6,7 +6,8 @@ Policy:
   backbone is calibrated on real image/video/audio embeddings.
 - Statistics are measured, not inferred: tokens reaching the backbone are counted
   at the language model's input (after EVS), and expert token counts are read
-  from the routers' own top-k choices.
+  from the routers' own top-k choices. Where the hooks go is the adapter's to say
+  (``backbone_inputs``, ``moe_layers``, ``expert_probes``); this module only counts.
 - Inputs go where the first layer executes (``omniquant.devices.input_device``); a
   model split by accelerate moves activations between devices itself.
 - Expert coverage is a policy: ``error`` (default) fails naming layers and
@@ -17,6 +18,7 @@ Policy:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +27,6 @@ import torch
 
 from omniquant.data.batch import Sample
 from omniquant.errors import CalibrationError
-from omniquant.models.fused_experts import patch_expert_linears
 
 MODALITIES = ("text", "image", "video", "audio")
 
@@ -67,7 +68,7 @@ class CalibrationStats:
 
 
 class _Probe:
-    """Hooks that measure tokens per modality and per expert."""
+    """Hooks that measure tokens per modality and per expert (placed by the adapter)."""
 
     def __init__(self, loaded, force_all_experts: bool):
         self.loaded = loaded
@@ -76,76 +77,38 @@ class _Probe:
         self.seq_len_at_backbone = 0
         self.expert_tokens: dict[str, torch.Tensor] = {}
         self.expert_input_amax: dict[str, dict[str, torch.Tensor]] = {}
-        self._handles = []
-        self._undo = []
-        self._forcing = False
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self):
-        lm = self.model.language_model
-
-        def pre_hook(_mod, args, kwargs):
-            emb = kwargs.get("inputs_embeds")
-            self.seq_len_at_backbone = int(emb.shape[1]) if emb is not None else 0
-
-        self._handles.append(lm.register_forward_pre_hook(pre_hook, with_kwargs=True))
-        for name, mod in self.model.named_modules():
-            cls = type(mod).__name__
-            if cls == "NemotronHTopkRouter":
-                layer = name.rsplit(".", 1)[0]  # ...mixer
-                self.expert_tokens[layer] = torch.zeros(mod.num_experts, dtype=torch.long)
-                self._handles.append(mod.register_forward_hook(self._router_hook(layer)))
-            elif hasattr(mod, "up_proj") and hasattr(mod, "num_experts") and name.endswith("experts"):
-                layer = name.rsplit(".", 1)[0]
-                amax = {p: torch.zeros(mod.num_experts) for p in ("up_proj", "down_proj")}
-                self.expert_input_amax[layer] = amax
-                self._undo.append(patch_expert_linears(mod, self._amax_observer(amax)))
-                if self.force:
-                    self._handles.append(mod.register_forward_hook(self._force_hook()))
+        adapter = self.loaded.adapter
+        for layer in adapter.moe_layers(self.model):
+            self.expert_tokens[layer.name] = torch.zeros(layer.num_experts, dtype=torch.long)
+            self.expert_input_amax[layer.name] = {
+                p: torch.zeros(layer.num_experts) for p in layer.projections
+            }
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(adapter.backbone_inputs(self.model, self._at_backbone))
+            stack.enter_context(
+                adapter.expert_probes(self.model, self._routed, self._observe, self.force)
+            )
+            self._stack = stack.pop_all()
         return self
 
-    @staticmethod
-    def _amax_observer(amax: dict[str, torch.Tensor]):
-        def observe(proj: str, idx: int, x: torch.Tensor) -> torch.Tensor:
-            if x.numel():
-                amax[proj][idx] = max(float(amax[proj][idx]), float(x.detach().abs().max()))
-            return x
+    def _at_backbone(self, embeds) -> None:
+        self.seq_len_at_backbone = int(embeds.shape[1]) if embeds is not None else 0
 
-        return observe
+    def _routed(self, layer: str, topk_indices: torch.Tensor) -> None:
+        counts = torch.bincount(topk_indices.reshape(-1), minlength=self.expert_tokens[layer].numel())
+        self.expert_tokens[layer] += counts.cpu()
 
-    def _router_hook(self, layer: str):
-        def hook(_mod, _args, output):
-            if self._forcing:
-                return
-            topk_indices = output[2]
-            counts = torch.bincount(topk_indices.reshape(-1), minlength=self.expert_tokens[layer].numel())
-            self.expert_tokens[layer] += counts.cpu()
-
-        return hook
-
-    def _force_hook(self):
-        def hook(mod, args, output):
-            if self._forcing:
-                return
-            hidden = args[0]
-            n_tok = hidden.shape[0]
-            idx = torch.arange(mod.num_experts, device=hidden.device).expand(n_tok, -1)
-            weights = torch.zeros(n_tok, mod.num_experts, dtype=torch.float32, device=hidden.device)
-            self._forcing = True
-            try:
-                mod(hidden, idx, weights)  # statistics only: output discarded
-            finally:
-                self._forcing = False
-            return
-
-        return hook
+    def _observe(self, layer: str, proj: str, idx: int, x: torch.Tensor) -> torch.Tensor:
+        amax = self.expert_input_amax[layer]
+        if x.numel():
+            amax[proj][idx] = max(float(amax[proj][idx]), float(x.detach().abs().max()))
+        return x
 
     def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        for undo in reversed(self._undo):
-            undo()
-        self._undo.clear()
+        self._stack.close()
 
 
 def run_calibration(
@@ -170,7 +133,7 @@ def run_calibration(
     """
     model, adapter = loaded.model, loaded.adapter
     stats = CalibrationStats(force_all_experts=force_all_experts)
-    rate = model.video_pruning_rate if evs_rate is None else float(evs_rate)
+    rate = adapter.evs_rate(model) if evs_rate is None else float(evs_rate)
     stats.evs_rate = float(rate)
     ph = adapter.placeholder_ids(model)
     from omniquant.devices import input_device

@@ -92,14 +92,11 @@ def quantized_hub_modules(loaded, plan) -> dict[str, str]:
     modules = dict(model.named_modules())
     out = {}
     for name, fmt in plan.quantized().items():
-        hub = adapter.hub_name(name)
         if plan.module_group[name] in adapter.fused_expert_groups:
-            mod = modules[name]
-            for i in range(mod.num_experts):
-                for proj in ("up_proj", "down_proj"):
-                    out[f"{hub}.{i}.{proj}"] = fmt
+            for linear in adapter.expert_linears(name, modules[name]):
+                out[linear.hub_module] = fmt
         else:
-            out[hub] = fmt
+            out[adapter.hub_name(name)] = fmt
     return out
 
 
@@ -154,7 +151,7 @@ class _LayerwiseQuantExport:
         from modelopt.torch.quantization.utils.core_utils import has_accelerate_offload
 
         self.root_name = loaded.adapter.quant_root_name()
-        self.root = root = getattr(loaded.model, self.root_name)
+        self.root = root = loaded.adapter.quant_root(loaded.model)
         self.adapter = loaded.adapter
         dtype = torch.bfloat16
         self.tied_map = TiedWeightMap(root)

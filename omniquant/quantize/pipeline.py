@@ -250,7 +250,7 @@ def _quantize_placed(
     import modelopt.torch.quantization as mtq
 
     mo_config = to_modelopt_config(plan, rec)
-    root = getattr(loaded.model, loaded.adapter.quant_root_name())
+    root = loaded.adapter.quant_root(loaded.model)
     cov = rec.calibration.expert_coverage
     timings["calibration_data"] = time.perf_counter() - t
     loop_seconds = [0.0]

@@ -52,6 +52,9 @@ class Plan:
     kv_cache: str
     quant_root: str
     kv_modules: list[str] = field(default_factory=list)
+    #: Fused expert container -> its per-expert projections (``ModelAdapter.expert_linears``),
+    #: whose quantizers modelopt names after them.
+    expert_projections: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Group -> {format: number of modules} (groups with no modules omitted)."""
@@ -131,7 +134,7 @@ def resolve_plan(recipe: Recipe, loaded) -> Plan:
                 errors.append(
                     f"{where}: would quantize {len(hits)} module(s) of the encoder/projector "
                     f"group(s) {', '.join(guarded)} (e.g. {hits[0]}) without naming them; "
-                    "narrow the pattern to the language model (language_model.*)."
+                    f"narrow the pattern to the language model ({adapter.quant_root_name()}.*)."
                 )
                 continue
             bad = sorted({module_group[n] for n in matched} - QUANTIZABLE_GROUPS)
@@ -148,27 +151,36 @@ def resolve_plan(recipe: Recipe, loaded) -> Plan:
     if errors:
         raise PlanError("recipe cannot be applied to this model:\n  " + "\n  ".join(errors))
 
-    _check_nvfp4_divisibility(module_format, model, recipe.quantization.nvfp4_block_size)
+    modules = dict(model.named_modules())
+    expert_projections = {
+        name: tuple(dict.fromkeys(e.projection for e in adapter.expert_linears(name, modules[name])))
+        for name, group in module_group.items()
+        if group in adapter.fused_expert_groups
+    }
+    _check_nvfp4_divisibility(
+        module_format, modules, adapter, expert_projections, recipe.quantization.nvfp4_block_size
+    )
     kv_modules = []
     if recipe.quantization.kv_cache == "fp8":
-        kv_modules = [n.rsplit(".", 1)[0] for n in groups.get("attention_o", [])]
+        kv_modules = adapter.kv_cache_modules(model)
     return Plan(
         module_format=module_format,
         module_group=module_group,
         kv_cache=recipe.quantization.kv_cache,
         quant_root=adapter.quant_root_name(),
         kv_modules=kv_modules,
+        expert_projections=expert_projections,
     )
 
 
-def _check_nvfp4_divisibility(module_format: dict[str, str], model, block: int) -> None:
+def _check_nvfp4_divisibility(
+    module_format: dict[str, str], modules: dict, adapter, fused: dict, block: int
+) -> None:
     offenders = []
-    modules = dict(model.named_modules())
     for name, fmt in module_format.items():
         if fmt != "nvfp4":
             continue
-        mod = modules[name]
-        for label, width in _input_widths(name, mod):
+        for label, width in _input_widths(name, modules[name], adapter, name in fused):
             if width % block:
                 offenders.append(f"{label} (input width {width})")
     if offenders:
@@ -179,15 +191,17 @@ def _check_nvfp4_divisibility(module_format: dict[str, str], model, block: int) 
         )
 
 
-def _input_widths(name: str, module) -> list[tuple[str, int]]:
+def _input_widths(name: str, module, adapter, fused: bool) -> list[tuple[str, int]]:
+    """``(label, input width)`` of a module's GEMMs: one per projection of a fused expert
+    container (its experts share the width), else the module's own."""
+    if fused:
+        widths: dict[str, int] = {}
+        for e in adapter.expert_linears(name, module):
+            widths.setdefault(e.projection, e.in_features)
+        return [(f"{name}.{proj}", width) for proj, width in widths.items()]
     if hasattr(module, "in_features"):
         return [(name, module.in_features)]
-    out = []
-    for proj in ("up_proj", "down_proj", "gate_up_proj"):
-        w = getattr(module, proj, None)
-        if w is not None and getattr(w, "dim", lambda: 0)() == 3:
-            out.append((f"{name}.{proj}", int(w.shape[-1])))
-    return out
+    return []
 
 
 def to_modelopt_config(plan: Plan, recipe: Recipe) -> dict:
@@ -197,8 +211,8 @@ def to_modelopt_config(plan: Plan, recipe: Recipe) -> dict:
     for name, fmt in sorted(plan.quantized().items()):
         rel = name[len(prefix):]
         cfg = _FORMAT_CFG[fmt]
-        if plan.module_group[name] == "routed_experts":
-            for proj in ("up_proj", "down_proj"):
+        if name in plan.expert_projections:
+            for proj in plan.expert_projections[name]:
                 entries.append({"quantizer_name": f"{rel}.{proj}_weight_quantizers.*", "cfg": cfg})
                 entries.append({"quantizer_name": f"{rel}.{proj}_input_quantizer", "cfg": cfg})
         else:

@@ -101,15 +101,15 @@ def quantized_weights(loaded, plan) -> list[QuantizedWeight]:
     fused = adapter.fused_expert_groups
     out: list[QuantizedWeight] = []
     for name, fmt in sorted(plan.quantized().items()):
-        hub, mod = adapter.hub_name(name), modules[name]
+        mod = modules[name]
         if plan.module_group[name] in fused:
-            for i in range(mod.num_experts):
-                for proj in ("up_proj", "down_proj"):
-                    _, o, n = getattr(mod, proj).shape
-                    out.append(QuantizedWeight(f"{hub}.{i}.{proj}", fmt, int(o), int(n)))
+            for linear in adapter.expert_linears(name, mod):
+                out.append(
+                    QuantizedWeight(linear.hub_module, fmt, linear.out_features, linear.in_features)
+                )
         else:
             o, n = mod.weight.shape
-            out.append(QuantizedWeight(hub, fmt, int(o), int(n)))
+            out.append(QuantizedWeight(adapter.hub_name(name), fmt, int(o), int(n)))
     names = quantized_hub_modules(loaded, plan)
     if {q.module for q in out} != set(names):  # pragma: no cover - a naming bug
         raise RuntimeError("internal: predicted quantized modules differ from the export's")
@@ -124,7 +124,7 @@ def linear_layer_count(loaded, plan) -> int:
     for name, group in plan.module_group.items():
         if group in _NOT_LINEAR:
             continue
-        n += 2 * modules[name].num_experts if group in fused else 1
+        n += len(loaded.adapter.expert_linears(name, modules[name])) if group in fused else 1
     return n
 
 
