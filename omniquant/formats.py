@@ -129,7 +129,7 @@ class Format:
     dequantize_fn: str | None = None
     #: Name in ``omniquant.numerics`` of ``fn(x, input_scale)`` that fake-quantizes an
     #: activation as the serving kernel does (None: activations stay high precision).
-    activation_fn: str | None = None
+    activation_quantizer_fn: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -191,9 +191,9 @@ class Format:
         Raises:
             ValueError: bf16 activations are not quantized.
         """
-        if self.activation_fn is None:
+        if self.activation_quantizer_fn is None:
             raise ValueError(f"format {self.name} does not quantize activations")
-        fn, kwargs = self._numerics(self.activation_fn), self._block_kwargs()
+        fn, kwargs = self._numerics(self.activation_quantizer_fn), self._block_kwargs()
         return lambda x: fn(x, input_scale, **kwargs)
 
     def tensors(
@@ -245,7 +245,7 @@ FP8 = Format(
     ),
     modelopt_cfg={"num_bits": (4, 3), "axis": None},
     dequantize_fn="dequantize_fp8",
-    activation_fn="fake_quant_fp8",
+    activation_quantizer_fn="fake_quant_fp8",
 )
 #: NVFP4 elements per E4M3 block scale (the modelopt config and the stored layout share it).
 _NVFP4_BLOCK = 16
@@ -265,7 +265,7 @@ NVFP4 = Format(
     },
     block_size=_NVFP4_BLOCK,
     dequantize_fn="dequantize_nvfp4",
-    activation_fn="fake_quant_nvfp4_activation",
+    activation_quantizer_fn="fake_quant_nvfp4_activation",
 )
 BF16 = Format(
     name="bf16",
