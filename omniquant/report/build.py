@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from omniquant.checkpoint.layout import OmniquantRecord, SourceRecord
 from omniquant.errors import OmniquantError, ReportError
 
 REPORT_FILES = ("report.json", "report.md", "report.html")
@@ -107,10 +108,10 @@ def describe_checkpoint(path: Path, role: str) -> dict:
     except OmniquantError as err:
         reason = str(err).removeprefix(f"--model {path}: ").removeprefix(f"{path}: ")
         raise ReportError(f"--{role} {path}: {reason}") from err
-    meta = verified.meta or {}
-    recipe = (meta.get("recipe") or {}).get("name")
+    record = verified.record
+    recipe = record.recipe.name if record is not None and record.recipe is not None else None
     return {
-        "_meta": verified.meta,
+        "_meta": record,
         "name": recipe or path.resolve().name,  # "." has no name of its own
         "path": str(path.resolve()),
         "recipe": recipe,
@@ -120,7 +121,7 @@ def describe_checkpoint(path: Path, role: str) -> dict:
         "size_bytes": summary["total"]["bytes"],
         "params": summary["total"]["params"],
         "group_precision": {g: v["precision"] for g, v in summary["groups"].items()},
-        "calibration": meta.get("calibration"),
+        "calibration": record.calibration if record is not None else None,
     }
 
 
@@ -133,18 +134,20 @@ def _unique_names(infos: list[dict]) -> None:
             info["name"] = f"{base} ({seen[base]})"
 
 
-def _source_of(path: Path, meta: dict | None) -> tuple[str | None, str]:
+def _source_of(path: Path, meta: OmniquantRecord | None) -> tuple[str | None, str]:
     """``(fingerprint, source path)`` of the model a checkpoint was quantized from (itself
     for a source checkpoint without ``omniquant.json``)."""
     from omniquant.checkpoint.verify import source_fingerprint
 
-    if not meta:
+    if meta is None:
         return source_fingerprint(path), str(path.resolve())
-    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
-    return source.get("fingerprint"), str(source.get("path"))
+    source = meta.source or SourceRecord()
+    return source.fingerprint, str(source.path)
 
 
-def _check_same_source(baseline: Path, base_meta: dict | None, candidate: Path, meta: dict | None) -> None:
+def _check_same_source(
+    baseline: Path, base_meta: OmniquantRecord | None, candidate: Path, meta: OmniquantRecord | None
+) -> None:
     """Refuse a candidate quantized from another model than the baseline (before any
     evaluation: the verdict would otherwise call a 0% top-1 agreement a recovery)."""
     base_fp, base_src = _source_of(baseline, base_meta)
