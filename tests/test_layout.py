@@ -19,7 +19,6 @@ from omniquant.checkpoint.layout import (
     FORMAT_VERSION,
     QUANT_CONFIG_JSON,
     RECORD_JSON,
-    OmniquantRecord,
     QuantConfig,
     parse_record,
     read_quant_config,
@@ -252,7 +251,8 @@ def test_file_names_are_spelled_only_in_layout_and_checkpoint_imports_no_stage()
     ]
     assert spelled == ["checkpoint/layout.py"]
     upward = re.compile(
-        r"^\s*(from|import) omniquant\.(quantize|evaluate|report|engine|experiments|cli)\b", re.M
+        r"^\s*(from|import) omniquant\.(quantize|evaluate|report|engine|experiments|cli)\b",
+        re.MULTILINE,
     )
     assert [
         f.name
