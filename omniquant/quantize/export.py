@@ -24,9 +24,10 @@ Policy:
   reads it first).
 - ``config.json``'s ``quantization_config`` is not written by hand: modelopt's own
   converter (``convert_hf_quant_config_format``) derives it from the same dict, so
-  the two cannot disagree; vLLM reads only this block.
-- ``omniquant.json`` is written last: a directory without it is not a finished
-  checkpoint.
+  the two cannot disagree; vLLM reads only this block. Both files are written through
+  ``omniquant.checkpoint.layout``, the format's owner.
+- ``omniquant.json`` is written last (by the caller, through the same module): a
+  directory without it is not a finished checkpoint.
 """
 
 from __future__ import annotations
