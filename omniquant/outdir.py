@@ -256,8 +256,10 @@ class staged_dir:
             with write_errors(self.out):
                 if self.out.exists() and not self.replace:  # appeared while the block ran
                     raise ExportError(
-                        f"--out {self.out}: created by someone else during this run; pass "
-                        "--force to replace it, or choose another --out."
+                        f"created by someone else during this run; pass {arg_ref('force')} to "
+                        f"replace it, or choose another {arg_ref('out')}.",
+                        arg="out",
+                        value=self.out,
                     )
                 if self.out.exists():
                     os.replace(self.out, self.old)

@@ -27,7 +27,8 @@ from omniquant.checkpoint.layout import (
     sha256_file,
     write_record,
 )
-from omniquant.errors import AuditError, ExportError, ModelLoadError
+from omniquant.cli import CLI_NAMES
+from omniquant.errors import AuditError, ExportError, ModelLoadError, argument_style
 
 PACKAGE = Path(omniquant.__file__).parent
 DIGEST = "ab" * 32
@@ -222,9 +223,14 @@ def test_staged_dir_renames_into_place_only_on_success(tmp_path):
     with pytest.raises(ExportError) as err, staged_dir(out, replace=False) as tmp:
         (tmp / "c").write_text("3")  # out exists: someone else made it meanwhile
     assert str(err.value) == (
-        f"--out {out}: created by someone else during this run; pass --force to replace it, "
-        "or choose another --out."
+        f"out {out}: created by someone else during this run; pass force to replace it, "
+        "or choose another out."
     )
+    with argument_style(CLI_NAMES):  # as `omniquant quantize` prints it
+        assert str(err.value) == (
+            f"--out {out}: created by someone else during this run; pass --force to replace "
+            "it, or choose another --out."
+        )
     assert sorted(p.name for p in out.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

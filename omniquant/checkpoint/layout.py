@@ -92,16 +92,18 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def _validation_problem(exc: ValidationError) -> str:
-    """The first problems of a pydantic error as ``field.path: message`` phrases."""
-    parts = []
-    for err in exc.errors()[:3]:
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "missing":
-            parts.append(f"no {where!r}")
-        else:
-            parts.append(f"{where} = {err.get('input')!r}: {msg}")
-    more = len(exc.errors()) - len(parts)
+    """The first problems of a pydantic error as ``field.path: message`` phrases (read
+    with ``omniquant.schema.field_problems``, the one reading of pydantic's errors)."""
+    from omniquant.schema import field_problems
+
+    problems = field_problems(exc)
+    parts = [
+        f"no {p.where!r}"
+        if p.kind == "missing"
+        else f"{p.where or '(top level)'} = {p.input!r}: {p.message}"
+        for p in problems[:3]
+    ]
+    more = len(problems) - len(parts)
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
 
 
