@@ -11,6 +11,13 @@ Policy:
   temporary directory removed, exit 130), whatever native code it lands in.
 - ``write_errors``: a full or read-only filesystem met while writing is an
   ``ExportError``, not an ``OSError`` traceback.
+- ``staged_dir``: a directory is written into a temporary sibling
+  (``.omniquant-tmp-<out>-<pid>``) and renamed into place only when the writer's block
+  (writing and checking) succeeded; ``replace`` moves an existing ``out`` aside first
+  (``.omniquant-old-<out>-<pid>``, a rename) so an interruption never leaves neither.
+  It lives here, beside the lock and the stale-directory cleanup that know the same
+  names, rather than in ``omniquant.checkpoint.layout``: it is an output-directory
+  policy any stage can use (a report or bundle directory as well as a checkpoint).
 
 ``filelock`` would do the locking, but it is not a dependency and the pid in the file
 (for the message) needs the raw descriptor anyway.
@@ -27,6 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from omniquant.errors import ExportError, arg_ref
+
+TEMP_PREFIX = ".omniquant-tmp-"
+OLD_PREFIX = ".omniquant-old-"
+#: Name prefixes of the temporary directories (the new output, and the old one moved
+#: aside by ``replace``). A directory so named is never a finished output.
+TEMP_PREFIXES = (TEMP_PREFIX, OLD_PREFIX)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -48,12 +61,12 @@ def clean_stale_temp_dirs(out: Path, say: Callable[[str], None]) -> None:
     else removed. Only directories whose process is gone are touched; the caller holds
     the lock of ``out``, so no live run can be writing them.
     """
-    for prefix in (".omniquant-tmp-", ".omniquant-old-"):
+    for prefix in TEMP_PREFIXES:
         for stale in sorted(out.parent.glob(f"{prefix}{out.name}-*")):
             pid = stale.name.rsplit("-", 1)[-1]
             if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
                 continue
-            if prefix == ".omniquant-old-" and not out.exists():
+            if prefix == OLD_PREFIX and not out.exists():
                 os.replace(stale, out)
                 say(f"restored {out} from {stale.name}, left by an interrupted --force run")
             else:
@@ -196,3 +209,64 @@ class write_errors:
             arg="out",
             value=self.out,
         ) from exc
+
+
+class staged_dir:
+    """Write a directory in a temporary sibling; rename it into place when the block succeeds.
+
+    ::
+
+        with staged_dir(out, replace=force) as tmp:
+            write_files(tmp)
+            check(tmp)  # raising here leaves ``out`` untouched
+        # ``out`` is now the new directory
+
+    The temporary directory is ``.omniquant-tmp-<out>-<pid>`` beside ``out``, created
+    empty on entry; on any exception, Ctrl-C included, it is removed and ``out`` is left
+    as it was. On success an existing ``out`` (``replace`` only) is moved aside to
+    ``.omniquant-old-<out>-<pid>``, the new directory renamed into place, the old one
+    removed. Filesystem errors (full, read-only) become ``ExportError`` (``write_errors``).
+    The caller holds ``out_lock(out)``; ``clean_stale_temp_dirs`` removes what a killed
+    run left.
+
+    Args:
+        out: The directory to produce.
+        replace: Replace an existing ``out``; without it an ``out`` that appeared while
+            the block ran is an ``ExportError``.
+    """
+
+    def __init__(self, out: Path, *, replace: bool):
+        self.out = Path(out)
+        self.replace = replace
+        self.tmp = self.out.parent / f"{TEMP_PREFIX}{self.out.name}-{os.getpid()}"
+        self.old = self.out.parent / f"{OLD_PREFIX}{self.out.name}-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        with write_errors(self.out):
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp)
+            self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return write_errors(self.out).__exit__(exc_type, exc, tb)
+        try:
+            with write_errors(self.out):
+                if self.out.exists() and not self.replace:  # appeared while the block ran
+                    raise ExportError(
+                        f"created by someone else during this run; pass {arg_ref('force')} to "
+                        f"replace it, or choose another {arg_ref('out')}.",
+                        arg="out",
+                        value=self.out,
+                    )
+                if self.out.exists():
+                    os.replace(self.out, self.old)
+                os.replace(self.tmp, self.out)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        if self.old.exists():
+            shutil.rmtree(self.old)
+        return False

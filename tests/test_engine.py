@@ -108,6 +108,7 @@ def write_checkpoint(path: Path, kind: str = "fp8") -> Path:
     (path / "omniquant.json").write_text(
         json.dumps(
             {
+                "format_version": 1,
                 "shards": {"model.safetensors": _sha256(path / "model.safetensors")},
                 "recipe": {"name": f"{kind}_omni"},
             }

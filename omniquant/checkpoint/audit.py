@@ -19,14 +19,23 @@ A failed audit names every offending tensor.
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from omniquant.errors import AuditError, OmniquantError
+from omniquant.checkpoint.layout import (
+    CONFIG_JSON,
+    QUANT_CONFIG_JSON,
+    RECORD_JSON,
+    Quantization,
+    read_config_json,
+    read_quant_config,
+    read_record,
+    serving_quant_config,
+)
+from omniquant.errors import AuditError
 from omniquant.formats import (
     KV_CACHE_FORMAT,
     KV_SCALE_SUFFIXES,
@@ -52,33 +61,15 @@ class AuditReport:
         return not self.problems
 
 
-def read_quant_config(path: Path, error: type[OmniquantError] = AuditError) -> dict:
-    """The ``quantization`` section of ``hf_quant_config.json`` ({} for a BF16 checkpoint).
-
-    Raises:
-        error: The file is not valid JSON or not an object.
-    """
-    from omniquant.checkpoint.verify import read_json_file
-
-    f = Path(path) / "hf_quant_config.json"
-    if not f.is_file():
-        return {}
-    data = read_json_file(f, "", error)
-    quant = data.get("quantization", {}) if isinstance(data, dict) else None
-    if not isinstance(quant, dict):
-        raise error(f"{f}: 'quantization' must be a JSON object; re-export the checkpoint.")
-    return quant
-
-
-def layer_format(module: str, quant: dict) -> str | None:
+def layer_format(module: str, quant: Quantization | None) -> str | None:
     """'fp8' / 'nvfp4' for a quantized hub module, None if excluded or unquantized."""
-    algo = quant.get("quant_algo")
+    algo = quant.quant_algo if quant is not None else None
     if not algo:
         return None
     if algo == "MIXED_PRECISION":
-        entry = quant.get("quantized_layers", {}).get(module)
-        return entry["quant_algo"].lower() if entry else None
-    if is_excluded(module, quant.get("exclude_modules", [])):
+        entry = (quant.quantized_layers or {}).get(module)
+        return entry.quant_algo.lower() if entry and entry.quant_algo else None
+    if is_excluded(module, quant.exclude_modules):
         return None
     return algo.lower()
 
@@ -97,30 +88,26 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
 
     path = Path(path)
     report = AuditReport(path=path)
-    meta_file = path / "omniquant.json"
-    if not meta_file.is_file():
+    record = read_record(path, AuditError)  # a newer format_version: refused here
+    if record is None:
         report.problems.append(
-            f"{meta_file}: missing; this is not a finished omniquant checkpoint "
+            f"{path / RECORD_JSON}: missing; this is not a finished omniquant checkpoint "
             "(an interrupted run, or not written by omniquant)."
         )
         return _finish(report, raise_on_error)
-    from omniquant.checkpoint.verify import open_safetensors, read_json_file, shard_problems
+    from omniquant.checkpoint.verify import open_safetensors, shard_problems
 
-    meta = read_json_file(meta_file, "", AuditError)
-    if not isinstance(meta, dict):
-        meta = {}
-    quant = read_quant_config(path)
+    qc = read_quant_config(path, AuditError)
+    quant = qc.quantization if qc is not None else None
 
     # The same shard rule as every consumer (omniquant.checkpoint.verify), messages relative to path.
-    report.problems += [p.removeprefix(f"{path}/") for p in shard_problems(path, meta)]
-    if not isinstance(meta.get("shards"), dict):
-        return _finish(report, raise_on_error)
+    report.problems += [p.removeprefix(f"{path}/") for p in shard_problems(path, record)]
 
     # Headers only up front; tensors are read one module at a time (a 30B checkpoint
     # must not be loaded whole to be audited).
     index: dict[str, tuple[str, str, tuple[int, ...]]] = {}
     handles = {}
-    for shard in sorted(meta.get("shards", {})):
+    for shard in sorted(record.shards):
         f = path / shard
         if not f.is_file():
             continue
@@ -134,7 +121,7 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
     def load(name: str) -> torch.Tensor | None:
         return handles[index[name][0]].get_tensor(name) if name in index else None
 
-    excluded_patterns = quant.get("exclude_modules", [])
+    excluded_patterns = quant.exclude_modules if quant is not None else []
     weights = {
         k[: -len(".weight")]
         for k, (_, _, shape) in index.items()
@@ -150,7 +137,7 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
                 report.problems.append(
                     f"{module}.weight: stored as {dtype} but hf_quant_config declares it {declared}"
                 )
-            elif quant and not is_excluded(module, excluded_patterns):
+            elif quant is not None and not is_excluded(module, excluded_patterns):
                 report.problems.append(
                     f"{module}: unquantized weight missing from exclude_modules (a loader "
                     "targeting Linear would treat it as quantized)"
@@ -175,7 +162,7 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
         module, leaf = k.rsplit(".", 1)
         if leaf in SCALE_SUFFIXES and module not in weights:
             report.problems.append(f"{k}: scale without a weight beside it")
-    if quant.get("kv_cache_quant_algo") == KV_CACHE_FORMAT.hf_quant_algo:
+    if quant is not None and quant.kv_cache_quant_algo == KV_CACHE_FORMAT.hf_quant_algo:
         kv = [k for k in index if k.rsplit(".", 1)[-1] in KV_SCALE_SUFFIXES]
         if not kv:
             report.problems.append(
@@ -189,25 +176,24 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
 
 def _check_config_block(path: Path, report: AuditReport) -> None:
     """``config.json``'s ``quantization_config`` must be the converter's output for
-    ``hf_quant_config.json`` (omniquant.quantize.export.serving_quant_config)."""
-    from omniquant.quantize.export import serving_quant_config
-
-    hf_file, cfg_file = path / "hf_quant_config.json", path / "config.json"
-    if not hf_file.is_file() or not cfg_file.is_file():
+    ``hf_quant_config.json`` (omniquant.checkpoint.layout.serving_quant_config)."""
+    qc, config = read_quant_config(path, AuditError), read_config_json(path, AuditError)
+    if qc is None or config is None:
         return
-    block = json.loads(cfg_file.read_text()).get("quantization_config")
-    want = serving_quant_config(json.loads(hf_file.read_text()))
+    cfg_file = path / CONFIG_JSON
+    block = config.get("quantization_config")
+    want = serving_quant_config(qc)
     if block is None:
         report.problems.append(
-            f"{cfg_file}: no quantization_config; vLLM would read hf_quant_config.json's legacy "
+            f"{cfg_file}: no quantization_config; vLLM would read {QUANT_CONFIG_JSON}'s legacy "
             "shape instead (re-export, or write modelopt's converter output there)"
         )
     elif block != want:
         differ = sorted(k for k in set(block) | set(want) if block.get(k) != want.get(k))
         report.problems.append(
             f"{cfg_file}: quantization_config differs from modelopt's converter output for "
-            f"hf_quant_config.json in {', '.join(differ)} (re-export, or replace it with "
-            "omniquant.quantize.export.serving_quant_config(hf_quant_config))"
+            f"{QUANT_CONFIG_JSON} in {', '.join(differ)} (re-export, or replace it with "
+            "omniquant.checkpoint.layout.serving_quant_config(hf_quant_config))"
         )
 
 

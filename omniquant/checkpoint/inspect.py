@@ -43,7 +43,7 @@ def inspect_checkpoint(path: str | Path) -> dict:
     Returns:
         ``{"path", "precision", "kv_cache", "groups": {group: {...}}, "total": {...}}``.
     """
-    from omniquant.checkpoint.audit import read_quant_config
+    from omniquant.checkpoint.layout import read_quant_config
     from omniquant.checkpoint.verify import open_safetensors
     from omniquant.models import adapter_for
 
@@ -52,7 +52,8 @@ def inspect_checkpoint(path: str | Path) -> dict:
     shards = sorted(path.glob("*.safetensors"))
     if not shards:
         raise ModelLoadError(f"{path}: no *.safetensors files.")
-    quant = read_quant_config(path, ModelLoadError)
+    qc = read_quant_config(path, ModelLoadError)
+    quant = qc.quantization if qc is not None else None
     groups: dict[str, GroupStats] = {}
     for shard in shards:
         with open_safetensors(shard, ModelLoadError) as fh:
@@ -81,8 +82,8 @@ def inspect_checkpoint(path: str | Path) -> dict:
     total_bytes = sum(g.bytes for g in groups.values())
     return {
         "path": str(path),
-        "precision": quant.get("quant_algo", "BF16"),
-        "kv_cache": quant.get("kv_cache_quant_algo"),
+        "precision": quant.quant_algo if quant is not None else "BF16",
+        "kv_cache": quant.kv_cache_quant_algo if quant is not None else None,
         "groups": {
             name: {
                 "precision": g.precision,

@@ -66,11 +66,11 @@ Pinned sources (read, not copied):
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omniquant.checkpoint.layout import read_config_json, read_quant_config
 from omniquant.errors import ModelLoadError
 from omniquant.formats import FORMATS, KV_SCALE_SUFFIXES, NVFP4, SCALE_SUFFIXES
 
@@ -181,11 +181,10 @@ def read_checkpoint_files(path: str | Path) -> _Checkpoint:
             for k in fh.keys():  # noqa: SIM118 (a safetensors handle)
                 sl = fh.get_slice(k)
                 tensors[k] = (sl.get_dtype(), tuple(sl.get_shape()))
-    cfg_file, hf_file = path / "config.json", path / "hf_quant_config.json"
-    block = (
-        json.loads(cfg_file.read_text()).get("quantization_config") if cfg_file.is_file() else None
-    )
-    hf_quant = json.loads(hf_file.read_text()) if hf_file.is_file() else None
+    config = read_config_json(path, ModelLoadError)
+    block = config.get("quantization_config") if config is not None else None
+    qc = read_quant_config(path, ModelLoadError)
+    hf_quant = qc.to_json() if qc is not None else None
     return _Checkpoint(tensors, block, hf_quant)
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -40,14 +39,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omniquant.checkpoint.layout import (
+    CONFIG_JSON,
+    QUANT_CONFIG_JSON,
+    RECORD_JSON,
+    SHARD_GLOB,
+    OmniquantRecord,
+    read_json_file,
+    read_record,
+    sha256_file,
+)
 from omniquant.errors import OmniquantError
 from omniquant.formats import KV_SCALE_SUFFIXES, SCALAR_SCALE_SUFFIXES, SCALE_SUFFIXES
 
-OMNIQUANT_JSON = "omniquant.json"
-QUANT_CONFIG = "hf_quant_config.json"
-#: Name prefixes of quantize's temporary directories (the new output, and the old one
-#: moved aside by ``--force``). A directory so named is never a finished checkpoint.
-TEMP_PREFIXES = (".omniquant-tmp-", ".omniquant-old-")
+# Name prefixes of quantize's temporary directories (the new output, and the old one
+# moved aside by ``--force``): a directory so named is never a finished checkpoint.
+from omniquant.outdir import TEMP_PREFIXES
+
 #: Every stored scale suffix (omniquant.formats), and those that are per-tensor scalars
 #: in every format that stores them (so must be > 0; a per-block scale may be 0).
 SCALE_LEAVES = SCALE_SUFFIXES + KV_SCALE_SUFFIXES
@@ -61,13 +69,13 @@ class VerifiedCheckpoint:
 
     Attributes:
         path: The directory.
-        meta: ``omniquant.json`` (None for a BF16 source checkpoint without it).
+        record: ``omniquant.json`` (None for a BF16 source checkpoint without it).
         quantized: The directory carries a quantization config.
         shards: ``*.safetensors`` file names, sorted.
     """
 
     path: Path
-    meta: dict | None
+    record: OmniquantRecord | None
     quantized: bool
     shards: list[str]
 
@@ -75,19 +83,6 @@ class VerifiedCheckpoint:
 def is_temp_dir(path: str | Path) -> bool:
     """True for a quantize run's temporary directory (by name)."""
     return Path(path).name.startswith(TEMP_PREFIXES)
-
-
-def read_json_file(path: Path, what: str, error: type[OmniquantError]) -> Any:
-    """Parse a JSON file; unreadable, non-UTF-8 or invalid JSON raise ``error`` naming it."""
-    label = f"{what} {path}" if what else str(path)
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise error(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
-    except json.JSONDecodeError as exc:
-        raise error(f"{label}: not valid JSON ({exc}).") from None
-    except OSError as exc:
-        raise error(f"{label}: cannot read it ({exc.strerror}).") from None
 
 
 @contextlib.contextmanager
@@ -110,36 +105,30 @@ def open_safetensors(path: Path, error: type[OmniquantError], what: str = "") ->
 
 def is_quantized_dir(path: Path, error: type[OmniquantError], what: str = "") -> bool:
     """True when ``path`` carries modelopt's quantization config (either file)."""
-    if (path / QUANT_CONFIG).exists():
+    if (path / QUANT_CONFIG_JSON).exists():
         return True
-    config = path / "config.json"
+    config = path / CONFIG_JSON
     if config.is_file():
         data = read_json_file(config, what, error)
         return isinstance(data, dict) and "quantization_config" in data
     return False
 
 
-def shard_problems(path: Path, meta: dict, *, checksums: bool = True) -> list[str]:
+def shard_problems(path: Path, record: OmniquantRecord, *, checksums: bool = True) -> list[str]:
     """Problems of the shards ``omniquant.json`` lists: missing, unlisted, changed."""
-    from omniquant.quantize.export import sha256_file
-
     problems = []
-    listed = meta.get("shards")
-    if not isinstance(listed, dict) or not listed:
-        return [f"{path / OMNIQUANT_JSON}: no 'shards' object (file name -> sha256)"]
+    listed = record.shards
     for shard, digest in sorted(listed.items()):
         f = path / shard
         if not f.is_file():
-            problems.append(f"{f}: listed in {OMNIQUANT_JSON} but missing")
+            problems.append(f"{f}: listed in {RECORD_JSON} but missing")
         elif checksums and sha256_file(f) != digest:
-            problems.append(
-                f"{f}: sha256 does not match {OMNIQUANT_JSON} (file changed or corrupt)"
-            )
-    on_disk = sorted(p.name for p in path.glob("model*.safetensors") if p.is_file())
+            problems.append(f"{f}: sha256 does not match {RECORD_JSON} (file changed or corrupt)")
+    on_disk = sorted(p.name for p in path.glob(SHARD_GLOB) if p.is_file())
     for name in on_disk:
         if name not in listed:
             problems.append(
-                f"{path / name}: not listed in {OMNIQUANT_JSON} shards (the directory changed "
+                f"{path / name}: not listed in {RECORD_JSON} shards (the directory changed "
                 "after export)"
             )
     return problems
@@ -195,23 +184,19 @@ def verify_checkpoint(
             "finished checkpoint; run quantize again (stale ones are removed by the next run "
             "to the same --out)."
         )
-    if not (path / "config.json").is_file():
+    if not (path / CONFIG_JSON).is_file():
         raise error(f"{where}: no config.json; this is not a Hugging Face checkpoint directory.")
     quantized = is_quantized_dir(path, error, flag)
-    meta = None
-    meta_file = path / OMNIQUANT_JSON
-    if meta_file.is_file():
-        meta = read_json_file(meta_file, flag, error)
-        if not isinstance(meta, dict):
-            raise error(f"{flag} {meta_file}: not a JSON object; re-export the checkpoint.")
-    elif quantized and not foreign_ok:
+    # Version first, then fields: a newer omniquant's record is refused by version.
+    record = read_record(path, error, flag)
+    if record is None and quantized and not foreign_ok:
         raise error(
-            f"{where}: quantized but has no {OMNIQUANT_JSON}; it is not a finished omniquant "
+            f"{where}: quantized but has no {RECORD_JSON}; it is not a finished omniquant "
             "checkpoint (an interrupted run, or written by another tool). Quantize it again "
             "with `omniquant quantize`."
         )
     shards = sorted(p.name for p in path.glob("*.safetensors") if p.is_file())
-    problems = shard_problems(path, meta, checksums=checksums) if meta is not None else []
+    problems = shard_problems(path, record, checksums=checksums) if record is not None else []
     if not problems:
         for shard in shards:
             with open_safetensors(path / shard, error, flag) as fh:
@@ -229,7 +214,7 @@ def verify_checkpoint(
             + more
             + "\nRe-export it with `omniquant quantize` (or copy it again if it was copied)."
         )
-    return VerifiedCheckpoint(path=path, meta=meta, quantized=quantized, shards=shards)
+    return VerifiedCheckpoint(path=path, record=record, quantized=quantized, shards=shards)
 
 
 def source_fingerprint(path: str | Path) -> str:
@@ -341,9 +326,9 @@ def preflight_source(model: Path, rec, recipe_path: Path) -> None:
     from omniquant.models.base import read_config
 
     adapter = adapter_for(model)
-    if is_quantized_dir(model, ModelLoadError, "--model") or (model / OMNIQUANT_JSON).exists():
+    if is_quantized_dir(model, ModelLoadError, "--model") or (model / RECORD_JSON).exists():
         raise ModelLoadError(
-            f"--model {model}: already quantized ({QUANT_CONFIG} or a quantization_config "
+            f"--model {model}: already quantized ({QUANT_CONFIG_JSON} or a quantization_config "
             "in config.json); quantize the BF16 checkpoint it was made from."
         )
     model_type = read_config(model).get("model_type")

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from omniquant.checkpoint.layout import CONFIG_JSON, RECORD_JSON
 from omniquant.engine.bundle_file import TENSORRT_LLM_MIN_VERSION, write_bundle_json
 from omniquant.engine.checkpoint import (
     CheckpointInfo,
@@ -130,7 +131,7 @@ def _check_args(max_batch_size: int, max_seq_len: int, rate: float | None, info:
             )
         if not info.has_video:
             raise EngineError(
-                f"video_pruning_rate = {rate!r}, but {info.path / 'config.json'} has no "
+                f"video_pruning_rate = {rate!r}, but {info.path / CONFIG_JSON} has no "
                 f"vision_config, so the model takes no video: leave the rate unset"
             )
 
@@ -298,7 +299,7 @@ def build_engine_bundle(
                 "path": CHECKPOINT_DIR,
                 "source": str(info.path),
                 "mode": "link" if link else "copy",
-                "verified_against": "omniquant.json" if info.expected_sha256 else None,
+                "verified_against": RECORD_JSON if info.expected_sha256 else None,
                 "shards": {name: checksums[name] for name in info.shards},
                 "sha256": checksums,
                 "recipe": info.recipe,

@@ -25,23 +25,28 @@ Hidden files and folders (``.git``, ``.cache``) are not part of a bundle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import shutil
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from omniquant.checkpoint.layout import (
+    CONFIG_JSON,
+    INDEX_JSON,
+    QUANT_CONFIG_JSON,
+    RECORD_JSON,
+    SHARD_GLOB,
+    QuantConfig,
+    read_record,
+    sha256_file,
+)
+from omniquant.checkpoint.layout import (
+    read_quant_config as read_quant_config_file,
+)
 from omniquant.errors import EngineError
 
 Precision = Literal["bf16", "fp8", "nvfp4", "mixed"]
-
-QUANT_CONFIG = "hf_quant_config.json"
-OMNIQUANT_MANIFEST = "omniquant.json"
-SHARD_GLOB = "model*.safetensors"
 
 _QUANT_ALGOS: dict[str, Precision] = {"FP8": "fp8", "NVFP4": "nvfp4", "MIXED_PRECISION": "mixed"}
 _LAYER_ALGOS = ("FP8", "NVFP4")
@@ -50,8 +55,6 @@ NVFP4_GROUP_SIZE = 16
 # Architectures TensorRT-LLM (>= 1.3.0rc13) registers for the Nemotron Nano VL / omni
 # family; a checkpoint whose config.json names another fails there with "Unknown architecture".
 TRTLLM_ARCHITECTURES = ("NemotronH_Nano_Omni_Reasoning_V3", "NemotronH_Nano_VL_V2")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,12 @@ class QuantInfo:
     def describe(self) -> str:
         """A short phrase for messages, e.g. ``is NVFP4 (hf_quant_config.json ...)``."""
         if self.precision == "nvfp4":
-            return f'is NVFP4 ({QUANT_CONFIG} quantization.quant_algo = "NVFP4")'
+            return f'is NVFP4 ({QUANT_CONFIG_JSON} quantization.quant_algo = "NVFP4")'
         if self.precision == "mixed" and self.nvfp4_layers:
             first = self.nvfp4_layers[0]
             return (
                 f"is MIXED_PRECISION with {len(self.nvfp4_layers)} NVFP4 layer(s) "
-                f"({QUANT_CONFIG} quantization.quantized_layers, e.g. {first!r})"
+                f"({QUANT_CONFIG_JSON} quantization.quantized_layers, e.g. {first!r})"
             )
         return f"is {self.precision.upper()}"
 
@@ -143,33 +146,39 @@ def read_quant_config(checkpoint: Path) -> QuantInfo:
     Raises:
         EngineError: The file is malformed or names an algorithm bundles do not support.
     """
-    path = checkpoint / QUANT_CONFIG
-    if not path.exists():
-        config = checkpoint / "config.json"
+    path = checkpoint / QUANT_CONFIG_JSON
+    qc = read_quant_config_file(checkpoint, EngineError)
+    if qc is None:
+        config = checkpoint / CONFIG_JSON
         if config.exists() and "quantization_config" in _read_json(config):
             raise EngineError(
                 f"{config} has a quantization_config but {path} is missing; bundles read the "
-                f"precision from modelopt's {QUANT_CONFIG}: re-export the checkpoint with omniquant"
+                f"precision from modelopt's {QUANT_CONFIG_JSON}: re-export the checkpoint with omniquant"
             )
         return QuantInfo(precision="bf16")
-    data = _read_json(path)
-    quant = data.get("quantization") if isinstance(data, dict) else None
-    if not isinstance(quant, dict):
-        raise EngineError(f'{path}: missing the "quantization" object; re-export the checkpoint')
+    return quant_info(qc, path)
 
-    algo = quant.get("quant_algo")
+
+def quant_info(qc: QuantConfig, path: Path) -> QuantInfo:
+    """``QuantInfo`` of ``qc`` (read from ``path``), refusing what bundles do not support.
+
+    Raises:
+        EngineError: An algorithm, KV-cache algorithm or group size bundles do not support.
+    """
+    quant = qc.quantization
+    algo = quant.quant_algo
     if algo not in _QUANT_ALGOS:
         raise EngineError(
             f"{path}: quantization.quant_algo = {algo!r} is not supported for engine bundles; "
             f"allowed: {', '.join(_QUANT_ALGOS)}"
         )
-    kv = quant.get("kv_cache_quant_algo")
+    kv = quant.kv_cache_quant_algo
     if kv is not None and kv not in _KV_ALGOS:
         raise EngineError(
             f"{path}: quantization.kv_cache_quant_algo = {kv!r} is not supported; "
             f"allowed: {', '.join(_KV_ALGOS)} or null"
         )
-    group_size = quant.get("group_size")
+    group_size = quant.group_size
     if algo == "NVFP4" and group_size not in (None, NVFP4_GROUP_SIZE):
         raise EngineError(
             f"{path}: quantization.group_size = {group_size!r}; NVFP4 in TensorRT-LLM uses "
@@ -179,14 +188,14 @@ def read_quant_config(checkpoint: Path) -> QuantInfo:
     layer_algos: dict[str, int] = {}
     nvfp4_layers: list[str] = []
     if algo == "MIXED_PRECISION":
-        layers = quant.get("quantized_layers")
-        if not isinstance(layers, dict) or not layers:
+        layers = quant.quantized_layers
+        if not layers:
             raise EngineError(
                 f"{path}: quant_algo MIXED_PRECISION needs a non-empty "
                 f"quantization.quantized_layers object; re-export the checkpoint"
             )
         for name, spec in layers.items():
-            layer_algo = spec.get("quant_algo") if isinstance(spec, dict) else None
+            layer_algo = spec.quant_algo
             if layer_algo not in _LAYER_ALGOS:
                 raise EngineError(
                     f"{path}: quantization.quantized_layers[{name!r}].quant_algo = "
@@ -196,7 +205,6 @@ def read_quant_config(checkpoint: Path) -> QuantInfo:
             if layer_algo == "NVFP4":
                 nvfp4_layers.append(name)
 
-    producer = data.get("producer") if isinstance(data.get("producer"), dict) else None
     return QuantInfo(
         precision=_QUANT_ALGOS[algo],
         quant_algo=algo,
@@ -204,7 +212,7 @@ def read_quant_config(checkpoint: Path) -> QuantInfo:
         group_size=group_size,
         layer_algos=dict(sorted(layer_algos.items())),
         nvfp4_layers=tuple(sorted(nvfp4_layers)),
-        producer=producer,
+        producer=qc.producer,
     )
 
 
@@ -218,33 +226,27 @@ def _modalities(config: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _read_manifest(checkpoint: Path, shards: tuple[str, ...]) -> tuple[dict[str, str] | None, Any]:
-    path = checkpoint / OMNIQUANT_MANIFEST
-    if not path.exists():
+    record = read_record(checkpoint, EngineError)
+    if record is None:
         return None, None
-    data = _read_json(path)
-    listed = data.get("shards") if isinstance(data, dict) else None
-    if not isinstance(listed, dict) or not listed:
-        raise EngineError(f'{path}: missing the "shards" object (file name -> sha256)')
-    for name, digest in listed.items():
-        if not isinstance(digest, str) or not _SHA256.match(digest):
-            raise EngineError(f"{path}: shards[{name!r}] = {digest!r} is not a sha256 hex digest")
+    listed = record.shards
     missing = sorted(set(listed) - set(shards))
     if missing:
         raise EngineError(
-            f"{checkpoint / missing[0]}: listed in {OMNIQUANT_MANIFEST} but missing; "
+            f"{checkpoint / missing[0]}: listed in {RECORD_JSON} but missing; "
             f"copy the complete checkpoint"
         )
     unlisted = sorted(set(shards) - set(listed))
     if unlisted:
         raise EngineError(
-            f"{checkpoint / unlisted[0]}: not listed in {OMNIQUANT_MANIFEST} shards; the "
+            f"{checkpoint / unlisted[0]}: not listed in {RECORD_JSON} shards; the "
             f"directory changed after export: remove the file or re-export the checkpoint"
         )
-    return dict(listed), data.get("recipe")
+    return dict(listed), record.recipe.to_json() if record.recipe is not None else None
 
 
 def _check_index(checkpoint: Path, shards: tuple[str, ...]) -> None:
-    index = checkpoint / "model.safetensors.index.json"
+    index = checkpoint / INDEX_JSON
     if not index.exists():
         return
     weight_map = _read_json(index).get("weight_map", {})
@@ -262,7 +264,7 @@ def read_checkpoint(checkpoint: str | Path) -> CheckpointInfo:
     path = Path(checkpoint).expanduser().resolve()
     if not path.is_dir():
         raise EngineError(f"{path}: checkpoint directory not found")
-    config_path = path / "config.json"
+    config_path = path / CONFIG_JSON
     if not config_path.exists():
         raise EngineError(f"{config_path}: missing; is {path} a Hugging Face checkpoint?")
     config = _read_json(config_path)
@@ -290,7 +292,7 @@ def serving_warnings(info: CheckpointInfo) -> list[str]:
     warnings = []
     if not set(info.architectures) & set(TRTLLM_ARCHITECTURES):
         warnings.append(
-            f"{info.path / 'config.json'}: architectures {info.architectures} has none of "
+            f"{info.path / CONFIG_JSON}: architectures {info.architectures} has none of "
             f"{', '.join(TRTLLM_ARCHITECTURES)}, the names TensorRT-LLM registers for this model "
             f"family; loading will fail with 'Unknown architecture' unless the checkpoint carries "
             f"the hub config.json"
@@ -303,19 +305,6 @@ def serving_warnings(info: CheckpointInfo) -> list[str]:
             "Quantize with quantization.kv_cache=fp8 for calibrated KV scales"
         )
     return warnings
-
-
-def _hash_file(src: Path, dst: Path | None) -> str:
-    """sha256 of ``src``, copying it to ``dst`` in the same pass when given."""
-    digest = hashlib.sha256()
-    with open(src, "rb") as fin, open(dst, "wb") if dst is not None else nullcontext() as fout:
-        while chunk := fin.read(_CHUNK):
-            digest.update(chunk)
-            if fout is not None:
-                fout.write(chunk)
-    if dst is not None:
-        shutil.copystat(src, dst)
-    return digest.hexdigest()
 
 
 def _files(root: Path) -> list[Path]:
@@ -352,14 +341,14 @@ def place_checkpoint(info: CheckpointInfo, dest: Path, *, link: bool) -> dict[st
         if not link:
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-        checksums[rel.as_posix()] = _hash_file(info.path / rel, target)
+        checksums[rel.as_posix()] = sha256_file(info.path / rel, copy_to=target)
     if info.expected_sha256 is not None:
         for name, expected in sorted(info.expected_sha256.items()):
             actual = checksums[name]
             if actual != expected:
                 raise EngineError(
                     f"{info.path / name}: sha256 {actual} does not match {expected} recorded in "
-                    f"{OMNIQUANT_MANIFEST}; the shard changed or was copied incompletely: "
+                    f"{RECORD_JSON}; the shard changed or was copied incompletely: "
                     f"copy it again or re-export the checkpoint"
                 )
     return checksums

@@ -36,10 +36,10 @@ def describe_checkpoint(path: Path, role: str) -> dict:
     except OmniquantError as err:
         reason = str(err).removeprefix(f"--model {path}: ").removeprefix(f"{path}: ")
         raise ReportError(f"--{role} {path}: {reason}") from err
-    meta = verified.meta or {}
-    recipe = (meta.get("recipe") or {}).get("name")
+    record = verified.record
+    recipe = record.recipe.name if record is not None and record.recipe is not None else None
     return {
-        "_meta": verified.meta,
+        "_meta": record,
         "name": recipe or path.resolve().name,  # "." has no name of its own
         "path": str(path.resolve()),
         "recipe": recipe,
@@ -49,5 +49,5 @@ def describe_checkpoint(path: Path, role: str) -> dict:
         "size_bytes": summary["total"]["bytes"],
         "params": summary["total"]["params"],
         "group_precision": {g: v["precision"] for g, v in summary["groups"].items()},
-        "calibration": meta.get("calibration"),
+        "calibration": record.calibration if record is not None else None,
     }

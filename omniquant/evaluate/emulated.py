@@ -18,11 +18,11 @@ A BF16 checkpoint loads unchanged. Pure torch: runs on CPU and GPU.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from omniquant.checkpoint.layout import read_quant_config
 from omniquant.errors import ModelLoadError
 from omniquant.formats import (
     KV_CACHE_FORMAT,
@@ -96,16 +96,13 @@ def load_emulated(path: str | Path, dtype: str = "bfloat16"):
     installed = install_serving_numerics(model, adapter, act, kv)
     tokenizer = AutoTokenizer.from_pretrained(path)
     formats = sorted({f for f, _ in act.values()})
+    qc = read_quant_config(path, ModelLoadError)
     emulation = {
         "formats": formats,
         "quantized_linears": len(act),
         "kv_cache": KV_CACHE_FORMAT.name if kv else None,
         "hooks": installed,
-        "quant_algo": json.loads((path / "hf_quant_config.json").read_text())["quantization"][
-            "quant_algo"
-        ]
-        if (path / "hf_quant_config.json").is_file()
-        else "BF16",
+        "quant_algo": qc.quantization.quant_algo if qc is not None else "BF16",
     }
     return LoadedModel(
         model=model,

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from omniquant.checkpoint.layout import OmniquantRecord, SourceRecord
 from omniquant.errors import ReportError
 from omniquant.evaluate.results import Comparison, ModelResult
 
@@ -80,19 +81,19 @@ def _unique_names(infos: list[dict]) -> None:
             info["name"] = f"{base} ({seen[base]})"
 
 
-def _source_of(path: Path, meta: dict | None) -> tuple[str | None, str]:
+def _source_of(path: Path, meta: OmniquantRecord | None) -> tuple[str | None, str]:
     """``(fingerprint, source path)`` of the model a checkpoint was quantized from (itself
     for a source checkpoint without ``omniquant.json``)."""
     from omniquant.checkpoint.verify import source_fingerprint
 
-    if not meta:
+    if meta is None:
         return source_fingerprint(path), str(path.resolve())
-    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
-    return source.get("fingerprint"), str(source.get("path"))
+    source = meta.source or SourceRecord()
+    return source.fingerprint, str(source.path)
 
 
 def _check_same_source(
-    baseline: Path, base_meta: dict | None, candidate: Path, meta: dict | None
+    baseline: Path, base_meta: OmniquantRecord | None, candidate: Path, meta: OmniquantRecord | None
 ) -> None:
     """Refuse a candidate quantized from another model than the baseline (before any
     evaluation: the verdict would otherwise call a 0% top-1 agreement a recovery)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from omniquant.errors import ModelLoadError, arg_ref
+from omniquant.errors import ModelLoadError
 
 _REGISTRY: dict[str, type[ModelAdapter]] = {}
 

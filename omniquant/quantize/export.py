@@ -24,15 +24,15 @@ Policy:
   reads it first).
 - ``config.json``'s ``quantization_config`` is not written by hand: modelopt's own
   converter (``convert_hf_quant_config_format``) derives it from the same dict, so
-  the two cannot disagree; vLLM reads only this block.
-- ``omniquant.json`` is written last: a directory without it is not a finished
-  checkpoint.
+  the two cannot disagree; vLLM reads only this block. Both files are written through
+  ``omniquant.checkpoint.layout``, the format's owner.
+- ``omniquant.json`` is written last (by the caller, through the same module): a
+  directory without it is not a finished checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -41,15 +41,18 @@ from pathlib import Path
 
 import torch
 
+from omniquant.checkpoint.layout import (
+    CONFIG_JSON,
+    INDEX_JSON,
+    WRITTEN_FILES,
+    QuantConfig,
+    serving_quant_config,  # noqa: F401 (re-exported: the converter's old home)
+    sha256_file,
+    write_config_json,
+)
 from omniquant.errors import ExportError
 from omniquant.formats import FORMATS, KV_CACHE_FORMAT, KV_SCALE_SUFFIXES
 
-_SKIP_COPY = {
-    "config.json",
-    "hf_quant_config.json",
-    "omniquant.json",
-    "model.safetensors.index.json",
-}
 #: Format name -> ``hf_quant_config`` ``quant_algo``, from the format registry.
 QUANT_ALGO = {name: f.hf_quant_algo for name, f in FORMATS.items() if f.quantized}
 
@@ -67,7 +70,7 @@ class SourceIndex:
     def read(cls, path: Path) -> SourceIndex:
         from safetensors import safe_open
 
-        index_file = path / "model.safetensors.index.json"
+        index_file = path / INDEX_JSON
         if index_file.is_file():
             weight_map = json.loads(index_file.read_text())["weight_map"]
             shards = sorted(set(weight_map.values()))
@@ -325,33 +328,15 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
         raise ExportError("kv_cache: fp8 was requested but modelopt exported no k/v scales.")
     if src.indexed:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (out / INDEX_JSON).write_text(json.dumps(index, indent=2) + "\n")
 
-    hf_quant = build_hf_quant_config(src, qmods, plan, mo_config)
-    _write_json(out / "hf_quant_config.json", hf_quant)
-    config = json.loads((src.path / "config.json").read_text())
-    config["quantization_config"] = serving_quant_config(hf_quant)
-    _write_json(out / "config.json", config)
+    hf_quant = QuantConfig.from_json(build_hf_quant_config(src, qmods, plan, mo_config))
+    hf_quant.write(out)
+    write_config_json(out, json.loads((src.path / CONFIG_JSON).read_text()), hf_quant)
     for f in sorted(src.path.iterdir()):
-        if f.is_file() and f.name not in _SKIP_COPY and f.suffix != ".safetensors":
+        if f.is_file() and f.name not in WRITTEN_FILES and f.suffix != ".safetensors":
             shutil.copy2(f, out / f.name)
-    return {"shards": checksums, "hf_quant_config": hf_quant, "tensors": n}
-
-
-def serving_quant_config(hf_quant: dict) -> dict:
-    """``config.json``'s ``quantization_config``: modelopt's converter applied to ``hf_quant``.
-
-    The same converter modelopt's own exporter uses (``convert_hf_quant_config_format``,
-    pinned modelopt 0.47) turns the legacy ``hf_quant_config.json`` shape into the one
-    serving stacks read from ``config.json`` (``ignore``, ``kv_cache_scheme``,
-    ``config_groups``, ``quantized_layers``, ``quant_method: modelopt``); vLLM reads
-    only this block when it exists. A deep copy keeps the two files independent.
-    """
-    import copy
-
-    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
-
-    return convert_hf_quant_config_format(copy.deepcopy(hf_quant))
+    return {"shards": checksums, "hf_quant_config": hf_quant.to_json(), "tensors": n}
 
 
 def _wanted(hub_key: str, qmods: dict[str, str]) -> bool:
@@ -421,14 +406,6 @@ def build_hf_quant_config(src: SourceIndex, qmods: dict[str, str], plan, mo_conf
     }
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def default_permissions(root: Path) -> None:
     """Give every file under ``root`` the mode a plain ``open()`` would: ``0o666 & ~umask``.
 
@@ -441,7 +418,3 @@ def default_permissions(root: Path) -> None:
     for path in [root, *root.rglob("*")]:
         if path.is_file() and not path.is_symlink():
             path.chmod(0o666 & ~umask)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -8,7 +8,8 @@ Policy:
 - ``omniquant.json`` records the plan's predicted tensor bytes beside the
   measured ones.
 - The output is built in a temporary sibling directory and renamed into place
-  only after the audit passes; an interrupted or failed run removes it, and a run
+  only after the audit passes (``omniquant.outdir.staged_dir``); ``omniquant.json`` is
+  written through ``omniquant.checkpoint.layout``. An interrupted or failed run removes it, and a run
   killed outright leaves only a ``.omniquant-tmp-*`` directory without
   ``omniquant.json`` (which ``inspect`` and the audit refuse).
 - Same inputs and seed give byte-identical shards, wherever the model lives:
@@ -26,7 +27,6 @@ Policy:
 from __future__ import annotations
 
 import gc
-import json
 import os
 import shutil
 import time
@@ -35,13 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from omniquant.checkpoint.layout import (
+    FORMAT_VERSION,
+    OmniquantRecord,
+    RecipeRecord,
+    SourceRecord,
+    write_record,
+)
 from omniquant.errors import ExportError
-from omniquant.outdir import locked_out, write_errors
+from omniquant.outdir import locked_out, staged_dir
 
 if TYPE_CHECKING:
     from omniquant.quantize.recipe import Recipe
-
-OMNIQUANT_JSON = "omniquant.json"
 
 
 @dataclass
@@ -54,6 +59,8 @@ class QuantizeResult:
     warnings: list[str]
     #: Wall seconds per phase (load, plan, calibration_forward, quantize_other, export, audit).
     timings: dict[str, float] | None = None
+    #: ``manifest`` as the typed ``omniquant.json`` record.
+    record: OmniquantRecord | None = None
 
 
 def versions() -> dict[str, str]:
@@ -279,78 +286,63 @@ def _quantize_placed(
     for w in warnings_out:
         say(f"warning: {w}")
 
-    tmp = out.parent / f".omniquant-tmp-{out.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    with _cleanup_on_interrupt(tmp), write_errors(out):
+    with staged_dir(out, replace=force) as tmp:
         t = time.perf_counter()
         written = _write_quiet(loaded, plan, tmp)
         timings["export"] = time.perf_counter() - t
-        manifest = {
-            "format_version": 1,
-            "source": {
-                "path": str(Path(loaded.path).resolve()),
-                "model_type": loaded.config_dict.get("model_type"),
+        record = OmniquantRecord(
+            format_version=FORMAT_VERSION,
+            source=SourceRecord(
+                path=str(Path(loaded.path).resolve()),
+                model_type=loaded.config_dict.get("model_type"),
                 # report checks a candidate against its baseline by this (omniquant.checkpoint.verify).
-                "fingerprint": source_fingerprint(loaded.path),
-            },
-            "recipe": {
-                "name": rec.metadata.name,
-                "path": None if recipe_path is None else str(recipe_path),
-                "effective": rec.model_dump(mode="json"),
-            },
-            "recipe_sha256": rec.sha256(),
-            "versions": versions(),
-            "calibration": {
+                fingerprint=source_fingerprint(loaded.path),
+            ),
+            recipe=RecipeRecord(
+                name=rec.metadata.name,
+                path=None if recipe_path is None else str(recipe_path),
+                effective=rec.model_dump(mode="json"),
+            ),
+            recipe_sha256=rec.sha256(),
+            versions=versions(),
+            calibration={
                 "set": rec.calibration.set,
                 "set_dir": None if set_dir is None else str(set_dir),
                 "skipped_samples": [str(item) for item in skipped],
                 "bad_lines_not_used": [str(item) for item in unused_bad],
                 **stats.to_json(),
             },
-            "plan": plan.to_json(),
-            "quantized": plan.group_precision(),
-            "shards": written["shards"],
+            plan=plan.to_json(),
+            quantized=plan.group_precision(),
+            shards=written["shards"],
             # Tensor-data bytes (safetensors headers not counted): the plan's
             # prediction beside what was written.
-            "size": {
+            size={
                 "predicted_bytes": prediction.predicted_bytes,
                 "measured_bytes": measured_tensor_bytes(tmp),
                 "layers_by_format": prediction.layers_by_format,
                 "headers_counted": False,
             },
-            "warnings": warnings_out,
-            "devices": devices,
-            "kernels": kernels,
-            "peak_memory": peak_memory(),
-            "created_unix": int(time.time()),
-        }
-        (tmp / OMNIQUANT_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            warnings=warnings_out,
+            devices=devices,
+            kernels=kernels,
+            peak_memory=peak_memory(),
+            created_unix=int(time.time()),
+        )
+        write_record(tmp, record)  # last: a directory without it is not a finished checkpoint
         default_permissions(tmp)
         t = time.perf_counter()
         audit_checkpoint(tmp, raise_on_error=True)
         timings["audit"] = time.perf_counter() - t
-        # --force: move the old checkpoint aside first (a rename, instant), so an
-        # interruption never leaves neither the old nor the new one in place.
-        old = out.parent / f".omniquant-old-{out.name}-{os.getpid()}"
-        if out.exists() and not force:  # appeared while this run calibrated
-            raise ExportError(
-                f"--out {out}: created by someone else during this run; pass --force to "
-                "replace it, or choose another --out."
-            )
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
     say(f"wrote {out}")
     # The quantized model sits in reference cycles (modelopt's quantizer modules): free
     # it now, not at some later collection, so back-to-back runs (cliff) do not stack up.
     loaded = root = None
     gc.collect()
     return QuantizeResult(
-        out=out, manifest=manifest, plan_text=plan_text, warnings=warnings_out, timings=timings
-    )
+        out=out, manifest=record.to_json(), plan_text=plan_text, warnings=warnings_out,
+        timings=timings, record=record,
+    )  # fmt: skip
 
 
 def _write_quiet(loaded, plan, tmp: Path) -> dict:
@@ -365,19 +357,3 @@ def _write_quiet(loaded, plan, tmp: Path) -> dict:
     with contextlib.redirect_stdout(buf), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return write_checkpoint(loaded, plan, tmp)
-
-
-class _cleanup_on_interrupt:
-    """Remove ``tmp`` on any failure, Ctrl-C or SIGTERM (``locked_out`` turns SIGTERM into
-    KeyboardInterrupt for the whole run)."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
