@@ -270,3 +270,17 @@ class staged_dir:
         if self.old.exists():
             shutil.rmtree(self.old)
         return False
+
+
+def default_permissions(root: Path) -> None:
+    """Give every file under ``root`` the mode a plain ``open()`` would: ``0o666 & ~umask``.
+
+    safetensors' ``save_file`` (and so ``save_pretrained``) creates its file through a
+    private temporary, mode 0600, while the JSON files beside it get 0644: a server running
+    as another user could read the configs but not the weights.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)

@@ -397,7 +397,7 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
     """
     import shutil
 
-    from omniquant.quantize.export import default_permissions
+    from omniquant.outdir import default_permissions
 
     out = Path(out)
     if size not in SIZES and size != SLICE:

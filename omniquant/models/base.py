@@ -92,6 +92,24 @@ class MoELayer:
 ExpertInputFn = Callable[[str, str, int, Any], Any]
 
 
+@dataclass(frozen=True)
+class CalibrationShapes:
+    """The shapes that size one calibration forward of a hybrid MoE backbone."""
+
+    hidden: int
+    #: Widest GEMM by in + out features (name, in, out): lm_head for this family.
+    widest_linear: tuple[str, int, int]
+    attention_heads: int
+    experts: int
+    experts_per_token: int
+    expert_width: int
+    mamba_heads: int
+    mamba_head_dim: int
+    ssm_state: int
+    chunk: int
+    act_bytes: int = 2
+
+
 class ModelAdapter(ABC):
     """What a stage may ask about a model family."""
 
@@ -152,7 +170,8 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def calibration_shapes(self, model):
-        """``omniquant.quantize.memory.CalibrationShapes``: what sizes one calibration forward."""
+        """``CalibrationShapes``: what sizes one calibration forward (``omniquant.quantize.memory``
+        turns them into bytes)."""
 
     @abstractmethod
     def placement_units(self, model) -> list[tuple[str, int]]:

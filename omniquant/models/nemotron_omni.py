@@ -357,7 +357,7 @@ class NemotronOmniAdapter(ModelAdapter):
 
     def calibration_shapes(self, model):
         """The shapes that size one calibration forward (``omniquant.quantize.memory``)."""
-        from omniquant.quantize.memory import CalibrationShapes
+        from omniquant.models.base import CalibrationShapes
 
         text = model.config.text_config
         widest = ("", 0, 0)

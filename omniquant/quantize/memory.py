@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from omniquant.devices import parse_max_memory as parse_budget
 from omniquant.devices import parse_size  # noqa: F401  (re-exported: one size parser)
 from omniquant.errors import DeviceError, arg_ref
+from omniquant.models.base import CalibrationShapes
 
 #: ``--device`` / ``--max-memory`` errors: the same class as quantize's (one parser).
 MemorySpecError = DeviceError
@@ -78,24 +79,6 @@ def _device_name(key: str, where: str) -> str:
 
 def _device_order(device: str) -> tuple[int, int]:
     return (1, 0) if device == "cpu" else (0, int(device.split(":")[1]))
-
-
-@dataclass(frozen=True)
-class CalibrationShapes:
-    """The shapes that size one calibration forward of a hybrid MoE backbone."""
-
-    hidden: int
-    #: Widest GEMM by in + out features (name, in, out): lm_head for this family.
-    widest_linear: tuple[str, int, int]
-    attention_heads: int
-    experts: int
-    experts_per_token: int
-    expert_width: int
-    mamba_heads: int
-    mamba_head_dim: int
-    ssm_state: int
-    chunk: int
-    act_bytes: int = 2
 
 
 @dataclass

@@ -211,8 +211,8 @@ def _quantize_placed(
     from omniquant.checkpoint.verify import source_fingerprint
     from omniquant.devices import device_map_summary, input_device, kernel_report, peak_memory
     from omniquant.models import load_model
+    from omniquant.outdir import default_permissions
     from omniquant.quantize.calibrate import check_expert_coverage, iter_progress, run_calibration
-    from omniquant.quantize.export import default_permissions
     from omniquant.quantize.plan import render_plan, resolve_plan, to_modelopt_config
     from omniquant.quantize.predict import measured_tensor_bytes
 
