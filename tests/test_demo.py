@@ -7,12 +7,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-
 from safetensors import safe_open
 
 from omniquant import demo
-from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir, demo_training_record
 from omniquant.cli import CLI_NAMES
+from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir, demo_training_record
 from omniquant.errors import ModelLoadError, argument_style
 
 SUBSET_PER_TASK = 2

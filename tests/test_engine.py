@@ -21,13 +21,13 @@ from typing import ClassVar
 import pytest
 import yaml
 
+from omniquant.cli import CLI_NAMES
 from omniquant.engine import (
     build_engine_bundle,
     load_llm_api_options,
     validate_engine,
     validate_llm_api_options,
 )
-from omniquant.cli import CLI_NAMES
 from omniquant.errors import EngineError, argument_style
 
 # --------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def read_as(path: str | Path, reader: str) -> ReaderView:
     """The view ``reader`` (``vllm`` or ``trtllm``) would take of checkpoint ``path``."""
     if reader not in READERS:
         raise ModelLoadError(
-            f"--as {reader!r}: unknown reader; choose one of {', '.join(READERS)}."
+            f"unknown reader; choose one of {', '.join(READERS)}.", arg="reader", value=repr(reader)
         )
     ckpt = read_checkpoint_files(path)
     return vllm_view(ckpt) if reader == "vllm" else trtllm_view(ckpt)

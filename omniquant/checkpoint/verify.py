@@ -49,7 +49,7 @@ from omniquant.checkpoint.layout import (
     read_record,
     sha256_file,
 )
-from omniquant.errors import OmniquantError
+from omniquant.errors import OmniquantError, arg_ref
 from omniquant.formats import KV_SCALE_SUFFIXES, SCALAR_SCALE_SUFFIXES, SCALE_SUFFIXES
 
 # Name prefixes of quantize's temporary directories (the new output, and the old one
@@ -182,7 +182,7 @@ def verify_checkpoint(
         raise error(
             f"{where}: a temporary directory of an unfinished `omniquant quantize` run, never a "
             "finished checkpoint; run quantize again (stale ones are removed by the next run "
-            "to the same --out)."
+            f"to the same {arg_ref('out')})."
         )
     if not (path / CONFIG_JSON).is_file():
         raise error(f"{where}: no config.json; this is not a Hugging Face checkpoint directory.")
@@ -257,14 +257,18 @@ def check_writable_out(out: Path, need_bytes: int, error: type[OmniquantError]) 
         os.unlink(probe)
     except OSError as exc:
         raise error(
-            f"--out {out}: cannot write in {parent} ({exc.strerror}); choose a writable --out."
+            f"cannot write in {parent} ({exc.strerror}); choose a writable {arg_ref('out')}.",
+            arg="out",
+            value=out,
         ) from None
     free = shutil.disk_usage(parent).free
     if free < need_bytes:
         raise error(
-            f"--out {out}: {parent} has {free / 2**20:.1f} MiB free; the checkpoint needs up "
+            f"{parent} has {free / 2**20:.1f} MiB free; the checkpoint needs up "
             f"to {need_bytes / 2**20:.1f} MiB (the source's size, an upper bound for a "
-            "quantized export). Free space or choose another --out."
+            f"quantized export). Free space or choose another {arg_ref('out')}.",
+            arg="out",
+            value=out,
         )
 
 
@@ -288,7 +292,7 @@ def check_finite_source(path: str | Path, error: type[OmniquantError]) -> None:
     path = Path(path)
     found: list[str] = []
     for shard in sorted(p for p in path.glob("*.safetensors") if p.is_file()):
-        with open_safetensors(shard, error, "--model") as fh:
+        with open_safetensors(shard, error, arg_ref("model")) as fh:
             for key in fh.keys():  # noqa: SIM118 (a safetensors handle)
                 sl = fh.get_slice(key)
                 if sl.get_dtype() not in _FLOAT_DTYPES:
@@ -308,8 +312,10 @@ def check_finite_source(path: str | Path, error: type[OmniquantError]) -> None:
             f"\n  ... and {len(found) - 5} more" if len(found) > 5 else ""
         )
         raise error(
-            f"--model {path}: the source weights hold NaN/Inf, so calibration cannot produce "
-            f"finite scales:\n  {shown}\nFix or re-download the checkpoint."
+            f"the source weights hold NaN/Inf, so calibration cannot produce "
+            f"finite scales:\n  {shown}\nFix or re-download the checkpoint.",
+            arg="model",
+            value=path,
         )
 
 
@@ -326,17 +332,19 @@ def preflight_source(model: Path, rec, recipe_path: Path) -> None:
     from omniquant.models.base import read_config
 
     adapter = adapter_for(model)
-    if is_quantized_dir(model, ModelLoadError, "--model") or (model / RECORD_JSON).exists():
+    if is_quantized_dir(model, ModelLoadError, arg_ref("model")) or (model / RECORD_JSON).exists():
         raise ModelLoadError(
-            f"--model {model}: already quantized ({QUANT_CONFIG_JSON} or a quantization_config "
-            "in config.json); quantize the BF16 checkpoint it was made from."
+            f"already quantized ({QUANT_CONFIG_JSON} or a quantization_config "
+            "in config.json); quantize the BF16 checkpoint it was made from.",
+            arg="model",
+            value=model,
         )
     model_type = read_config(model).get("model_type")
     allowed = list(rec.metadata.model_types)
     if model_type not in allowed and not set(adapter.model_types) & set(allowed):
         raise RecipeError(
             f"{recipe_path}: metadata.model_types {allowed} does not include the model type "
-            f"{model_type!r} of --model {model}; use a recipe written for this model, or add "
+            f"{model_type!r} of {arg_ref('model')} {model}; use a recipe written for this model, or add "
             "the type to metadata.model_types if the recipe fits it."
         )
     from omniquant.data.processing import OmniProcessor

@@ -51,7 +51,7 @@ from omniquant.cli import (  # noqa: F401
 )
 
 #: Library argument -> flag, where the flag is not ``--`` + the name with dashes.
-CLI_NAMES = cli_style(overrides="--set")
+CLI_NAMES = cli_style(overrides="--set", candidates="--candidate", reader="--as")
 
 
 def main(argv: list[str] | None = None) -> int:

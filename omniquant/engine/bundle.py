@@ -232,7 +232,7 @@ def build_engine_bundle(
 
     spec = get_target(target)
     # Shards are hashed against omniquant.json by place_checkpoint while it copies them.
-    verify_checkpoint(checkpoint, flag="--checkpoint", error=EngineError, checksums=False)
+    verify_checkpoint(checkpoint, flag=arg_ref("checkpoint"), error=EngineError, checksums=False)
     info = read_checkpoint(checkpoint)
     check_compatibility(info, spec)
     _check_args(max_batch_size, max_seq_len, video_pruning_rate, info)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omniquant.errors import OmniquantError, ReportError
+from omniquant.errors import OmniquantError, ReportError, arg_ref
+
+#: The report's arguments by the role a checkpoint plays.
+_ARG_OF_ROLE = {"baseline": "baseline", "candidate": "candidates"}
 
 
 def describe_checkpoint(path: Path, role: str) -> dict:
@@ -23,19 +26,24 @@ def describe_checkpoint(path: Path, role: str) -> dict:
     from omniquant.checkpoint.inspect import inspect_checkpoint
 
     path = Path(path)
+    arg = _ARG_OF_ROLE.get(role, role)
     if not path.is_dir():
         raise ReportError(
-            f"--{role} {path}: no such directory; pass a checkpoint directory (the BF16 source "
-            "or an `omniquant quantize` output)."
+            "no such directory; pass a checkpoint directory (the BF16 source "
+            "or an `omniquant quantize` output).",
+            arg=arg,
+            value=path,
         )
     from omniquant.checkpoint.verify import verify_checkpoint
 
-    verified = verify_checkpoint(path, flag=f"--{role}", error=ReportError)
+    verified = verify_checkpoint(path, flag=arg_ref(arg), error=ReportError)
     try:
         summary = inspect_checkpoint(path)
     except OmniquantError as err:
-        reason = str(err).removeprefix(f"--model {path}: ").removeprefix(f"{path}: ")
-        raise ReportError(f"--{role} {path}: {reason}") from err
+        if err.arg is not None:  # the reader's argument is this report's baseline/candidate
+            raise err.with_arg(arg, ReportError) from err
+        reason = str(err).removeprefix(f"{path}: ")
+        raise ReportError(reason, arg=arg, value=path) from err
     record = verified.record
     recipe = record.recipe.name if record is not None and record.recipe is not None else None
     return {

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from omniquant.errors import ExportError
+from omniquant.errors import ExportError, arg_ref
 
 DEFAULT_RECIPES = ("fp8_omni", "nvfp4_omni", "nvfp4_aggressive")
 #: The report's name for the source checkpoint (the table's first column says the same).
@@ -77,7 +77,9 @@ def run_cliff(
     check_out_spares(out, model_dir, "model checkpoint", ExportError)
     if out.exists():
         if not force:
-            raise ExportError(f"--out {out}: already exists; pass --force to overwrite it.")
+            raise ExportError(
+                f"already exists; pass {arg_ref('force')} to overwrite it.", arg="out", value=out
+            )
         shutil.rmtree(out)
     (out / "checkpoints").mkdir(parents=True)
     if calib is None and is_demo:

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from omniquant.checkpoint.layout import OmniquantRecord, SourceRecord
-from omniquant.errors import ReportError
+from omniquant.errors import ReportError, arg_ref
 from omniquant.evaluate.results import Comparison, ModelResult
 
 
@@ -54,7 +54,9 @@ def _check_args(
     max_new_tokens: int,
 ) -> tuple[float, ...]:
     if sensitivity_format not in ("nvfp4", "fp8"):
-        raise ReportError(f"--sensitivity-format {sensitivity_format!r}: choose nvfp4 or fp8.")
+        raise ReportError(
+            "choose nvfp4 or fp8.", arg="sensitivity_format", value=repr(sensitivity_format)
+        )
     rates = tuple(sorted({float(r) for r in evs_rates}))
     bad = [r for r in rates if not 0.0 <= r < 1.0]
     if bad:
@@ -63,12 +65,14 @@ def _check_args(
         )
     if not 0.0 < recovery_threshold <= 1.0:
         raise ReportError(
-            f"--recovery-threshold {recovery_threshold}: must be in (0, 1] (e.g. 0.95)."
+            "must be in (0, 1] (e.g. 0.95).", arg="recovery_threshold", value=recovery_threshold
         )
     if bootstrap < 0:
-        raise ReportError(f"--bootstrap {bootstrap}: must be >= 0 (0 disables the intervals).")
+        raise ReportError(
+            "must be >= 0 (0 disables the intervals).", arg="bootstrap", value=bootstrap
+        )
     if max_new_tokens < 1:
-        raise ReportError(f"--max-new-tokens {max_new_tokens}: must be >= 1.")
+        raise ReportError("must be >= 1.", arg="max_new_tokens", value=max_new_tokens)
     return rates
 
 
@@ -105,9 +109,11 @@ def _check_same_source(
         same = base_src == cand_src
     if not same:
         raise ReportError(
-            f"--candidate {candidate}: quantized from another model ({cand_src}) than the "
+            f"quantized from another model ({cand_src}) than the "
             f"baseline {baseline} (weights differ); a report compares exports of one model. "
-            "Pass the checkpoint it was quantized from as --baseline."
+            f"Pass the checkpoint it was quantized from as {arg_ref('baseline')}.",
+            arg="candidates",
+            value=candidate,
         )
 
 
@@ -120,9 +126,11 @@ def _check_same_processing(processor, candidate: Path) -> None:
         or other.tokenizer.get_vocab() != processor.tokenizer.get_vocab()
     ):
         raise ReportError(
-            f"--candidate {candidate}: its tokenizer or processing settings differ from the "
+            f"its tokenizer or processing settings differ from the "
             "baseline's; a report compares exports of one model. Pass the checkpoint it was "
-            "quantized from as --baseline."
+            f"quantized from as {arg_ref('baseline')}.",
+            arg="candidates",
+            value=candidate,
         )
 
 
@@ -245,21 +253,23 @@ def compare(
     )
     if not candidates:
         raise ReportError(
-            "no --candidate given; pass one or more quantized checkpoint directories."
+            f"no {arg_ref('candidates')} given; pass one or more quantized checkpoint directories."
         )
     task_dir = resolve_task_set(tasks)
     entries = validate_task_set(task_dir)
     if concurrency < 1 or endpoint_topk < 1 or endpoint_retries < 0 or endpoint_timeout <= 0:
         raise ReportError(
-            "--concurrency and --endpoint-topk must be >= 1, --endpoint-retries >= 0 and "
-            "--endpoint-timeout > 0."
+            f"{arg_ref('concurrency')} and {arg_ref('endpoint_topk')} must be >= 1, {arg_ref('endpoint_retries')} >= 0 and "
+            f"{arg_ref('endpoint_timeout')} > 0."
         )
     base_src = parse_model_source(baseline)
     cand_srcs = [parse_model_source(c) for c in candidates]
     if sensitivity and base_src.is_endpoint:
         raise ReportError(
-            f"--baseline {base_src}: --sensitivity quantizes module groups of the baseline's "
-            "files; pass the BF16 checkpoint directory, not a served model."
+            f"{arg_ref('sensitivity')} quantizes module groups of the baseline's "
+            "files; pass the BF16 checkpoint directory, not a served model.",
+            arg="baseline",
+            value=base_src,
         )
     clients: dict[int, object] = {}
 
@@ -290,8 +300,10 @@ def compare(
     _unique_names([base_info, *cand_infos])
     if sensitivity and base_info["precision"] != "BF16":
         raise ReportError(
-            f"--baseline {baseline}: --sensitivity quantizes groups from the baseline, which must be "
-            f"a BF16 checkpoint (it is {base_info['precision']})."
+            f"{arg_ref('sensitivity')} quantizes groups from the baseline, which must be "
+            f"a BF16 checkpoint (it is {base_info['precision']}).",
+            arg="baseline",
+            value=baseline,
         )
 
     def served(src, info: dict, role: str, reference, keep: bool) -> ModelResult:

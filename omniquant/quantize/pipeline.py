@@ -42,7 +42,7 @@ from omniquant.checkpoint.layout import (
     SourceRecord,
     write_record,
 )
-from omniquant.errors import ExportError
+from omniquant.errors import ExportError, arg_ref
 from omniquant.outdir import locked_out, staged_dir
 
 if TYPE_CHECKING:
@@ -84,18 +84,22 @@ def check_out_spares(out: Path, source: Path, what: str, error: type[Exception])
     out_r, src_r = Path(out).resolve(), Path(source).resolve()
     if out_r == src_r or out_r in src_r.parents:
         raise error(
-            f"--out {out}: contains the {what} {source}; replacing --out would delete it. "
-            "Choose an --out outside it."
+            f"contains the {what} {source}; replacing {arg_ref('out')} would delete it. "
+            f"Choose an {arg_ref('out')} outside it.",
+            arg="out",
+            value=out,
         )
 
 
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not force:
-        raise ExportError(f"--out {out}: already exists; pass --force to overwrite it.")
+        raise ExportError(
+            f"already exists; pass {arg_ref('force')} to overwrite it.", arg="out", value=out
+        )
     if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out}: exists and is not a directory.")
+        raise ExportError("exists and is not a directory.", arg="out", value=out)
     if not out.parent.exists():
-        raise ExportError(f"--out {out}: parent directory {out.parent} does not exist.")
+        raise ExportError(f"parent directory {out.parent} does not exist.", arg="out", value=out)
 
 
 def load_calibration_samples(
@@ -167,7 +171,7 @@ def quantize(
     if calib is not None:
         rec.calibration.set = calib
     out = Path(out).absolute()
-    check_out_spares(out, Path(model), "--model checkpoint", ExportError)
+    check_out_spares(out, Path(model), f"{arg_ref('model')} checkpoint", ExportError)
     clean_stale_temp_dirs(out, say)
     _check_out(out, force)
     offload_dir = out.parent / f".omniquant-offload-{out.name}-{os.getpid()}"

@@ -152,9 +152,9 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
     """Tensor name -> (dtype, shape) from a safetensors file's header only (no tensor data
     is read); a truncated file or a lying header is a ``ModelLoadError`` naming the file."""
     from omniquant.checkpoint.verify import open_safetensors
-    from omniquant.errors import ModelLoadError
+    from omniquant.errors import ModelLoadError, arg_ref
 
-    with open_safetensors(path, ModelLoadError, "--model") as fh:
+    with open_safetensors(path, ModelLoadError, arg_ref("model")) as fh:
         return {
             k: (fh.get_slice(k).get_dtype(), tuple(fh.get_slice(k).get_shape()))
             for k in fh.keys()  # noqa: SIM118 (a safetensors handle)
@@ -198,10 +198,12 @@ def predict_size(loaded, plan) -> SizePrediction:
             from omniquant.errors import ModelLoadError
 
             raise ModelLoadError(
-                f"--model {loaded.path}: {len(bad)} tensor(s) of the model are missing from the "
+                f"{len(bad)} tensor(s) of the model are missing from the "
                 f"safetensors files or have the wrong shape: {', '.join(bad[:5])}"
                 f"{' ...' if len(bad) > 5 else ''}; the shards are incomplete or belong to "
-                "another config.json."
+                "another config.json.",
+                arg="model",
+                value=loaded.path,
             )
     removed = 0
     layers: dict[str, int] = {}

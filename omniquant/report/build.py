@@ -21,7 +21,7 @@ import math
 import os
 from pathlib import Path
 
-from omniquant.errors import ReportError
+from omniquant.errors import ReportError, arg_ref
 from omniquant.evaluate.results import Comparison, ModelResult
 
 REPORT_FILES = ("report.json", "report.md", "report.html")
@@ -30,15 +30,17 @@ FORMAT_VERSION = 1
 
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise ReportError(f"--out {out}: exists and is not a directory.")
+        raise ReportError("exists and is not a directory.", arg="out", value=out)
     existing = [f for f in REPORT_FILES if (out / f).exists()]
     if existing and not force:
         raise ReportError(
-            f"--out {out}: already holds {', '.join(existing)}; pass --force to overwrite, "
-            "or choose another directory."
+            f"already holds {', '.join(existing)}; pass {arg_ref('force')} to overwrite, "
+            "or choose another directory.",
+            arg="out",
+            value=out,
         )
     if not out.exists() and not out.parent.is_dir():
-        raise ReportError(f"--out {out}: parent directory {out.parent} does not exist.")
+        raise ReportError(f"parent directory {out.parent} does not exist.", arg="out", value=out)
 
 
 def _evaluation_block(model: ModelResult) -> dict:
