@@ -33,7 +33,7 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from omniquant.errors import ExportError, arg_ref
+from omniquant.errors import ExportError, OmniquantError, arg_ref
 
 TEMP_PREFIX = ".omniquant-tmp-"
 OLD_PREFIX = ".omniquant-old-"
@@ -284,3 +284,72 @@ def default_permissions(root: Path) -> None:
     for path in [root, *root.rglob("*")]:
         if path.is_file() and not path.is_symlink():
             path.chmod(0o666 & ~umask)
+
+
+def check_out(
+    out: Path,
+    *,
+    force: bool,
+    error: type[OmniquantError] = ExportError,
+    spares: tuple[tuple[Path, str], ...] = (),
+    nested: bool = False,
+    files: tuple[str, ...] | None = None,
+) -> None:
+    """The one output-directory policy of every stage that writes one (quantize, cliff,
+    build-engine, report), checked before any work starts.
+
+    - ``out`` must not be, or contain, an input it spares (``force`` would delete it);
+      with ``nested`` it must not lie inside one either (a bundle inside its checkpoint
+      would be copied into itself).
+    - An existing ``out`` that is not a directory is refused.
+    - The output is the whole directory (``files`` None): an existing ``out`` needs
+      ``force``. Or it is ``files`` in a directory that may hold other things (the
+      report): only those files existing need ``force``.
+    - Its parent directory must exist.
+
+    Args:
+        out: The output directory.
+        force: Replace what exists.
+        error: The stage's error class.
+        spares: ``(path, what)`` of inputs the output must not destroy.
+        nested: Refuse an ``out`` inside a spared input too.
+        files: The files that make the output, when ``out`` is shared.
+
+    Raises:
+        error: naming the ``out`` argument, what is wrong and the fix.
+    """
+    out = Path(out)
+    out_r = out.resolve()
+    for source, what in spares:
+        src_r = Path(source).resolve()
+        if nested and (out_r == src_r or out_r in src_r.parents or src_r in out_r.parents):
+            raise error(
+                f"must not contain, or be inside, the {what} {source}; choose another "
+                f"{arg_ref('out')}.",
+                arg="out",
+                value=out,
+            )
+        if out_r == src_r or out_r in src_r.parents:
+            raise error(
+                f"contains the {what} {source}; replacing {arg_ref('out')} would delete it. "
+                f"Choose an {arg_ref('out')} outside it.",
+                arg="out",
+                value=out,
+            )
+    exists = out.exists() or out.is_symlink()
+    if exists and not out.is_dir():
+        raise error("exists and is not a directory.", arg="out", value=out)
+    if files is None and exists and not force:
+        raise error(
+            f"already exists; pass {arg_ref('force')} to overwrite it.", arg="out", value=out
+        )
+    held = [f for f in files or () if (out / f).exists()]
+    if held and not force:
+        raise error(
+            f"already holds {', '.join(held)}; pass {arg_ref('force')} to overwrite, "
+            "or choose another directory.",
+            arg="out",
+            value=out,
+        )
+    if not exists and not out.parent.is_dir():
+        raise error(f"parent directory {out.parent} does not exist.", arg="out", value=out)

@@ -277,6 +277,7 @@ def check_bundle(out: Path, src: Path, *, target, sm, precision, kv_dtype, moe, 
 def test_fp8_bundle(checkpoint, tmp_path, target, sm, moe, rate):
     src = checkpoint("fp8")
     out = tmp_path / "bundles" / f"fp8_{target}"
+    out.parent.mkdir()  # the output's parent must exist (omniquant.outdir.check_out)
     result = build_engine_bundle(src, target, out, video_pruning_rate=rate)
     manifest = check_bundle(
         out,
@@ -451,12 +452,11 @@ def test_existing_out_needs_force(checkpoint, tmp_path):
     (out / "keep.txt").write_text("old")
     with pytest.raises(EngineError) as err:
         build_engine_bundle(src, "hopper", out)
+    # One output-directory policy (omniquant.outdir.check_out) for every stage: the
+    # bundle's message is quantize's.
     with argument_style(CLI_NAMES):  # as `omniquant build-engine` prints it
-        assert (
-            str(err.value)
-            == f"{out}: already exists; choose another --out or pass --force to replace it"
-        )
-    assert str(err.value) == f"{out}: already exists; choose another out or pass force to replace it"
+        assert str(err.value) == f"--out {out}: already exists; pass --force to overwrite it."
+    assert str(err.value) == f"out {out}: already exists; pass force to overwrite it."
     assert (out / "keep.txt").exists()
     build_engine_bundle(src, "hopper", out, force=True)
     assert sorted(p.name for p in out.iterdir()) == BUNDLE_FILES
@@ -813,7 +813,7 @@ def test_cli_build_engine(checkpoint, tmp_path, capsys):
     rc = main(
         ["build-engine", "--checkpoint", str(src), "--target", "blackwell", "--out", str(out)]
     )
-    assert rc == 2 and "pass --force to replace it" in capsys.readouterr().err
+    assert rc == 2 and "pass --force to overwrite it" in capsys.readouterr().err
 
 
 def test_import_does_not_pull_tensorrt_llm():

@@ -53,6 +53,7 @@ from omniquant.engine.scripts import (
 )
 from omniquant.engine.targets import Target, get_target, nvfp4_on_hopper_message
 from omniquant.errors import EngineError, arg_ref
+from omniquant.outdir import check_out
 
 BUNDLE_SCHEMA_VERSION = 1
 
@@ -134,18 +135,6 @@ def _check_args(max_batch_size: int, max_seq_len: int, rate: float | None, info:
                 f"video_pruning_rate = {rate!r}, but {info.path / CONFIG_JSON} has no "
                 f"vision_config, so the model takes no video: leave the rate unset"
             )
-
-
-def _check_out(out: Path, checkpoint: Path, force: bool) -> None:
-    if out == checkpoint or out in checkpoint.parents or checkpoint in out.parents:
-        raise EngineError(
-            f"{out}: the bundle directory must not contain, or be inside, the checkpoint "
-            f"{checkpoint}; choose another {arg_ref('out')}"
-        )
-    if (out.exists() or out.is_symlink()) and not force:
-        raise EngineError(
-            f"{out}: already exists; choose another {arg_ref('out')} or pass {arg_ref('force')} to replace it"
-        )
 
 
 def tensorrt_llm_version() -> str | None:
@@ -237,7 +226,7 @@ def build_engine_bundle(
     check_compatibility(info, spec)
     _check_args(max_batch_size, max_seq_len, video_pruning_rate, info)
     out = Path(out).expanduser().absolute()
-    _check_out(out.resolve(), info.path, force)
+    check_out(out, force=force, error=EngineError, spares=((info.path, "checkpoint"),), nested=True)
 
     options = build_llm_api_options(
         kv_cache_dtype=info.quant.kv_cache_dtype,

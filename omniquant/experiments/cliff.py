@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from omniquant.errors import ExportError, arg_ref
-
 DEFAULT_RECIPES = ("fp8_omni", "nvfp4_omni", "nvfp4_aggressive")
 #: The report's name for the source checkpoint (the table's first column says the same).
 BASELINE_NAME = "bf16"
@@ -63,7 +61,8 @@ def run_cliff(
     from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir
     from omniquant.experiments.compare import build_report
     from omniquant.models.base import read_config
-    from omniquant.quantize.pipeline import check_out_spares, quantize
+    from omniquant.outdir import check_out
+    from omniquant.quantize.pipeline import quantize
     from omniquant.quantize.recipe import load_recipe
 
     say = log or (lambda _m: None)
@@ -74,12 +73,8 @@ def run_cliff(
     for r in recipes:
         load_recipe(r)  # fail early on a bad recipe
     out = Path(out).absolute()
-    check_out_spares(out, model_dir, "model checkpoint", ExportError)
+    check_out(out, force=force, spares=((model_dir, "model checkpoint"),))
     if out.exists():
-        if not force:
-            raise ExportError(
-                f"already exists; pass {arg_ref('force')} to overwrite it.", arg="out", value=out
-            )
         shutil.rmtree(out)
     (out / "checkpoints").mkdir(parents=True)
     if calib is None and is_demo:

@@ -43,7 +43,7 @@ from omniquant.checkpoint.layout import (
     write_record,
 )
 from omniquant.errors import ExportError, arg_ref
-from omniquant.outdir import locked_out, staged_dir
+from omniquant.outdir import check_out, locked_out, staged_dir
 
 if TYPE_CHECKING:
     from omniquant.quantize.recipe import Recipe
@@ -76,30 +76,6 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "modelopt": modelopt.__version__,
     }
-
-
-def check_out_spares(out: Path, source: Path, what: str, error: type[Exception]) -> None:
-    """Refuse an output directory that is, or contains, ``source`` (``--force`` replaces
-    ``out`` whole, so it would delete the source)."""
-    out_r, src_r = Path(out).resolve(), Path(source).resolve()
-    if out_r == src_r or out_r in src_r.parents:
-        raise error(
-            f"contains the {what} {source}; replacing {arg_ref('out')} would delete it. "
-            f"Choose an {arg_ref('out')} outside it.",
-            arg="out",
-            value=out,
-        )
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise ExportError(
-            f"already exists; pass {arg_ref('force')} to overwrite it.", arg="out", value=out
-        )
-    if out.exists() and not out.is_dir():
-        raise ExportError("exists and is not a directory.", arg="out", value=out)
-    if not out.parent.exists():
-        raise ExportError(f"parent directory {out.parent} does not exist.", arg="out", value=out)
 
 
 def load_calibration_samples(
@@ -171,9 +147,8 @@ def quantize(
     if calib is not None:
         rec.calibration.set = calib
     out = Path(out).absolute()
-    check_out_spares(out, Path(model), f"{arg_ref('model')} checkpoint", ExportError)
     clean_stale_temp_dirs(out, say)
-    _check_out(out, force)
+    check_out(out, force=force, spares=((Path(model), f"{arg_ref('model')} checkpoint"),))
     offload_dir = out.parent / f".omniquant-offload-{out.name}-{os.getpid()}"
     placement = resolve_placement(device, max_memory, scratch=offload_dir)
 

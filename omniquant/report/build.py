@@ -8,7 +8,7 @@ Policy:
   renders them (``omniquant.report.render``). Nothing in ``omniquant.report`` imports
   a stage that loads, quantizes or serves a model.
 - Output directory: report files already in ``--out`` are refused unless ``force``
-  (checked by the composition before any model work, ``_check_out``).
+  (checked by the composition before any model work, ``omniquant.outdir.check_out``).
 - The three files are written to temporary names and renamed into place, so a
   failed run never leaves a report that mixes two runs; a non-finite number is a bug
   and is refused before anything is written.
@@ -21,26 +21,10 @@ import math
 import os
 from pathlib import Path
 
-from omniquant.errors import ReportError, arg_ref
 from omniquant.evaluate.results import Comparison, ModelResult
 
 REPORT_FILES = ("report.json", "report.md", "report.html")
 FORMAT_VERSION = 1
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ReportError("exists and is not a directory.", arg="out", value=out)
-    existing = [f for f in REPORT_FILES if (out / f).exists()]
-    if existing and not force:
-        raise ReportError(
-            f"already holds {', '.join(existing)}; pass {arg_ref('force')} to overwrite, "
-            "or choose another directory.",
-            arg="out",
-            value=out,
-        )
-    if not out.exists() and not out.parent.is_dir():
-        raise ReportError(f"parent directory {out.parent} does not exist.", arg="out", value=out)
 
 
 def _evaluation_block(model: ModelResult) -> dict:
