@@ -44,6 +44,7 @@ from pathlib import Path
 from omniquant.checkpoint.layout import OmniquantRecord, SourceRecord
 from omniquant.errors import ReportError, arg_ref
 from omniquant.evaluate.results import Comparison, ModelResult
+from omniquant.experiments.sensitivity import HIGHER
 
 
 def _check_args(
@@ -53,9 +54,11 @@ def _check_args(
     bootstrap: int,
     max_new_tokens: int,
 ) -> tuple[float, ...]:
-    if sensitivity_format not in ("nvfp4", "fp8"):
+    if sensitivity_format not in HIGHER:  # a quantized format, probed group by group
         raise ReportError(
-            "choose nvfp4 or fp8.", arg="sensitivity_format", value=repr(sensitivity_format)
+            f"choose {' or '.join(HIGHER)}.",
+            arg="sensitivity_format",
+            value=repr(sensitivity_format),
         )
     rates = tuple(sorted({float(r) for r in evs_rates}))
     bad = [r for r in rates if not 0.0 <= r < 1.0]

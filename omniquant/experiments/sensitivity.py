@@ -33,8 +33,11 @@ import yaml
 
 from omniquant.errors import OmniquantError
 from omniquant.evaluate.metrics import mean_present
+from omniquant.formats import NARROWEST_FIRST
 
-HIGHER = {"nvfp4": "fp8", "fp8": "bf16"}
+#: Each quantized format -> the next wider one (the format a sensitive group is kept in),
+#: from the format registry's order by element width.
+HIGHER = {narrow: wide for narrow, wide in zip(NARROWEST_FIRST, NARROWEST_FIRST[1:])}
 KL_SHARE = 0.5
 
 
