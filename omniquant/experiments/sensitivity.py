@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import itertools
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ from omniquant.formats import NARROWEST_FIRST
 
 #: Each quantized format -> the next wider one (the format a sensitive group is kept in),
 #: from the format registry's order by element width.
-HIGHER = {narrow: wide for narrow, wide in zip(NARROWEST_FIRST, NARROWEST_FIRST[1:])}
+HIGHER = dict(itertools.pairwise(NARROWEST_FIRST))
 KL_SHARE = 0.5
 
 
