@@ -45,13 +45,19 @@ from omniquant.checkpoint.layout import (
     read_quant_config as read_quant_config_file,
 )
 from omniquant.errors import EngineError
+from omniquant.formats import FORMATS, KV_CACHE_FORMAT, NVFP4
 
 Precision = Literal["bf16", "fp8", "nvfp4", "mixed"]
 
-_QUANT_ALGOS: dict[str, Precision] = {"FP8": "fp8", "NVFP4": "nvfp4", "MIXED_PRECISION": "mixed"}
-_LAYER_ALGOS = ("FP8", "NVFP4")
-_KV_ALGOS = ("FP8",)
-NVFP4_GROUP_SIZE = 16
+#: hf_quant_config ``quant_algo`` -> precision: each quantized format of the registry,
+#: and modelopt's name for a checkpoint that mixes them.
+_QUANT_ALGOS: dict[str, Precision] = {
+    **{f.hf_quant_algo: name for name, f in FORMATS.items() if f.quantized},
+    "MIXED_PRECISION": "mixed",
+}
+_LAYER_ALGOS = tuple(f.hf_quant_algo for f in FORMATS.values() if f.quantized)
+_KV_ALGOS = (KV_CACHE_FORMAT.hf_quant_algo,)
+NVFP4_GROUP_SIZE = NVFP4.block_size
 # Architectures TensorRT-LLM (>= 1.3.0rc13) registers for the Nemotron Nano VL / omni
 # family; a checkpoint whose config.json names another fails there with "Unknown architecture".
 TRTLLM_ARCHITECTURES = ("NemotronH_Nano_Omni_Reasoning_V3", "NemotronH_Nano_VL_V2")
