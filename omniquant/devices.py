@@ -23,7 +23,6 @@ Policy:
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,42 +323,6 @@ def device_map_summary(model) -> dict:
         summary["device_map_entries"] = len(hf_map)
         summary["offloaded"] = sorted({v for v in where.values() if v in ("cpu", "disk")})
     return summary
-
-
-def kernel_report(placement_devices: list[str]) -> dict:
-    """Fast Mamba kernels: importable, resolved by transformers, and whether they run.
-
-    transformers binds mamba-ssm / causal-conv1d at import when they are installed;
-    their kernels are CUDA/Triton only, so on a CPU-placed backbone the reference
-    PyTorch scan runs.
-    """
-    importable = {
-        pkg: importlib.util.find_spec(pkg) is not None for pkg in ("mamba_ssm", "causal_conv1d")
-    }
-    resolved = {}
-    try:
-        import inspect
-
-        from transformers.models.nemotron_h import modeling_nemotron_h as nh
-
-        for fn in ("mamba2_chunk_scan", "mamba2_split_conv1d_scan_combined", "causal_conv1d_fn"):
-            f = getattr(nh, fn, None)
-            if f is not None:
-                resolved[fn] = bool(
-                    inspect.getclosurevars(f).nonlocals.get("is_new_implementation")
-                )
-    except (ImportError, AttributeError, TypeError, ValueError):
-        # a transformers without these names: report importability only
-        resolved = {}
-    on_cuda = any(d.startswith("cuda") for d in placement_devices)
-    fast = bool(resolved) and all(resolved.values()) and on_cuda
-    return {
-        "importable": importable,
-        "transformers_resolved_fast": resolved,
-        "mamba_path": "mamba-ssm/causal-conv1d CUDA kernels"
-        if fast
-        else "PyTorch reference scan (transformers fallback)",
-    }
 
 
 def peak_memory() -> dict:

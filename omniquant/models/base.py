@@ -186,6 +186,12 @@ class ModelAdapter(ABC):
         """Modules ``--device auto`` never offloads (none by default)."""
         return ()
 
+    def kernel_report(self, placement_devices: list[str]) -> dict:
+        """Which compute kernels the model's forward runs with on ``placement_devices``,
+        for ``omniquant.json`` (``mamba_path``: a line for the log). A model whose forward
+        has no kernel choice to report: the framework's own path."""
+        return {"mamba_path": "n/a (no Mamba layers)"}
+
     # ------------------------------------------------------------ the backbone
     def quant_root(self, model):
         """The submodule handed to ``mtq.quantize`` (``quant_root_name``): the backbone."""

@@ -231,6 +231,42 @@ class NemotronOmniAdapter(ModelAdapter):
             placement_notes=notes,
         )
 
+    def kernel_report(self, placement_devices: list[str]) -> dict:
+        """Fast Mamba kernels: importable, resolved by transformers, and whether they run.
+
+        transformers binds mamba-ssm / causal-conv1d at import when they are installed;
+        their kernels are CUDA/Triton only, so on a CPU-placed backbone the reference
+        PyTorch scan runs.
+        """
+        import importlib.util
+        import inspect
+
+        importable = {
+            pkg: importlib.util.find_spec(pkg) is not None for pkg in ("mamba_ssm", "causal_conv1d")
+        }
+        resolved = {}
+        try:
+            from transformers.models.nemotron_h import modeling_nemotron_h as nh
+
+            for fn in ("mamba2_chunk_scan", "mamba2_split_conv1d_scan_combined", "causal_conv1d_fn"):
+                f = getattr(nh, fn, None)
+                if f is not None:
+                    resolved[fn] = bool(
+                        inspect.getclosurevars(f).nonlocals.get("is_new_implementation")
+                    )
+        except (ImportError, AttributeError, TypeError, ValueError):
+            # a transformers without these names: report importability only
+            resolved = {}
+        on_cuda = any(d.startswith("cuda") for d in placement_devices)
+        fast = bool(resolved) and all(resolved.values()) and on_cuda
+        return {
+            "importable": importable,
+            "transformers_resolved_fast": resolved,
+            "mamba_path": "mamba-ssm/causal-conv1d CUDA kernels"
+            if fast
+            else "PyTorch reference scan (transformers fallback)",
+        }
+
     @staticmethod
     def resident_modules() -> tuple[str, ...]:
         """Modules never offloaded by ``--device auto``: the encoders and projectors

@@ -188,7 +188,7 @@ def _quantize_placed(
     """The part of ``quantize`` that runs with the model loaded where ``placement`` says."""
     from omniquant.checkpoint.audit import audit_checkpoint
     from omniquant.checkpoint.verify import source_fingerprint
-    from omniquant.devices import device_map_summary, input_device, kernel_report, peak_memory
+    from omniquant.devices import device_map_summary, input_device, peak_memory
     from omniquant.models import load_model
     from omniquant.outdir import default_permissions
     from omniquant.quantize.calibrate import check_expert_coverage, iter_progress, run_calibration
@@ -208,7 +208,7 @@ def _quantize_placed(
     }
     devices["notes"] = list(placement.notes) + list(loaded.placement_notes)
     say(f"model placed on: {', '.join(devices['per_device'])} (inputs on {devices['inputs_on']})")
-    kernels = kernel_report(list(devices["per_device"]))
+    kernels = loaded.adapter.kernel_report(list(devices["per_device"]))
     say(f"Mamba kernels: {kernels['mamba_path']}")
     t = time.perf_counter()
     plan = resolve_plan(rec, loaded)
