@@ -16,6 +16,15 @@ from omniquant.report import svg
 MODALITY_ORDER = ("text", "image", "video", "audio")
 
 
+def _layer_label(module: str) -> str:
+    """A short chart label for a module name: its numbered block (``layers.12`` for
+    ``...layers.12.mixer``), or the name itself when no component is a number. The
+    report knows module names only as text, not the model they come from."""
+    parts = module.split(".")
+    i = next((k for k, part in enumerate(parts) if part.isdigit()), None)
+    return module if i is None else ".".join(parts[max(i - 1, 0) : i + 1])
+
+
 def cliff_order(report: dict) -> list[dict]:
     """Baseline first, then candidates by decreasing bits per weight (stable)."""
     cands = sorted(report["candidates"], key=_bits_key)
@@ -434,9 +443,7 @@ def write_html(report: dict) -> str:
                 [float(x) for x in experts[layer]] + [0.0] * (width - len(experts[layer]))
                 for layer in layers
             ]
-            labels = [
-                layer.replace("language_model.model.", "").replace(".mixer", "") for layer in layers
-            ]
+            labels = [_layer_label(layer) for layer in layers]
             parts.append(
                 _fig(
                     svg.heatmap(
