@@ -23,9 +23,11 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from omniquant.errors import RecipeError, arg_ref
+from omniquant.formats import FORMATS
 from omniquant.schema import Strict, allowed_fields, field_problems
 
-Format = Literal["fp8", "nvfp4", "bf16"]
+#: The formats a rule may name: the format registry's (omniquant.formats).
+Format = Literal[tuple(FORMATS)]  # type: ignore[valid-type]
 MAX_CALIBRATION_SIZE = 65536
 MAX_SEED = 2**63 - 1
 
