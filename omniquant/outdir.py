@@ -1,6 +1,10 @@
-"""The output directory of a quantize run: one writer at a time, no leftovers.
+"""Output directories: one policy for every stage that writes one, one writer at a
+time, no leftovers, and the file modes of what omniquant writes.
 
 Policy:
+- ``check_out``: before any work, the one output-directory rule of quantize, cliff,
+  build-engine and report (spared inputs, a file in the way, ``force`` for what exists,
+  an existing parent).
 - ``out_lock``: an exclusive, non-blocking ``fcntl.flock`` on ``.<out>.omniquant-lock``
   beside ``--out``, held for the whole run: a second run to the same ``--out`` stops at
   once with the holder's pid instead of replacing the first run's checkpoint.
@@ -18,6 +22,8 @@ Policy:
   It lives here, beside the lock and the stale-directory cleanup that know the same
   names, rather than in ``omniquant.checkpoint.layout``: it is an output-directory
   policy any stage can use (a report or bundle directory as well as a checkpoint).
+
+- ``default_permissions``: files get ``0666 & ~umask`` (safetensors writes 0600).
 
 ``filelock`` would do the locking, but it is not a dependency and the pid in the file
 (for the message) needs the raw descriptor anyway.
