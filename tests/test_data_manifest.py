@@ -8,14 +8,17 @@ from pathlib import Path
 import pytest
 from media_factory import _png, _write_manifest
 
+from omniquant.cli import CLI_NAMES
 from omniquant.data.manifest import BadLine, load_manifest, validate_manifest
-from omniquant.errors import DataError
+from omniquant.errors import DataError, argument_style
 
 
 def test_bad_media_fail_with_one_message_listing_all(bad_set: Path):
     with pytest.raises(DataError) as info:
         validate_manifest(bad_set)
-    message = str(info.value)
+    with argument_style(CLI_NAMES):  # the message as the `omniquant` command prints it
+        message = str(info.value)
+    assert str(info.value).endswith("skip them with skip_bad.")  # a Python caller's words
     assert message.startswith(
         f"Calibration manifest {bad_set / 'manifest.jsonl'}: 3 of 5 samples are bad:"
     )

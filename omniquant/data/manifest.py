@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from omniquant.errors import DataError
+from omniquant.errors import DataError, arg_ref
 from omniquant.schema import field_problems
 
 MANIFEST_NAME = "manifest.jsonl"
@@ -373,5 +373,5 @@ def _format_problems(file: Path, problems: list[Problem], total: int, tail: str 
         file,
         problems,
         total,
-        tail or "Fix or remove these lines, or skip them (--skip-bad, or skip_bad=True in Python).",
+        tail or f"Fix or remove these lines, or skip them with {arg_ref('skip_bad')}.",
     )

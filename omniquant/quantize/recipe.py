@@ -348,7 +348,7 @@ def _format_validation_error(
     problems = field_problems(exc)
     from_set = [source(p.loc) for p in problems]
     if all(from_set):
-        lines = [f"invalid --set override(s) for recipe {path}:"]
+        lines = [f"invalid {arg_ref('overrides')} override(s) for recipe {path}:"]
     else:
         lines = [f"{path}: invalid recipe:"]
     for problem, item in zip(problems, from_set):
@@ -371,7 +371,7 @@ def _format_validation_error(
             shown = shown if len(shown) <= 80 else shown[:77] + "..."
             lines.append(f"  {where}: bad value {shown}: {problem.message}")
         if item is not None and len(lines) > before:
-            lines[-1] += f" (from --set {item!r})"
+            lines[-1] += f" (from {arg_ref('overrides')} {item!r})"
     return "\n".join(lines)
 
 
