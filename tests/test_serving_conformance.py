@@ -207,7 +207,7 @@ def test_mains_config_shape_fails_the_readers(quantized, tmp_path):
 
 def _drop_from_ignore(src, dst, module):
     """Remove ``module`` from both configs, keeping them consistent with each other."""
-    from omniquant.quantize.export import serving_quant_config
+    from omniquant.checkpoint.layout import serving_quant_config
 
     shutil.copytree(src, dst)
     hf = json.loads((dst / "hf_quant_config.json").read_text())

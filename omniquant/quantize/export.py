@@ -45,7 +45,6 @@ from omniquant.checkpoint.layout import (
     INDEX_JSON,
     WRITTEN_FILES,
     QuantConfig,
-    serving_quant_config,  # noqa: F401 (re-exported: the converter's old home)
     sha256_file,
     write_config_json,
 )
