@@ -3,8 +3,16 @@ time, no leftovers, and the file modes of what omniquant writes.
 
 Policy:
 - ``check_out``: before any work, the one output-directory rule of quantize, cliff,
-  build-engine and report (spared inputs, a file in the way, ``force`` for what exists,
-  an existing parent).
+  build-engine, make-tiny and report (an empty ``out`` refused, spared inputs, a file in
+  the way, ``force`` for what exists, an existing parent).
+- What ``force`` may remove (``check_removable``, checked before any work and again just
+  before the removal): only a previous output of the same kind, that is a directory
+  holding the ownership marker ``.omniquant-output.json`` of that kind and no entry the
+  marker does not list, or an empty directory. Never ``/``, the home directory, the
+  working directory or one above it, a mount point, or a symlink (its target is not
+  omniquant's to remove). Everything else is refused, naming the first entries in the way.
+  Every directory omniquant writes whole gets the marker (``mark_output``) when it is
+  complete; ``staged_dir(kind=...)`` writes it before the rename.
 - ``out_lock``: an exclusive, non-blocking ``fcntl.flock`` on ``.<out>.omniquant-lock``
   beside ``--out``, held for the whole run: a second run to the same ``--out`` stops at
   once with the holder's pid instead of replacing the first run's checkpoint.
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import signal
@@ -46,6 +55,16 @@ OLD_PREFIX = ".omniquant-old-"
 #: Name prefixes of the temporary directories (the new output, and the old one moved
 #: aside by ``replace``). A directory so named is never a finished output.
 TEMP_PREFIXES = (TEMP_PREFIX, OLD_PREFIX)
+
+#: The ownership marker in every directory omniquant writes whole: ``{"kind", "entries"}``.
+OUTPUT_MARKER = ".omniquant-output.json"
+#: The kinds of output, as the marker and the messages name them.
+CHECKPOINT = "checkpoint"
+ENGINE_BUNDLE = "engine bundle"
+CLIFF = "cliff output"
+TINY_MODEL = "make-tiny model"
+#: How many entries a refusal names.
+_SHOWN = 5
 
 
 def _pid_alive(pid: int) -> bool:
@@ -181,7 +200,7 @@ def locked_out(func):
 
     @functools.wraps(func)
     def wrapper(model, recipe, out, *args, **kwargs):
-        with sigterm_as_interrupt(), out_lock(Path(out).absolute()):
+        with sigterm_as_interrupt(), out_lock(out_path(out).absolute()):
             return func(model, recipe, out, *args, **kwargs)
 
     return wrapper
@@ -238,12 +257,16 @@ class staged_dir:
     Args:
         out: The directory to produce.
         replace: Replace an existing ``out``; without it an ``out`` that appeared while
-            the block ran is an ``ExportError``.
+            the block ran is an ``ExportError``. The existing ``out`` must still be one
+            ``check_removable`` allows for ``kind`` when the block ends.
+        kind: The output kind: the marker (``mark_output``) is written into the new
+            directory before the rename, and an ``out`` to replace must be of that kind.
     """
 
-    def __init__(self, out: Path, *, replace: bool):
+    def __init__(self, out: Path, *, replace: bool, kind: str | None = None):
         self.out = Path(out)
         self.replace = replace
+        self.kind = kind
         self.tmp = self.out.parent / f"{TEMP_PREFIX}{self.out.name}-{os.getpid()}"
         self.old = self.out.parent / f"{OLD_PREFIX}{self.out.name}-{os.getpid()}"
 
@@ -267,7 +290,11 @@ class staged_dir:
                         arg="out",
                         value=self.out,
                     )
-                if self.out.exists():
+                if self.kind is not None:
+                    mark_output(self.tmp, self.kind)
+                if self.out.exists() or self.out.is_symlink():
+                    if self.kind is not None:  # re-checked: it may have changed meanwhile
+                        check_removable(self.out, self.kind)
                     os.replace(self.out, self.old)
                 os.replace(self.tmp, self.out)
         except BaseException:
@@ -292,6 +319,120 @@ def default_permissions(root: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
+def out_path(out: str | Path, error: type[OmniquantError] = ExportError) -> Path:
+    """``out`` as a ``Path``, refusing an empty one before any work.
+
+    ``Path("")`` is ``.``: an unset ``$OUT`` in ``--out "$OUT"`` would otherwise name the
+    working directory. Callers take ``str`` from the CLI for this reason.
+    """
+    if out is None or (isinstance(out, str) and not out.strip()):
+        raise error(
+            f"is empty; name the output directory (an unset variable in {arg_ref('out')} "
+            '"$OUT" gives this).',
+            arg="out",
+            value='""',
+        )
+    return Path(out).expanduser()
+
+
+def mark_output(directory: Path, kind: str, also: tuple[str, ...] = ()) -> None:
+    """Write the ownership marker listing every entry now in ``directory``, plus ``also``
+    (entries the writer will still create, for an output filled in place).
+
+    ``force`` later removes the directory only while it holds nothing else.
+    """
+    present = {p.name for p in Path(directory).iterdir() if p.name != OUTPUT_MARKER}
+    entries = sorted(present | set(also))
+    (Path(directory) / OUTPUT_MARKER).write_text(
+        json.dumps({"kind": kind, "entries": entries}, indent=2) + "\n"
+    )
+
+
+def _marker(directory: Path) -> dict | None:
+    try:
+        data = json.loads((directory / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (
+        isinstance(data, dict)
+        and isinstance(data.get("kind"), str)
+        and isinstance(data.get("entries"), list)
+    )
+    return data if ok else None
+
+
+def _protected(out: Path) -> str | None:
+    """Why ``out`` may never be removed, or None."""
+    if out.is_symlink():
+        return (
+            f"is a symlink to {os.readlink(out)}; omniquant never removes a link's target. "
+            f"Remove the link yourself or give its target as {arg_ref('out')}"
+        )
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    if real == Path(real.anchor):
+        return "is the filesystem root"
+    if real == Path.home().resolve():
+        return "is your home directory"
+    if real == cwd or real in cwd.parents:
+        return "is the working directory or a directory above it"
+    if os.path.ismount(real):
+        return "is a mount point"
+    return None
+
+
+def check_removable(out: Path, kind: str, error: type[OmniquantError] = ExportError) -> None:
+    """Refuse to remove ``out`` unless it is a previous ``kind`` output or empty.
+
+    Args:
+        out: The existing directory ``force`` would replace.
+        kind: The output kind of the command (``CHECKPOINT``, ``ENGINE_BUNDLE``...).
+        error: The stage's error class.
+
+    Raises:
+        error: Naming ``out``, what is in the way (the first entries) and the fix.
+    """
+    out = Path(out)
+    why = _protected(out)
+    if why is not None:
+        raise error(
+            f"{why}; {arg_ref('force')} removes only a previous {kind}.", arg="out", value=out
+        )
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    marker = _marker(out)
+    fix = f"Remove them yourself if they can go, or choose another {arg_ref('out')}."
+    if marker is None:
+        shown = ", ".join(entries[:_SHOWN]) + (
+            f" (and {len(entries) - _SHOWN} more)" if len(entries) > _SHOWN else ""
+        )
+        raise error(
+            f"holds files omniquant did not write ({shown}); {arg_ref('force')} replaces only "
+            f"a previous {kind} or an empty directory. {fix}",
+            arg="out",
+            value=out,
+        )
+    if marker["kind"] != kind:
+        raise error(
+            f"holds another command's output ({marker['kind']}); {arg_ref('force')} replaces "
+            f"only a previous {kind}. Choose another {arg_ref('out')}, or remove it yourself.",
+            arg="out",
+            value=out,
+        )
+    foreign = [e for e in entries if e != OUTPUT_MARKER and e not in marker["entries"]]
+    if foreign:
+        shown = ", ".join(foreign[:_SHOWN]) + (
+            f" (and {len(foreign) - _SHOWN} more)" if len(foreign) > _SHOWN else ""
+        )
+        raise error(
+            f"holds a previous {kind} and files omniquant did not write ({shown}); "
+            f"{arg_ref('force')} would delete them. {fix}",
+            arg="out",
+            value=out,
+        )
+
+
 def check_out(
     out: Path,
     *,
@@ -300,6 +441,7 @@ def check_out(
     spares: tuple[tuple[Path, str], ...] = (),
     nested: bool = False,
     files: tuple[str, ...] | None = None,
+    kind: str = CHECKPOINT,
 ) -> None:
     """The one output-directory policy of every stage that writes one (quantize, cliff,
     build-engine, report), checked before any work starts.
@@ -309,8 +451,9 @@ def check_out(
       would be copied into itself).
     - An existing ``out`` that is not a directory is refused.
     - The output is the whole directory (``files`` None): an existing ``out`` needs
-      ``force``. Or it is ``files`` in a directory that may hold other things (the
-      report): only those files existing need ``force``.
+      ``force``, and ``force`` replaces it only where ``check_removable`` allows for
+      ``kind``. Or it is ``files`` in a directory that may hold other things (the
+      report): only those files existing need ``force``, and only they are replaced.
     - Its parent directory must exist.
 
     Args:
@@ -320,6 +463,7 @@ def check_out(
         spares: ``(path, what)`` of inputs the output must not destroy.
         nested: Refuse an ``out`` inside a spared input too.
         files: The files that make the output, when ``out`` is shared.
+        kind: The output kind of a whole-directory output: what ``force`` may replace.
 
     Raises:
         error: naming the ``out`` argument, what is wrong and the fix.
@@ -349,6 +493,8 @@ def check_out(
         raise error(
             f"already exists; pass {arg_ref('force')} to overwrite it.", arg="out", value=out
         )
+    if files is None and exists:
+        check_removable(out, kind, error)
     held = [f for f in files or () if (out / f).exists()]
     if held and not force:
         raise error(

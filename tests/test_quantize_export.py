@@ -186,9 +186,34 @@ def test_nvfp4_omni_mixed_layout(quantized):
 
 
 def test_inspect_cli_json(quantized, capsys):
-    assert main(["inspect", str(quantized("nvfp4_omni")), "--json", "--audit"]) == 0
+    ckpt = quantized("nvfp4_omni")
+    capsys.readouterr()  # modelopt prints while the fixture builds, when this test builds it
+    assert main(["inspect", str(ckpt), "--json", "--audit"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["audit"]["ok"] is True and data["precision"] == "MIXED_PRECISION"
+
+
+def test_plain_inspect_says_when_nothing_vouches_for_the_shards(
+    tiny_dir, quantized, tmp_path, capsys
+):
+    """Issue #20: a directory without omniquant.json (a source, a released checkpoint, an
+    unfinished run) is shown under one line that says so; a finished export is not."""
+    assert main(["inspect", str(quantized("fp8_omni"))]) == 0
+    out = capsys.readouterr().out
+    assert "note:" not in out
+    assert main(["inspect", str(tiny_dir)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == (
+        "note: no omniquant.json: a source checkpoint (not written by `omniquant quantize`), "
+        "or an unfinished run; shard checksums not verified."
+    )
+    foreign = tmp_path / "released"
+    shutil.copytree(quantized("fp8_omni"), foreign)
+    (foreign / "omniquant.json").unlink()
+    assert main(["inspect", str(foreign), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["checksums_verified"] is False
+    assert data["note"].startswith("note: no omniquant.json: a checkpoint another tool wrote")
 
 
 def test_two_runs_identical_checksums(tiny_dir, quantized, tmp_path):
@@ -314,9 +339,15 @@ def test_force_replaces_the_old_checkpoint_and_leaves_nothing_beside_it(tiny_dir
     args = ["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--calib", "synthetic",
             "--out", str(out), "--quiet"]  # fmt: skip
     assert main(args) == 0
-    (out / "stale.txt").write_text("from the first run")
+    first = (out / "omniquant.json").stat().st_ino
     assert main([*args, "--force"]) == 0
-    assert (out / "omniquant.json").is_file() and not (out / "stale.txt").exists()
+    assert (out / "omniquant.json").is_file() and (out / "omniquant.json").stat().st_ino != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # A file omniquant did not write makes it no longer a previous checkpoint: refused, kept
+    # (issue #20: --force never deletes what omniquant did not write).
+    (out / "notes.txt").write_text("mine")
+    assert main([*args, "--force"]) == 2
+    assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 

@@ -148,6 +148,17 @@ def scale_problem(name: str, tensor) -> str | None:
     return None
 
 
+def unrecorded_note(checked: VerifiedCheckpoint) -> str:
+    """The one line ``inspect`` prints above the table of a directory without
+    ``omniquant.json``: what it may be, and that nothing vouches for its shards."""
+    what = (
+        "a checkpoint another tool wrote (e.g. a released one), or an unfinished omniquant run"
+        if checked.quantized
+        else "a source checkpoint (not written by `omniquant quantize`), or an unfinished run"
+    )
+    return f"note: no {RECORD_JSON}: {what}; shard checksums not verified."
+
+
 def verify_checkpoint(
     path: str | Path,
     *,

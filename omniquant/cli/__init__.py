@@ -10,7 +10,6 @@ the commands so that ``omniquant --help`` stays fast.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,7 +21,7 @@ from omniquant.errors import OmniquantError, argument_style, cli_style
 
 @app.command("make-tiny")
 def make_tiny_cmd(
-    out: Annotated[Path, typer.Option(help="Output directory for the checkpoint.")],
+    out: Annotated[str, typer.Option(help="Output directory for the checkpoint.")],
     seed: Annotated[
         int, typer.Option(help="RNG seed; same seed, same bytes.", min=0, max=2**63 - 1)
     ] = 0,

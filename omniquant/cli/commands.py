@@ -19,7 +19,7 @@ from omniquant.cli._app import _console, _echo, _stdout, app
 def quantize_cmd(
     model: Annotated[Path, typer.Option(help="Source BF16 checkpoint directory (hub layout).")],
     recipe: Annotated[str, typer.Option(help="Built-in recipe name or path to a recipe YAML.")],
-    out: Annotated[Path, typer.Option(help="Output checkpoint directory.")],
+    out: Annotated[str, typer.Option(help="Output checkpoint directory.")],
     calib: Annotated[
         str | None,
         typer.Option(help="Calibration set: 'synthetic', a shipped set name, or a directory."),
@@ -78,7 +78,7 @@ def inspect_cmd(
 ) -> None:
     """Show module groups with precision, parameters, bytes and bits per weight."""
     from omniquant.checkpoint.inspect import inspect_checkpoint, render_inspect, summary_json
-    from omniquant.checkpoint.verify import is_temp_dir, verify_checkpoint
+    from omniquant.checkpoint.verify import is_temp_dir, unrecorded_note, verify_checkpoint
     from omniquant.errors import AuditError, ModelLoadError
 
     report = None
@@ -89,8 +89,11 @@ def inspect_cmd(
         report = audit_checkpoint(path, raise_on_error=True)
     # An unsound checkpoint under --audit is an audit failure (exit 3).
     unsound = AuditError if audit and path.is_dir() else ModelLoadError
-    verify_checkpoint(path, flag="inspect", error=unsound, foreign_ok=not audit)
+    verified = verify_checkpoint(path, flag="inspect", error=unsound, foreign_ok=not audit)
     summary = inspect_checkpoint(path)
+    summary["checksums_verified"] = verified.record is not None
+    if verified.record is None:
+        summary["note"] = unrecorded_note(verified)
     if report is not None:
         summary["audit"] = {"ok": report.ok, "checked_weights": report.checked_weights}
     view = None
@@ -108,6 +111,8 @@ def inspect_cmd(
         _echo(summary_json(summary))
     else:
         console = _console()
+        if "note" in summary:
+            console.print(summary["note"], markup=False)
         console.print(render_inspect(summary), markup=False)
         if audit:
             console.print(f"audit passed ({summary['audit']['checked_weights']} quantized weights checked)")
@@ -155,7 +160,7 @@ _EngineTarget = Enum("_EngineTarget", [(name, name) for name in _ENGINE_TARGETS]
 def build_engine_cmd(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory (omniquant export).")],
     target: Annotated[_EngineTarget, typer.Option(help="GPU generation: hopper (SM90) or blackwell (SM100).")],
-    out: Annotated[Path, typer.Option(help="Bundle directory to create.")],
+    out: Annotated[str, typer.Option(help="Bundle directory to create.")],
     max_batch_size: Annotated[int, typer.Option(help="Largest runtime batch (and CUDA graph).")] = 8,
     max_seq_len: Annotated[int, typer.Option(help="Longest request, prompt + output, in tokens.")] = 8192,
     video_pruning_rate: Annotated[
@@ -239,7 +244,7 @@ def report_cmd(
     tasks: Annotated[
         str, typer.Option(help="Task set: a shipped name (omni-smoke) or a directory with tasks.jsonl.")
     ],
-    out: Annotated[Path, typer.Option(help="Directory for report.json, report.md and report.html.")],
+    out: Annotated[str, typer.Option(help="Directory for report.json, report.md and report.html.")],
     sensitivity: Annotated[
         bool,
         typer.Option(help="Quantize one module group at a time, rank groups by KL, suggest a recipe."),
@@ -328,7 +333,7 @@ def report_cmd(
         say(line)
     if report.get("sensitivity"):
         say(report["sensitivity"]["suggestion"]["text"])
-    say(f"report: {out / 'report.html'} (also report.json, report.md)")
+    say(f"report: {Path(out) / 'report.html'} (also report.json, report.md)")
 
 
 @app.command("cliff")
@@ -336,7 +341,7 @@ def cliff_cmd(
     model: Annotated[
         Path | None, typer.Option(help="BF16 checkpoint (default: the bundled demo model).")
     ] = None,
-    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("omniquant-cliff"),
+    out: Annotated[str, typer.Option(help="Output directory.")] = "omniquant-cliff",
     recipe: Annotated[
         list[str] | None, typer.Option(help="Recipe (repeatable; default: fp8_omni, nvfp4_omni, nvfp4_aggressive).")
     ] = None,

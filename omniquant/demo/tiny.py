@@ -395,31 +395,43 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
     Returns:
         The output directory.
     """
-    import shutil
+    from omniquant.outdir import (
+        TINY_MODEL,
+        check_removable,
+        clean_stale_temp_dirs,
+        default_permissions,
+        out_lock,
+        out_path,
+        staged_dir,
+    )
 
-    from omniquant.outdir import default_permissions
-
-    out = Path(out)
+    out = out_path(out).absolute()
     if size not in SIZES and size != SLICE:
         raise ExportError(
             f"make-tiny: unknown {arg_ref('size')} {size!r}; choose one of {sorted([*SIZES, SLICE])}."
         )
-    if out.exists():
+    if out.exists() or out.is_symlink():
         if not force:
             raise ExportError(
                 f"make-tiny: output directory {out} already exists; pass {arg_ref('force')} to overwrite it."
             )
         if not out.is_dir():
             raise ExportError(f"make-tiny: {arg_ref('out')} {out} exists and is not a directory.")
-        shutil.rmtree(out)
+        check_removable(out, TINY_MODEL)
+    out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = build_tiny_model(seed, size)
-    if size == SLICE:
-        model.save_pretrained(out, max_shard_size=SLICE_MAX_SHARD_SIZE)
-    else:
-        model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    _write_preprocessor_config(out, model.config)
-    default_permissions(out)
+    # Written beside ``out`` and renamed into place: a killed run leaves no half model that
+    # looks complete, and ``force`` replaces only a previous make-tiny model.
+    with out_lock(out):
+        clean_stale_temp_dirs(out, lambda _m: None)
+        with staged_dir(out, replace=force, kind=TINY_MODEL) as tmp:
+            if size == SLICE:
+                model.save_pretrained(tmp, max_shard_size=SLICE_MAX_SHARD_SIZE)
+            else:
+                model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            _write_preprocessor_config(tmp, model.config)
+            default_permissions(tmp)
     return out
 
 

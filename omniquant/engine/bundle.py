@@ -53,7 +53,7 @@ from omniquant.engine.scripts import (
 )
 from omniquant.engine.targets import Target, get_target, nvfp4_on_hopper_message
 from omniquant.errors import EngineError, arg_ref
-from omniquant.outdir import check_out
+from omniquant.outdir import ENGINE_BUNDLE, check_out, check_removable, mark_output, out_path
 
 BUNDLE_SCHEMA_VERSION = 1
 
@@ -225,8 +225,11 @@ def build_engine_bundle(
     info = read_checkpoint(checkpoint)
     check_compatibility(info, spec)
     _check_args(max_batch_size, max_seq_len, video_pruning_rate, info)
-    out = Path(out).expanduser().absolute()
-    check_out(out, force=force, error=EngineError, spares=((info.path, "checkpoint"),), nested=True)
+    out = out_path(out, EngineError).absolute()
+    check_out(
+        out, force=force, error=EngineError, spares=((info.path, "checkpoint"),), nested=True,
+        kind=ENGINE_BUNDLE,
+    )  # fmt: skip
 
     options = build_llm_api_options(
         kv_cache_dtype=info.quant.kv_cache_dtype,
@@ -311,7 +314,9 @@ def build_engine_bundle(
         }
         write_bundle_json(staging, manifest)
         files = tuple(sorted(p.name for p in staging.iterdir()))
+        mark_output(staging, ENGINE_BUNDLE)
         if out.exists() or out.is_symlink():
+            check_removable(out, ENGINE_BUNDLE, EngineError)  # again: it may have changed
             old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
             os.replace(staging, out)

@@ -61,7 +61,7 @@ def run_cliff(
     from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir
     from omniquant.experiments.compare import build_report
     from omniquant.models.base import read_config
-    from omniquant.outdir import check_out
+    from omniquant.outdir import CLIFF, check_out, mark_output, out_path
     from omniquant.quantize.pipeline import quantize
     from omniquant.quantize.recipe import load_recipe
 
@@ -72,11 +72,12 @@ def run_cliff(
     read_config(model_dir)  # fail early on a bad --model
     for r in recipes:
         load_recipe(r)  # fail early on a bad recipe
-    out = Path(out).absolute()
-    check_out(out, force=force, spares=((model_dir, "model checkpoint"),))
+    out = out_path(out).absolute()
+    check_out(out, force=force, spares=((model_dir, "model checkpoint"),), kind=CLIFF)
     if out.exists():
         shutil.rmtree(out)
     (out / "checkpoints").mkdir(parents=True)
+    mark_output(out, CLIFF, also=("report",))
     if calib is None and is_demo:
         calib = DEMO_CALIB
     tasks = tasks or DEMO_TASKS

@@ -535,13 +535,13 @@ def build_report(
             ``sensitivity``) a baseline that is not BF16.
         DataError: A bad task set (every bad line listed).
     """
-    from omniquant.outdir import check_out
+    from omniquant.outdir import check_out, out_path
     from omniquant.report.build import REPORT_FILES, report_dict, write_report
 
     # Arguments, then the output directory, before anything else (compare checks the
     # arguments again: it is callable on its own).
     _check_args(sensitivity_format, evs_rates, recovery_threshold, bootstrap, max_new_tokens)
-    out = Path(out)
+    out = out_path(out, ReportError)
     check_out(out, force=force, error=ReportError, files=REPORT_FILES)
     if endpoint_cache is True:
         endpoint_cache = out / "endpoint-cache"

@@ -50,6 +50,7 @@ from omniquant.checkpoint.layout import (
 )
 from omniquant.errors import ExportError
 from omniquant.formats import FORMATS, KV_CACHE_FORMAT, KV_SCALE_SUFFIXES
+from omniquant.outdir import OUTPUT_MARKER
 
 #: Format name -> ``hf_quant_config`` ``quant_algo``, from the format registry.
 QUANT_ALGO = {name: f.hf_quant_algo for name, f in FORMATS.items() if f.quantized}
@@ -332,7 +333,8 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
     hf_quant.write(out)
     write_config_json(out, json.loads((src.path / CONFIG_JSON).read_text()), hf_quant)
     for f in sorted(src.path.iterdir()):
-        if f.is_file() and f.name not in WRITTEN_FILES and f.suffix != ".safetensors":
+        copied = f.name not in WRITTEN_FILES and f.name != OUTPUT_MARKER
+        if f.is_file() and copied and f.suffix != ".safetensors":
             shutil.copy2(f, out / f.name)
     return {"shards": checksums, "hf_quant_config": hf_quant.to_json(), "tensors": n}
 

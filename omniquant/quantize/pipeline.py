@@ -11,7 +11,10 @@ Policy:
   only after the audit passes (``omniquant.outdir.staged_dir``); ``omniquant.json`` is
   written through ``omniquant.checkpoint.layout``. An interrupted or failed run removes it, and a run
   killed outright leaves only a ``.omniquant-tmp-*`` directory without
-  ``omniquant.json`` (which ``inspect`` and the audit refuse).
+  ``omniquant.json``: every consumer refuses a temporary directory, the audit and the
+  evaluating consumers refuse a quantized one without ``omniquant.json``, and plain
+  ``inspect`` shows such a directory only under a one-line note that it is not a
+  finished omniquant checkpoint and its checksums were not verified.
 - Same inputs and seed give byte-identical shards, wherever the model lives:
   ``--device cpu``, ``auto`` and an offloading ``--max-memory`` give the same bytes on
   the CPU (tested); GPU placements use modelopt's CUDA kernels and are not pinned here.
@@ -43,7 +46,7 @@ from omniquant.checkpoint.layout import (
     write_record,
 )
 from omniquant.errors import ExportError, arg_ref
-from omniquant.outdir import check_out, locked_out, staged_dir
+from omniquant.outdir import CHECKPOINT, check_out, locked_out, out_path, staged_dir
 
 if TYPE_CHECKING:
     from omniquant.quantize.recipe import Recipe
@@ -146,9 +149,11 @@ def quantize(
     rec, recipe_path = load_recipe(recipe, overrides)
     if calib is not None:
         rec.calibration.set = calib
-    out = Path(out).absolute()
+    out = out_path(out).absolute()
     clean_stale_temp_dirs(out, say)
-    check_out(out, force=force, spares=((Path(model), f"{arg_ref('model')} checkpoint"),))
+    check_out(
+        out, force=force, spares=((Path(model), f"{arg_ref('model')} checkpoint"),), kind=CHECKPOINT
+    )
     offload_dir = out.parent / f".omniquant-offload-{out.name}-{os.getpid()}"
     placement = resolve_placement(device, max_memory, scratch=offload_dir)
 
@@ -265,7 +270,7 @@ def _quantize_placed(
     for w in warnings_out:
         say(f"warning: {w}")
 
-    with staged_dir(out, replace=force) as tmp:
+    with staged_dir(out, replace=force, kind=CHECKPOINT) as tmp:
         t = time.perf_counter()
         written = _write_quiet(loaded, plan, tmp)
         timings["export"] = time.perf_counter() - t
