@@ -29,6 +29,7 @@ from omniquant.engine import (
     validate_llm_api_options,
 )
 from omniquant.errors import EngineError, argument_style
+from omniquant.outdir import OUTPUT_MARKER
 
 # --------------------------------------------------------------------------------------
 # Fixture: tiny checkpoint directories in the layout omniquant's export writes.
@@ -129,6 +130,7 @@ def checkpoint(tmp_path):
 
 # --------------------------------------------------------------------------------------
 
+# Besides these, the ownership marker that lets --force replace the bundle (issue #20).
 BUNDLE_FILES = [
     "bench.sh",
     "bundle.json",
@@ -170,7 +172,7 @@ def expected_options(
 def check_bundle(out: Path, src: Path, *, target, sm, precision, kv_dtype, moe, vllm_fp8, rate=None,
                  max_batch_size=8, max_seq_len=8192):  # fmt: skip
     """Every file and field of a copied bundle."""
-    assert sorted(p.name for p in out.iterdir()) == BUNDLE_FILES
+    assert sorted(p.name for p in out.iterdir()) == sorted([OUTPUT_MARKER, *BUNDLE_FILES])
     assert not list(out.parent.glob(f".{out.name}.*")), "staging directory left behind"
 
     # checkpoint/: a byte-identical copy, not a link
@@ -458,8 +460,15 @@ def test_existing_out_needs_force(checkpoint, tmp_path):
         assert str(err.value) == f"--out {out}: already exists; pass --force to overwrite it."
     assert str(err.value) == f"out {out}: already exists; pass force to overwrite it."
     assert (out / "keep.txt").exists()
+    # force never deletes a file omniquant did not write (issue #20): refused, kept ...
+    with pytest.raises(EngineError, match=r"holds files omniquant did not write \(keep.txt\)"):
+        build_engine_bundle(src, "hopper", out, force=True)
+    assert (out / "keep.txt").read_text() == "old"
+    # ... while an empty directory and a previous bundle are replaced.
+    (out / "keep.txt").unlink()
     build_engine_bundle(src, "hopper", out, force=True)
-    assert sorted(p.name for p in out.iterdir()) == BUNDLE_FILES
+    build_engine_bundle(src, "hopper", out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted([OUTPUT_MARKER, *BUNDLE_FILES])
     assert not list(tmp_path.glob(".b.*"))
 
 
