@@ -189,6 +189,26 @@ def _nan_weight(e: Env, value: float) -> Path:
 _IN_PROJ = "language_model.backbone.layers.0.mixer.in_proj.weight"
 
 
+def _without(e: Env, src: Path, *names: str) -> Path:
+    d = e.copy(src, "m")
+    for name in names:
+        (d / name).unlink()
+    return d
+
+
+def _linked_out(e: Env, as_dir: bool) -> Path:
+    """A calibration set whose image is a symlink (to the file, or to a directory above
+    it) pointing outside the set."""
+    outside = _mkdir(e.tmp / "elsewhere")
+    _write(outside / "i.png", _png_bytes())
+    d = _calib_set(e, [{"id": "a", "prompt": "x", "image": "img/i.png" if as_dir else "i.png"}])
+    (d / ("img" if as_dir else "i.png")).symlink_to(outside if as_dir else outside / "i.png")
+    return d
+
+
+_BIG_PROMPT = {"id": "big", "prompt": "word " * 40000}  # about 200 KB
+
+
 @dataclass
 class Case:
     family: str
@@ -207,6 +227,8 @@ CASES = [
     Case("recipe", "duplicate-nested-key", lambda e: _q(e, None, str(_write(e.tmp / "r.yaml", _GOOD_RECIPE + "calibration:\n  size: 2\n  size: 3\n"))), 2, "found duplicate key 'size'"),
     Case("recipe", "directory", lambda e: _q(e, None, str(_mkdir(e.tmp / "rdir"))), 2, "no such recipe file (it is a directory)"),
     Case("recipe", "missing-file", lambda e: _q(e, None, str(e.tmp / "none.yaml")), 2, "no such recipe file"),
+    Case("recipe", "show-unknown-name", lambda e: ["recipes", "show", "nosuch"], 2, "error: recipes show nosuch: unknown recipe name; built-in recipes are fp8_backbone, fp8_omni, nvfp4_aggressive, nvfp4_omni, or pass a path to a .yaml file.\n"),
+    Case("recipe", "show-missing-file", lambda e: ["recipes", "show", str(e.tmp / "r.yaml")], 2, "error: recipes show {tmp}/r.yaml: no such recipe file.\n"),
     Case("recipe", "unknown-name", lambda e: _q(e, None, "fp9_everything"), 2, "unknown recipe name"),
     Case("recipe", "not-yaml", lambda e: _q(e, None, str(_write(e.tmp / "r.yaml", "metadata: [\n"))), 2, "not valid YAML"),
     Case("recipe", "a-list", lambda e: _q(e, None, str(_write(e.tmp / "r.yaml", "- 1\n- 2\n"))), 2, "a recipe must be a mapping"),
@@ -240,6 +262,7 @@ CASES = [
     Case("model", "video-token-id", lambda e: _q(e, _set_config(e.copy(e.tiny, "m"), video_token_id=9)), 2, "video_token_id = 9, but the tokenizer's <video> is id 5"),
     Case("model", "missing-tensor", lambda e: _q(e, _tensors(e.copy(e.tiny, "m"), lambda t: t.pop(_IN_PROJ))), 2, f"missing from the safetensors files or have the wrong shape: {_IN_PROJ};"),
     Case("model", "wrong-shape", lambda e: _q(e, _tensors(e.copy(e.tiny, "m"), lambda t: t.update({_IN_PROJ: torch.zeros(3, 5, dtype=torch.bfloat16)}))), 2, f"{_IN_PROJ} (file (3, 5), config (328, 64))"),
+    Case("model", "no-tokenizer-json", lambda e: _q(e, _without(e, e.tiny, "tokenizer.json")), 2, "error: {tmp}/m: cannot load the tokenizer: tokenizer.json is missing (the directory holds config.json, generation_config.json, model.safetensors, preprocessor_config.json, tokenizer_config.json); copy it from the checkpoint the weights came from.\n"),
     Case("model", "make-tiny-seed-huge", lambda e: ["make-tiny", "--out", str(e.tmp / "t"), "--seed", str(10**23)], 2, "Invalid value for '--seed'"),
     Case("model", "make-tiny-seed-negative", lambda e: ["make-tiny", "--out", str(e.tmp / "t"), "--seed", "-1"], 2, "Invalid value for '--seed'"),
     # ---- calibration sets (item 3)
@@ -252,7 +275,14 @@ CASES = [
     Case("calib-set", "text-as-image", lambda e: _q(e, None, "fp8_omni", "--calib", str(_calib_set(e, [{"id": "a", "prompt": "x", "image": "i.png"}], {"i.png": b"not an image"}))), 2, "cannot decode image"),
     Case("calib-set", "missing-media", lambda e: _q(e, None, "fp8_omni", "--calib", str(_calib_set(e, [{"id": "a", "prompt": "x", "image": "gone.png"}]))), 2, "file not found"),
     Case("calib-set", "bad-json-line", lambda e: _q(e, None, "fp8_omni", "--calib", str(_edit(_calib_set(e, []), lambda d: _write(d / "manifest.jsonl", "{oops\n")))), 2, "line 1"),
-    Case("calib-set", "non-utf8-manifest", lambda e: _q(e, None, "fp8_omni", "--calib", str(_edit(_calib_set(e, []), lambda d: _write(d / "manifest.jsonl", b'{"id": "\xff"}\n')))), 2, "manifest"),
+    Case("calib-set", "non-utf8-manifest", lambda e: _q(e, None, "fp8_omni", "--calib", str(_edit(_calib_set(e, []), lambda d: _write(d / "manifest.jsonl", b'{"id": "\xff"}\n')))), 2, "error: Calibration manifest {tmp}/set/manifest.jsonl: 1 of 1 samples are bad:\n  line 1: not UTF-8 text: byte 9 of the line (offset 8 in the file) is 0xff; save the file as UTF-8\n"),
+    Case("calib-set", "non-utf8-second-line", lambda e: _q(e, None, "fp8_omni", "--calib", str(_edit(_calib_set(e, []), lambda d: _write(d / "manifest.jsonl", b'{"id": "a", "prompt": "x"}\r\n{"id": "b", "prompt": "caf\xe9"}\n')))), 2, "  line 2: not UTF-8 text: byte 27 of the line (offset 54 in the file) is 0xe9; save the file as UTF-8\nFix or remove these lines, or skip them with --skip-bad."),
+    # A BOM is read (not a bad first line): the media error below is the only problem.
+    Case("calib-set", "bom-then-bad-media", lambda e: _q(e, None, "fp8_omni", "--calib", str(_edit(_calib_set(e, []), lambda d: _write(d / "manifest.jsonl", b'\xef\xbb\xbf{"id": "a", "prompt": "x", "image": "gone.png"}\n')))), 2, "1 of 1 samples are bad:\n  line 1 (id 'a'): gone.png: file not found"),
+    Case("calib-set", "symlink-out", lambda e: _q(e, None, "fp8_omni", "--calib", str(_linked_out(e, as_dir=False))), 2, "line 1 (id 'a'): i.png: leaves the set directory through the symlink 'i.png' (it points to {tmp}/elsewhere/i.png); copy the file into the directory of manifest.jsonl instead of linking it"),
+    Case("calib-set", "symlinked-dir-out", lambda e: _q(e, None, "fp8_omni", "--calib", str(_linked_out(e, as_dir=True))), 2, "img/i.png: leaves the set directory through the symlink 'img' (it points to {tmp}/elsewhere/i.png)"),
+    # Refused after the model loads and before any calibration forward (it would run for minutes).
+    Case("calib-set", "prompt-longer-than-positions", lambda e: _q(e, None, "fp8_omni", "--calib", str(_calib_set(e, [{"id": "a", "prompt": "x"}, _BIG_PROMPT]))), 2, "error: Calibration set {tmp}/set: 1 sample(s) cannot be processed:\n  line 2: sample 'big' is 80,002 tokens long, more than the model's 4,096 positions (max_position_embeddings of its config); shorten or split the prompt\nFix or remove these lines, or skip them with --skip-bad."),
     Case("calib-set", "empty", lambda e: _q(e, None, "fp8_omni", "--calib", str(_calib_set(e, []))), 2, "has no samples"),
     Case("calib-set", "no-set", lambda e: _q(e, None, "fp8_omni", "--calib", str(e.tmp / "none")), 2, "none"),
     # ---- checkpoints given to inspect / build-engine / report (items 2, 4, 6)
@@ -262,6 +292,8 @@ CASES = [
     Case("checkpoint", "inspect-audit-no-marker", lambda e: ["inspect", "--audit", str(_strip_meta(e))], 3, "omniquant.json: missing; this is not a finished omniquant checkpoint"),
     Case("checkpoint", "inspect-temp-dir", lambda e: ["inspect", str(_temp_dir(e))], 2, "a temporary directory of an unfinished `omniquant quantize` run"),
     Case("checkpoint", "inspect-audit-temp-dir", lambda e: ["inspect", "--audit", str(_temp_dir(e))], 3, "a temporary directory of an unfinished"),
+    # The missing shard is the one fault (its absent k_scale/v_scale are not a second one).
+    Case("checkpoint", "inspect-audit-missing-shard", lambda e: ["inspect", "--audit", str(_without(e, e.fp8, "model.safetensors"))], 3, "error: audit of {tmp}/m failed (1 problem(s)):\n  model.safetensors: listed in omniquant.json but missing\n"),
     Case("checkpoint", "inspect-changed-shard", lambda e: ["inspect", str(_changed_shard(e))], 2, "sha256 does not match omniquant.json"),
     Case("checkpoint", "inspect-nan-scale", lambda e: ["inspect", str(_nan_scale(e))], 2, "NaN/Inf scale value(s)"),
     Case("checkpoint", "inspect-audit-nan-scale", lambda e: ["inspect", "--audit", str(_nan_scale(e))], 3, "scale is nan"),
@@ -283,10 +315,11 @@ CASES = [
     Case("checkpoint", "report-other-processing", lambda e: _report(e, _edit(e.copy(e.tiny, "m"), lambda d: _write(d / "preprocessor_config.json", json.dumps({**json.loads((e.tiny / "preprocessor_config.json").read_text()), "max_num_patches": 32})))), 2, "tokenizer or processing settings differ"),
     Case("checkpoint", "report-temp-baseline", lambda e: _report(e, e.fp8, _temp_dir(e)), 2, "--baseline"),
     # ---- absurd values and CLI misuse (item 3)
-    Case("cli", "engine-batch-huge", lambda e: _engine(e, e.fp8, "--max-batch-size", str(10**30)), 2, "max_batch_size = 1000000000000000000000000000000: at most 4096"),
-    Case("cli", "engine-batch-zero", lambda e: _engine(e, e.fp8, "--max-batch-size", "0"), 2, "must be a positive integer"),
-    Case("cli", "engine-seq-huge", lambda e: _engine(e, e.fp8, "--max-seq-len", str(10**12)), 2, "at most 1048576"),
-    Case("cli", "engine-rate", lambda e: _engine(e, e.fp8, "--video-pruning-rate", "1.5"), 2, "must be in [0, 1)"),
+    Case("cli", "engine-batch-huge", lambda e: _engine(e, e.fp8, "--max-batch-size", str(10**30)), 2, "--max-batch-size 1000000000000000000000000000000: at most 4096"),
+    Case("cli", "engine-batch-zero", lambda e: _engine(e, e.fp8, "--max-batch-size", "0"), 2, "error: --max-batch-size 0: must be a positive integer."),
+    Case("cli", "engine-seq-huge", lambda e: _engine(e, e.fp8, "--max-seq-len", str(10**12)), 2, "--max-seq-len 1000000000000: at most 1048576"),
+    Case("cli", "engine-seq-small", lambda e: _engine(e, e.fp8, "--max-seq-len", "8"), 2, "error: --max-seq-len 8: must be an integer >= 16.\n"),
+    Case("cli", "engine-rate", lambda e: _engine(e, e.fp8, "--video-pruning-rate", "1.5"), 2, "--video-pruning-rate 1.5: must be in [0, 1)"),
     Case("cli", "report-threshold", lambda e: [*_report(e, e.tiny), "--recovery-threshold", "2"], 2, "--recovery-threshold 2.0: must be in (0, 1]"),
     Case("cli", "report-max-new-tokens", lambda e: [*_report(e, e.tiny), "--max-new-tokens", "0"], 2, "--max-new-tokens 0: must be >= 1"),
     Case("cli", "quantize-no-out", lambda e: ["quantize", "--model", str(e.tiny), "--recipe", "fp8_omni"], 2, "Missing option '--out'"),
@@ -297,7 +330,9 @@ CASES = [
     Case("cli", "engine-out-in-ckpt", lambda e: ["build-engine", "--checkpoint", str(e.fp8), "--target", "hopper", "--out", str(e.fp8 / "b")], 2, "must not contain, or be inside, the checkpoint"),
     # ---- task sets given to report
     Case("task-set", "missing", lambda e: _report(e, e.tiny, tasks=e.tmp / "none"), 2, "none"),
-    Case("task-set", "dotdot", lambda e: _report(e, e.tiny, tasks=_task_set(e, [{**_GOOD_TASK, "modality": "image", "prompt": "<image>", "image": "../x.png"}])), 2, "leaves the set directory"),
+    Case("task-set", "dotdot", lambda e: _report(e, e.tiny, tasks=_task_set(e, [{**_GOOD_TASK, "modality": "image", "prompt": "<image>", "image": "../x.png"}])), 2, "media path '../x.png' leaves the set directory; keep media files inside the directory of tasks.jsonl\n"),
+    Case("task-set", "absolute", lambda e: _report(e, e.tiny, tasks=_task_set(e, [{**_GOOD_TASK, "modality": "image", "prompt": "<image>", "image": "/x.png"}])), 2, "media path '/x.png' is absolute; make it relative to the directory of tasks.jsonl\n"),
+    Case("task-set", "non-utf8", lambda e: _report(e, e.tiny, tasks=_edit(_task_set(e, []), lambda d: _write(d / "tasks.jsonl", b'{"id": "\xfe"}\n'))), 2, "error: Task set {tmp}/tasks/tasks.jsonl: 1 of 1 samples are bad:\n  line 1: not UTF-8 text: byte 9 of the line (offset 8 in the file) is 0xfe; save the file as UTF-8\nFix or remove these lines (format: tasks/README.md)."),
     Case("task-set", "bad-json", lambda e: _report(e, e.tiny, tasks=_edit(_task_set(e, []), lambda d: _write(d / "tasks.jsonl", "{\n"))), 2, "line 1"),
     Case("task-set", "png-as-video", lambda e: _report(e, e.tiny, tasks=_task_set(e, [{**_GOOD_TASK, "modality": "video", "prompt": "<video>", "video": "v.mp4"}], {"v.mp4": _png_bytes()})), 2, "the file holds PNG image bytes"),
     Case("task-set", "empty", lambda e: _report(e, e.tiny, tasks=_task_set(e, [])), 2, "tasks.jsonl"),
