@@ -434,3 +434,112 @@ def test_stale_temp_dirs_of_dead_runs_are_removed_and_a_moved_aside_checkpoint_r
     assert not stale_new.exists() and not stale_old.exists()
     assert (out / "omniquant.json").is_file() and other.exists()
     assert main(["inspect", "--audit", str(out)]) == 0
+
+
+_DEAD_PID = 2**22 + 12345  # above pid_max's default 2**22: no such process
+
+
+def test_a_lock_file_left_by_a_killed_run_is_taken_over_with_a_note(tiny_dir, tmp_path, capsys):
+    out = _mkdir(tmp_path / "ckpt")  # an existing --out: the run stops right after the lock
+    lock = tmp_path / ".ckpt.omniquant-lock"
+    lock.write_text(str(_DEAD_PID))  # what SIGKILL leaves: the file, its flock dropped
+    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out", str(out)])
+    captured = capsys.readouterr()
+    note = f"note: took over {lock}, left by a run that was killed (pid {_DEAD_PID})"
+    ok = rc == 2 and note in captured.out and not lock.exists()
+    RESULTS.append(("leftovers", ok, "Traceback" in captured.err, rc == 0, False))
+    assert rc == 2 and "already exists; pass --force" in captured.err
+    assert note in captured.out
+    assert not lock.exists()
+
+
+def test_a_lock_held_while_its_pid_is_dead_names_the_file_to_remove(tiny_dir, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "ckpt"
+    lock = tmp_path / ".ckpt.omniquant-lock"
+    lock.write_text(str(_DEAD_PID))
+    fd = os.open(lock, os.O_RDWR)  # held as by a child that outlived its killed parent
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out", str(out)])
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    want = (
+        f"error: --out {out}: the lock file {lock} is locked, but pid {_DEAD_PID} written in it "
+        "is not running: a process it started still holds the lock, or a run on another host "
+        f"writes this directory. Stop that process; if nothing is writing --out, remove {lock} "
+        "and run again.\n"
+    )
+    RESULTS.append(("leftovers", rc == 2 and want in err, "Traceback" in err, rc == 0, False))
+    assert rc == 2 and want in err, err
+    assert lock.read_text() == str(_DEAD_PID) and not out.exists()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_named(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    lock = _mkdir(tmp_path / ".ckpt.omniquant-lock")  # not openable for writing, even by root
+    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out", str(out)])
+    err = capsys.readouterr().err
+    want = (
+        f"error: --out {out}: the lock file {lock} (pid unknown) cannot be opened (Is a "
+        "directory). If no omniquant run is writing --out, it was left by a killed run: remove "
+        f"{lock} and run again.\n"
+    )
+    RESULTS.append(("leftovers", rc == 2 and want in err, "Traceback" in err, rc == 0, False))
+    assert rc == 2 and want in err, err
+    assert lock.is_dir() and not out.exists()
+
+
+# ---------------------------------------------------------------- warnings that name the cause
+
+
+def test_a_short_set_says_how_many_samples_are_missing_and_coverage_names_them(
+    tiny_dir, tmp_path, capsys
+):
+    """Five samples for calibration.size 1000: a warning before calibration; the coverage
+    error after it names the samples that ran."""
+    d = _mkdir(tmp_path / "set")
+    lines = [{"id": f"s{i}", "prompt": "x" * (i + 1)} for i in range(5)]
+    _write(d / "manifest.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+    before = _tree_digest(d)
+    out = tmp_path / "out"
+    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out", str(out),
+               "--calib", str(d), "--set", "calibration.size=1000", "--quiet"])  # fmt: skip
+    captured = capsys.readouterr()
+    warning = (
+        f"warning: calibration.size is 1000 but the calibration set {d} has 5 usable sample(s): "
+        "calibrating on 5, 995 missing. Add samples to the set, or set calibration.size=5 if "
+        "that is intended.\n"
+    )
+    ran = "\nCalibration ran on 5 sample(s): 's0' (line 1, "
+    ok = rc == 2 and warning in captured.out and ran in captured.err
+    damaged = _tree_digest(d) != before
+    RESULTS.append(("calib-set", ok, "Traceback" in captured.err, rc == 0, damaged))
+    assert warning in captured.out, captured.out
+    assert rc == 2 and ran in captured.err and "'s4' (line 5, " in captured.err, captured.err
+    assert not damaged and not out.exists()
+
+
+def test_a_rule_a_later_rule_overrides_is_named_with_it(tiny_dir, tmp_path, capsys):
+    recipe = _write(
+        tmp_path / "r.yaml",
+        _GOOD_RECIPE
+        + "    - {group: mamba_in_out, format: fp8}\n"
+        + "    - {modules: '*.experts', format: bf16}\n",
+    )
+    before = recipe.read_bytes()
+    rc = main(["plan", "--model", str(tiny_dir), "--recipe", str(recipe)])
+    out = capsys.readouterr().out
+    want = (
+        "warning: quantization.rules.0 {group: routed_experts, format: fp8} has no effect: "
+        "quantization.rules.2 {modules: '*.experts', format: bf16} sets every module it "
+        "selects again (later rules win); remove it, or narrow the later rule.\n"
+    )
+    # A warning, not an error: whether a rule is covered depends on the model's config
+    # (recipes are shared between configs), and the plan stays what the rules say.
+    RESULTS.append(("recipe", rc == 0 and want in out, False, False, recipe.read_bytes() != before))
+    assert rc == 0 and want in out, out
+    assert out.count("has no effect") == 1
+    assert recipe.read_bytes() == before
