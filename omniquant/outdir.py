@@ -15,7 +15,10 @@ Policy:
   complete; ``staged_dir(kind=...)`` writes it before the rename.
 - ``out_lock``: an exclusive, non-blocking ``fcntl.flock`` on ``.<out>.omniquant-lock``
   beside ``--out``, held for the whole run: a second run to the same ``--out`` stops at
-  once with the holder's pid instead of replacing the first run's checkpoint.
+  once with the holder's pid instead of replacing the first run's checkpoint. The kernel
+  drops the lock of a killed run (SIGKILL included); the file it leaves is taken over
+  with a note, and a lock file that cannot be opened, or a lock held while the pid in the
+  file is not running, is an error naming the file to remove.
 - ``clean_stale_temp_dirs``: temporary directories (``.omniquant-tmp-*``,
   ``.omniquant-old-*``) whose process is dead are removed, or moved back when they hold
   the previous checkpoint of an interrupted ``--force``.
@@ -108,9 +111,10 @@ class out_lock:
     release; an acquirer re-checks that the file it locked is still the one on disk.
     """
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, say: Callable[[str], None] | None = None):
         self.path = out.parent / f".{out.name}.omniquant-lock"
         self.out = out
+        self.say = say or (lambda _msg: None)
         self.fd: int | None = None
 
     def __enter__(self):
@@ -120,23 +124,13 @@ class out_lock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise ExportError(
-                    f"cannot create the lock file {self.path} "
-                    f"({exc.strerror}); choose a writable {arg_ref('out')}.",
-                    arg="out",
-                    value=self.out,
-                ) from None
+                raise self._unopenable(exc) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                holder = _holder(fd)
                 os.close(fd)
-                raise ExportError(
-                    f"another omniquant run (pid {holder}) is writing it; "
-                    f"wait for it to finish or choose another {arg_ref('out')}.",
-                    arg="out",
-                    value=self.out,
-                ) from None
+                raise self._held(holder) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -144,6 +138,9 @@ class out_lock:
             if same:
                 break
             os.close(fd)  # released and removed by its holder meanwhile: take the new one
+        stale = _holder(fd)
+        if stale is not None and stale != os.getpid():  # a killed run's file, lock dropped
+            self.say(f"note: took over {self.path}, left by a run that was killed (pid {stale})")
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
@@ -156,6 +153,54 @@ class out_lock:
             os.close(self.fd)
             self.fd = None
         return False
+
+    def _unopenable(self, exc: OSError) -> ExportError:
+        if not self.path.exists():
+            return ExportError(
+                f"cannot create the lock file {self.path} ({exc.strerror}); choose a "
+                f"writable {arg_ref('out')}.",
+                arg="out",
+                value=self.out,
+            )
+        try:
+            holder = _holder_pid(self.path.read_bytes())
+        except OSError:
+            holder = None
+        left = f"pid {holder}, not running" if holder and not _pid_alive(holder) else "pid unknown"
+        return ExportError(
+            f"the lock file {self.path} ({left}) cannot be opened ({exc.strerror}). If no "
+            f"omniquant run is writing {arg_ref('out')}, it was left by a killed run: remove "
+            f"{self.path} and run again.",
+            arg="out",
+            value=self.out,
+        )
+
+    def _held(self, holder: int | None) -> ExportError:
+        if holder is not None and not _pid_alive(holder):
+            return ExportError(
+                f"the lock file {self.path} is locked, but pid {holder} written in it is not "
+                f"running: a process it started still holds the lock, or a run on another "
+                f"host writes this directory. Stop that process; if nothing is writing "
+                f"{arg_ref('out')}, remove {self.path} and run again.",
+                arg="out",
+                value=self.out,
+            )
+        return ExportError(
+            f"another omniquant run (pid {holder or '?'}) is writing it; "
+            f"wait for it to finish or choose another {arg_ref('out')}.",
+            arg="out",
+            value=self.out,
+        )
+
+
+def _holder_pid(data: bytes) -> int | None:
+    text = data[:32].decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _holder(fd: int) -> int | None:
+    """The pid a lock file holds (None: empty or not a pid)."""
+    return _holder_pid(os.pread(fd, 32, 0))
 
 
 class sigterm_as_interrupt:
@@ -200,7 +245,7 @@ def locked_out(func):
 
     @functools.wraps(func)
     def wrapper(model, recipe, out, *args, **kwargs):
-        with sigterm_as_interrupt(), out_lock(out_path(out).absolute()):
+        with sigterm_as_interrupt(), out_lock(out_path(out).absolute(), kwargs.get("log")):
             return func(model, recipe, out, *args, **kwargs)
 
     return wrapper

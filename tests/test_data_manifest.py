@@ -119,3 +119,26 @@ def test_unicode_line_separators_inside_strings_do_not_split_lines(tmp_path):
     (tmp_path / "manifest.jsonl").write_text(json.dumps(sample, ensure_ascii=False) + "\n")
     (got,) = load_manifest(tmp_path)
     assert got.prompt == "caf\u0085 menu"
+
+
+def test_a_byte_order_mark_is_read_not_a_bad_first_line(tmp_path: Path):
+    """Windows editors save UTF-8 with a BOM; the first sample stays (--skip-bad, as the
+    manifest once suggested, would have dropped it)."""
+    lines = [{"id": "a", "prompt": "first"}, {"id": "b", "prompt": "second"}]
+    data = "".join(json.dumps(x) + "\r\n" for x in lines).encode()
+    (tmp_path / "manifest.jsonl").write_bytes(b"\xef\xbb\xbf" + data)
+    entries, skipped = validate_manifest(tmp_path)
+    assert [(e.id, e.line, e.prompt) for e in entries] == [("a", 1, "first"), ("b", 2, "second")]
+    assert skipped == []
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_line_others_are_kept(tmp_path: Path):
+    (tmp_path / "manifest.jsonl").write_bytes(
+        b'{"id": "a", "prompt": "ok"}\n{"id": "b", "prompt": "caf\xe9"}\n{"id": "c", "prompt": "ok"}\n'
+    )
+    entries, skipped = validate_manifest(tmp_path, skip_bad=True)
+    assert [e.id for e in entries] == ["a", "c"] and [e.line for e in entries] == [1, 3]
+    assert skipped == [
+        BadLine(2, None, "not UTF-8 text: byte 27 of the line (offset 54 in the file) is 0xe9; "
+                "save the file as UTF-8")
+    ]  # fmt: skip

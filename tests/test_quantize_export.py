@@ -297,10 +297,12 @@ quantize(sys.argv[1], "fp8_omni", sys.argv[2])
 
 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
-def test_killed_run_leaves_no_finished_checkpoint(tiny_dir, tmp_path, sig):
+def test_killed_run_leaves_no_finished_checkpoint(tiny_dir, tmp_path, sig, capsys):
     out = tmp_path / "killed"
     proc = subprocess.run(
-        [sys.executable, "-c", _KILL_SCRIPT, str(tiny_dir), str(out), sig], capture_output=True
+        [sys.executable, "-c", _KILL_SCRIPT, str(tiny_dir), str(out), sig],
+        capture_output=True,
+        check=False,
     )
     assert proc.returncode != 0
     assert not out.exists()
@@ -310,6 +312,19 @@ def test_killed_run_leaves_no_finished_checkpoint(tiny_dir, tmp_path, sig):
     for d in leftovers:  # SIGKILL cannot be caught: what remains is marked unfinished
         assert not (d / "omniquant.json").exists()
         assert not audit_checkpoint(d).ok
+    lock = tmp_path / ".killed.omniquant-lock"
+    if sig == "SIGKILL":  # its lock file stays (the kernel dropped the flock): taken over
+        from omniquant.cli import main
+
+        dead = int(lock.read_text())
+        out.mkdir()  # an existing --out: the next run stops right after the lock and cleanup
+        rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out",
+                   str(out), "--quiet"])  # fmt: skip
+        assert rc == 2
+        notes = capsys.readouterr().out
+        assert f"note: took over {lock}, left by a run that was killed (pid {dead})" in notes
+        assert list(tmp_path.glob(".omniquant-tmp-*")) == []
+    assert not lock.exists()
 
 
 def test_exported_nvfp4_dequantizes_like_modelopt(quantized):

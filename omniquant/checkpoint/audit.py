@@ -13,7 +13,8 @@ and checks:
   for ``hf_quant_config.json`` (the block vLLM reads says what TensorRT-LLM's
   file says);
 - shard checksums match ``omniquant.json``.
-A failed audit names every offending tensor.
+A failed audit names every offending tensor. When a listed shard is missing, the tensor
+checks are skipped: what they would find is that shard's absence again.
 """
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
 
     # The same shard rule as every consumer (omniquant.checkpoint.verify), messages relative to path.
     report.problems += [p.removeprefix(f"{path}/") for p in shard_problems(path, record)]
+    if any(not (path / shard).is_file() for shard in record.shards):
+        # The tensors of a missing shard are gone: the tensor checks below would report
+        # their absence again as faults of their own (no k_scale/v_scale, a scale without
+        # its weight, missing scales). The missing shard is the one fault.
+        _check_config_block(path, report)
+        return _finish(report, raise_on_error)
 
     # Headers only up front; tensors are read one module at a time (a 30B checkpoint
     # must not be loaded whole to be audited).

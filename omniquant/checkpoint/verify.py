@@ -253,7 +253,8 @@ def source_fingerprint(path: str | Path) -> str:
 
 
 def check_writable_out(out: Path, need_bytes: int, error: type[OmniquantError]) -> None:
-    """Refuse an output whose parent is read-only or lacks ``need_bytes`` of free space.
+    """Refuse an output whose parent is read-only or lacks ``need_bytes`` of free space
+    (the export size predicted from the plan, ``omniquant.quantize.predict``).
 
     Checked by writing and removing a probe file (``os.access`` is wrong on read-only
     mounts for root), then ``shutil.disk_usage``.
@@ -275,9 +276,10 @@ def check_writable_out(out: Path, need_bytes: int, error: type[OmniquantError]) 
     free = shutil.disk_usage(parent).free
     if free < need_bytes:
         raise error(
-            f"{parent} has {free / 2**20:.1f} MiB free; the checkpoint needs up "
-            f"to {need_bytes / 2**20:.1f} MiB (the source's size, an upper bound for a "
-            f"quantized export). Free space or choose another {arg_ref('out')}.",
+            f"{parent} has {free / 2**20:.1f} MiB free; the checkpoint needs about "
+            f"{need_bytes / 2**20:.1f} MiB (the predicted export size: the tensors the "
+            f"recipe's plan writes; configs add kilobytes). Free space or choose another "
+            f"{arg_ref('out')}.",
             arg="out",
             value=out,
         )

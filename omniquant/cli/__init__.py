@@ -50,7 +50,9 @@ from omniquant.cli import (  # noqa: F401
 )
 
 #: Library argument -> flag, where the flag is not ``--`` + the name with dashes.
-CLI_NAMES = cli_style(overrides="--set", candidates="--candidate", reader="--as")
+CLI_NAMES = cli_style(
+    overrides="--set", candidates="--candidate", reader="--as", recipe_name="recipes show"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,9 +60,18 @@ def main(argv: list[str] | None = None) -> int:
 
     Library errors name Python arguments; while a command runs (and its error is
     printed) they read as the command's flags (``omniquant.errors.argument_style``).
+    SIGTERM is an interrupt like Ctrl-C ("interrupted", exit 130) for every command.
     """
+    from omniquant.outdir import sigterm_as_interrupt
+
     with argument_style(CLI_NAMES):
-        return _run(argv)
+        try:
+            # SIGTERM is an interrupt for every command, from its first import on.
+            with sigterm_as_interrupt():
+                return _run(argv)
+        except KeyboardInterrupt:  # a SIGTERM that surfaced as another exception
+            print("interrupted", file=sys.stderr)
+            return 130
 
 
 def _run(argv: list[str] | None) -> int:

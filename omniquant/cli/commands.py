@@ -144,9 +144,15 @@ def recipes_list(ctx: typer.Context) -> None:
 @recipes_app.command("show")
 def recipes_show(name: Annotated[str, typer.Argument(help="Built-in recipe name or path.")]) -> None:
     """Print a recipe file as written (comments included)."""
+    from omniquant.errors import RecipeError
     from omniquant.quantize.recipe import load_recipe
 
-    _, path = load_recipe(name)  # validates
+    try:
+        _, path = load_recipe(name)  # validates
+    except RecipeError as err:
+        # load_recipe names its `recipe` argument (quantize's --recipe); here it is this
+        # command's positional NAME.
+        raise (err.with_arg("recipe_name") if err.arg == "recipe" else err) from err
     _echo(path.read_text(), nl=False)
 
 

@@ -24,11 +24,12 @@ then put before the text, see ``processing``) or exactly one marker per file.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -58,6 +59,8 @@ class ManifestEntry(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    #: The file these entries are lines of, as messages name it (a task set: tasks.jsonl).
+    INDEX_NAME: ClassVar[str] = MANIFEST_NAME
 
     id: str = Field(min_length=1)
     prompt: str
@@ -102,12 +105,13 @@ class ManifestEntry(BaseModel):
                 raise ValueError("empty media path")
             if Path(rel).is_absolute():
                 raise ValueError(
-                    f"media path {rel!r} is absolute; make it relative to the manifest"
+                    f"media path {rel!r} is absolute; make it relative to the directory of "
+                    f"{self.INDEX_NAME}"
                 )
             if os.path.normpath(rel).split(os.sep)[0] == "..":
                 raise ValueError(
                     f"media path {rel!r} leaves the set directory; keep media files inside "
-                    "the directory of the manifest"
+                    f"the directory of {self.INDEX_NAME}"
                 )
         for marker, count in (
             (IMAGE_MARKER, len(self.images)),
@@ -259,7 +263,8 @@ def line_problem(line: int, sample_id: str | None, found: list[tuple[str | None,
 
 
 def media_problems(entry: ManifestEntry) -> list[tuple[str | None, str]]:
-    """``(media path, reason)`` for every media file of ``entry`` that does not decode."""
+    """``(media path, reason)`` for every media file of ``entry`` that does not decode, or
+    that leaves the set directory through a symlink."""
     from omniquant.data import media
 
     checkers = {"image": media.check_image, "video": media.check_video, "audio": media.check_audio}
@@ -270,11 +275,35 @@ def media_problems(entry: ManifestEntry) -> list[tuple[str | None, str]]:
         ("audio", entry.audio),
     ):
         for rel in rels:
+            outside = _escapes(entry, rel)
+            if outside:
+                found.append((rel, outside))
+                continue
             try:
                 checkers[kind](entry.resolve(rel))
             except media.MediaError as err:
                 found.append((rel, err.reason))
     return found
+
+
+def _escapes(entry: ManifestEntry, rel: str) -> str | None:
+    """Why ``rel`` leaves the set directory through a symlink (None when it stays inside).
+
+    One rule with the ``../`` check of ``ManifestEntry``: what a set reads lies inside its
+    directory, so a set can be copied or shipped whole and never reads files elsewhere.
+    """
+    target = entry.resolve(rel)  # symlinks followed
+    root = entry.root.resolve()
+    if target == root or root in target.parents:
+        return None
+    link = entry.root / rel
+    while link != entry.root and not link.is_symlink():
+        link = link.parent  # the symlink on the way: the file itself or a directory above it
+    shown = os.path.relpath(link, entry.root) if link != entry.root else rel
+    return (
+        f"leaves the set directory through the symlink {shown!r} (it points to {target}); "
+        f"copy the file into the directory of {entry.INDEX_NAME} instead of linking it"
+    )
 
 
 def parse_lines(
@@ -292,6 +321,9 @@ def parse_lines(
         allowed: Field names shown in "unknown field" messages.
         what: How errors name the file ("Calibration manifest", "Task set").
 
+    The file is UTF-8; a leading byte-order mark (Windows editors write one) is skipped,
+    and a line that is not UTF-8 is a problem naming its byte.
+
     Raises:
         DataError: The file cannot be read.
     """
@@ -300,13 +332,24 @@ def parse_lines(
     seen: dict[str, int] = {}
     root = file.parent.resolve()
     try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{what} {file}: cannot read it: {err}") from err
-    # Split on "\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which JSON
-    # allows unescaped inside strings (json.dumps(..., ensure_ascii=False) writes them).
-    for number, raw in enumerate(text.split("\n"), start=1):
-        raw = raw.removesuffix("\r")
+        data = file.read_bytes()
+    except OSError as err:
+        raise DataError(f"{what} {file}: cannot read it ({err.strerror}).") from err
+    offset = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    # Split on "\n" only (a byte UTF-8 never uses inside a character): str.splitlines()
+    # also breaks at U+2028/U+2029/U+0085, which JSON allows unescaped inside strings
+    # (json.dumps(..., ensure_ascii=False) writes them).
+    for number, raw_bytes in enumerate(data[offset:].split(b"\n"), start=1):
+        start, offset = offset, offset + len(raw_bytes) + 1
+        try:
+            raw = raw_bytes.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as err:
+            reason = (
+                f"not UTF-8 text: byte {err.start + 1} of the line (offset {start + err.start} "
+                f"in the file) is 0x{raw_bytes[err.start]:02x}; save the file as UTF-8"
+            )
+            problems.append(line_problem(number, None, [(None, reason)]))
+            continue
         if not raw.strip():
             continue
         try:

@@ -425,7 +425,9 @@ class OmniProcessor:
         try:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         except (OSError, ValueError) as err:
-            raise ModelLoadError(f"{model_dir}: cannot load the tokenizer: {err}") from err
+            raise ModelLoadError(
+                f"{model_dir}: cannot load the tokenizer: {_why(model_dir, err)}"
+            ) from err
         settings = settings_from_configs(config, pre, **overrides)
         video_id = config.get("video_token_id")
         vocab_video = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
@@ -676,3 +678,23 @@ def _read_json(path: Path, required: bool) -> dict:
 def _check_chw(image: torch.Tensor, what: str) -> None:
     if image.ndim != 3 or image.shape[0] != 3:
         raise DataError(f"{what} must be a (3, H, W) RGB tensor, got {tuple(image.shape)}")
+
+
+#: The files transformers' fast tokenizer is built from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _why(model_dir: Path, err: Exception) -> str:
+    """Why the tokenizer did not load: a missing tokenizer file named with what the
+    directory holds, else transformers' own message. (Without ``tokenizer.json``
+    transformers says to install sentencepiece or tiktoken, which does not help.)"""
+    missing = [name for name in TOKENIZER_FILES if not (model_dir / name).is_file()]
+    if not missing:
+        return str(err)
+    held = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
+    shown = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "")
+    return (
+        f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing (the "
+        f"directory holds {shown or 'nothing'}); copy {'it' if len(missing) == 1 else 'them'} "
+        "from the checkpoint the weights came from."
+    )

@@ -76,6 +76,7 @@ def load_calibration_set(
     skip_bad: bool = False,
     processor: OmniProcessor | None = None,
     validated: ValidatedManifest | None = None,
+    max_tokens: int | None = None,
 ) -> tuple[list[Sample], list[BadLine]]:
     """Validate a calibration set and process its samples for ``loaded``'s model.
 
@@ -87,6 +88,9 @@ def load_calibration_set(
         processor: A ready processor (default: ``OmniProcessor.from_pretrained(loaded.path)``).
         validated: The result of ``preflight_calibration_set`` for this set, so media are
             not decoded twice (default: validate here).
+        max_tokens: The model's positions (``ModelAdapter.max_positions``): a longer
+            sample is a bad line, named with its token count, before any calibration
+            forward runs on it (it would run for minutes, then calibrate on one sample).
 
     Returns:
         ``(samples, skipped)``; ``skipped`` holds one ``BadLine`` per skipped line.
@@ -112,6 +116,10 @@ def load_calibration_set(
         except DataError as err:
             failed.append(BadLine(entry.line, None, str(err)))
             continue
+        too_long = _too_long(sample, entry.id, max_tokens)
+        if too_long:
+            failed.append(BadLine(entry.line, None, too_long))
+            continue
         sample.meta["calib_set"] = str(name_or_dir)
         sample.meta["line"] = entry.line
         samples.append(sample)
@@ -124,3 +132,22 @@ def load_calibration_set(
     if not samples:
         raise DataError(f"Calibration set {root}: no usable sample is left.")
     return samples, sorted(skipped + failed, key=lambda bad: bad.line)
+
+
+def _too_long(sample: Sample, sample_id: str, max_tokens: int | None) -> str | None:
+    """Why ``sample`` is longer than ``max_tokens`` positions (None when it fits).
+
+    Video tokens are left out of the count: EVS may prune them before the backbone, so
+    only a sample whose other tokens alone overflow is known to be too long here.
+    """
+    if max_tokens is None:
+        return None
+    total = int(sample.input_ids.shape[-1])
+    counted = total - int(sample.meta.get("num_tokens", {}).get("video", 0))
+    if counted <= max_tokens:
+        return None
+    return (
+        f"sample {sample_id!r} is {total:,} tokens long, more than the model's "
+        f"{max_tokens:,} positions (max_position_embeddings of its config); shorten or "
+        "split the prompt"
+    )

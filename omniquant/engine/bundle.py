@@ -110,30 +110,39 @@ MAX_SEQ_LEN = 1 << 20
 
 
 def _check_args(max_batch_size: int, max_seq_len: int, rate: float | None, info: CheckpointInfo):
+    # Errors name the argument (arg=): the CLI prints its flag (--max-batch-size 0: ...).
     if not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise EngineError(f"max_batch_size = {max_batch_size!r}: must be a positive integer")
+        raise EngineError("must be a positive integer.", arg="max_batch_size", value=max_batch_size)
     if max_batch_size > MAX_BATCH_SIZE:
         raise EngineError(
-            f"max_batch_size = {max_batch_size!r}: at most {MAX_BATCH_SIZE} (TensorRT-LLM's "
-            f"own default is 2048, and a CUDA graph is captured per batch size up to it)"
+            f"at most {MAX_BATCH_SIZE} (TensorRT-LLM's own default is 2048, and a CUDA graph "
+            f"is captured per batch size up to it).",
+            arg="max_batch_size",
+            value=max_batch_size,
         )
     if not isinstance(max_seq_len, int) or max_seq_len < 16:
-        raise EngineError(f"max_seq_len = {max_seq_len!r}: must be an integer >= 16")
+        raise EngineError("must be an integer >= 16.", arg="max_seq_len", value=max_seq_len)
     if max_seq_len > MAX_SEQ_LEN:
         raise EngineError(
-            f"max_seq_len = {max_seq_len!r}: at most {MAX_SEQ_LEN} (2**20 tokens, the longest "
-            f"context Nemotron 3 Nano is released for)"
+            f"at most {MAX_SEQ_LEN} (2**20 tokens, the longest context Nemotron 3 Nano is "
+            f"released for).",
+            arg="max_seq_len",
+            value=max_seq_len,
         )
     if rate is not None:
         if not 0.0 <= rate < 1.0:
             raise EngineError(
-                f"video_pruning_rate = {rate!r}: must be in [0, 1) (the fraction of video "
-                f"tokens Efficient Video Sampling drops; 0.5 halves them)"
+                "must be in [0, 1) (the fraction of video tokens Efficient Video Sampling "
+                "drops; 0.5 halves them).",
+                arg="video_pruning_rate",
+                value=rate,
             )
         if not info.has_video:
             raise EngineError(
-                f"video_pruning_rate = {rate!r}, but {info.path / CONFIG_JSON} has no "
-                f"vision_config, so the model takes no video: leave the rate unset"
+                f"{info.path / CONFIG_JSON} has no vision_config, so the model takes no "
+                f"video: leave {arg_ref('video_pruning_rate')} unset.",
+                arg="video_pruning_rate",
+                value=rate,
             )
 
 

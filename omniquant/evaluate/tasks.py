@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -74,6 +74,8 @@ class TaskEntry(ManifestEntry):
         metric: ``exact_match``, ``multiple_choice`` or ``wer``.
         choices: Answer options (``multiple_choice`` only).
     """
+
+    INDEX_NAME: ClassVar[str] = TASKS_NAME
 
     task: str = Field(min_length=1)
     modality: Literal["text", "image", "video", "audio"]

@@ -226,6 +226,14 @@ class ModelAdapter(ABC):
         """The video token pruning (EVS) rate the model applies now (0 without EVS)."""
         return 0.0
 
+    def max_positions(self, model) -> int | None:
+        """The longest sequence the backbone is configured for: ``max_position_embeddings``
+        of the text config (or of the config itself); None when the config states none."""
+        cfg = model.config
+        text = getattr(cfg, "text_config", None) or cfg
+        n = getattr(text, "max_position_embeddings", None)
+        return n if isinstance(n, int) and n > 0 else None
+
     def kv_cache_modules(self, model) -> list[str]:
         """Attention modules whose K/V a serving engine caches, as modelopt names its
         ``k_bmm_quantizer``/``v_bmm_quantizer`` parents (none by default: no attention)."""

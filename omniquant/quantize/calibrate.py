@@ -46,6 +46,17 @@ class CalibrationStats:
     expert_input_amax: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     force_all_experts: bool = False
     seconds: float = 0.0
+    #: What ran, for messages (not in ``to_json``): one ``(id, line or 0, tokens)`` per sample.
+    ran: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def describe_samples(self, at_most: int = 8) -> str:
+        """``"2 samples: 'a' (line 1, 40 tokens), 'b' (line 2, 37 tokens)"``."""
+        parts = [
+            f"{sid!r} ({f'line {line}, ' if line else ''}{tokens:,} tokens)"
+            for sid, line, tokens in self.ran[:at_most]
+        ]
+        more = f", and {len(self.ran) - at_most} more" if len(self.ran) > at_most else ""
+        return f"{len(self.ran)} sample(s): {', '.join(parts)}{more}"
 
     def experts_without_activations(self) -> int:
         """Expert GEMMs (layer x projection x expert) that never saw an input."""
@@ -150,6 +161,8 @@ def run_calibration(
                 if first:
                     _count(stats, sample, probe.seq_len_at_backbone, ph)
                     stats.samples += 1
+                    line = sample.meta.get("line", 0)
+                    stats.ran.append((sample.id, line, int(sample.input_ids.numel())))
                     if progress:
                         progress(i + 1, len(samples), stats.tokens_by_modality)
             if first:
@@ -220,7 +233,8 @@ def check_expert_coverage(stats: CalibrationStats, policy: str, min_tokens: int)
     )
     if policy == "error":
         raise CalibrationError(
-            msg + "\nTheir input scales would be guessed, not measured. Use more or more diverse "
+            msg + f"\nCalibration ran on {stats.describe_samples()}."
+            "\nTheir input scales would be guessed, not measured. Use more or more diverse "
             "calibration data (--calib, calibration.size), or set "
             "calibration.expert_coverage.policy=force_all_experts to calibrate every expert on "
             "every token (statistics only; outputs are unchanged)."

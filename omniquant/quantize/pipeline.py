@@ -86,6 +86,8 @@ def load_calibration_samples(
 ):
     """Samples for calibration: the built-in ``synthetic`` set, a shipped set name or a directory.
 
+    A sample longer than the model's positions is a bad line (named, with its token count).
+
     Returns:
         ``(samples, skipped)`` where ``skipped`` lists manifest problems tolerated by ``skip_bad``.
     """
@@ -95,7 +97,22 @@ def load_calibration_samples(
         return synthetic_samples(loaded, size, seed), []
     from omniquant.data.sets import load_calibration_set
 
-    return load_calibration_set(loaded, calib, size=size, skip_bad=skip_bad, validated=validated)
+    return load_calibration_set(
+        loaded, calib, size=size, skip_bad=skip_bad, validated=validated,
+        max_tokens=loaded.adapter.max_positions(loaded.model),
+    )  # fmt: skip
+
+
+def _size_shortfall(rec, usable: int) -> str | None:
+    """A warning when the set holds fewer usable samples than ``calibration.size`` asks."""
+    size = rec.calibration.size
+    if usable >= size:
+        return None
+    return (
+        f"calibration.size is {size} but the calibration set {rec.calibration.set} has "
+        f"{usable} usable sample(s): calibrating on {usable}, {size - usable} missing. Add "
+        f"samples to the set, or set calibration.size={usable} if that is intended."
+    )
 
 
 @locked_out
@@ -225,7 +242,7 @@ def _quantize_placed(
     samples, skipped = load_calibration_samples(
         loaded, rec.calibration.set, rec.calibration.size, rec.calibration.seed, skip_bad, validated
     )
-    warnings_out: list[str] = []
+    warnings_out: list[str] = list(plan.warnings)  # said with the plan (render_plan)
     # Bad lines past the last sample used (calibration.size cut the set short) were not
     # skipped by this run; they are recorded apart so the record says what happened.
     last_used = max((s.meta.get("line", 0) for s in samples), default=0)
@@ -237,6 +254,9 @@ def _quantize_placed(
             say(f"warning: skipped {item}")
     if unused_bad:
         say(f"note: {len(unused_bad)} bad line(s) after the last sample used were not needed")
+    shortfall = _size_shortfall(rec, len(samples))
+    if shortfall:  # said now: a coverage error after calibration would hide it
+        say(f"warning: {shortfall}")
 
     import modelopt.torch.quantization as mtq
 
@@ -266,9 +286,11 @@ def _quantize_placed(
     timings["calibration_forward"] = loop_seconds[0]
     # mtq.quantize minus its forward passes: inserting quantizers, amax post-processing.
     timings["quantize_other"] = time.perf_counter() - t - loop_seconds[0]
+    said = len(plan.warnings)
     warnings_out += check_expert_coverage(stats, cov.policy, cov.min_tokens)
-    for w in warnings_out:
+    for w in warnings_out[said:]:
         say(f"warning: {w}")
+    warnings_out += [shortfall] if shortfall else []
 
     with staged_dir(out, replace=force, kind=CHECKPOINT) as tmp:
         t = time.perf_counter()

@@ -4,6 +4,8 @@ Policy:
 - Every rule is resolved against the loaded model's module groups; a rule that
   matches nothing is an error (modelopt silently ignores such patterns, which is
   how encoders end up quantized by accident).
+- Later rules win; a rule whose every module a later rule sets again has no effect, and
+  the plan warns naming both (``Plan.warnings``).
 - A glob rule that would quantize a guarded group (vision/audio towers,
   projectors) is an error: encoders are only touched by naming their group.
 - NVFP4 modules whose input width does not divide the block size are listed,
@@ -55,6 +57,8 @@ class Plan:
     #: Fused expert container -> its per-expert projections (``ModelAdapter.expert_linears``),
     #: whose quantizers modelopt names after them.
     expert_projections: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Rules without effect (``_overridden_rules``), one line each.
+    warnings: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Group -> {format: number of modules} (groups with no modules omitted)."""
@@ -97,6 +101,7 @@ def resolve_plan(recipe: Recipe, loaded) -> Plan:
     module_group = {name: g for g, names in groups.items() for name in names}
     module_format = {name: "bf16" for name in module_group}
     errors: list[str] = []
+    applied: list[tuple[str, set[str]]] = []  # (rule, the modules it set), in order
 
     for idx, rule in enumerate(recipe.quantization.rules):
         where = f"quantization.rules.{idx} {rule.describe()}"
@@ -147,6 +152,7 @@ def resolve_plan(recipe: Recipe, loaded) -> Plan:
                 continue
         for n in matched:
             module_format[n] = rule.format
+        applied.append((where, set(matched)))
 
     if errors:
         raise PlanError("recipe cannot be applied to this model:\n  " + "\n  ".join(errors))
@@ -170,7 +176,24 @@ def resolve_plan(recipe: Recipe, loaded) -> Plan:
         quant_root=adapter.quant_root_name(),
         kv_modules=kv_modules,
         expert_projections=expert_projections,
+        warnings=_overridden_rules(applied),
     )
+
+
+def _overridden_rules(applied: list[tuple[str, set[str]]]) -> list[str]:
+    """A line for each rule whose every module later rules set again (later rules win)."""
+    found = []
+    for i, (where, modules) in enumerate(applied):
+        later = applied[i + 1 :]
+        if not later or not modules <= set().union(*(m for _, m in later)):
+            continue
+        by = [w for w, m in later if m & modules]
+        found.append(
+            f"{where} has no effect: {' and '.join(by)} set{'s' if len(by) == 1 else ''} "
+            f"every module it selects again (later rules win); remove it, or narrow the "
+            f"later rule{'' if len(by) == 1 else 's'}."
+        )
+    return found
 
 
 def _check_nvfp4_divisibility(
@@ -233,4 +256,5 @@ def render_plan(plan: Plan) -> str:
     for group, c in counts.items():
         lines.append(f"{group:<18}" + "".join(f"{c.get(f, 0):>8}" for f in fmts))
     lines.append(f"kv cache: {plan.kv_cache}")
+    lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

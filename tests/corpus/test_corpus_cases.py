@@ -189,6 +189,26 @@ def _nan_weight(e: Env, value: float) -> Path:
 _IN_PROJ = "language_model.backbone.layers.0.mixer.in_proj.weight"
 
 
+def _without(e: Env, src: Path, *names: str) -> Path:
+    d = e.copy(src, "m")
+    for name in names:
+        (d / name).unlink()
+    return d
+
+
+def _linked_out(e: Env, as_dir: bool) -> Path:
+    """A calibration set whose image is a symlink (to the file, or to a directory above
+    it) pointing outside the set."""
+    outside = _mkdir(e.tmp / "elsewhere")
+    _write(outside / "i.png", _png_bytes())
+    d = _calib_set(e, [{"id": "a", "prompt": "x", "image": "img/i.png" if as_dir else "i.png"}])
+    (d / ("img" if as_dir else "i.png")).symlink_to(outside if as_dir else outside / "i.png")
+    return d
+
+
+_BIG_PROMPT = {"id": "big", "prompt": "word " * 40000}  # about 200 KB
+
+
 @dataclass
 class Case:
     family: str
@@ -207,6 +227,8 @@ CASES = [
     Case("recipe", "duplicate-nested-key", lambda e: _q(e, None, str(_write(e.tmp / "r.yaml", _GOOD_RECIPE + "calibration:\n  size: 2\n  size: 3\n"))), 2, "found duplicate key 'size'"),
     Case("recipe", "directory", lambda e: _q(e, None, str(_mkdir(e.tmp / "rdir"))), 2, "no such recipe file (it is a directory)"),
     Case("recipe", "missing-file", lambda e: _q(e, None, str(e.tmp / "none.yaml")), 2, "no such recipe file"),
+    Case("recipe", "show-unknown-name", lambda e: ["recipes", "show", "nosuch"], 2, "error: recipes show nosuch: unknown recipe name; built-in recipes are fp8_backbone, fp8_omni, nvfp4_aggressive, nvfp4_omni, or pass a path to a .yaml file.\n"),
+    Case("recipe", "show-missing-file", lambda e: ["recipes", "show", str(e.tmp / "r.yaml")], 2, "error: recipes show {tmp}/r.yaml: no such recipe file.\n"),
     Case("recipe", "unknown-name", lambda e: _q(e, None, "fp9_everything"), 2, "unknown recipe name"),
     Case("recipe", "not-yaml", lambda e: _q(e, None, str(_write(e.tmp / "r.yaml", "metadata: [\n"))), 2, "not valid YAML"),
     Case("recipe", "a-list", lambda e: _q(e, None, str(_write(e.tmp / "r.yaml", "- 1\n- 2\n"))), 2, "a recipe must be a mapping"),
@@ -240,6 +262,7 @@ CASES = [
     Case("model", "video-token-id", lambda e: _q(e, _set_config(e.copy(e.tiny, "m"), video_token_id=9)), 2, "video_token_id = 9, but the tokenizer's <video> is id 5"),
     Case("model", "missing-tensor", lambda e: _q(e, _tensors(e.copy(e.tiny, "m"), lambda t: t.pop(_IN_PROJ))), 2, f"missing from the safetensors files or have the wrong shape: {_IN_PROJ};"),
     Case("model", "wrong-shape", lambda e: _q(e, _tensors(e.copy(e.tiny, "m"), lambda t: t.update({_IN_PROJ: torch.zeros(3, 5, dtype=torch.bfloat16)}))), 2, f"{_IN_PROJ} (file (3, 5), config (328, 64))"),
+    Case("model", "no-tokenizer-json", lambda e: _q(e, _without(e, e.tiny, "tokenizer.json")), 2, "error: {tmp}/m: cannot load the tokenizer: tokenizer.json is missing (the directory holds config.json, generation_config.json, model.safetensors, preprocessor_config.json, tokenizer_config.json); copy it from the checkpoint the weights came from.\n"),
     Case("model", "make-tiny-seed-huge", lambda e: ["make-tiny", "--out", str(e.tmp / "t"), "--seed", str(10**23)], 2, "Invalid value for '--seed'"),
     Case("model", "make-tiny-seed-negative", lambda e: ["make-tiny", "--out", str(e.tmp / "t"), "--seed", "-1"], 2, "Invalid value for '--seed'"),
     # ---- calibration sets (item 3)
@@ -252,7 +275,14 @@ CASES = [
     Case("calib-set", "text-as-image", lambda e: _q(e, None, "fp8_omni", "--calib", str(_calib_set(e, [{"id": "a", "prompt": "x", "image": "i.png"}], {"i.png": b"not an image"}))), 2, "cannot decode image"),
     Case("calib-set", "missing-media", lambda e: _q(e, None, "fp8_omni", "--calib", str(_calib_set(e, [{"id": "a", "prompt": "x", "image": "gone.png"}]))), 2, "file not found"),
     Case("calib-set", "bad-json-line", lambda e: _q(e, None, "fp8_omni", "--calib", str(_edit(_calib_set(e, []), lambda d: _write(d / "manifest.jsonl", "{oops\n")))), 2, "line 1"),
-    Case("calib-set", "non-utf8-manifest", lambda e: _q(e, None, "fp8_omni", "--calib", str(_edit(_calib_set(e, []), lambda d: _write(d / "manifest.jsonl", b'{"id": "\xff"}\n')))), 2, "manifest"),
+    Case("calib-set", "non-utf8-manifest", lambda e: _q(e, None, "fp8_omni", "--calib", str(_edit(_calib_set(e, []), lambda d: _write(d / "manifest.jsonl", b'{"id": "\xff"}\n')))), 2, "error: Calibration manifest {tmp}/set/manifest.jsonl: 1 of 1 samples are bad:\n  line 1: not UTF-8 text: byte 9 of the line (offset 8 in the file) is 0xff; save the file as UTF-8\n"),
+    Case("calib-set", "non-utf8-second-line", lambda e: _q(e, None, "fp8_omni", "--calib", str(_edit(_calib_set(e, []), lambda d: _write(d / "manifest.jsonl", b'{"id": "a", "prompt": "x"}\r\n{"id": "b", "prompt": "caf\xe9"}\n')))), 2, "  line 2: not UTF-8 text: byte 27 of the line (offset 54 in the file) is 0xe9; save the file as UTF-8\nFix or remove these lines, or skip them with --skip-bad."),
+    # A BOM is read (not a bad first line): the media error below is the only problem.
+    Case("calib-set", "bom-then-bad-media", lambda e: _q(e, None, "fp8_omni", "--calib", str(_edit(_calib_set(e, []), lambda d: _write(d / "manifest.jsonl", b'\xef\xbb\xbf{"id": "a", "prompt": "x", "image": "gone.png"}\n')))), 2, "1 of 1 samples are bad:\n  line 1 (id 'a'): gone.png: file not found"),
+    Case("calib-set", "symlink-out", lambda e: _q(e, None, "fp8_omni", "--calib", str(_linked_out(e, as_dir=False))), 2, "line 1 (id 'a'): i.png: leaves the set directory through the symlink 'i.png' (it points to {tmp}/elsewhere/i.png); copy the file into the directory of manifest.jsonl instead of linking it"),
+    Case("calib-set", "symlinked-dir-out", lambda e: _q(e, None, "fp8_omni", "--calib", str(_linked_out(e, as_dir=True))), 2, "img/i.png: leaves the set directory through the symlink 'img' (it points to {tmp}/elsewhere/i.png)"),
+    # Refused after the model loads and before any calibration forward (it would run for minutes).
+    Case("calib-set", "prompt-longer-than-positions", lambda e: _q(e, None, "fp8_omni", "--calib", str(_calib_set(e, [{"id": "a", "prompt": "x"}, _BIG_PROMPT]))), 2, "error: Calibration set {tmp}/set: 1 sample(s) cannot be processed:\n  line 2: sample 'big' is 80,002 tokens long, more than the model's 4,096 positions (max_position_embeddings of its config); shorten or split the prompt\nFix or remove these lines, or skip them with --skip-bad."),
     Case("calib-set", "empty", lambda e: _q(e, None, "fp8_omni", "--calib", str(_calib_set(e, []))), 2, "has no samples"),
     Case("calib-set", "no-set", lambda e: _q(e, None, "fp8_omni", "--calib", str(e.tmp / "none")), 2, "none"),
     # ---- checkpoints given to inspect / build-engine / report (items 2, 4, 6)
@@ -262,6 +292,8 @@ CASES = [
     Case("checkpoint", "inspect-audit-no-marker", lambda e: ["inspect", "--audit", str(_strip_meta(e))], 3, "omniquant.json: missing; this is not a finished omniquant checkpoint"),
     Case("checkpoint", "inspect-temp-dir", lambda e: ["inspect", str(_temp_dir(e))], 2, "a temporary directory of an unfinished `omniquant quantize` run"),
     Case("checkpoint", "inspect-audit-temp-dir", lambda e: ["inspect", "--audit", str(_temp_dir(e))], 3, "a temporary directory of an unfinished"),
+    # The missing shard is the one fault (its absent k_scale/v_scale are not a second one).
+    Case("checkpoint", "inspect-audit-missing-shard", lambda e: ["inspect", "--audit", str(_without(e, e.fp8, "model.safetensors"))], 3, "error: audit of {tmp}/m failed (1 problem(s)):\n  model.safetensors: listed in omniquant.json but missing\n"),
     Case("checkpoint", "inspect-changed-shard", lambda e: ["inspect", str(_changed_shard(e))], 2, "sha256 does not match omniquant.json"),
     Case("checkpoint", "inspect-nan-scale", lambda e: ["inspect", str(_nan_scale(e))], 2, "NaN/Inf scale value(s)"),
     Case("checkpoint", "inspect-audit-nan-scale", lambda e: ["inspect", "--audit", str(_nan_scale(e))], 3, "scale is nan"),
@@ -283,10 +315,11 @@ CASES = [
     Case("checkpoint", "report-other-processing", lambda e: _report(e, _edit(e.copy(e.tiny, "m"), lambda d: _write(d / "preprocessor_config.json", json.dumps({**json.loads((e.tiny / "preprocessor_config.json").read_text()), "max_num_patches": 32})))), 2, "tokenizer or processing settings differ"),
     Case("checkpoint", "report-temp-baseline", lambda e: _report(e, e.fp8, _temp_dir(e)), 2, "--baseline"),
     # ---- absurd values and CLI misuse (item 3)
-    Case("cli", "engine-batch-huge", lambda e: _engine(e, e.fp8, "--max-batch-size", str(10**30)), 2, "max_batch_size = 1000000000000000000000000000000: at most 4096"),
-    Case("cli", "engine-batch-zero", lambda e: _engine(e, e.fp8, "--max-batch-size", "0"), 2, "must be a positive integer"),
-    Case("cli", "engine-seq-huge", lambda e: _engine(e, e.fp8, "--max-seq-len", str(10**12)), 2, "at most 1048576"),
-    Case("cli", "engine-rate", lambda e: _engine(e, e.fp8, "--video-pruning-rate", "1.5"), 2, "must be in [0, 1)"),
+    Case("cli", "engine-batch-huge", lambda e: _engine(e, e.fp8, "--max-batch-size", str(10**30)), 2, "--max-batch-size 1000000000000000000000000000000: at most 4096"),
+    Case("cli", "engine-batch-zero", lambda e: _engine(e, e.fp8, "--max-batch-size", "0"), 2, "error: --max-batch-size 0: must be a positive integer."),
+    Case("cli", "engine-seq-huge", lambda e: _engine(e, e.fp8, "--max-seq-len", str(10**12)), 2, "--max-seq-len 1000000000000: at most 1048576"),
+    Case("cli", "engine-seq-small", lambda e: _engine(e, e.fp8, "--max-seq-len", "8"), 2, "error: --max-seq-len 8: must be an integer >= 16.\n"),
+    Case("cli", "engine-rate", lambda e: _engine(e, e.fp8, "--video-pruning-rate", "1.5"), 2, "--video-pruning-rate 1.5: must be in [0, 1)"),
     Case("cli", "report-threshold", lambda e: [*_report(e, e.tiny), "--recovery-threshold", "2"], 2, "--recovery-threshold 2.0: must be in (0, 1]"),
     Case("cli", "report-max-new-tokens", lambda e: [*_report(e, e.tiny), "--max-new-tokens", "0"], 2, "--max-new-tokens 0: must be >= 1"),
     Case("cli", "quantize-no-out", lambda e: ["quantize", "--model", str(e.tiny), "--recipe", "fp8_omni"], 2, "Missing option '--out'"),
@@ -297,7 +330,9 @@ CASES = [
     Case("cli", "engine-out-in-ckpt", lambda e: ["build-engine", "--checkpoint", str(e.fp8), "--target", "hopper", "--out", str(e.fp8 / "b")], 2, "must not contain, or be inside, the checkpoint"),
     # ---- task sets given to report
     Case("task-set", "missing", lambda e: _report(e, e.tiny, tasks=e.tmp / "none"), 2, "none"),
-    Case("task-set", "dotdot", lambda e: _report(e, e.tiny, tasks=_task_set(e, [{**_GOOD_TASK, "modality": "image", "prompt": "<image>", "image": "../x.png"}])), 2, "leaves the set directory"),
+    Case("task-set", "dotdot", lambda e: _report(e, e.tiny, tasks=_task_set(e, [{**_GOOD_TASK, "modality": "image", "prompt": "<image>", "image": "../x.png"}])), 2, "media path '../x.png' leaves the set directory; keep media files inside the directory of tasks.jsonl\n"),
+    Case("task-set", "absolute", lambda e: _report(e, e.tiny, tasks=_task_set(e, [{**_GOOD_TASK, "modality": "image", "prompt": "<image>", "image": "/x.png"}])), 2, "media path '/x.png' is absolute; make it relative to the directory of tasks.jsonl\n"),
+    Case("task-set", "non-utf8", lambda e: _report(e, e.tiny, tasks=_edit(_task_set(e, []), lambda d: _write(d / "tasks.jsonl", b'{"id": "\xfe"}\n'))), 2, "error: Task set {tmp}/tasks/tasks.jsonl: 1 of 1 samples are bad:\n  line 1: not UTF-8 text: byte 9 of the line (offset 8 in the file) is 0xfe; save the file as UTF-8\nFix or remove these lines (format: tasks/README.md)."),
     Case("task-set", "bad-json", lambda e: _report(e, e.tiny, tasks=_edit(_task_set(e, []), lambda d: _write(d / "tasks.jsonl", "{\n"))), 2, "line 1"),
     Case("task-set", "png-as-video", lambda e: _report(e, e.tiny, tasks=_task_set(e, [{**_GOOD_TASK, "modality": "video", "prompt": "<video>", "video": "v.mp4"}], {"v.mp4": _png_bytes()})), 2, "the file holds PNG image bytes"),
     Case("task-set", "empty", lambda e: _report(e, e.tiny, tasks=_task_set(e, [])), 2, "tasks.jsonl"),
@@ -399,3 +434,112 @@ def test_stale_temp_dirs_of_dead_runs_are_removed_and_a_moved_aside_checkpoint_r
     assert not stale_new.exists() and not stale_old.exists()
     assert (out / "omniquant.json").is_file() and other.exists()
     assert main(["inspect", "--audit", str(out)]) == 0
+
+
+_DEAD_PID = 2**22 + 12345  # above pid_max's default 2**22: no such process
+
+
+def test_a_lock_file_left_by_a_killed_run_is_taken_over_with_a_note(tiny_dir, tmp_path, capsys):
+    out = _mkdir(tmp_path / "ckpt")  # an existing --out: the run stops right after the lock
+    lock = tmp_path / ".ckpt.omniquant-lock"
+    lock.write_text(str(_DEAD_PID))  # what SIGKILL leaves: the file, its flock dropped
+    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out", str(out)])
+    captured = capsys.readouterr()
+    note = f"note: took over {lock}, left by a run that was killed (pid {_DEAD_PID})"
+    ok = rc == 2 and note in captured.out and not lock.exists()
+    RESULTS.append(("leftovers", ok, "Traceback" in captured.err, rc == 0, False))
+    assert rc == 2 and "already exists; pass --force" in captured.err
+    assert note in captured.out
+    assert not lock.exists()
+
+
+def test_a_lock_held_while_its_pid_is_dead_names_the_file_to_remove(tiny_dir, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "ckpt"
+    lock = tmp_path / ".ckpt.omniquant-lock"
+    lock.write_text(str(_DEAD_PID))
+    fd = os.open(lock, os.O_RDWR)  # held as by a child that outlived its killed parent
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out", str(out)])
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    want = (
+        f"error: --out {out}: the lock file {lock} is locked, but pid {_DEAD_PID} written in it "
+        "is not running: a process it started still holds the lock, or a run on another host "
+        f"writes this directory. Stop that process; if nothing is writing --out, remove {lock} "
+        "and run again.\n"
+    )
+    RESULTS.append(("leftovers", rc == 2 and want in err, "Traceback" in err, rc == 0, False))
+    assert rc == 2 and want in err, err
+    assert lock.read_text() == str(_DEAD_PID) and not out.exists()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_named(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    lock = _mkdir(tmp_path / ".ckpt.omniquant-lock")  # not openable for writing, even by root
+    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out", str(out)])
+    err = capsys.readouterr().err
+    want = (
+        f"error: --out {out}: the lock file {lock} (pid unknown) cannot be opened (Is a "
+        "directory). If no omniquant run is writing --out, it was left by a killed run: remove "
+        f"{lock} and run again.\n"
+    )
+    RESULTS.append(("leftovers", rc == 2 and want in err, "Traceback" in err, rc == 0, False))
+    assert rc == 2 and want in err, err
+    assert lock.is_dir() and not out.exists()
+
+
+# ---------------------------------------------------------------- warnings that name the cause
+
+
+def test_a_short_set_says_how_many_samples_are_missing_and_coverage_names_them(
+    tiny_dir, tmp_path, capsys
+):
+    """Five samples for calibration.size 1000: a warning before calibration; the coverage
+    error after it names the samples that ran."""
+    d = _mkdir(tmp_path / "set")
+    lines = [{"id": f"s{i}", "prompt": "x" * (i + 1)} for i in range(5)]
+    _write(d / "manifest.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
+    before = _tree_digest(d)
+    out = tmp_path / "out"
+    rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out", str(out),
+               "--calib", str(d), "--set", "calibration.size=1000", "--quiet"])  # fmt: skip
+    captured = capsys.readouterr()
+    warning = (
+        f"warning: calibration.size is 1000 but the calibration set {d} has 5 usable sample(s): "
+        "calibrating on 5, 995 missing. Add samples to the set, or set calibration.size=5 if "
+        "that is intended.\n"
+    )
+    ran = "\nCalibration ran on 5 sample(s): 's0' (line 1, "
+    ok = rc == 2 and warning in captured.out and ran in captured.err
+    damaged = _tree_digest(d) != before
+    RESULTS.append(("calib-set", ok, "Traceback" in captured.err, rc == 0, damaged))
+    assert warning in captured.out, captured.out
+    assert rc == 2 and ran in captured.err and "'s4' (line 5, " in captured.err, captured.err
+    assert not damaged and not out.exists()
+
+
+def test_a_rule_a_later_rule_overrides_is_named_with_it(tiny_dir, tmp_path, capsys):
+    recipe = _write(
+        tmp_path / "r.yaml",
+        _GOOD_RECIPE
+        + "    - {group: mamba_in_out, format: fp8}\n"
+        + "    - {modules: '*.experts', format: bf16}\n",
+    )
+    before = recipe.read_bytes()
+    rc = main(["plan", "--model", str(tiny_dir), "--recipe", str(recipe)])
+    out = capsys.readouterr().out
+    want = (
+        "warning: quantization.rules.0 {group: routed_experts, format: fp8} has no effect: "
+        "quantization.rules.2 {modules: '*.experts', format: bf16} sets every module it "
+        "selects again (later rules win); remove it, or narrow the later rule.\n"
+    )
+    # A warning, not an error: whether a rule is covered depends on the model's config
+    # (recipes are shared between configs), and the plan stays what the rules say.
+    RESULTS.append(("recipe", rc == 0 and want in out, False, False, recipe.read_bytes() != before))
+    assert rc == 0 and want in out, out
+    assert out.count("has no effect") == 1
+    assert recipe.read_bytes() == before

@@ -134,6 +134,50 @@ def test_kills_never_leave_a_checkpoint_that_passes(tiny_dir, tmp_path):
     assert all(r["killed_at"] for r in runs if r["moment"] in ("plan", "tmp_dir")), runs
 
 
+# SIGTERM sent to itself when the CLI first imports ``module`` (deterministic, unlike a
+# timer): through ``omniquant.__main__.run``, the console script's entry point.
+_TERM_AT_IMPORT = """
+import builtins, os, signal, sys
+target = sys.argv[1]
+real = builtins.__import__
+def imp(name, *args, **kwargs):
+    if name == target:
+        builtins.__import__ = real
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(name, *args, **kwargs)
+builtins.__import__ = imp
+from omniquant.__main__ import run
+sys.argv = ["omniquant", *sys.argv[2:]]
+sys.exit(run())
+"""
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "typer",  # importing the CLI itself, before omniquant.cli.main runs
+        "omniquant.quantize.pipeline",  # the command's stage import, before the lock is taken
+        "torch",  # the heavy imports inside the stage, with the lock held
+    ],
+)
+def test_sigterm_during_start_up_imports_is_an_interrupt(tiny_dir, tmp_path, module):
+    from corpus_tally import RESULTS
+
+    out = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _TERM_AT_IMPORT, module, "quantize", "--model", str(tiny_dir),
+         "--recipe", "fp8_omni", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False,
+    )  # fmt: skip
+    left = sorted(p.name for p in tmp_path.iterdir())
+    ok = proc.returncode == 130 and proc.stderr.strip().endswith("interrupted") and left == []
+    RESULTS.append(("kills", ok, "Traceback" in proc.stderr, proc.returncode == 0, False))
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-3000:])
+    assert proc.stderr.strip().endswith("interrupted") and "Traceback" not in proc.stderr
+    assert left == []  # no lock file, no temporary directory
+
+
 def _mount_tmpfs(where: Path, size: str, *options: str) -> bool:
     if os.geteuid() != 0:
         return False
@@ -185,8 +229,10 @@ def test_too_little_space_is_refused_before_calibration(tiny_dir, tmpfs, capsys)
     rc = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni", "--out",
                str(small / "ckpt"), "--quiet"])  # fmt: skip
     err = capsys.readouterr().err
-    RESULTS.append(("filesystem", rc == 2 and "MiB free" in err, False, rc == 0, False))
-    assert rc == 2 and "MiB free; the checkpoint needs up to" in err
+    ok = rc == 2 and "predicted export size" in err
+    RESULTS.append(("filesystem", ok, False, rc == 0, False))
+    assert rc == 2 and "MiB free; the checkpoint needs about" in err
+    assert "MiB (the predicted export size: the tensors the recipe's plan writes" in err
     assert list(small.iterdir()) == []
 
 
