@@ -691,7 +691,12 @@ def _why(model_dir: Path, err: Exception) -> str:
     missing = [name for name in TOKENIZER_FILES if not (model_dir / name).is_file()]
     if not missing:
         return str(err)
-    held = sorted(p.name for p in model_dir.iterdir()) if model_dir.is_dir() else []
+    # Hidden files (omniquant's ownership marker, editors' files) are not what a user looks for.
+    held = (
+        sorted(p.name for p in model_dir.iterdir() if not p.name.startswith("."))
+        if model_dir.is_dir()
+        else []
+    )
     shown = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "")
     return (
         f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing (the "
