@@ -250,3 +250,26 @@ def test_cuda_without_cuda_is_recorded(tmp_path):
     out = tmp_path / "r.json"
     gpu_check.main(["--out", str(out), "--work", str(tmp_path / "w")])
     assert "CUDA is not available" in json.loads(out.read_text())["error"]
+
+
+def test_requirements_missing_on_the_image_are_noted_unless_the_check_needs_them(monkeypatch):
+    """The image lacks PyAV and fastapi (media decoding, the server): noted, the check
+    goes on; a tokenizers outside transformers' range stops it."""
+    import importlib.metadata as md
+
+    real = md.version
+    image = {"av": None, "fastapi": None, "tokenizers": "0.23.2"}
+
+    def fake(name):
+        if name in image:
+            if image[name] is None:
+                raise md.PackageNotFoundError(name)
+            return image[name]
+        return real(name)
+
+    monkeypatch.setattr(md, "version", fake)
+    problems, notes = environment._requirement_problems(environment.ROOT)
+    assert problems == [] and any(n.startswith("av is not installed") for n in notes)
+    image["tokenizers"] = "0.22.0"
+    problems, _ = environment._requirement_problems(environment.ROOT)
+    assert problems and problems[0].startswith("tokenizers 0.22.0 does not satisfy transformers'")

@@ -203,10 +203,11 @@ def compare_nvfp4(
     from omniquant.quantize.recipe import load_recipe
 
     cuda = device.startswith("cuda")
+    device = "cuda:0" if device == "cuda" else device
     out = {"tensors": compare_tensors(cuda)}
     src, ckpt = work / "compare_src", work / "compare_ckpt"
     out["model"] = build(src, kwargs, device, source_dtype)
-    loaded = load_model(src, dtype="float32", placement={"device_map": device if cuda else "cpu"})
+    loaded = load_model(src, dtype="float32", placement={"device_map": device})
     rec, _ = load_recipe("nvfp4_aggressive", ["quantization.kv_cache=none"])
     plan = resolve_plan(rec, loaded)
     calib = synthetic_samples(loaded, samples, seed=0)
@@ -222,7 +223,7 @@ def compare_nvfp4(
     release_memory()
     out["weights"] = compare_exported_weights(src, ckpt, cuda)
     served = load_emulated(ckpt, dtype="float32")
-    served.model.to(device if cuda else "cpu")
+    served.model.to(device)
     got = _logits(served, evals)
     served = None
     if fake is None:

@@ -71,32 +71,48 @@ def installed_versions() -> dict[str, str | None]:
     }
 
 
-def _requirement_problems(root: Path) -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
+#: What the check imports: missing, or outside a requirement, it stops the check. Others
+#: (PyAV, fastapi, uvicorn: media decoding and the server, imported lazily) are noted.
+CRITICAL = {"torch", "transformers", "nvidia-modelopt", "huggingface-hub", "tokenizers", "safetensors",
+            "accelerate", "numpy", "pydantic", "pyyaml", "packaging", "requests", "omegaconf", "pulp", "scipy"}  # fmt: skip
+
+
+def _requirement_problems(root: Path) -> tuple[list[str], list[str]]:
+    """(problems, notes): pyproject.toml's requirements and those of transformers and
+    modelopt (the carried wheels are installed without their dependencies)."""
+    from importlib.metadata import PackageNotFoundError, requires, version
 
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
-    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
-    problems = []
-    for text in deps:
+    reqs = [
+        (t, "pyproject.toml")
+        for t in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    ]
+    for dist in ("transformers", "nvidia-modelopt"):
+        reqs += [(t, dist) for t in (requires(dist) or [])]
+    problems, notes = [], []
+    for text, owner in reqs:
         req = Requirement(text)
-        if req.marker is not None and not req.marker.evaluate():
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
             continue
+        name = canonicalize_name(req.name)
+        out = problems if name in CRITICAL else notes
         try:
             have = version(req.name)
         except PackageNotFoundError:
-            problems.append(f"{req.name} is not installed (pyproject.toml needs {req})")
+            out.append(f"{name} is not installed ({owner} needs {req})")
             continue
         if req.specifier and not req.specifier.contains(have.split("+")[0], prereleases=True):
-            problems.append(f"{req.name} {have} does not satisfy pyproject.toml's {req}")
-    return problems
+            out.append(f"{name} {have} does not satisfy {owner}'s {req}")
+    return problems, notes
 
 
 def check_versions(device: str, installed: dict | None = None, root: Path = ROOT) -> dict:
     """Step 1. Raises ``StopCheck`` naming each mismatch and what to do."""
     got = installed or installed_versions()
     pins = pinned_versions(root)
-    problems = []
+    problems, notes = [], []
     for name in EXACT:
         if got.get(name) != pins.get(name):
             problems.append(
@@ -104,14 +120,15 @@ def check_versions(device: str, installed: dict | None = None, root: Path = ROOT
                 "benchmarks/gpu/prepare_wheels.sh carries and put /tmp/site first on PYTHONPATH"
             )
     if installed is None:
-        problems += _requirement_problems(root)
+        bad, noted = _requirement_problems(root)
+        problems += bad
+        notes += noted
     if device.startswith("cuda") and not got.get("torch_cuda"):
         problems.append(
             f"--device {device} needs a CUDA build of torch; {got.get('torch')} is not one"
         )
     if device.startswith("cuda") and got.get("cuda_available") != "True":
         problems.append(f"--device {device}: torch sees no GPU")
-    notes = []
     if got.get("torch", "").split("+")[0] != pins.get("torch"):
         notes.append(
             f"torch {got.get('torch')} is not the tested {pins.get('torch')} (CPU): this run tries it"

@@ -127,14 +127,20 @@ def gpu_allocated() -> dict[str, int]:
     return {f"cuda:{i}": int(cuda.memory_allocated(i)) for i in range(cuda.device_count())}
 
 
-def release_memory() -> None:
+def release_memory() -> str | None:
     """Collect reference cycles (modelopt's quantizers hold some), then return the cached
-    GPU blocks: ``empty_cache`` alone frees nothing a cycle still holds."""
+    GPU blocks: ``empty_cache`` alone frees nothing a cycle still holds. Returns the error
+    of a GPU left broken by the step (an illegal access surfaces at the synchronize)
+    instead of raising it into the runner."""
     gc.collect()
-    cuda = _cuda()
-    if cuda is not None:
-        cuda.synchronize()
-        cuda.empty_cache()
+    try:
+        cuda = _cuda()
+        if cuda is not None:
+            cuda.synchronize()
+            cuda.empty_cache()
+    except Exception as exc:  # noqa: BLE001 - recorded; the next step shows what still works
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 # ---------------------------------------------------------------- time limit
@@ -262,9 +268,17 @@ class Runner:
         entry["wall_s"] = round(time.perf_counter() - t0, 2)
         entry["over_budget"] = entry["wall_s"] > step.budget_s
         entry["peak_host_bytes"] = host_peak_bytes()
-        entry["peak_gpu_bytes"] = gpu_peaks()
-        release_memory()
-        entry["gpu_allocated_after_bytes"] = gpu_allocated()
+        try:
+            entry["peak_gpu_bytes"] = gpu_peaks()
+        except Exception as exc:  # noqa: BLE001 - a broken CUDA context must not end the run
+            entry["peak_gpu_bytes"] = f"{type(exc).__name__}: {exc}"
+        cleanup = release_memory()
+        if cleanup:
+            entry["cleanup_error"] = cleanup
+        try:
+            entry["gpu_allocated_after_bytes"] = gpu_allocated()
+        except Exception as exc:  # noqa: BLE001
+            entry["gpu_allocated_after_bytes"] = f"{type(exc).__name__}: {exc}"
         entry["host_rss_after_bytes"] = host_rss_bytes()
         shown = {k: v for k, v in entry.items() if k not in ("traceback", "arithmetic")}
         self.log(f"[gpu_check] {step.name}: {json.dumps(shown, default=str)[:800]}")
