@@ -68,6 +68,7 @@ def test_real_scale_budget_fits_six_minutes_and_is_printed_first(tmp_path, capsy
     assert len(pending) == 9 and all(res["steps"][n]["arithmetic"] for n in pending)
     printed = capsys.readouterr().out
     assert "estimated time per step" in printed and "quantize/nvfp4_omni" in printed
+    assert f"total {res['estimated_total_s']:.0f} s" in printed  # the pre-flight counted in
 
 
 def test_disk_preflight_lowers_the_layer_count():

@@ -30,6 +30,8 @@ SUITE_TESTS_S = 40.0
 EXT_BUILD_S = 90.0
 EXT_BUILD_LIMIT_S = 150.0
 VERSIONS_S = 5.0
+#: The pre-flight's two meta-device builds (the real-width source and the compare model).
+PREFLIGHT_S = 15.0
 TOTAL_BUDGET_S = 360.0
 #: Disk kept free beyond the largest phase (logs, tokenizer, the offload folder).
 DISK_MARGIN = 2 * GiB

@@ -77,7 +77,8 @@ def preflight(args, work: Path) -> dict:
 
 
 def fixed_seconds(args, compare_src: int) -> float:
-    return sum(b for b, _ in _fixed_budgets(args, compare_src).values())
+    """Every budget that does not depend on the layer count, the pre-flight's included."""
+    return budget.PREFLIGHT_S + sum(b for b, _ in _fixed_budgets(args, compare_src).values())
 
 
 def _fixed_budgets(args, compare_src: int) -> dict[str, tuple[float, str]]:
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     try:
+        t0 = time.perf_counter()
         try:
             fit = preflight(args, args.work)
         except Exception:  # noqa: BLE001 - the steps that need no real-width model still run
@@ -197,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "compare_kwargs": sources.config_kwargs(args.scale, 0, pattern=args.compare_pattern,
                                                            encoder_layers=(2, 2))}  # fmt: skip
         result["preflight"] = {k: v for k, v in fit.items() if k != "compare_kwargs"}
+        result["preflight"]["seconds"] = round(time.perf_counter() - t0, 2)
         print(f"[gpu_check] pre-flight: {result['preflight']}", flush=True)
         steps = make_steps(args, fit, cuda, args.work)
         wanted = {s for s in args.steps.split(",") if s}
@@ -207,6 +210,11 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(f"[gpu_check] estimated time per step ({where}):", flush=True)
         runner.plan(steps)
+        result["estimated_total_s"] = round(result["estimated_total_s"] + budget.PREFLIGHT_S, 1)
+        print(f"[gpu_check]   {'(pre-flight)':<24} {budget.PREFLIGHT_S:6.0f} s  two meta-device builds "
+              f"(ran before this table: {result['preflight'].get('seconds', 0):.0f} s); "
+              f"total {result['estimated_total_s']:.0f} s", flush=True)  # fmt: skip
+        runner.save()
         if not args.plan_only:
             runner.run(steps)
     finally:

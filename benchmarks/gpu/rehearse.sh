@@ -15,4 +15,4 @@ python3 -m venv "$VENV"
   huggingface-hub==1.33.0 tokenizers==0.23.2 accelerate==1.15.0 safetensors==0.8.0
 "$VENV/bin/python" -m pip uninstall -q -y av fastapi starlette uvicorn
 OMP_NUM_THREADS=1 "$VENV/bin/python" -m benchmarks.gpu.gpu_check --device cpu --scale tiny --samples 1 \
-  --out "${OUT:-gpu_check_out}/rehearsal.json" --work /tmp/omniquant-gpu-rehearsal-work "$@"
+  --out "${OUT:-/tmp/omniquant-gpu-rehearsal-out}/rehearsal.json" --work /tmp/omniquant-gpu-rehearsal-work "$@"
