@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from omniquant.data.synthetic import synthetic_samples
+from omniquant.devices import input_device
 from omniquant.evaluate.emulated import load_emulated
 from omniquant.models import load_model
-from omniquant.quantize.calibrate import run_calibration
+from omniquant.quantize.calibrate import _to_device, run_calibration
 from omniquant.quantize.export import write_checkpoint
 from omniquant.quantize.plan import resolve_plan, to_modelopt_config
 from omniquant.quantize.recipe import load_recipe
 
 
 def _logits(loaded, samples):
+    # Samples are built on the CPU; they go where the model's first layer is (the GPU test
+    # runs the fake-quantized model on CUDA).
+    device = input_device(loaded.model)
     with torch.no_grad():
-        return [loaded.adapter.forward(loaded.model, s).logits.float() for s in samples]
+        return [
+            loaded.adapter.forward(loaded.model, _to_device(s, device)).logits.float()
+            for s in samples
+        ]
 
 
 def _fake_quant_then_export(tiny_dir, recipe, out, device="cpu"):
@@ -68,7 +77,26 @@ def test_nvfp4_export_matches_cuda_fake_quant(tiny_dir, tmp_path):
     fake, samples = _fake_quant_then_export(tiny_dir, "nvfp4_omni", tmp_path / "ckpt", device="cuda")
     served = load_emulated(tmp_path / "ckpt", dtype="float32")
     served.model.to("cuda")
-    got = _logits(served, [s for s in samples])
+    got = _logits(served, samples)
     for s, a, b in zip(samples, fake, got):
         err = (a - b.to(a.device)).abs().max().item()
         assert err < 3e-2, (s.id, err)  # ties at E2M1 boundaries may round differently on GPU
+
+
+def test_logits_moves_samples_to_the_model_device(monkeypatch):
+    """The GPU test's helper feeds CPU-built samples to a model elsewhere: it must move them
+    where the model's inputs go ("meta" stands in for CUDA, which this host may lack)."""
+    from types import SimpleNamespace
+
+    from omniquant.data.batch import Sample
+
+    monkeypatch.setattr(sys.modules[__name__], "input_device", lambda model: "meta")
+    seen = []
+
+    def forward(model, sample):
+        seen.append(sample.input_ids.device.type)
+        return SimpleNamespace(logits=torch.zeros(1, 4, 8, device="meta"))
+
+    loaded = SimpleNamespace(model=None, adapter=SimpleNamespace(forward=forward))
+    _logits(loaded, [Sample(id="s", input_ids=torch.ones(1, 4, dtype=torch.long))])
+    assert seen == ["meta"]

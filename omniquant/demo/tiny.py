@@ -376,10 +376,13 @@ def _randomize_router_bias(model, seed: int) -> None:
     so that a tiny checkpoint exercises the bias path the real router uses."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed + 1)
+    # The generator is a CPU one and the draw names the CPU: under a default device
+    # (``with torch.device("cuda")``) torch refuses a CPU generator for a CUDA tensor, and
+    # CPU draws keep the values the same whatever device the model is built on.
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
-            buf.copy_(torch.randn(buf.shape, generator=gen) * 0.01)
+            buf.copy_(torch.randn(buf.shape, generator=gen, device="cpu") * 0.01)
 
 
 def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = False) -> Path:
