@@ -356,10 +356,9 @@ def fit(
 def _measure(model_dir, units, fmts, costs, calib, calib_size, samples, kv_cache, options,
              result, say):  # fmt: skip
     """Calibrate once per format, then score each unit alone (fills ``options``' damage)."""
-    from omniquant.data.sets import load_calibration_set
     from omniquant.evaluate.emulated import load_emulated
     from omniquant.evaluate.logit_kl import sample_logprobs
-    from omniquant.quantize.pipeline import quantize
+    from omniquant.quantize.pipeline import load_calibration_samples, quantize
     from omniquant.quantize.recipe import Recipe
 
     t = time.perf_counter()
@@ -382,7 +381,7 @@ def _measure(model_dir, units, fmts, costs, calib, calib_size, samples, kv_cache
         result.seconds["calibrate"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
         base = load_emulated(model_dir)
-        batch, _skipped = load_calibration_set(base, calib, size=samples)
+        batch, _skipped = load_calibration_samples(base, calib, samples, seed=0)
         reference = sample_logprobs(base, batch)
         del base
         gc.collect()

@@ -200,6 +200,10 @@ class ModelAdapter(ABC):
         turns them into bytes)."""
 
     @abstractmethod
+    def layer_index(self, name: str) -> int | None:
+        """Backbone layer index of a module name, or None outside the backbone layers."""
+        return None
+
     def serving_shapes(self, model) -> ServingShapes:
         """Shapes of the serving state (KV cache, recurrent state, encoder activations)."""
         raise NotImplementedError(f"{type(self).__name__} does not describe its serving state")
