@@ -120,37 +120,26 @@ def test_bad_budgets_on_the_tiny_model(tiny_dir, tmp_path):
 def test_fit_on_the_tiny_model_exports_the_predicted_bytes(tiny_dir, tmp_path):
     """The recipe fitted halfway between the smallest layout and BF16: its export has the
     predicted bytes, and fit's in-memory composition equals the export tensor for tensor."""
-    import omniquant.experiments.fit as fit_mod
     from omniquant.evaluate.emulated import read_tensors
+    from omniquant.experiments.fit import fit_budget, prepare_fit, write_recipe
     from omniquant.quantize.pipeline import quantize
     from omniquant.quantize.predict import measured_tensor_bytes
     from omniquant.quantize.recipe import load_recipe
 
-    probe = fit_mod.fit(tiny_dir, "10GiB", calib="synthetic")
-    budget = (probe.smallest_bytes + probe.bf16_bytes) // 2
-    seen = {}
-    finish = fit_mod._finish
-
-    def spy(result, meta, units, chosen, costs, composer, *args, **kwargs):
-        seen.update(composer=composer, chosen=chosen)
-        return finish(result, meta, units, chosen, costs, composer, *args, **kwargs)
-
-    fit_mod._finish = spy
-    try:
-        res = fit_mod.fit(tiny_dir, budget, calib="synthetic", samples=2, calib_size=2)
-    finally:
-        fit_mod._finish = finish
+    session = prepare_fit(tiny_dir, calib="synthetic", samples=2, calib_size=2)
+    budget = (session.smallest_bytes + session.costs.bf16_bytes) // 2
+    res = fit_budget(session, budget)
     assert res.predicted_bytes <= budget
     assert res.predicted_kl is not None and res.predicted_kl >= 0
     assert res.composed_kl is not None and res.composed_kl >= 0
-    out = fit_mod.write_recipe(res, tmp_path / "fitted.yaml")
+    out = write_recipe(res, tmp_path / "fitted.yaml")
     text = out.read_text()
     assert f"# predicted bytes: {res.predicted_bytes:,} bytes" in text
     assert f"# predicted KL: {res.predicted_kl:.6g} nats" in text
     load_recipe(out)  # a valid recipe
     q = quantize(tiny_dir, out, tmp_path / "q", calib="synthetic")
     assert measured_tensor_bytes(q.out) == res.predicted_bytes
-    composed = seen["composer"].tensors({u: o.format for u, o in seen["chosen"].items()}, True)
+    composed = session.composer.tensors({u["unit"]: u["format"] for u in res.units}, True)
     real = read_tensors(q.out)
     assert set(composed) == set(real)
 

@@ -263,13 +263,82 @@ class FitResult:
         return out
 
 
+@dataclass
+class FitSession:
+    """Units, their exact costs and (once ``measure`` ran) their damage, for one model:
+    ``fit_budget`` answers any number of budgets from one measurement."""
+
+    model_dir: Path
+    meta: object
+    units: list[Unit]
+    costs: UnitCosts
+    options: dict[str, list[Option]]
+    formats: list[str]
+    granularity: str
+    kv_cache: str
+    calib: str
+    calib_size: int
+    samples: int
+    composer: Composer | None = None
+    kv_kl: float | None = None
+    calibration: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def smallest_bytes(self) -> int:
+        return self.costs.bf16_bytes + smallest(self.options)
+
+    def measure(self, log: Callable[[str], None] | None = None) -> None:
+        """Calibrate once per format, then score each unit alone (fills the options' damage)."""
+        if self.composer is None:
+            _measure(self, log or (lambda _m: None))
+
+
+def prepare_fit(
+    model: str | Path,
+    *,
+    calib: str | None = None,
+    granularity: str = "group",
+    formats: tuple[str, ...] | list[str] | str = DEFAULT_FORMATS,
+    samples: int = DEFAULT_SAMPLES,
+    calib_size: int = DEFAULT_CALIB_SIZE,
+    kv_cache: str = "fp8",
+) -> FitSession:
+    """Units and their exact byte costs (from ``config.json`` and the shards' headers;
+    nothing is calibrated yet). Arguments as ``fit``'s."""
+    from omniquant.models import load_model
+
+    t0 = time.perf_counter()
+    fmts = _check_formats(formats)
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise PlanError(f"use one of {', '.join(KV_CACHE_CHOICES)}.", arg="kv_cache",
+                        value=repr(kv_cache))  # fmt: skip
+    if samples < 1:
+        raise PlanError("must be at least 1.", arg="samples", value=samples)
+    model_dir = Path(model)
+    meta = load_model(model_dir, weights=False)
+    units = fit_units(meta, granularity)
+    costs = unit_costs(meta, units, fmts, kv_cache)
+    options = {
+        u.name: [Option(f, costs.delta[(u.name, f)], 0.0) for f in fmts if (u.name, f) in costs.delta]
+        for u in units
+    }  # fmt: skip
+    return FitSession(
+        model_dir=model_dir, meta=meta, units=units, costs=costs, options=options, formats=fmts,
+        granularity=granularity, kv_cache=kv_cache, calib=calib or _default_calib(model_dir),
+        calib_size=calib_size, samples=samples,
+        seconds={"plan": round(time.perf_counter() - t0, 2)},
+    )  # fmt: skip
+
+
 def fit(
     model: str | Path,
     budget: str | int | None = None,
     *,
     calib: str | None = None,
     granularity: str = "group",
-    formats: tuple[str, ...] | list[str] = DEFAULT_FORMATS,
+    formats: tuple[str, ...] | list[str] | str = DEFAULT_FORMATS,
     samples: int = DEFAULT_SAMPLES,
     calib_size: int = DEFAULT_CALIB_SIZE,
     kv_cache: str = "fp8",
@@ -296,39 +365,42 @@ def fit(
     Raises:
         PlanError: bad budget/formats, a budget below the smallest legal layout.
     """
-    from omniquant.models import load_model
-
-    say = log or (lambda _m: None)
-    t0 = time.perf_counter()
-    fmts = _check_formats(formats)
-    if kv_cache not in KV_CACHE_CHOICES:
-        raise PlanError(f"use one of {', '.join(KV_CACHE_CHOICES)}.", arg="kv_cache",
-                        value=repr(kv_cache))  # fmt: skip
-    if samples < 1:
-        raise PlanError("must be at least 1.", arg="samples", value=samples)
     if serving is not None:
         budget_bytes, budget_text = serving.weights_budget, f"serving budget {serving.label()}"
+    elif budget is None:
+        raise PlanError(f"give {arg_ref('budget')} or a serving memory budget.", arg="budget",
+                        value=None)  # fmt: skip
     else:
-        if budget is None:
-            raise PlanError(f"give {arg_ref('budget')} or a serving memory budget.", arg="budget",
-                            value=None)  # fmt: skip
         budget_bytes, budget_text = parse_budget(budget), str(budget)
-    model_dir = Path(model)
-    calib = calib or _default_calib(model_dir)
-    meta = load_model(model_dir, weights=False)
-    units = fit_units(meta, granularity)
-    costs = unit_costs(meta, units, fmts, kv_cache)
-    options = {
-        u.name: [
-            Option(f, costs.delta[(u.name, f)], 0.0) for f in fmts if (u.name, f) in costs.delta
-        ]
-        for u in units
-    }
-    low = costs.bf16_bytes + smallest(options)
+    session = prepare_fit(model, calib=calib, granularity=granularity, formats=formats,
+                          samples=samples, calib_size=calib_size, kv_cache=kv_cache)  # fmt: skip
+    return fit_budget(session, budget_bytes, budget_text, serving=serving, name=name, log=log)
+
+
+def fit_budget(
+    session: FitSession,
+    budget_bytes: int,
+    budget_text: str | None = None,
+    *,
+    serving=None,
+    name: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> FitResult:
+    """The least-damage layout of ``session``'s units within ``budget_bytes`` (measuring
+    the units first if they are not yet).
+
+    Raises:
+        PlanError: the budget is below the smallest legal layout (naming its size).
+    """
+    say = log or (lambda _m: None)
+    t0 = time.perf_counter()
+    s, costs = session, session.costs
+    budget_text = budget_text or f"{budget_bytes} bytes"
+    low = s.smallest_bytes
     result = FitResult(
-        model=str(model_dir), budget_bytes=budget_bytes, budget_text=budget_text,
-        granularity=granularity, formats=fmts, kv_cache=kv_cache, bf16_bytes=costs.bf16_bytes,
-        smallest_bytes=low, bf16_fits=costs.bf16_bytes <= budget_bytes,
+        model=str(s.model_dir), budget_bytes=budget_bytes, budget_text=budget_text,
+        granularity=s.granularity, formats=s.formats, kv_cache=s.kv_cache,
+        bf16_bytes=costs.bf16_bytes, smallest_bytes=low, bf16_fits=costs.bf16_bytes <= budget_bytes,
         illegal=[{"unit": u, "format": f, "reason": r} for (u, f), r in costs.illegal.items()],
         serving=serving.to_json() if serving is not None else None,
     )  # fmt: skip
@@ -336,82 +408,88 @@ def fit(
         say(f"fit: BF16 ({costs.bf16_bytes:,} bytes) fits {budget_text}; nothing to quantize")
         return result
     if low > budget_bytes:
+        beside = ""
+        if serving is not None:
+            beside = (
+                " (what serving needs beside the weights: "
+                + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in serving.terms.items())
+                + ")"
+            )
         raise PlanError(
             f"{_bytes(budget_bytes)} is below the smallest legal layout of this model, "
-            f"{_bytes(low)} (every unit in its narrowest legal format of {', '.join(fmts)}; "
-            f"BF16 is {_bytes(costs.bf16_bytes)}); raise the budget or allow narrower formats.",
-            arg="budget",
+            f"{_bytes(low)} (every unit in its narrowest legal format of {', '.join(s.formats)}; "
+            f"BF16 is {_bytes(costs.bf16_bytes)}){beside}; raise the budget or allow narrower "
+            "formats.",
+            arg="budget" if serving is None else "gpu_memory",
             value=budget_text,
         )
-    result.seconds["plan"] = round(time.perf_counter() - t0, 2)
-    composer, result.kv_kl = _measure(model_dir, units, fmts, costs, calib, calib_size, samples,
-                                      kv_cache, options, result, say)  # fmt: skip
-    room = budget_bytes - costs.bf16_bytes
-    chosen = solve(options, room)
-    _finish(result, meta, units, chosen, costs, composer, calib, calib_size, name, say)
-    result.seconds["total"] = round(time.perf_counter() - t0, 2)
+    s.measure(say)
+    chosen = solve(s.options, budget_bytes - costs.bf16_bytes)
+    _finish(result, s, chosen, name, say)
+    result.seconds = {**s.seconds, "fit": round(time.perf_counter() - t0, 2)}
     return result
 
 
-def _measure(model_dir, units, fmts, costs, calib, calib_size, samples, kv_cache, options,
-             result, say):  # fmt: skip
-    """Calibrate once per format, then score each unit alone (fills ``options``' damage)."""
+def _measure(s: FitSession, say) -> None:
+    """Calibrate once per format, then score each unit alone."""
     from omniquant.evaluate.emulated import load_emulated
     from omniquant.evaluate.logit_kl import sample_logprobs
     from omniquant.quantize.pipeline import load_calibration_samples, quantize
     from omniquant.quantize.recipe import Recipe
 
     t = time.perf_counter()
-    quantized = [f for f in fmts if f != "bf16"]
     with tempfile.TemporaryDirectory(prefix=".omniquant-fit-") as tmp:
         exports = {}
-        for fmt in quantized:
-            legal = {u: fmt for u in units if (u.name, fmt) in costs.delta}
+        for fmt in [f for f in s.formats if f != "bf16"]:
+            legal = {u: fmt for u in s.units if (u.name, fmt) in s.costs.delta}
             if not legal:
                 continue
             rec = Recipe.model_validate(recipe_dict(
                 legal, name=f"fit_all_{fmt}", description=f"every legal unit in {fmt}",
-                calib=calib, calib_size=calib_size, kv_cache=kv_cache, coverage="warn",
+                calib=s.calib, calib_size=s.calib_size, kv_cache=s.kv_cache, coverage="warn",
             ))  # fmt: skip
             say(f"fit: calibrating every legal unit in {fmt} ({len(legal)} units)")
             with contextlib.redirect_stdout(io.StringIO()):
-                res = quantize(model_dir, rec, Path(tmp) / fmt, force=True, quiet=True)
-            result.warnings += [f"{fmt} calibration: {w}" for w in res.warnings]
+                res = quantize(s.model_dir, rec, Path(tmp) / fmt, force=True, quiet=True)
+            s.warnings += [f"{fmt} calibration: {w}" for w in res.warnings]
             exports[fmt] = Path(tmp) / fmt
-        result.seconds["calibrate"] = round(time.perf_counter() - t, 2)
+        s.seconds["calibrate"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
-        base = load_emulated(model_dir)
-        batch, _skipped = load_calibration_samples(base, calib, samples, seed=0)
+        base = load_emulated(s.model_dir)
+        batch, _skipped = load_calibration_samples(base, s.calib, s.samples, seed=0)
         reference = sample_logprobs(base, batch)
         del base
         gc.collect()
         # The exports are read into memory here, before the scratch directory goes.
-        composer = Composer(model_dir, exports, costs.hub_modules, batch, reference)
-    result.calibration = {"set": calib, "size": calib_size, "scored_samples": len(batch)}
-    for unit in units:
-        for i, opt in enumerate(options[unit.name]):
+        composer = Composer(s.model_dir, exports, s.costs.hub_modules, batch, reference)
+    s.calibration = {"set": s.calib, "size": s.calib_size, "scored_samples": len(batch)}
+    for unit in s.units:
+        for i, opt in enumerate(s.options[unit.name]):
             if opt.format == "bf16":
                 continue
             kl = composer.kl({unit.name: opt.format}, kv_cache=False)
-            options[unit.name][i] = Option(opt.format, opt.delta_bytes, kl)
+            s.options[unit.name][i] = Option(opt.format, opt.delta_bytes, kl)
             say(f"fit: {unit.name} -> {opt.format}: KL {kl:.3g}, {opt.delta_bytes:+,} bytes")
-    kv_kl = composer.kl({}, kv_cache=True) if kv_cache == "fp8" and composer.exported else None
-    result.seconds["score"] = round(time.perf_counter() - t, 2)
-    return composer, kv_kl
+    if s.kv_cache == "fp8" and composer.exported:
+        s.kv_kl = composer.kl({}, kv_cache=True)
+    s.composer = composer
+    s.seconds["score"] = round(time.perf_counter() - t, 2)
 
 
-def _finish(result, meta, units, chosen, costs, composer, calib, calib_size, name, say):
+def _finish(result: FitResult, s: FitSession, chosen: dict, name, say) -> None:
     """Predict the chosen layout as a whole, run the interaction check, write the recipe."""
     from omniquant.quantize.plan import resolve_plan
     from omniquant.quantize.predict import predict_size
     from omniquant.quantize.recipe import Recipe
 
-    by_name = {u.name: u for u in units}
+    by_name = {u.name: u for u in s.units}
+    result.kv_kl, result.calibration = s.kv_kl, dict(s.calibration)
+    result.warnings = list(s.warnings)
     assignment = {by_name[u]: o.format for u, o in chosen.items()}
     additive = sum(o.damage for o in chosen.values()) + (result.kv_kl or 0.0)
-    predicted = costs.bf16_bytes + sum(o.delta_bytes for o in chosen.values())
+    predicted = s.costs.bf16_bytes + sum(o.delta_bytes for o in chosen.values())
     t = time.perf_counter()
-    result.composed_kl = composer.kl({u: o.format for u, o in chosen.items()},
+    result.composed_kl = s.composer.kl({u: o.format for u, o in chosen.items()},
                                      kv_cache=result.kv_cache == "fp8")  # fmt: skip
     result.seconds["interaction_check"] = round(time.perf_counter() - t, 2)
     result.predicted_kl, result.predicted_bytes = additive, predicted
@@ -425,9 +503,9 @@ def _finish(result, meta, units, chosen, costs, composer, calib, calib_size, nam
         f"fitted to {result.budget_text} ({predicted:,} bytes predicted): least summed KL "
         f"over {', '.join(result.formats)} per {result.granularity}"
     )
-    rec = recipe_dict(assignment, name=name, description=desc, calib=calib,
-                      calib_size=calib_size, kv_cache=result.kv_cache)  # fmt: skip
-    check = predict_size(meta, resolve_plan(Recipe.model_validate(rec), meta)).predicted_bytes
+    rec = recipe_dict(assignment, name=name, description=desc, calib=s.calib,
+                      calib_size=s.calib_size, kv_cache=result.kv_cache)  # fmt: skip
+    check = predict_size(s.meta, resolve_plan(Recipe.model_validate(rec), s.meta)).predicted_bytes
     if check != predicted:  # pragma: no cover - the size arithmetic is additive by construction
         raise RuntimeError(f"internal: fitted layout predicts {check} bytes, units sum {predicted}")
     result.recipe = rec
