@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from omniquant.errors import PlanError
-from omniquant.experiments.fit_solve import Option, smallest, solve
+from omniquant.experiments.fit_solve import Option, smallest, solve, solve_best
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,6 +47,29 @@ def test_solver_matches_brute_force():
         assert sum(o.delta_bytes for o in chosen.values()) <= room
         # Exact optimum: the summed damage equals brute force's (to float rounding, 1e-9).
         assert sum(o.damage for o in chosen.values()) == pytest.approx(want[0], abs=1e-9)
+
+
+def test_best_layouts_are_the_k_best_by_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    options = {
+        f"u{u}": [Option("bf16", 0, 0.0),
+                  Option("fp8", -100 - u, float(torch.rand(1, generator=gen)) * 0.01),
+                  Option("nvfp4", -150 - u, float(torch.rand(1, generator=gen)) * 0.1)]
+        for u in range(4)
+    }  # fmt: skip
+    room = -400
+    fits = [
+        c for c in itertools.product(*options.values()) if sum(o.delta_bytes for o in c) <= room
+    ]
+    want = sorted(sum(o.damage for o in c) for c in fits)
+    got = solve_best(options, room, 6)
+    assert len(got) == min(6, len(fits))
+    assert len({tuple(o.format for o in g.values()) for g in got}) == len(got)  # distinct
+    assert [sum(o.damage for o in g.values()) for g in got] == pytest.approx(
+        want[: len(got)], abs=1e-9
+    )
+    # Asking for more than exist returns them all.
+    assert len(solve_best(options, room, 500)) == len(fits)
 
 
 def test_solver_meets_a_budget_to_the_byte():
@@ -136,6 +159,8 @@ def test_fit_on_the_tiny_model_exports_the_predicted_bytes(tiny_dir, tmp_path):
     text = out.read_text()
     assert f"# predicted bytes: {res.predicted_bytes:,} bytes" in text
     assert f"# predicted KL: {res.predicted_kl:.6g} nats" in text
+    assert 1 <= res.chosen_rank <= len(res.alternatives) <= 5
+    assert res.composed_kl == min(a["composed_kl"] for a in res.alternatives)
     load_recipe(out)  # a valid recipe
     q = quantize(tiny_dir, out, tmp_path / "q", calib="synthetic")
     assert measured_tensor_bytes(q.out) == res.predicted_bytes

@@ -41,6 +41,12 @@ def fit_cmd(
         str, typer.Option(help="Formats a unit may take, comma-separated.")
     ] = "bf16,fp8,nvfp4",
     samples: Annotated[int, typer.Option(help="Calibration samples each unit is scored on.")] = 8,
+    candidates: Annotated[
+        int,
+        typer.Option(
+            help="Best layouts by summed KL to compose and score whole; the least measured wins."
+        ),
+    ] = 5,
     force: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -60,7 +66,8 @@ def fit_cmd(
     console = _console()
     log = None if json_ else console.print
     result = fit(model, budget, calib=calib, granularity=granularity, formats=formats,
-                 samples=samples, kv_cache=kv_cache, serving=serving, log=log)  # fmt: skip
+                 samples=samples, kv_cache=kv_cache, serving=serving,
+                 candidates=candidates, log=log)  # fmt: skip
     written = None
     if result.recipe_yaml is not None:
         written = write_recipe(result, out, force=force)

@@ -43,13 +43,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omniquant.errors import PlanError, RecipeError, arg_ref
-from omniquant.experiments.fit_solve import Option, smallest, solve
+from omniquant.experiments.fit_solve import Option, smallest, solve_best
 from omniquant.formats import FORMATS, KV_SCALE_SUFFIXES
 
 GRANULARITIES = ("group", "layer")
 DEFAULT_FORMATS = ("bf16", "fp8", "nvfp4")
 #: Calibration samples each probe is scored on.
 DEFAULT_SAMPLES = 8
+#: Layouts (the best by summed KL) composed whole and scored; the least measured one wins.
+DEFAULT_CANDIDATES = 5
 #: Calibration samples of the per-format calibrations and of the fitted recipe (the
 #: built-in recipes' size).
 DEFAULT_CALIB_SIZE = 16
@@ -254,6 +256,10 @@ class FitResult:
     recipe_yaml: str | None = None
     calibration: dict = field(default_factory=dict)
     serving: dict | None = None
+    #: The best layouts by summed KL, each composed whole and scored (the interaction check).
+    alternatives: list[dict] = field(default_factory=list)
+    #: Rank by summed KL of the layout chosen (1: the integer program's optimum).
+    chosen_rank: int | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
 
@@ -344,6 +350,7 @@ def fit(
     kv_cache: str = "fp8",
     serving=None,
     name: str | None = None,
+    candidates: int = DEFAULT_CANDIDATES,
     log: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Fit the least-damage recipe whose export fits ``budget``.
@@ -360,6 +367,9 @@ def fit(
         kv_cache: ``fp8`` (the recipe quantizes the KV cache) or ``bf16``.
         serving: A ``ServingMemory`` whose ``weights_budget`` is the budget.
         name: The recipe's name (default ``fit_<budget>``).
+        candidates: How many of the best layouts by summed KL are composed whole and
+            scored; the one with the least measured KL is written (1: the integer
+            program's optimum alone).
         log: Progress lines.
 
     Raises:
@@ -374,7 +384,8 @@ def fit(
         budget_bytes, budget_text = parse_budget(budget), str(budget)
     session = prepare_fit(model, calib=calib, granularity=granularity, formats=formats,
                           samples=samples, calib_size=calib_size, kv_cache=kv_cache)  # fmt: skip
-    return fit_budget(session, budget_bytes, budget_text, serving=serving, name=name, log=log)
+    return fit_budget(session, budget_bytes, budget_text, serving=serving, name=name,
+                      candidates=candidates, log=log)  # fmt: skip
 
 
 def fit_budget(
@@ -384,10 +395,12 @@ def fit_budget(
     *,
     serving=None,
     name: str | None = None,
+    candidates: int = DEFAULT_CANDIDATES,
     log: Callable[[str], None] | None = None,
 ) -> FitResult:
     """The least-damage layout of ``session``'s units within ``budget_bytes`` (measuring
-    the units first if they are not yet).
+    the units first if they are not yet): the ``candidates`` best layouts by summed KL are
+    composed whole and scored on the same samples, and the least measured one is chosen.
 
     Raises:
         PlanError: the budget is below the smallest legal layout (naming its size).
@@ -423,10 +436,26 @@ def fit_budget(
             arg="budget" if serving is None else "gpu_memory",
             value=budget_text,
         )
+    if candidates < 1:
+        raise PlanError("must be at least 1.", arg="candidates", value=candidates)
     s.measure(say)
-    chosen = solve(s.options, budget_bytes - costs.bf16_bytes)
-    _finish(result, s, chosen, name, say)
-    result.seconds = {**s.seconds, "fit": round(time.perf_counter() - t0, 2)}
+    t = time.perf_counter()
+    kv = s.kv_cache == "fp8"
+    scored = []
+    for layout in solve_best(s.options, budget_bytes - costs.bf16_bytes, candidates):
+        composed = s.composer.kl({u: o.format for u, o in layout.items()}, kv_cache=kv)
+        scored.append((composed, layout))
+        result.alternatives.append({
+            "layout": {u: o.format for u, o in layout.items()},
+            "predicted_bytes": costs.bf16_bytes + sum(o.delta_bytes for o in layout.values()),
+            "predicted_kl": sum(o.damage for o in layout.values()) + (s.kv_kl or 0.0),
+            "composed_kl": composed,
+        })  # fmt: skip
+    best = min(range(len(scored)), key=lambda i: scored[i][0])
+    result.chosen_rank = best + 1
+    result.seconds["interaction_check"] = round(time.perf_counter() - t, 2)
+    _finish(result, s, scored[best][1], scored[best][0], name, say)
+    result.seconds = {**s.seconds, **result.seconds, "fit": round(time.perf_counter() - t0, 2)}
     return result
 
 
@@ -476,7 +505,7 @@ def _measure(s: FitSession, say) -> None:
     s.seconds["score"] = round(time.perf_counter() - t, 2)
 
 
-def _finish(result: FitResult, s: FitSession, chosen: dict, name, say) -> None:
+def _finish(result: FitResult, s: FitSession, chosen: dict, composed: float, name, say) -> None:
     """Predict the chosen layout as a whole, run the interaction check, write the recipe."""
     from omniquant.quantize.plan import resolve_plan
     from omniquant.quantize.predict import predict_size
@@ -488,10 +517,7 @@ def _finish(result: FitResult, s: FitSession, chosen: dict, name, say) -> None:
     assignment = {by_name[u]: o.format for u, o in chosen.items()}
     additive = sum(o.damage for o in chosen.values()) + (result.kv_kl or 0.0)
     predicted = s.costs.bf16_bytes + sum(o.delta_bytes for o in chosen.values())
-    t = time.perf_counter()
-    result.composed_kl = s.composer.kl({u: o.format for u, o in chosen.items()},
-                                     kv_cache=result.kv_cache == "fp8")  # fmt: skip
-    result.seconds["interaction_check"] = round(time.perf_counter() - t, 2)
+    result.composed_kl = composed
     result.predicted_kl, result.predicted_bytes = additive, predicted
     result.units = [
         {"unit": u, "group": by_name[u].group, "format": o.format, "delta_bytes": o.delta_bytes,
@@ -541,6 +567,12 @@ def render_recipe(result: FitResult, units: dict[str, Unit]) -> str:
         (
             f"# interaction check: the whole layout composed and scored on the same samples: KL "
             f"{r.composed_kl:.6g} ({ratio:.2f}x the additive prediction)."
+        ),
+        (
+            f"#   chosen as the least measured of the {len(r.alternatives)} best layouts by "
+            f"summed KL (it ranks {r.chosen_rank} by the sum): "
+            + "; ".join(f"{a['composed_kl']:.3g}" for a in r.alternatives)
+            + "."
         ),
         "# Units kept in BF16: "
         + (", ".join(u["unit"] for u in r.units if u["format"] == "bf16") or "none")

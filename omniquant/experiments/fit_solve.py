@@ -63,7 +63,31 @@ def solve(options: dict[str, list[Option]], room: int) -> dict[str, Option]:
     raise RuntimeError("solver answer exceeds the budget in integer arithmetic")
 
 
-def _solve_once(options: dict[str, list[Option]], room: int) -> dict[str, Option]:
+def solve_best(options: dict[str, list[Option]], room: int, k: int) -> list[dict[str, Option]]:
+    """The ``k`` best distinct layouts by summed damage within ``room`` (fewer when fewer
+    exist), best first: each further one is the optimum with the earlier ones excluded by
+    a no-good cut (at least one unit takes another option).
+
+    Raises:
+        ValueError: no layout fits.
+    """
+    if smallest(options) > room:
+        raise ValueError("no layout fits the budget")
+    found: list[dict[str, Option]] = []
+    for _ in range(k):
+        try:
+            layout = _solve_once(options, room, exclude=found)
+        except RuntimeError:  # infeasible: every layout that fits is already found
+            break
+        if sum(o.delta_bytes for o in layout.values()) > room:
+            break  # a tolerance artefact; the exact ones found so far stand
+        found.append(layout)
+    return found
+
+
+def _solve_once(
+    options: dict[str, list[Option]], room: int, exclude: list[dict[str, Option]] = ()
+) -> dict[str, Option]:
     import pulp
 
     prob = pulp.LpProblem("omniquant_fit", pulp.LpMinimize)
@@ -76,6 +100,9 @@ def _solve_once(options: dict[str, list[Option]], room: int) -> dict[str, Option
     prob += pulp.lpSum(options[u][i].delta_bytes * v for (u, i), v in x.items()) <= room
     for u, opts in options.items():
         prob += pulp.lpSum(x[(u, i)] for i in range(len(opts))) == 1
+    for layout in exclude:
+        picked = [x[(u, options[u].index(o))] for u, o in layout.items()]
+        prob += pulp.lpSum(picked) <= len(picked) - 1
     status = prob.solve(pulp.PULP_CBC_CMD(msg=False))
     if pulp.LpStatus[status] != "Optimal":
         raise RuntimeError(f"CBC ended with status {pulp.LpStatus[status]}")
