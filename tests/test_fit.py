@@ -138,6 +138,17 @@ def test_bad_budgets_on_the_tiny_model(tiny_dir, tmp_path):
     assert not (tmp_path / "r.yaml").exists()
     with pytest.raises(PlanError, match="unknown format"):
         fit(tiny_dir, "1MiB", formats="fp8,int3")
+    import shutil
+
+    from omniquant.experiments.fit import fit_budget, prepare_fit
+
+    config_only = tmp_path / "cfg"
+    config_only.mkdir()
+    shutil.copy(tiny_dir / "config.json", config_only / "config.json")
+    session = prepare_fit(config_only, calib="synthetic")  # bytes need no weights
+    mid = (session.smallest_bytes + session.costs.bf16_bytes) // 2
+    with pytest.raises(PlanError, match=r"holds no weights \(config.json only\)"):
+        fit_budget(session, mid)
 
 
 def test_fit_on_the_tiny_model_exports_the_predicted_bytes(tiny_dir, tmp_path):

@@ -297,8 +297,16 @@ class FitSession:
 
     def measure(self, log: Callable[[str], None] | None = None) -> None:
         """Calibrate once per format, then score each unit alone (fills the options' damage)."""
-        if self.composer is None:
-            _measure(self, log or (lambda _m: None))
+        if self.composer is not None:
+            return
+        if not any(self.model_dir.glob("*.safetensors")):
+            raise PlanError(
+                "holds no weights (config.json only): fit measures each unit's KL from the "
+                "weights; `omniquant plan` prices layouts from the config alone.",
+                arg="model",
+                value=self.model_dir,
+            )
+        _measure(self, log or (lambda _m: None))
 
 
 def prepare_fit(
