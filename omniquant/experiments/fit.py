@@ -23,10 +23,15 @@ Policy:
   unit's exported tensors. The FP8 KV cache, when asked for, is one more probe whose
   KL is added to every prediction.
 - Interaction check: the additive model (predicted KL = sum of the units' KL) is an
-  assumption; after solving, the chosen layout is composed as a whole and scored on the
-  same samples, and both numbers go into the recipe's header and ``FitResult``.
-- The choice is exact (``omniquant.experiments.fit_solve``: an integer program solved
-  by CBC through pulp).
+  assumption, and on the demo model it misranked layouts (a layout with more bytes
+  measured worse than a cheaper one). So the ``candidates`` best layouts by summed KL
+  (an exact integer program solved by CBC through pulp, ``omniquant.experiments.fit_solve``,
+  with no-good cuts for the runners-up) are each composed whole and scored on the same
+  samples, and the least measured one is written; the sum, the chosen layout's measured
+  KL and every candidate's go into the recipe's header and ``FitResult``.
+- The composition runs the CPU emulation and keeps the BF16 and per-format exported
+  tensors in host memory: right for the demo and tiny models; the released model needs
+  a GPU-resident model whose units are swapped in place (not built).
 """
 
 from __future__ import annotations
