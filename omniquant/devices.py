@@ -43,6 +43,8 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+#: The size units ``parse_size`` accepts (case-insensitive), for messages that list them.
+SIZE_UNITS = ("B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB")
 
 
 @dataclass

@@ -38,6 +38,9 @@ ALLOWED = {
     # FP8 KV-cache scales beside the k/v projection weights, for any model.
     ("formats.py", "k_proj"): "format",
     ("formats.py", "v_proj"): "format",
+    # `omniquant fit --granularity layer`: the command's word for "per backbone layer"
+    # (the adapter's layer_index says which layer), not a module attribute.
+    ("experiments/fit.py", "layer"): "granularity",
 }
 #: Files whose model knowledge is another program's: the serving readers model what
 #: vLLM's and TensorRT-LLM's loaders do with hub tensor names (cited line by line in

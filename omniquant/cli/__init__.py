@@ -46,6 +46,7 @@ def make_tiny_cmd(
 # inside the command body.
 from omniquant.cli import (  # noqa: F401
     commands,
+    fit,
     plan,
 )
 

@@ -37,13 +37,28 @@ def plan_cmd(
         list[str] | None,
         typer.Option("--set", help="Recipe override key.path=value (repeatable)."),
     ] = None,
+    context: Annotated[
+        int | None,
+        typer.Option(
+            help="Tokens per served sequence: print the serving memory beside the weights."
+        ),
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Sequences served at once (with --context).")] = 1,
+    gpu_memory: Annotated[
+        str | None, typer.Option(help="GPU size, e.g. 80GiB: whether the export fits beside them.")
+    ] = None,
+    kv_cache: Annotated[
+        str | None,
+        typer.Option(help="KV cache dtype for serving: fp8 or bf16 (default: the recipe's)."),
+    ] = None,
 ) -> None:
     """Plan a recipe from the model's config alone: layout, size and calibration memory."""
     from omniquant.quantize.planner import plan_model
 
     report = plan_model(
-        model, recipe, overrides=set_, device=device, max_memory=max_memory, tokens=tokens
-    )
+        model, recipe, overrides=set_, device=device, max_memory=max_memory, tokens=tokens,
+        context=context, batch=batch, gpu_memory=gpu_memory, kv_cache=kv_cache,
+    )  # fmt: skip
     if json_:
         _echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
         return

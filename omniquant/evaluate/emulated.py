@@ -38,6 +38,11 @@ SCALE_LEAVES = SCALE_SUFFIXES
 KV_LEAVES = KV_SCALE_SUFFIXES
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every stored tensor of a checkpoint directory (hub names), all shards."""
+    return _read_tensors(Path(path))
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -78,8 +83,18 @@ def dequantize_state_dict(tensors: dict[str, torch.Tensor], dtype=torch.bfloat16
     return sd, act, kv
 
 
-def load_emulated(path: str | Path, dtype: str = "bfloat16"):
+def load_emulated(
+    path: str | Path, dtype: str = "bfloat16", tensors: dict[str, torch.Tensor] | None = None
+):
     """Load a BF16, FP8, NVFP4 or mixed checkpoint for evaluation with serving numerics.
+
+    Args:
+        path: The checkpoint directory (config, tokenizer and, unless ``tensors`` is
+            given, the safetensors shards).
+        dtype: Compute dtype of the dequantized weights.
+        tensors: Stored tensors (hub names) to use instead of the shards: a layout
+            composed in memory from exports of the same model (``omniquant fit`` scores
+            one unit at a time this way); read with the same serving numerics.
 
     Returns:
         A ``LoadedModel`` whose ``emulation`` records the formats found.
@@ -91,7 +106,8 @@ def load_emulated(path: str | Path, dtype: str = "bfloat16"):
     path = Path(path)
     adapter = adapter_for(path)
     cfg_dict = read_config(path)
-    sd, act, kv = dequantize_state_dict(_read_tensors(path), getattr(torch, dtype))
+    stored = _read_tensors(path) if tensors is None else tensors
+    sd, act, kv = dequantize_state_dict(stored, getattr(torch, dtype))
     model = adapter.load_from_state_dict(path, sd, dtype)
     installed = install_serving_numerics(model, adapter, act, kv)
     tokenizer = AutoTokenizer.from_pretrained(path)

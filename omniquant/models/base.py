@@ -110,6 +110,32 @@ class CalibrationShapes:
     act_bytes: int = 2
 
 
+@dataclass(frozen=True)
+class ServingShapes:
+    """What a serving engine holds beside the weights, per sequence and per token
+    (``omniquant.quantize.serving_memory``)."""
+
+    attention_layers: int
+    kv_heads: int
+    head_dim: int
+    mamba_layers: int
+    mamba_heads: int
+    mamba_head_dim: int
+    ssm_state: int
+    n_groups: int
+    conv_kernel: int
+    #: The config's ``mamba_ssm_cache_dtype`` (None: not set).
+    ssm_cache_dtype: str | None
+    #: Vision encoder: width, MLP width, extra (cls + register) tokens.
+    vision_hidden: int
+    vision_mlp: int
+    vision_extra_tokens: int
+    #: Audio encoder: width and FFN width.
+    audio_hidden: int
+    audio_ffn: int
+    act_bytes: int = 2
+
+
 class ModelAdapter(ABC):
     """What a stage may ask about a model family."""
 
@@ -174,6 +200,14 @@ class ModelAdapter(ABC):
         turns them into bytes)."""
 
     @abstractmethod
+    def layer_index(self, name: str) -> int | None:
+        """Backbone layer index of a module name, or None outside the backbone layers."""
+        return None
+
+    def serving_shapes(self, model) -> ServingShapes:
+        """Shapes of the serving state (KV cache, recurrent state, encoder activations)."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its serving state")
+
     def placement_units(self, model) -> list[tuple[str, int]]:
         """``(name, bytes)`` in module order, as a device map may place them."""
 

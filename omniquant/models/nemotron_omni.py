@@ -414,6 +414,36 @@ class NemotronOmniAdapter(ModelAdapter):
             chunk=text.chunk_size,
         )
 
+    def serving_shapes(self, model):
+        """KV, Mamba state and encoder widths for ``omniquant.quantize.serving_memory``."""
+        from omniquant.models.base import ServingShapes
+
+        text = model.config.text_config
+        types = list(text.layers_block_type)
+        vision = model.config.vision_config
+        audio = getattr(model.config, "audio_config", None)
+        mlp = getattr(vision, "intermediate_size", None) or int(
+            vision.hidden_size * getattr(vision, "mlp_ratio", 4.0)
+        )
+        return ServingShapes(
+            attention_layers=types.count("full_attention"),
+            kv_heads=text.num_key_value_heads,
+            head_dim=text.head_dim,
+            mamba_layers=types.count("linear_attention"),
+            mamba_heads=text.mamba_num_heads,
+            mamba_head_dim=text.mamba_head_dim,
+            ssm_state=text.ssm_state_size,
+            n_groups=text.n_groups,
+            conv_kernel=text.conv_kernel,
+            ssm_cache_dtype=getattr(text, "mamba_ssm_cache_dtype", None),
+            vision_hidden=vision.hidden_size,
+            vision_mlp=mlp,
+            vision_extra_tokens=getattr(vision, "num_cls_tokens", 0)
+            + getattr(vision, "num_registers", 0),
+            audio_hidden=audio.hidden_size if audio is not None else 0,
+            audio_ffn=audio.intermediate_size if audio is not None else 0,
+        )
+
     def placement_units(self, model) -> list[tuple[str, int]]:
         """``(name, bytes)`` of the model's tensors in module order, grouped as a device
         map may place them: one backbone layer, or one top-level module."""

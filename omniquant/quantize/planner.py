@@ -34,6 +34,8 @@ class PlanReport:
     size: object
     memory: object
     seconds: float
+    #: ``ServingMemory`` when a context was given (``omniquant.quantize.serving_memory``).
+    serving: object = None
 
     def to_json(self) -> dict:
         return {
@@ -47,6 +49,7 @@ class PlanReport:
             "predicted_bytes": self.size.predicted_bytes,
             "size": self.size.to_json(),
             "memory": self.memory.to_json(),
+            "serving": self.serving.to_json() if self.serving is not None else None,
             "seconds": round(self.seconds, 2),
         }
 
@@ -79,6 +82,9 @@ class PlanReport:
         ]
         if m.fits is not None:
             lines.append(f"  fits: {'yes' if m.fits else 'NO'}")
+        if self.serving is not None:
+            lines += ["", "serving memory (by arithmetic, vLLM's layout):"]
+            lines += [f"  {line}" for line in self.serving.arithmetic]
         lines.append(f"planned in {self.seconds:.1f} s")
         return "\n".join(lines)
 
@@ -104,6 +110,10 @@ def plan_model(
     device: str | None = None,
     max_memory: str | None = None,
     tokens: int = DEFAULT_TOKENS,
+    context: int | None = None,
+    batch: int = 1,
+    gpu_memory: str | int | None = None,
+    kv_cache: str | None = None,
 ) -> PlanReport:
     """Plan ``recipe`` on ``model`` without reading any weight.
 
@@ -115,6 +125,11 @@ def plan_model(
             None: ``cpu``, or the devices ``max_memory`` names.
         max_memory: ``--max-memory`` string (``0=120GiB,1=120GiB,cpu=200GiB``) or None.
         tokens: Backbone tokens of the longest calibration sample.
+        context: Tokens per served sequence; with it, the serving memory beside the
+            weights is printed term by term (``omniquant.quantize.serving_memory``).
+        batch: Sequences served at once.
+        gpu_memory: GPU size (``80GiB``); with it, whether the export fits beside them.
+        kv_cache: ``fp8`` or ``bf16`` (default: the recipe's KV cache).
 
     Raises:
         RecipeError, PlanError, ModelLoadError: the recipe cannot be applied to the
@@ -140,6 +155,23 @@ def plan_model(
         device=device,
         max_memory=max_memory,
     )
+    serving = None
+    if context is not None or gpu_memory is not None:
+        from omniquant.quantize.serving_memory import (
+            DEFAULT_CONTEXT,
+            parse_size_arg,
+            serving_memory_for,
+        )
+
+        gpu = None if gpu_memory is None else parse_size_arg(gpu_memory, "gpu_memory")
+        serving = serving_memory_for(
+            loaded,
+            context=DEFAULT_CONTEXT if context is None else context,
+            batch=batch,
+            kv_cache=kv_cache or ("fp8" if rec.quantization.kv_cache == "fp8" else "bf16"),
+            gpu_memory=gpu,
+            weights_bytes=size.predicted_bytes,
+        )
     return PlanReport(
         model=Path(model),
         recipe_name=rec.metadata.name,
@@ -149,4 +181,5 @@ def plan_model(
         size=size,
         memory=memory,
         seconds=time.perf_counter() - t0,
+        serving=serving,
     )

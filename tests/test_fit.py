@@ -1,0 +1,208 @@
+"""``omniquant fit``: the exact solver, the budget parser, the bad inputs, and end to end on
+the tiny model (the fitted recipe exports exactly the predicted bytes, and the in-memory
+composition fit scores is byte for byte what ``quantize`` writes)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from omniquant.errors import PlanError
+from omniquant.experiments.fit_solve import Option, smallest, solve, solve_best
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _brute(options, room):
+    best = None
+    for combo in itertools.product(*options.values()):
+        if sum(o.delta_bytes for o in combo) > room:
+            continue
+        dmg = sum(o.damage for o in combo)
+        if best is None or dmg < best[0] - 1e-12:
+            best = (dmg, combo)
+    return best
+
+
+def test_solver_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        options = {}
+        for u in range(5):
+            fp8 = -int(torch.randint(100, 1000, (1,), generator=gen))
+            nv = fp8 - int(torch.randint(10, 500, (1,), generator=gen))
+            d8 = float(torch.rand(1, generator=gen)) * 0.01
+            d4 = d8 + float(torch.rand(1, generator=gen)) * 0.1
+            options[f"u{u}"] = [
+                Option("bf16", 0, 0.0),
+                Option("fp8", fp8, d8),
+                Option("nvfp4", nv, d4),
+            ]
+        low = smallest(options)
+        room = int(low + (trial / 19) * (0 - low))
+        chosen = solve(options, room)
+        want = _brute(options, room)
+        assert sum(o.delta_bytes for o in chosen.values()) <= room
+        # Exact optimum: the summed damage equals brute force's (to float rounding, 1e-9).
+        assert sum(o.damage for o in chosen.values()) == pytest.approx(want[0], abs=1e-9)
+
+
+def test_best_layouts_are_the_k_best_by_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    options = {
+        f"u{u}": [Option("bf16", 0, 0.0),
+                  Option("fp8", -100 - u, float(torch.rand(1, generator=gen)) * 0.01),
+                  Option("nvfp4", -150 - u, float(torch.rand(1, generator=gen)) * 0.1)]
+        for u in range(4)
+    }  # fmt: skip
+    room = -400
+    fits = [
+        c for c in itertools.product(*options.values()) if sum(o.delta_bytes for o in c) <= room
+    ]
+    want = sorted(sum(o.damage for o in c) for c in fits)
+    got = solve_best(options, room, 6)
+    assert len(got) == min(6, len(fits))
+    assert len({tuple(o.format for o in g.values()) for g in got}) == len(got)  # distinct
+    assert [sum(o.damage for o in g.values()) for g in got] == pytest.approx(
+        want[: len(got)], abs=1e-9
+    )
+    # Asking for more than exist returns them all.
+    assert len(solve_best(options, room, 500)) == len(fits)
+
+
+def test_solver_meets_a_budget_to_the_byte():
+    options = {"a": [Option("bf16", 0, 0.0), Option("fp8", -10_000_000_001, 1.0)],
+               "b": [Option("bf16", 0, 0.0), Option("fp8", -7, 0.5)]}  # fmt: skip
+    assert solve(options, -10_000_000_001)["a"].format == "fp8"
+    assert solve(options, -10_000_000_001)["b"].format == "bf16"
+    with pytest.raises(ValueError):
+        solve(options, -10_000_000_009)
+
+
+@pytest.mark.parametrize("text", ["24xB", "lots", "-3GiB", "", "1.5.2GB"])
+def test_budget_that_is_not_a_size_lists_the_units(text):
+    from omniquant.experiments.fit import parse_budget
+
+    with pytest.raises(PlanError) as err:
+        parse_budget(text)
+    msg = str(err.value)
+    assert msg.startswith(f"budget {text!r}: not a size; write a number with one of the units ")
+    for unit in ("B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"):
+        assert f" {unit}," in msg or f" {unit} (" in msg
+
+
+def test_budget_sizes():
+    from omniquant.experiments.fit import parse_budget
+
+    assert parse_budget("24GiB") == 24 * 2**30
+    assert parse_budget("25GB") == 25 * 10**9
+    assert parse_budget("1000") == 1000
+    with pytest.raises(PlanError, match="must be a positive size"):
+        parse_budget("0")
+
+
+def test_units_by_group_and_layer(tiny_dir):
+    from omniquant.experiments.fit import fit_units
+    from omniquant.models import load_model
+
+    meta = load_model(tiny_dir, weights=False)
+    groups = fit_units(meta, "group")
+    layers = fit_units(meta, "layer")
+    assert all(u.whole_group for u in groups)
+    assert {u.group for u in layers} == {u.group for u in groups}
+    # Every module of a group is in exactly one layer unit of that group.
+    for g in groups:
+        mods = [m for u in layers if u.group == g.group for m in u.modules]
+        assert sorted(mods) == sorted(g.modules)
+    assert not {"vision_tower", "audio_tower", "vision_projector", "audio_projector"} & {
+        u.group for u in groups
+    }
+    with pytest.raises(PlanError, match="unknown granularity"):
+        fit_units(meta, "expert")
+
+
+def test_bad_budgets_on_the_tiny_model(tiny_dir, tmp_path):
+    from omniquant.experiments.fit import fit, write_recipe
+
+    with pytest.raises(PlanError) as err:
+        fit(tiny_dir, 1024, calib="synthetic")
+    msg = str(err.value)
+    assert "is below the smallest legal layout of this model" in msg
+    assert msg.startswith("budget 1024: 1,024 bytes")
+    big = fit(tiny_dir, "10GiB", calib="synthetic")
+    assert big.bf16_fits and big.recipe_yaml is None
+    with pytest.raises(Exception, match="BF16 fits the budget"):
+        write_recipe(big, tmp_path / "r.yaml")
+    assert not (tmp_path / "r.yaml").exists()
+    with pytest.raises(PlanError, match="unknown format"):
+        fit(tiny_dir, "1MiB", formats="fp8,int3")
+    import shutil
+
+    from omniquant.experiments.fit import fit_budget, prepare_fit
+
+    config_only = tmp_path / "cfg"
+    config_only.mkdir()
+    shutil.copy(tiny_dir / "config.json", config_only / "config.json")
+    session = prepare_fit(config_only, calib="synthetic")  # bytes need no weights
+    mid = (session.smallest_bytes + session.costs.bf16_bytes) // 2
+    with pytest.raises(PlanError, match=r"holds no weights \(config.json only\)"):
+        fit_budget(session, mid)
+
+
+def test_fit_on_the_tiny_model_exports_the_predicted_bytes(tiny_dir, tmp_path):
+    """The recipe fitted halfway between the smallest layout and BF16: its export has the
+    predicted bytes, and fit's in-memory composition equals the export tensor for tensor."""
+    from omniquant.evaluate.emulated import read_tensors
+    from omniquant.experiments.fit import fit_budget, prepare_fit, write_recipe
+    from omniquant.quantize.pipeline import quantize
+    from omniquant.quantize.predict import measured_tensor_bytes
+    from omniquant.quantize.recipe import load_recipe
+
+    session = prepare_fit(tiny_dir, calib="synthetic", samples=2, calib_size=2)
+    budget = (session.smallest_bytes + session.costs.bf16_bytes) // 2
+    res = fit_budget(session, budget)
+    assert res.predicted_bytes <= budget
+    assert res.predicted_kl is not None and res.predicted_kl >= 0
+    assert res.composed_kl is not None and res.composed_kl >= 0
+    out = write_recipe(res, tmp_path / "fitted.yaml")
+    text = out.read_text()
+    assert f"# predicted bytes: {res.predicted_bytes:,} bytes" in text
+    assert f"# predicted KL: {res.predicted_kl:.6g} nats" in text
+    assert 1 <= res.chosen_rank <= len(res.alternatives) <= 5
+    assert res.composed_kl == min(a["composed_kl"] for a in res.alternatives)
+    load_recipe(out)  # a valid recipe
+    q = quantize(tiny_dir, out, tmp_path / "q", calib="synthetic")
+    assert measured_tensor_bytes(q.out) == res.predicted_bytes
+    composed = session.composer.tensors({u["unit"]: u["format"] for u in res.units}, True)
+    real = read_tensors(q.out)
+    assert set(composed) == set(real)
+
+    def raw(t):
+        return t.contiguous().reshape(-1).view(torch.uint8)
+
+    for name, tensor in real.items():
+        assert tensor.dtype == composed[name].dtype, name
+        assert torch.equal(raw(tensor), raw(composed[name])), name
+
+
+def test_fit_cli_refusals(tiny_dir, tmp_path, capsys):
+    from omniquant.cli import main
+
+    out = tmp_path / "x.yaml"
+    assert main(["fit", "--model", str(tiny_dir), "--out", str(out), "--budget", "3 bananas"]) == 2
+    err = capsys.readouterr().err
+    assert "--budget '3 bananas': not a size" in err and "GiB" in err
+    rc = main(["fit", "--model", str(tiny_dir), "--out", str(out), "--gpu-memory", "1GiB",
+               "--context", "100000000", "--batch", "64"])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "KV cache and Mamba state alone need" in err
+    assert "kv_cache" in err and "mamba_conv_state" in err and "mamba_ssm_state" in err
+    assert not out.exists()
+    rc = main(["fit", "--model", str(tiny_dir), "--out", str(out), "--budget", "10GiB",
+               "--calib", "synthetic"])  # fmt: skip
+    assert rc == 0
+    assert "BF16 fits" in capsys.readouterr().out
+    assert not out.exists()
