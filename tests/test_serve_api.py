@@ -13,14 +13,14 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from serve_helpers import serving
 
-from omniquant.demo import DEMO_TASKS, demo_model_dir
+from omniquant.demo import DEMO_TASKS
 from omniquant.endpoint.protocol import entry_content
 from omniquant.evaluate import validate_task_set
 
@@ -33,31 +33,6 @@ TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-@contextmanager
-def serving(model_kwargs: dict | None = None, **app_kwargs):
-    """``omniquant serve``'s app on the demo model, on a free loopback port, in a thread."""
-    import uvicorn
-
-    from omniquant.endpoint.server import ServedModel, bind, create_app
-
-    model = ServedModel(demo_model_dir(), "demo", **(model_kwargs or {}))
-    app = create_app(model, **app_kwargs)
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(600):  # bounded: 30 s
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", app, model
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
