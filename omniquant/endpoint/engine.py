@@ -40,6 +40,32 @@ from omniquant.endpoint.protocol import ProtocolError
 log = logging.getLogger("omniquant.serve")
 
 
+def release_memory() -> None:
+    """Give freed heap pages back to the OS when the model goes idle (glibc only).
+
+    Why: glibc keeps the pages a burst of requests freed (large prompts tokenized in
+    several request threads, each with its own malloc arena), so the server's resident
+    memory would stay at its high-water mark; ``malloc_trim`` returns them. Measured on
+    the demo FP8 soak (benchmarks/bench_serve.py).
+    """
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+            _LIBC.malloc_trim  # noqa: B018 - probe: absent outside glibc
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 class QueueFull(ProtocolError):
     """More requests wait than ``--max-queued-requests`` allows (HTTP 429)."""
 
@@ -191,6 +217,8 @@ class Scheduler:
 
         while True:
             with self.cv:
+                if not self.waiting and not self.running:
+                    release_memory()
                 while not self.waiting and not self.running and not self.closed:
                     self.cv.wait()
                 if self.closed:

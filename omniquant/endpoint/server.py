@@ -28,7 +28,7 @@ import logging
 import socket
 from pathlib import Path
 
-from omniquant.endpoint.engine import Scheduler, ServedModel
+from omniquant.endpoint.engine import Scheduler, ServedModel, release_memory
 from omniquant.endpoint.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -188,6 +188,8 @@ def create_app(
                         run.add(sample, [], params, p * req.n + i)
             run.start()
         except ProtocolError as err:
+            if scheduler.load() == {"running": 0, "waiting": 0}:
+                release_memory()  # what a refused (e.g. huge) body allocated
             return _error(err.status, str(err), err.param, err.headers)
         app.state.requests_served += 1
         if req.stream:
