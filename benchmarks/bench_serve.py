@@ -138,6 +138,8 @@ def test_bench_serve_concurrency(benchmark, fp8_export):
                             range(n)))  # fmt: skip
                     wall = time.perf_counter() - start
                     assert all(r.status_code == 200 for _, r in results)
+                    answers = [r.json()["choices"][0]["message"]["content"] for _, r in results]
+                    assert answers == [entries[i % len(entries)].answer for i in range(n)]
                     lat = [t for t, _ in results]
                     out[concurrency] = {"req_per_s": n / wall, "p50_s": statistics.median(lat),
                                         "p99_s": _pct(lat, 0.99), "peak_rss_mb": server.peak / 2**20,
@@ -148,7 +150,9 @@ def test_bench_serve_concurrency(benchmark, fp8_export):
     finally:
         server.close()
     benchmark.extra_info.update({f"c{c}_{k}": v for c, r in result.items() for k, v in r.items()})
-    print("\nomniquant serve, demo FP8 export, short chats (max_tokens 4, greedy):")
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"\nomniquant serve, demo FP8 export, short chats (max_tokens 4, greedy); "
+          f"load average after: {' '.join(load)}")
     for c, r in result.items():
         print(f"  concurrency {c:2d}: {r['req_per_s']:.2f} req/s, p50 {r['p50_s'] * 1000:.0f} ms, "
               f"p99 {r['p99_s'] * 1000:.0f} ms, server peak RSS {r['peak_rss_mb']:.0f} MiB")  # fmt: skip

@@ -98,6 +98,7 @@ def create_app(
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import StreamingResponse
     from pydantic import ValidationError
+    from starlette.background import BackgroundTask
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -196,7 +197,9 @@ def create_app(
             stream = (serving.chat_stream if chat else serving.completion_stream)(
                 model, run, req, request
             )
-            return StreamingResponse(stream, media_type="text/event-stream")
+            # The background task also cancels jobs whose stream never started.
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     background=BackgroundTask(run.cancel))  # fmt: skip
         result = await (serving.chat_response if chat else serving.completion_response)(
             model, run, req, request
         )
