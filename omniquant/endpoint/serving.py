@@ -317,6 +317,28 @@ class Run:
                 self.cancel()
 
 
+async def submit(model: ServedModel, scheduler: Scheduler, req, settings: Settings) -> Run:
+    """Check and prepare ``req`` in a worker thread (tokenizing, media), queue its jobs.
+
+    Raises:
+        ProtocolError: A refused request; ``QueueFull`` (429) when the queue is full.
+    """
+    from starlette.concurrency import run_in_threadpool
+
+    run = Run(scheduler)
+    if isinstance(req, ChatCompletionRequest):
+        sample, prefill, params = await run_in_threadpool(prepare_chat, model, req, settings)
+        for i in range(req.n):
+            run.add(sample, prefill, params, i)
+    else:
+        prepared = await run_in_threadpool(prepare_completion, model, req, settings)
+        for p, (sample, params) in enumerate(prepared):
+            for i in range(req.n):
+                run.add(sample, [], params, p * req.n + i)
+    run.start()
+    return run
+
+
 def _token(model: ServedModel, token: int, as_ids: bool) -> str:
     return f"token_id:{token}" if as_ids else model.token_text(token)
 
