@@ -292,21 +292,21 @@ def test_bounded_queue_answers_429_and_short_requests_overtake_long_prompts():
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == "11"
         long.join(120)
         assert done == ["short", "long"]
-        # Two running, none may wait: the third gets 429 with Retry-After.
-        slow = {"max_tokens": 3000, "ignore_eos": True}
-        threads = [threading.Thread(target=post, args=(f"slow{i}", slow), kwargs={"timeout": 3})
-                   for i in range(2)]  # fmt: skip
-        for t in threads:
-            t.start()
-        for _ in range(400):
-            if app.state.scheduler.load()["running"] == 2:
-                break
-            time.sleep(0.01)
-        r = httpx.post(f"{url}/completions", json={"prompt": PROMPT, "max_tokens": 1}, timeout=30)
+        # Two running (their first streamed token seen), none may wait: the third gets
+        # 429 with Retry-After. Closing the streams cancels them.
+        slow = {"prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True, "temperature": 0,
+                "stream": True}  # fmt: skip
+        with (
+            httpx.stream("POST", f"{url}/completions", json=slow, timeout=60) as a,
+            httpx.stream("POST", f"{url}/completions", json=slow, timeout=60) as b,
+        ):
+            lines = a.iter_lines(), b.iter_lines()  # kept: a dropped iterator hangs up
+            next(lines[0]), next(lines[1])
+            assert app.state.scheduler.load() == {"running": 2, "waiting": 0}
+            r = httpx.post(f"{url}/completions", json={"prompt": PROMPT, "max_tokens": 1},
+                           timeout=30)  # fmt: skip
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert "--max-queued-requests 0" in r.json()["error"]["message"]
-        for t in threads:
-            t.join(30)  # their clients time out after 3 s: cancelled
         _wait_idle(url)
 
 
