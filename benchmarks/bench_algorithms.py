@@ -38,20 +38,121 @@ def _p95(values: list[float]) -> float | None:
     return vals[k]
 
 
-def _candidate_row(c: dict, q: dict) -> dict:
-    samples = c.get("samples") or []
-    kls = [s.get("kl") for s in samples if isinstance(s, dict)]
+#: Exported weight name -> group of the per-group weight error.
+_GROUPS = (
+    ("routed_experts", ".mixer.experts."),
+    ("shared_experts", ".mixer.shared_experts."),
+    ("mamba_in_out", (".mixer.in_proj.", ".mixer.out_proj.")),
+    ("attention", (".mixer.q_proj.", ".mixer.k_proj.", ".mixer.v_proj.", ".mixer.o_proj.")),
+)
+
+
+def weight_error(ckpt: Path, source: Path) -> dict[str, float]:
+    """Per group, ``sqrt(sum ||W - deq(Wq)||^2 / sum ||W||^2)`` over the quantized weights:
+    the exported bytes dequantized with ``omniquant.numerics`` against the BF16 source.
+    (GPTQ trades weight error for output error, so its weight error can be the larger.)"""
+    from safetensors import safe_open
+
+    from omniquant.formats import by_stored_dtype
+
+    src = {}
+    for shard in sorted(source.glob("*.safetensors")):
+        fh = safe_open(shard, "pt")
+        src.update({k: fh for k in fh.keys()})  # noqa: SIM118
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for shard in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(shard, "pt") as fh:
+            keys = set(fh.keys())
+            for k in sorted(keys):
+                fmt = by_stored_dtype(fh.get_slice(k).get_dtype())
+                if not k.endswith(".weight") or fmt is None or not fmt.quantized:
+                    continue
+                base = k[: -len("weight")]
+                scales = {s: fh.get_tensor(base + s) for s in fmt.weight_scale_suffixes}
+                deq = fmt.dequantize(fh.get_tensor(k), scales, dtype=torch_float32())
+                w = src[k].get_tensor(k).float()
+                group = next(
+                    (
+                        g
+                        for g, pats in _GROUPS
+                        if any(p in k for p in ((pats,) if isinstance(pats, str) else pats))
+                    ),
+                    "other",
+                )
+                num[group] = num.get(group, 0.0) + float((w - deq).pow(2).sum())
+                den[group] = den.get(group, 0.0) + float(w.pow(2).sum())
+    out = {g: (num[g] / den[g]) ** 0.5 for g in sorted(num) if den[g]}
+    if num:
+        out["all"] = (sum(num.values()) / sum(den.values())) ** 0.5
+    return out
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
+def _kl_by_sample(c: dict) -> dict[str, float]:
+    return {s["id"]: s["kl"] for s in c.get("samples") or [] if s.get("kl") is not None}
+
+
+def _paired(kl: dict[str, float], base: dict[str, float], seed: int = 0) -> dict:
+    """How robust the mean-KL change vs max is. The KL is heavy-tailed on the demo tasks
+    (a few samples carry most of it), so the ratio comes with a paired bootstrap interval
+    (1000 resamples of the samples) and the share of samples where the algorithm is lower."""
+    import random
+
+    ids = sorted(set(kl) & set(base))
+    if not ids or not sum(base[i] for i in ids):
+        return {}
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(1000):
+        pick = [rng.choice(ids) for _ in ids]
+        b = sum(base[i] for i in pick)
+        if b > 0:
+            ratios.append(sum(kl[i] for i in pick) / b)
+    ratios.sort()
+    lo, hi = ratios[int(0.025 * len(ratios))], ratios[int(0.975 * len(ratios)) - 1]
     return {
+        "kl_mean_ratio_ci95": [lo, hi],
+        "samples_lower_kl_than_max": sum(kl[i] < base[i] for i in ids) / len(ids),
+    }
+
+
+def _candidate_row(c: dict, q: dict, base: dict[str, float] | None) -> dict:
+    kl = _kl_by_sample(c)
+    vals = sorted(kl.values())
+    total = sum(vals) or 1.0
+    row = {
         "name": c["name"],
         "algorithm": c.get("algorithm"),
         "kl_mean": c["overall"]["kl_mean"],
-        "kl_p95": _p95(kls),
+        "kl_p95": _p95(vals),
+        "kl_median": vals[len(vals) // 2] if vals else None,
+        "kl_max": vals[-1] if vals else None,
+        "kl_share_of_top3_samples": sum(vals[-3:]) / total,
         "top1_agreement": c["overall"]["top1_agreement"],
         "accuracy": c["overall"]["accuracy"],
         "accuracy_by_task": {t: v["accuracy"] for t, v in c["tasks"].items()},
         "size_bytes": c["size_bytes"],
         **q,
     }
+    if base is not None and row["algorithm"] != "max":
+        row.update(_paired(kl, base))
+    return row
+
+
+def _rows(report: dict, quant: dict) -> list[dict]:
+    cands = report["candidates"]
+    base = next((_kl_by_sample(c) for c in cands if c.get("algorithm") == "max"), None)
+    rows = [_candidate_row(c, quant[spec], base) for c, spec in zip(cands, quant)]
+    mean_max = next((r["kl_mean"] for r in rows if r["algorithm"] == "max"), None)
+    for r in rows:
+        r["kl_mean_vs_max"] = None if not mean_max else r["kl_mean"] / mean_max - 1
+    return rows
 
 
 def run(recipes, algorithms, out: Path) -> dict:
@@ -90,6 +191,7 @@ def run(recipes, algorithms, out: Path) -> dict:
                 "measured_bytes": m["size"]["measured_bytes"],
                 "fallbacks": m["algorithm"]["fallbacks"],
                 "notes": m["algorithm"]["notes"],
+                "weight_rel_error": weight_error(res.out, demo_model_dir()),
             }
             outs.append(res.out)
             print(f"{spec}: quantized in {seconds:.1f} s", flush=True)
@@ -97,13 +199,8 @@ def run(recipes, algorithms, out: Path) -> dict:
         assert len(sizes) == 1, f"{recipe}: exported bytes differ across algorithms: {quant}"
         report = build_report(demo_model_dir(), outs, DEMO_TASKS, work / f"report-{recipe}",
                               baseline_name="bf16", evs_rates=(), bootstrap=0)  # fmt: skip
-        for c, spec in zip(report["candidates"], quant):
-            entry["candidates"].append(_candidate_row(c, quant[spec]))
-        base = next(r for r in entry["candidates"] if r["algorithm"] == "max")
-        for r in entry["candidates"]:
-            r["kl_mean_vs_max"] = (
-                None if not base["kl_mean"] else r["kl_mean"] / base["kl_mean"] - 1
-            )
+        (work / f"report-{recipe}" / "quant.json").write_text(json.dumps(quant, default=str))
+        entry["candidates"] = _rows(report, quant)
         result["recipes"][recipe] = entry
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -111,22 +208,38 @@ def run(recipes, algorithms, out: Path) -> dict:
     return result
 
 
+def _werr(r: dict) -> str:
+    w = r.get("weight_rel_error") or {}
+    if not w:
+        return ""
+    experts = w.get("routed_experts")
+    return f"{experts:.4f} / {w['all']:.4f}" if experts is not None else f"- / {w['all']:.4f}"
+
+
 def table(result: dict) -> str:
     lines = [
-        "| recipe | algorithm | mean KL | vs max | p95 KL | top-1 | accuracy | bytes | quantize s |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        (
+            "| recipe | algorithm | mean KL | vs max (95% CI) | median KL | p95 KL | max KL "
+            "| samples below max | top-1 | accuracy | weight rel. error (experts / all) | bytes | quantize s |"
+        ),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for recipe, entry in result["recipes"].items():
         for r in entry["candidates"]:
             vs = "" if r["kl_mean_vs_max"] is None else f"{100 * r['kl_mean_vs_max']:+.0f} %"
-            p95 = "" if r["kl_p95"] is None else f"{r['kl_p95']:.4f}"
+            ci = r.get("kl_mean_ratio_ci95")
+            if ci:
+                vs += f" ({100 * (ci[0] - 1):+.0f}, {100 * (ci[1] - 1):+.0f})"
+            wins = r.get("samples_lower_kl_than_max")
+            wins = "" if wins is None else f"{100 * wins:.0f} %"
             lines.append(
-                f"| `{recipe}` | {r['algorithm']} | {r['kl_mean']:.4f} | {vs} | {p95} | "
-                f"{r['top1_agreement']:.3f} | {r['accuracy']:.3f} | {r['measured_bytes']:,} | "
+                f"| `{recipe}` | {r['algorithm']} | {r['kl_mean']:.4f} | {vs} | "
+                f"{r['kl_median']:.1e} | {r['kl_p95']:.1e} | {r['kl_max']:.3f} | {wins} | "
+                f"{r['top1_agreement']:.3f} | {r['accuracy']:.3f} | {_werr(r)} | {r['measured_bytes']:,} | "
                 f"{r['quantize_seconds']:.0f} |"
             )
-        for algo, why in entry["refused"].items():
-            lines.append(f"| `{recipe}` | {algo} | refused: {why[:90]} | | | | | | |")
+        for algo in entry["refused"]:
+            lines.append(f"| `{recipe}` | {algo} | refused (reason in the JSON) |" + " |" * 10)
     return "\n".join(lines)
 
 
@@ -137,9 +250,39 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(ALL_RECIPES))
     ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_algorithms.json"))
+    ap.add_argument("--reanalyse", type=Path, help="recompute the JSON from a run's work directory")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    if args.reanalyse:
+        reanalyse(args.reanalyse, args.out)
+        return
     run(args.recipes.split(","), args.algorithms.split(","), args.out)
+
+
+def reanalyse(work: Path, out: Path) -> None:
+    """Rebuild the JSON's statistics from the reports of an earlier run (``--reanalyse``)."""
+    from omniquant.demo import demo_model_dir
+
+    result = json.loads(out.read_text())
+    keep = ("quantize_seconds", "modelopt_seconds", "peak_memory", "measured_bytes",
+            "fallbacks", "notes", "weight_rel_error")  # fmt: skip
+    for recipe, entry in result["recipes"].items():
+        d = work / f"report-{recipe}"
+        report = json.loads((d / "report.json").read_text())
+        if (d / "quant.json").exists():
+            quant = json.loads((d / "quant.json").read_text())
+        else:  # a run before quant.json was written: its rows carry the same fields
+            quant = {
+                f"{recipe}:{r['algorithm']}": {k: r.get(k) for k in keep}
+                for r in entry["candidates"]
+            }
+        for spec, q in quant.items():
+            ckpt = work / spec.replace(":", "-")
+            if q.get("weight_rel_error") is None and ckpt.is_dir():
+                q["weight_rel_error"] = weight_error(ckpt, demo_model_dir())
+        entry["candidates"] = _rows(report, quant)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(table(result))
 
 
 if __name__ == "__main__":

@@ -202,3 +202,40 @@ def test_max_config_is_unchanged_by_the_registry(tiny_dir):
         for w in weights
     )
     assert copy.deepcopy(NVFP4_CFG)["block_sizes"]["type"] == "dynamic"  # the registry is untouched
+
+
+def test_report_names_each_candidates_algorithm(quantized, tiny_dir, tmp_path):
+    """Variants sit side by side in the cliff/report under names that say the algorithm,
+    also for a recipe file that differs from another only in its algorithm."""
+    import yaml
+
+    from omniquant.evaluate.describe import describe_checkpoint
+    from omniquant.quantize.recipe import builtin_recipes
+
+    info = describe_checkpoint(quantized("nvfp4_aggressive:mse"), "candidate")
+    assert (info["name"], info["algorithm"]) == ("nvfp4_aggressive:mse", "mse")
+    info = describe_checkpoint(quantized("nvfp4_aggressive"), "candidate")
+    assert (info["name"], info["algorithm"]) == ("nvfp4_aggressive", "max")
+    data = yaml.safe_load(builtin_recipes()["nvfp4_aggressive"].read_text())
+    data["quantization"]["algorithm"] = "four_over_six"
+    (tmp_path / "aggr46.yaml").write_text(yaml.safe_dump(data))
+    from omniquant.quantize.pipeline import quantize
+
+    out = quantize(tiny_dir, tmp_path / "aggr46.yaml", tmp_path / "o", calib="synthetic").out
+    assert describe_checkpoint(out, "candidate")["name"] == "nvfp4_aggressive:four_over_six"
+
+
+def test_cliff_takes_comma_separated_variants(monkeypatch):
+    import omniquant.experiments.cliff as cliff
+    from omniquant.cli import main
+
+    seen = {}
+
+    def fake_run_cliff(model, out, *, recipes, **_kw):
+        seen["recipes"] = list(recipes)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cliff, "run_cliff", fake_run_cliff)
+    with pytest.raises(SystemExit):
+        main(["cliff", "--recipes", "nvfp4_omni,nvfp4_omni:gptq", "--recipe", "fp8_omni"])
+    assert seen["recipes"] == ["nvfp4_omni", "nvfp4_omni:gptq", "fp8_omni"]
