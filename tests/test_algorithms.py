@@ -127,8 +127,9 @@ def test_every_algorithm_exports_the_same_tensors_and_passes_the_readers(quantiz
     def layout(path):
         with safe_open(path / "model.safetensors", "pt") as fh:
             return {
-                k: (fh.get_slice(k).get_dtype(), fh.get_slice(k).get_shape()) for k in fh.keys()
-            }  # noqa: SIM118
+                k: (fh.get_slice(k).get_dtype(), fh.get_slice(k).get_shape())
+                for k in fh.keys()  # noqa: SIM118
+            }
 
     assert layout(out) == layout(max_aggr)
     assert (out / "model.safetensors").read_bytes() != (max_aggr / "model.safetensors").read_bytes()
@@ -226,7 +227,7 @@ def test_report_names_each_candidates_algorithm(quantized, tiny_dir, tmp_path):
 
 
 def test_cliff_takes_comma_separated_variants(monkeypatch):
-    import omniquant.experiments.cliff as cliff
+    from omniquant.experiments import cliff
     from omniquant.cli import main
 
     seen = {}
