@@ -227,8 +227,8 @@ def test_report_names_each_candidates_algorithm(quantized, tiny_dir, tmp_path):
 
 
 def test_cliff_takes_comma_separated_variants(monkeypatch):
-    from omniquant.experiments import cliff
     from omniquant.cli import main
+    from omniquant.experiments import cliff
 
     seen = {}
 
