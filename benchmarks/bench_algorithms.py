@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -155,13 +154,37 @@ def _rows(report: dict, quant: dict) -> list[dict]:
     return rows
 
 
+def quantize_measured(spec: str, dest: Path) -> dict:
+    """``quantize`` the demo model with ``spec`` in a fresh process (one thread): wall time,
+    peak resident and anonymous memory above the process after imports
+    (``benchmarks._memwatch``), and what ``omniquant.json`` records."""
+    from benchmarks._memwatch import measure
+    from omniquant.demo import DEMO_CALIB
+
+    mem = measure(
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "import torch; torch.set_num_threads(1)\n"
+        "from omniquant.demo import demo_model_dir\n"
+        "from omniquant.quantize.pipeline import quantize\n",
+        f"res = quantize(demo_model_dir(), {spec!r}, {str(dest)!r}, calib={DEMO_CALIB!r}, force=True)\n",
+    )
+    m = json.loads((dest / "omniquant.json").read_text())
+    return {
+        "quantize_seconds": round(mem["seconds"], 2),
+        "peak_rss_delta_bytes": mem["rss_peak_delta"],
+        "peak_anon_delta_bytes": mem["anon_peak_delta"],
+        "measured_bytes": m["size"]["measured_bytes"],
+        "fallbacks": m["algorithm"]["fallbacks"],
+        "notes": m["algorithm"]["notes"],
+    }
+
+
 def run(recipes, algorithms, out: Path) -> dict:
     import torch
 
     from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir
     from omniquant.errors import OmniquantError
     from omniquant.experiments.compare import build_report
-    from omniquant.quantize.pipeline import quantize
     from omniquant.quantize.recipe import load_recipe
 
     torch.set_num_threads(1)
@@ -178,22 +201,11 @@ def run(recipes, algorithms, out: Path) -> dict:
             except OmniquantError as err:
                 entry["refused"][algo] = str(err).splitlines()[-1].strip()
                 continue
-            t = time.perf_counter()
-            res = quantize(demo_model_dir(), spec, work / spec.replace(":", "-"), calib=DEMO_CALIB)
-            seconds = time.perf_counter() - t
-            m = res.manifest
-            quant[spec] = {
-                "quantize_seconds": round(seconds, 2),
-                "modelopt_seconds": round(
-                    res.timings["calibration_forward"] + res.timings["quantize_other"], 2
-                ),
-                "peak_memory": m.get("peak_memory"),
-                "measured_bytes": m["size"]["measured_bytes"],
-                "fallbacks": m["algorithm"]["fallbacks"],
-                "notes": m["algorithm"]["notes"],
-                "weight_rel_error": weight_error(res.out, demo_model_dir()),
-            }
-            outs.append(res.out)
+            dest = work / spec.replace(":", "-")
+            quant[spec] = quantize_measured(spec, dest)
+            quant[spec]["weight_rel_error"] = weight_error(dest, demo_model_dir())
+            outs.append(dest)
+            seconds = quant[spec]["quantize_seconds"]
             print(f"{spec}: quantized in {seconds:.1f} s", flush=True)
         sizes = {q["measured_bytes"] for q in quant.values()}
         assert len(sizes) == 1, f"{recipe}: exported bytes differ across algorithms: {quant}"
@@ -208,6 +220,11 @@ def run(recipes, algorithms, out: Path) -> dict:
     return result
 
 
+def _mib(r: dict) -> str:
+    v = r.get("peak_anon_delta_bytes")
+    return "" if v is None else f"{v / 2**20:.0f}"
+
+
 def _werr(r: dict) -> str:
     w = r.get("weight_rel_error") or {}
     if not w:
@@ -220,9 +237,10 @@ def table(result: dict) -> str:
     lines = [
         (
             "| recipe | algorithm | mean KL | vs max (95% CI) | median KL | p95 KL | max KL "
-            "| samples below max | top-1 | accuracy | weight rel. error (experts / all) | bytes | quantize s |"
+            "| samples below max | top-1 | accuracy | weight rel. error (experts / all) | bytes "
+            "| quantize s | peak MiB |"
         ),
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for recipe, entry in result["recipes"].items():
         for r in entry["candidates"]:
@@ -236,10 +254,10 @@ def table(result: dict) -> str:
                 f"| `{recipe}` | {r['algorithm']} | {r['kl_mean']:.4f} | {vs} | "
                 f"{r['kl_median']:.1e} | {r['kl_p95']:.1e} | {r['kl_max']:.3f} | {wins} | "
                 f"{r['top1_agreement']:.3f} | {r['accuracy']:.3f} | {_werr(r)} | {r['measured_bytes']:,} | "
-                f"{r['quantize_seconds']:.0f} |"
+                f"{r['quantize_seconds']:.0f} | {_mib(r)} |"
             )
         for algo in entry["refused"]:
-            lines.append(f"| `{recipe}` | {algo} | refused (reason in the JSON) |" + " |" * 10)
+            lines.append(f"| `{recipe}` | {algo} | refused (reason in the JSON) |" + " |" * 11)
     return "\n".join(lines)
 
 
@@ -250,13 +268,37 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(ALL_RECIPES))
     ap.add_argument("--algorithms", default=",".join(ALGORITHMS))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_algorithms.json"))
+    ap.add_argument("--remeasure", action="store_true",
+                    help="re-run only the quantize step of every row in a fresh process for time and memory")  # fmt: skip
     ap.add_argument("--reanalyse", type=Path, help="recompute the JSON from a run's work directory")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
+    if args.remeasure:
+        remeasure(args.out)
+        return
     if args.reanalyse:
         reanalyse(args.reanalyse, args.out)
         return
     run(args.recipes.split(","), args.algorithms.split(","), args.out)
+
+
+def remeasure(out: Path) -> None:
+    """Time and peak memory of each row's ``quantize`` in a fresh process (``--remeasure``);
+    the exported bytes must equal the row's (quantize is deterministic)."""
+    result = json.loads(out.read_text())
+    work = Path(tempfile.mkdtemp(prefix="bench-algorithms-mem-"))
+    for recipe, entry in result["recipes"].items():
+        for r in entry["candidates"]:
+            spec = f"{recipe}:{r['algorithm']}"
+            q = quantize_measured(spec, work / spec.replace(":", "-"))
+            assert q["measured_bytes"] == r["measured_bytes"], spec
+            for k in ("quantize_seconds", "peak_rss_delta_bytes", "peak_anon_delta_bytes"):
+                r[k] = q[k]
+            r.pop("peak_memory", None)
+            r.pop("modelopt_seconds", None)
+            print(spec, q["quantize_seconds"], q["peak_anon_delta_bytes"], flush=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(table(result))
 
 
 def reanalyse(work: Path, out: Path) -> None:
@@ -264,8 +306,8 @@ def reanalyse(work: Path, out: Path) -> None:
     from omniquant.demo import demo_model_dir
 
     result = json.loads(out.read_text())
-    keep = ("quantize_seconds", "modelopt_seconds", "peak_memory", "measured_bytes",
-            "fallbacks", "notes", "weight_rel_error")  # fmt: skip
+    keep = ("quantize_seconds", "peak_rss_delta_bytes", "peak_anon_delta_bytes",
+            "measured_bytes", "fallbacks", "notes", "weight_rel_error")  # fmt: skip
     for recipe, entry in result["recipes"].items():
         d = work / f"report-{recipe}"
         report = json.loads((d / "report.json").read_text())
@@ -286,4 +328,7 @@ def reanalyse(work: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks._memwatch
     main()
