@@ -181,20 +181,57 @@ def test_modelopt_translation_exact(loaded):
     assert len(entries) == 1 + 16 + 2 * (6 + 8 + 1) + 2
 
 
-def test_mse_with_nvfp4_is_refused_before_any_model_work(capsys, tmp_path):
-    """modelopt's mse search needs CUDA for NVFP4; omniquant calibrates on the CPU."""
+def test_an_algorithm_a_rule_format_cannot_take_is_refused_before_any_model_work(capsys, tmp_path):
+    """four_over_six is NVFP4 only: naming it on an FP8 rule fails at recipe load, naming the rule."""
     from omniquant.cli import main
 
     rc = main(["quantize", "--model", str(tmp_path / "never-read"), "--recipe", "nvfp4_omni",
-               "--set", "quantization.algorithm=mse", "--out", str(tmp_path / "o")])  # fmt: skip
+               "--set", "quantization.rules.1.algorithm=four_over_six", "--out", str(tmp_path / "o")])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2
-    assert (
-        "quantization: algorithm 'mse' with nvfp4 rules needs" in err
-        and "use algorithm: max" in err
-    )
+    assert "quantization.rules.1 {group: mamba_in_out, format: fp8, algorithm: four_over_six}" in err
+    assert "does not apply to format fp8" in err and "max, mse, gptq" in err
     assert "never-read" not in err  # the recipe is checked before the model is looked at
+    # The same algorithm globally applies to the NVFP4 rules; FP8 rules stay max, said per rule.
+    rec, _ = load_recipe("nvfp4_omni", ["quantization.algorithm=four_over_six"])
+    from omniquant.quantize.algorithms import resolve_algorithms
+
+    algos = resolve_algorithms(rec)
+    assert algos.by_rule == {0: "four_over_six", 1: "max", 2: "max", 3: "max"}
+    assert "does not apply to fp8" in algos.notes[1]
     load_recipe("fp8_omni", ["quantization.algorithm=mse"])  # fp8 + mse stays allowed
+
+
+def test_unknown_and_refused_algorithms_name_the_choices():
+    with pytest.raises(RecipeError) as exc:
+        load_recipe("nvfp4_omni", ["quantization.algorithm=smoothquant"])
+    assert "unknown algorithm; known algorithms: max, mse, four_over_six, local_hessian, gptq, awq" in str(exc.value)
+    with pytest.raises(RecipeError) as exc:
+        load_recipe("nvfp4_omni", ["quantization.algorithm=awq"])
+    assert "algorithm awq is refused for quantization.rules.0" in str(exc.value)
+    assert "pre_quant_scale" in str(exc.value)
+    with pytest.raises(RecipeError) as exc:  # one search for the whole model in modelopt
+        load_recipe("nvfp4_aggressive", ["quantization.algorithm=mse", "quantization.rules.0.algorithm=gptq"])
+    assert "modelopt 0.47 runs one calibration algorithm per model" in str(exc.value)
+    with pytest.raises(RecipeError) as exc:  # gptq touches every weight: max cannot be kept
+        load_recipe("nvfp4_aggressive", ["quantization.algorithm=gptq", "quantization.rules.0.algorithm=max"])
+    assert "cannot stay max under gptq" in str(exc.value)
+    with pytest.raises(RecipeError) as exc:
+        load_recipe("fp8_omni", ["quantization.algorithm=four_over_six"])
+    assert "applies to none of the recipe's quantized rules" in str(exc.value)
+
+
+def test_per_rule_algorithm_and_hash_stability():
+    """A rule's own algorithm is validated and recorded; a recipe without one hashes as before."""
+    from omniquant.quantize.algorithms import resolve_algorithms
+
+    rec, _ = load_recipe("nvfp4_aggressive", ["quantization.rules.0.algorithm=mse"])
+    algos = resolve_algorithms(rec)
+    assert algos.active == "mse" and algos.by_rule[0] == "mse"
+    assert set(algos.by_rule.values()) == {"mse", "max"}
+    plain, _ = load_recipe("nvfp4_aggressive")
+    assert "algorithm" not in plain.model_dump(mode="json")["quantization"]["rules"][0]
+    assert rec.sha256() != plain.sha256()
 
 
 def test_builtin_name_wins_over_a_same_named_entry_in_the_working_directory(tmp_path, monkeypatch):

@@ -170,6 +170,9 @@ class OmniquantRecord(_Open):
     recipe_sha256: str | None = None
     versions: dict[str, str] | None = None
     calibration: dict[str, Any] | None = None
+    #: The calibration algorithm per rule, modelopt's parameters and per-layer fallbacks
+    #: (``omniquant.quantize.algorithms``); absent in checkpoints written before it.
+    algorithm: dict[str, Any] | None = None
     plan: dict[str, Any] | None = None
     quantized: dict[str, Any] | None = None
     size: dict[str, Any] | None = None

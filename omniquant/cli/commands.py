@@ -349,7 +349,12 @@ def cliff_cmd(
     ] = None,
     out: Annotated[str, typer.Option(help="Output directory.")] = "omniquant-cliff",
     recipe: Annotated[
-        list[str] | None, typer.Option(help="Recipe (repeatable; default: fp8_omni, nvfp4_omni, nvfp4_aggressive).")
+        list[str] | None,
+        typer.Option(
+            "--recipe", "--recipes",
+            help="Recipe (repeatable or comma-separated; NAME:ALGORITHM for another calibration "
+            "algorithm, e.g. nvfp4_omni,nvfp4_omni:gptq; default: fp8_omni, nvfp4_omni, nvfp4_aggressive).",
+        ),
     ] = None,
     calib: Annotated[str | None, typer.Option(help="Calibration set name or directory.")] = None,
     tasks: Annotated[str | None, typer.Option(help="Task set name or directory.")] = None,
@@ -362,8 +367,8 @@ def cliff_cmd(
 
     console = _console()
     res = run_cliff(
-        model, out, recipes=recipe or DEFAULT_RECIPES, calib=calib, tasks=tasks,
-        sensitivity=sensitivity, force=force, log=console.print,
+        model, out, recipes=[x for r in recipe or () for x in r.split(",") if x] or DEFAULT_RECIPES,
+        calib=calib, tasks=tasks, sensitivity=sensitivity, force=force, log=console.print,
     )
     _echo(render_cliff_table(res.report))
     for c in res.report["candidates"]:

@@ -46,11 +46,19 @@ def describe_checkpoint(path: Path, role: str) -> dict:
         raise ReportError(reason, arg=arg, value=path) from err
     record = verified.record
     recipe = record.recipe.name if record is not None and record.recipe is not None else None
+    # The calibration algorithm (omniquant.json["algorithm"]; max before it was recorded).
+    algorithm = None
+    if record is not None:
+        algorithm = (record.algorithm or {}).get("name", "max")
+    name = recipe or path.resolve().name  # "." has no name of its own
+    if recipe and algorithm not in (None, "max") and not recipe.endswith(f":{algorithm}"):
+        name = f"{recipe}:{algorithm}"  # recipe files that differ only in the algorithm
     return {
         "_meta": record,
-        "name": recipe or path.resolve().name,  # "." has no name of its own
+        "name": name,
         "path": str(path.resolve()),
         "recipe": recipe,
+        "algorithm": algorithm,
         "precision": summary["precision"],
         "kv_cache": summary["kv_cache"],
         "bits_per_weight": summary["total"]["bits_per_weight"],

@@ -49,7 +49,8 @@ def run_cliff(
     Args:
         model: BF16 checkpoint directory; ``None`` uses the bundled demo model.
         out: Output directory (``checkpoints/<recipe>/`` and ``report/``).
-        recipes: Recipe names or files, in cliff order.
+        recipes: Recipe names or files, in cliff order; ``NAME:ALGORITHM`` is the recipe
+            calibrated with another algorithm (``nvfp4_omni:gptq``), side by side.
         calib: Calibration set; default: the demo's set for the demo model, else each
             recipe's own.
         tasks: Task set; default: the demo's evaluation set.
@@ -84,7 +85,8 @@ def run_cliff(
 
     checkpoints: dict[str, Path] = {}
     for r in recipes:
-        name = Path(r).stem
+        # ``nvfp4_omni:gptq`` (recipe:algorithm, omniquant.quantize.recipe) gets its own directory.
+        name = Path(str(r)).stem.replace(":", "-")
         say(f"quantizing with {name} ...")
         res = quantize(model_dir, r, out / "checkpoints" / name, calib=calib, quiet=quiet)
         checkpoints[name] = res.out

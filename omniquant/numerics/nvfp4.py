@@ -46,6 +46,7 @@ __all__ = [
     "E2M1_VALUES",
     "dequantize_nvfp4",
     "fake_quant_nvfp4_activation",
+    "fake_quant_nvfp4_blocks",
     "pack_e2m1",
     "quantize_nvfp4",
     "unpack_e2m1",
@@ -296,3 +297,43 @@ def fake_quant_nvfp4_activation(
     # where(x >= 0, r, -r), not copysign: x = -0.0 must give +r, as in modelopt's kernel.
     out = torch.where(blocks >= 0, rescaled, rescaled.neg())
     return out.reshape(x.shape).to(x.dtype)
+
+
+def fake_quant_nvfp4_blocks(
+    blocks: torch.Tensor, block_scale: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """NVFP4 quantize-dequantize of blocks under given (already E4M3-rounded) block scales.
+
+    The static-scale fake quant modelopt 0.47 runs for a calibrated ``NVFP4StaticQuantizer``
+    (the Triton ``static_blockwise_fp4_fake_quant`` kernel, ``nvfp4_scalar_quant``): each
+    element becomes ``e2m1(|x| / scale) * scale`` with ``x``'s sign (``x >= 0`` keeps +), a
+    zero, NaN or infinite scale divides by 1.0, and a block whose scale is zero becomes zeros.
+    Rounding is :func:`_e2m1_magnitude_codes` (ties to even, saturating at 6), the same
+    boundaries as the kernel's ``fp4_round_magnitude``.
+
+    Args:
+        blocks: float tensor ``[n_blocks, block_size]`` (any float dtype; computed in fp32).
+        block_scale: ``[n_blocks]`` (or any shape with ``n_blocks`` elements) dequantized
+            per-block scales in float32 (``e4m3(amax / 6 / global) * global``).
+        out_dtype: output dtype (default ``blocks.dtype``).
+
+    Returns:
+        Tensor of ``blocks``' shape in ``out_dtype``.
+
+    Raises:
+        ValueError: ``block_scale`` does not have one value per block.
+    """
+    if blocks.dim() != 2 or block_scale.numel() != blocks.shape[0]:
+        raise ValueError(
+            f"blocks of shape {tuple(blocks.shape)} need one scale per row; got block_scale "
+            f"of shape {tuple(block_scale.shape)}"
+        )
+    x = blocks.float()
+    scale = block_scale.reshape(-1, 1).float()
+    zero = scale == 0
+    safe = torch.where(zero | ~torch.isfinite(scale), torch.ones_like(scale), scale)
+    codes = _e2m1_magnitude_codes(x.abs() / safe)
+    rescaled = _E2M1_MAGNITUDES.to(x.device)[codes.int()] * safe
+    out = torch.where(x >= 0, rescaled, -rescaled)
+    out = torch.where(zero, torch.zeros_like(out), out)
+    return out.to(out_dtype or blocks.dtype)

@@ -266,13 +266,18 @@ def _quantize_placed(
     timings["calibration_data"] = time.perf_counter() - t
     loop_seconds = [0.0]
 
+    from omniquant.quantize.algorithm_run import algorithm_context, preflight_algorithm
+
+    preflight_algorithm(plan, loaded, samples, say)
+
     def quantize_with(loop):
         def timed_loop(m=None):
             t0 = time.perf_counter()
             loop(m)
             loop_seconds[0] += time.perf_counter() - t0
 
-        mtq.quantize(root, mo_config, timed_loop)
+        with algorithm_context(plan):
+            mtq.quantize(root, mo_config, timed_loop)
 
     t = time.perf_counter()
     stats = run_calibration(
@@ -288,6 +293,9 @@ def _quantize_placed(
     timings["quantize_other"] = time.perf_counter() - t - loop_seconds[0]
     said = len(plan.warnings)
     warnings_out += check_expert_coverage(stats, cov.policy, cov.min_tokens)
+    from omniquant.quantize.algorithm_run import algorithm_record
+
+    algo_record = algorithm_record(plan, stats)
     for w in warnings_out[said:]:
         say(f"warning: {w}")
     warnings_out += [shortfall] if shortfall else []
@@ -318,6 +326,7 @@ def _quantize_placed(
                 "bad_lines_not_used": [str(item) for item in unused_bad],
                 **stats.to_json(),
             },
+            algorithm=algo_record,
             plan=plan.to_json(),
             quantized=plan.group_precision(),
             shards=written["shards"],

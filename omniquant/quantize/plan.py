@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from omniquant.errors import PlanError, RecipeError
 from omniquant.formats import FORMATS, NARROWEST_FIRST
+from omniquant.quantize.algorithms import AlgorithmPlan, get_algorithm, resolve_algorithms
 from omniquant.quantize.recipe import Recipe
 
 #: Groups that a recipe may set to fp8/nvfp4 (serving engines have no quantized
@@ -59,6 +60,10 @@ class Plan:
     expert_projections: dict[str, tuple[str, ...]] = field(default_factory=dict)
     #: Rules without effect (``_overridden_rules``), one line each.
     warnings: list[str] = field(default_factory=list)
+    #: Module -> index of the recipe rule that set its format (the last one matching).
+    module_rule: dict[str, int] = field(default_factory=dict)
+    #: The calibration algorithm per rule (``omniquant.quantize.algorithms``).
+    algorithms: AlgorithmPlan | None = None
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Group -> {format: number of modules} (groups with no modules omitted)."""
@@ -78,6 +83,25 @@ class Plan:
             fmts = sorted(counts)
             out[group] = fmts[0] if len(fmts) == 1 else "mixed:" + "+".join(fmts)
         return out
+
+    def module_algorithm(self, name: str) -> str:
+        """The calibration algorithm that sets ``name``'s scales (``max`` where none other)."""
+        if self.algorithms is None or name not in self.module_rule:
+            return "max"
+        algo = self.algorithms.by_rule.get(self.module_rule[name], "max")
+        return "max" if name in self.algorithm_fallbacks() else algo
+
+    def algorithm_fallbacks(self) -> dict[str, str]:
+        """Module -> why it keeps max scales though its rule names another algorithm."""
+        if self.algorithms is None or self.algorithms.active != "gptq":
+            return {}
+        return {
+            name: "max: modelopt 0.47 GPTQ updates quantized Linear modules only "
+            "(is_quantized_linear); a fused expert container is not one"
+            for name in self.expert_projections
+            if self.module_format.get(name, "bf16") != "bf16"
+            and self.algorithms.by_rule.get(self.module_rule.get(name, -1)) == "gptq"
+        }
 
     def to_json(self) -> dict:
         return {
@@ -100,6 +124,7 @@ def resolve_plan(recipe: Recipe, loaded) -> Plan:
     selectors = adapter.selectors(model)
     module_group = {name: g for g, names in groups.items() for name in names}
     module_format = {name: "bf16" for name in module_group}
+    module_rule: dict[str, int] = {}
     errors: list[str] = []
     applied: list[tuple[str, set[str]]] = []  # (rule, the modules it set), in order
 
@@ -152,6 +177,7 @@ def resolve_plan(recipe: Recipe, loaded) -> Plan:
                 continue
         for n in matched:
             module_format[n] = rule.format
+            module_rule[n] = idx
         applied.append((where, set(matched)))
 
     if errors:
@@ -177,6 +203,8 @@ def resolve_plan(recipe: Recipe, loaded) -> Plan:
         kv_modules=kv_modules,
         expert_projections=expert_projections,
         warnings=_overridden_rules(applied),
+        module_rule=module_rule,
+        algorithms=resolve_algorithms(recipe),
     )
 
 
@@ -228,24 +256,43 @@ def _input_widths(name: str, module, adapter, fused: bool) -> list[tuple[str, in
 
 
 def to_modelopt_config(plan: Plan, recipe: Recipe) -> dict:
-    """Translate a plan into a modelopt ``mtq.quantize`` config (names relative to the quant root)."""
+    """Translate a plan into a modelopt ``mtq.quantize`` config (names relative to the quant root).
+
+    The weight quantizer of a module whose algorithm refines its format is configured as
+    that algorithm needs (static NVFP4 block scales, Four-Over-Six); every other module
+    gets its format's config unchanged, so ``max`` gives today's config exactly.
+    """
     prefix = plan.quant_root + "."
     entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
     for name, fmt in sorted(plan.quantized().items()):
         rel = name[len(prefix):]
         cfg = _FORMAT_CFG[fmt]
+        wcfg = _weight_cfg(plan, name, fmt, cfg)
         if name in plan.expert_projections:
             for proj in plan.expert_projections[name]:
-                entries.append({"quantizer_name": f"{rel}.{proj}_weight_quantizers.*", "cfg": cfg})
+                entries.append({"quantizer_name": f"{rel}.{proj}_weight_quantizers.*", "cfg": wcfg})
                 entries.append({"quantizer_name": f"{rel}.{proj}_input_quantizer", "cfg": cfg})
         else:
-            entries.append({"quantizer_name": f"{rel}.weight_quantizer", "cfg": cfg})
+            entries.append({"quantizer_name": f"{rel}.weight_quantizer", "cfg": wcfg})
             entries.append({"quantizer_name": f"{rel}.input_quantizer", "cfg": cfg})
     for attn in plan.kv_modules:
         rel = attn[len(prefix):]
         for q in ("k_bmm_quantizer", "v_bmm_quantizer"):
             entries.append({"quantizer_name": f"{rel}.{q}", "cfg": FP8_CFG})
-    return {"quant_cfg": entries, "algorithm": recipe.quantization.algorithm}
+    algorithm = plan.algorithms.modelopt if plan.algorithms is not None else "max"
+    return {"quant_cfg": entries, "algorithm": algorithm}
+
+
+def _weight_cfg(plan: Plan, name: str, fmt: str, cfg: dict) -> dict:
+    """The weight quantizer config of ``name``: its format's, adapted to its algorithm."""
+    algo = get_algorithm(plan.module_algorithm(name))
+    refined = plan.algorithms.refined_formats if plan.algorithms is not None else set()
+    if fmt != "nvfp4" or fmt not in refined or not algo.static_nvfp4_weights:
+        return cfg
+    block_sizes = {**cfg["block_sizes"], "type": "static"}
+    if algo.four_over_six:
+        block_sizes["four_over_six"] = True
+    return {**cfg, "block_sizes": block_sizes}
 
 
 def render_plan(plan: Plan) -> str:

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
 from omniquant.errors import RecipeError, arg_ref
 from omniquant.formats import FORMATS
+from omniquant.quantize.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, resolve_algorithms
 from omniquant.schema import Strict, allowed_fields, field_problems
 
 #: The formats a rule may name: the format registry's (omniquant.formats).
@@ -119,6 +120,14 @@ class Rule(Strict):
     group: str | None = None
     modules: str | None = None
     format: Format
+    #: Calibration algorithm for this rule's modules (``omniquant.quantize.algorithms``);
+    #: None: the recipe's ``quantization.algorithm``.
+    algorithm: str | None = None
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, v: str | None) -> str | None:
+        return v if v is None else _check_algorithm_name(v)
 
     @model_validator(mode="after")
     def _one_selector(self) -> Rule:
@@ -126,9 +135,24 @@ class Rule(Strict):
             raise ValueError("a rule needs exactly one of 'group' or 'modules'")
         return self
 
+    @model_serializer(mode="wrap")
+    def _omit_default_algorithm(self, handler):
+        # A rule without its own algorithm dumps as before, so recipe hashes stay as they were.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("algorithm") is None:
+            data.pop("algorithm", None)
+        return data
+
     def describe(self) -> str:
         sel = f"group: {self.group}" if self.group is not None else f"modules: {self.modules!r}"
-        return f"{{{sel}, format: {self.format}}}"
+        algo = "" if self.algorithm is None else f", algorithm: {self.algorithm}"
+        return f"{{{sel}, format: {self.format}{algo}}}"
+
+
+def _check_algorithm_name(name: str) -> str:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm; known algorithms: {', '.join(ALGORITHMS)}")
+    return name
 
 
 class Quantization(Strict):
@@ -136,18 +160,20 @@ class Quantization(Strict):
 
     rules: list[Rule] = Field(min_length=1)
     kv_cache: Literal["fp8", "none"] = "none"
-    algorithm: Literal["max", "mse"] = "max"
+    #: Calibration algorithm (``omniquant.quantize.algorithms``): applies to every rule
+    #: whose format it refines, unless a rule names its own.
+    algorithm: str = DEFAULT_ALGORITHM
     nvfp4_block_size: Literal[16] = 16
 
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, v: str) -> str:
+        return _check_algorithm_name(v)
+
     @model_validator(mode="after")
-    def _mse_needs_cuda_for_nvfp4(self) -> Quantization:
-        # modelopt's mse search fake-quantizes NVFP4 weights with its dynamic block
-        # quantizer, which asserts CUDA tensors; omniquant calibrates on the CPU.
-        if self.algorithm == "mse" and any(r.format == "nvfp4" for r in self.rules):
-            raise ValueError(
-                "algorithm 'mse' with nvfp4 rules needs modelopt's CUDA-only NVFP4 fake quant, "
-                "and omniquant calibrates on the CPU; use algorithm: max (mse works with fp8)"
-            )
+    def _algorithms_apply(self) -> Quantization:
+        # Which rule runs which algorithm, checked at load (the formats are known here).
+        resolve_algorithms(self)
         return self
 
 
@@ -240,6 +266,9 @@ def load_recipe(
     Raises:
         RecipeError: naming the file, the field path, the bad value and what is allowed.
     """
+    variant = None
+    if not isinstance(name_or_path, Recipe):
+        name_or_path, variant = split_algorithm_variant(name_or_path)
     if isinstance(name_or_path, Recipe):
         path = None
         where = f"recipe {name_or_path.metadata.name!r} (in memory)"
@@ -247,6 +276,11 @@ def load_recipe(
     else:
         path = where = resolve_recipe_path(name_or_path)
         data = _read_recipe_file(path)
+    if variant is not None and isinstance(data.get("quantization"), dict):
+        # ``RECIPE:ALGORITHM``: the recipe with its global algorithm replaced, named so.
+        data["quantization"]["algorithm"] = variant
+        if isinstance(data.get("metadata"), dict) and isinstance(data["metadata"].get("name"), str):
+            data["metadata"]["name"] += f":{variant}"
     overridden: dict[tuple[str, ...], str] = {}
     for item in overrides or []:
         overridden[_apply_override(data, item, where)] = item
@@ -254,6 +288,29 @@ def load_recipe(
         return Recipe.model_validate(data), path
     except ValidationError as exc:
         raise RecipeError(_format_validation_error(where, exc, data, overridden)) from exc
+
+
+def split_algorithm_variant(name_or_path: str | Path) -> tuple[str | Path, str | None]:
+    """``nvfp4_omni:gptq`` -> ``("nvfp4_omni", "gptq")``; anything else -> ``(it, None)``.
+
+    A name with a colon is a variant when the part after the last colon is not a path of
+    its own (an existing file wins).
+
+    Raises:
+        RecipeError: the part after the colon is not a known algorithm.
+    """
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or ":" not in text or Path(text).exists():
+        return name_or_path, None
+    base, algo = text.rsplit(":", 1)
+    if algo not in ALGORITHMS:
+        raise RecipeError(
+            f"unknown algorithm {algo!r} after ':'; write RECIPE:ALGORITHM with one of "
+            f"{', '.join(ALGORITHMS)}.",
+            arg="recipe",
+            value=name_or_path,
+        )
+    return base, algo
 
 
 def _read_recipe_file(path: Path) -> dict:

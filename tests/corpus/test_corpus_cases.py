@@ -238,7 +238,11 @@ CASES = [
     Case("recipe", "size-zero", lambda e: _q(e, None, "fp8_omni", "--set", "calibration.size=0"), 2, "calibration.size: bad value 0"),
     Case("recipe", "seed-huge", lambda e: _q(e, None, "fp8_omni", "--set", "calibration.seed=99999999999999999999999"), 2, "calibration.seed: bad value 99999999999999999999999"),
     Case("recipe", "seed-negative", lambda e: _q(e, None, "fp8_omni", "--set", "calibration.seed=-1"), 2, "calibration.seed: bad value -1"),
-    Case("recipe", "mse-nvfp4", lambda e: _q(e, None, "nvfp4_omni", "--set", "quantization.algorithm=mse"), 2, "algorithm 'mse' with nvfp4 rules"),
+    # Calibration algorithms (issue 21): mse with nvfp4 now runs on the CPU; these are refused.
+    Case("recipe", "algorithm-unknown", lambda e: _q(e, None, "nvfp4_omni", "--set", "quantization.algorithm=smoothquant"), 2, "unknown algorithm; known algorithms: max, mse"),
+    Case("recipe", "algorithm-wrong-format", lambda e: _q(e, None, "nvfp4_omni", "--set", "quantization.rules.1.algorithm=four_over_six"), 2, "does not apply to format fp8"),
+    Case("recipe", "algorithm-variant-unknown", lambda e: _q(e, None, "nvfp4_omni:best"), 2, "unknown algorithm 'best' after ':'"),
+    Case("recipe", "gptq-few-tokens", lambda e: _q(e, None, "nvfp4_aggressive:gptq", "--calib", "synthetic", "--set", "calibration.size=1"), 2, "needs at least 128 calibration tokens"),
     # --set blamed on --set, not on the file (item 6)
     Case("set", "empty-key", lambda e: _q(e, None, "fp8_omni", "--set", "=3"), 2, "--set '=3': the key '' has an empty part"),
     Case("set", "empty-part", lambda e: _q(e, None, "fp8_omni", "--set", "calibration..size=3"), 2, "has an empty part"),
