@@ -207,6 +207,12 @@ def test_load_settings_are_checked_before_any_model_work(tmp_path):
         build_report(**base, throughput=True, load_concurrency=[0])
     with pytest.raises(ReportError, match="add throughput"):
         build_report(**base, gpu_hour_price=2.0)
+    with pytest.raises(ReportError, match="load_generator.*choose builtin or aiperf"):
+        build_report(**base, throughput=True, load_generator="locust")
+    with pytest.raises(ReportError, match="no aiperf program at /nonexistent/aiperf"):
+        build_report(**base, throughput=True, load_generator="aiperf", aiperf="/nonexistent/aiperf")
+    with pytest.raises(ReportError, match="aiperf load generator needs load_requests"):
+        build_report(**base, throughput=True, load_generator="aiperf", load_duration=5.0)
     assert not (tmp_path / "r" / "report.json").exists()
 
 
@@ -269,6 +275,7 @@ def test_cost_tables_and_chart_show_measured_figures_and_na_with_reasons():
     models = [report["baseline"], *report["candidates"]]
     header, rows = cost.throughput_table(report, models)
     assert header[4] == "req/s" and rows[0][4] == "2.000" and rows[1][9] == "12.000"
+    assert rows[0][-1] == "vllm server @ 1x H100"
     assert rows[0][11] == f"{2.0 / 9.0:.2f}" and rows[2][4] == "n/a" and rows[2][11] == "n/a"
     assert cost.not_available_notes(report, models) == [
         "nvfp4 at concurrency 4: 1 of 8 requests failed (first: HTTP 500)"
@@ -345,3 +352,73 @@ def test_report_throughput_serves_bf16_fp8_nvfp4_and_writes_the_cost_side(demo_t
     html = (out / "report.html").read_text()
     assert "Quality vs cost (concurrency 2)" in html and "CPU emulation" in html
     assert "Capacity from memory (arithmetic, not measured)" in (out / "report.md").read_text()
+
+
+FAKE_AIPERF = """#!{python}
+import json, sys
+from pathlib import Path
+args = sys.argv[1:]
+if args == ["--version"]:
+    print("0.0-fake"); sys.exit(0)
+opt = {{args[i]: args[i + 1] for i in range(1, len(args) - 1) if args[i].startswith("--")}}
+lines = Path(opt["--input-file"]).read_text().splitlines()
+out = Path(opt["--output-artifact-dir"]); out.mkdir(parents=True)
+drop = {drop}
+with open(out / "profile_export.jsonl", "w") as fh:
+    for k, line in enumerate(lines):
+        if k in drop:
+            continue
+        body = json.loads(line)
+        assert body["max_tokens"] == 3 and body["model"] == "m"
+        start = 10**9 * (10 + k)
+        fh.write(json.dumps({{"metadata": {{"session_num": k, "conversation_id": f"c{{k}}",
+            "request_start_ns": start, "request_end_ns": start + 5 * 10**8}},
+            "metrics": {{"usage_prompt_tokens": {{"value": 7}},
+                         "usage_completion_tokens": {{"value": 2}},
+                         "time_to_first_token": {{"value": 100.0, "unit": "ms"}}}}}}) + "\\n")
+"""
+
+
+def test_aiperf_records_are_read_back_and_an_incomplete_run_is_na(tmp_path):
+    import sys
+
+    from omniquant.endpoint.aiperf import aiperf_level_runner
+
+    def fake(drop: set) -> str:
+        path = tmp_path / f"aiperf{len(drop)}"
+        path.write_text(FAKE_AIPERF.format(python=sys.executable, drop=drop))
+        path.chmod(0o755)
+        return str(path)
+
+    client = _client(lambda request: httpx.Response(200, json=MODELS))
+    wl = _workload(concurrency=(2,))
+    run = aiperf_level_runner(fake(set()), tmp_path / "a", tokenizer="tok")
+    lv = run(client, wl, 2, True, None)
+    # 4 bodies sent once each, 1 s apart, 0.5 s each: wall 3.5 s; a, b, a, b media.
+    assert lv["requests"] == 4 and lv["wall_s"] == 3.5 and lv["errors"] == 0
+    assert lv["media_seconds"] == {"video": 60.0, "audio": 80.0}
+    assert lv["ttft_s"] == {"p50": 0.1, "p99": 0.1} and lv["latency_s"]["p50"] == 0.5
+    assert lv["input_tokens_per_s"] == pytest.approx(28 / 3.5)
+    assert [r["id"] for r in lv["records"]] == ["a", "b", "a", "b"]
+    payloads = (tmp_path / "a" / "c2" / "payloads.jsonl").read_text().splitlines()
+    assert [json.loads(p)["stream"] for p in payloads] == [True] * 4
+
+    lost = aiperf_level_runner(fake({2}), tmp_path / "b", tokenizer="tok")(client, wl, 2, True, None)
+    assert lost["requests_per_s"] is None
+    assert lost["not_available"].startswith("aiperf returned 3 records from 3 sessions for 4 bodies")
+
+
+def test_a_duration_level_starts_no_request_after_its_time():
+    def handler(request):
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json=MODELS)
+        time.sleep(0.1)
+        return httpx.Response(200, json={"choices": [], "usage": {"prompt_tokens": 1,
+                                         "completion_tokens": 1}})  # fmt: skip
+
+    wl = _workload(concurrency=(2,), count=None, duration_s=0.35, warmup=0)
+    (lv,) = run_load(_client(handler), wl)["levels"]
+    # Two workers, >= 0.1 s per request: at most 4 rounds start before 0.35 s (a loaded
+    # machine runs fewer); none starts after it.
+    assert 2 <= lv["requests"] <= 8 and lv["errors"] == 0
+    assert max(r["start_s"] for r in lv["records"]) < 0.35

@@ -318,6 +318,12 @@ def report_cmd(
     machine: Annotated[
         str | None, typer.Option(help="The served URLs' machine in words (e.g. '1x H100 80GB'), recorded with every figure.")
     ] = None,
+    load_generator: Annotated[
+        str, typer.Option(help="Load phase: builtin (the report's httpx client) or aiperf (replays the same bodies; per-request records read back).")
+    ] = "builtin",
+    aiperf: Annotated[
+        str | None, typer.Option(help="Load phase: the aiperf program (default: aiperf on PATH).")
+    ] = None,
 ) -> None:
     """Evaluate exported checkpoints or served models on omni tasks and write the quality-cliff report."""
     import json
@@ -369,6 +375,8 @@ def report_cmd(
         gpus=gpus,
         gpu_memory=gpu_memory,
         machine=machine,
+        load_generator=load_generator,
+        aiperf=aiperf,
     )
 
     for line in render_summary_table(report).splitlines():
