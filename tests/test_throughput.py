@@ -227,7 +227,7 @@ def test_capacity_arithmetic_on_the_demo_config():
     mamba = 3 * (8 * 32 * 16 * 4 + 3 * (8 * 32 + 2 * 2 * 16) * 2)
     assert per_seq == kv + mamba and "1 attention layers" in formula
     assert sequence_bytes(config, 100, 1)[0] == kv // 2 + mamba  # FP8 KV: 1 byte
-    cap = concurrent_sequences(demo_model_dir(), 100, "fp8", 10_000_000, 2**30)
+    cap = concurrent_sequences(demo_model_dir(), 100, "FP8", 10_000_000, 2**30)
     assert cap["sequences"] == (2**30 - 10_000_000) // (kv // 2 + mamba)
     assert cap["kind"] == "arithmetic"
     assert concurrent_sequences(demo_model_dir(), 100, None, 2**31, 2**30)["sequences"] == 0

@@ -80,7 +80,8 @@ def concurrent_sequences(
     Args:
         checkpoint: Directory holding ``config.json``.
         tokens: Sequence length (prompt + generated tokens).
-        kv_cache: ``fp8`` when the checkpoint quantizes the KV cache (1 byte), else 2 bytes.
+        kv_cache: The checkpoint's KV-cache format (``FP8``, as its ``kv_cache_quant_algo``
+            says, is 1 byte; anything else, ``None`` included, 2 bytes).
         weight_bytes: The checkpoint's weight bytes (its size on disk).
         gpu_bytes: The stated GPU memory.
 
@@ -96,7 +97,7 @@ def concurrent_sequences(
         config = json.loads((Path(checkpoint) / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"no readable config.json in {checkpoint}: {err}") from err
-    kv_bytes = 1 if kv_cache == "fp8" else 2
+    kv_bytes = 1 if str(kv_cache or "").upper() == "FP8" else 2
     per_seq, formula = sequence_bytes(config, tokens, kv_bytes)
     free = gpu_bytes - weight_bytes
     return {
