@@ -113,7 +113,11 @@ def aiperf_level_runner(program: str, artifacts: Path, tokenizer: str):
                "--no-server-metrics", "--no-gpu-telemetry", "--no-auto-plot",
                *(["--streaming"] if stream else [])]  # fmt: skip
         media = {k: sum(r.seconds.get(k, 0.0) for r in planned) for k in MEDIA_KINDS}
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
+                                  check=False)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return _failed(level, f"aiperf ran past {RUN_TIMEOUT_S} s")
         (out / "aiperf.log").write_text(done.stdout + done.stderr)
         records_file = out / "artifacts" / "profile_export.jsonl"
         if done.returncode != 0 or not records_file.is_file():

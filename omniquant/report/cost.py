@@ -13,6 +13,10 @@ bubble area = requests/s; every figure carries its server and machine.
 from __future__ import annotations
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def _fix(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -123,7 +127,7 @@ def capacity_table(report: dict, models: list[dict]) -> tuple[list[str], list[li
         rows.append([
             m["name"], m["precision"], f"{cap['sequences']:,}", str(cap["tokens"]),
             f"{cap['bytes_per_sequence'] / 2**20:.3f} MiB", str(cap["kv_bytes"]),
-            f"{cap['weight_bytes'] / 2**30:.3f} GiB",
+            _size(cap["weight_bytes"]),
         ])  # fmt: skip
     return header, rows
 
