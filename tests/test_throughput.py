@@ -217,24 +217,27 @@ def test_load_settings_are_checked_before_any_model_work(tmp_path):
 
 
 def test_capacity_arithmetic_on_the_demo_config():
+    from omniquant.models.base import adapter_for, read_config
     from omniquant.quantize.serving_memory import concurrent_sequences, sequence_bytes
 
-    config = json.loads((demo_model_dir() / "config.json").read_text())
+    config = read_config(demo_model_dir())
+    shapes = adapter_for(demo_model_dir()).serving_state_shapes(config)
     # Demo text config: 1 attention layer (2 KV heads x 32), 3 Mamba layers (8 heads x 32,
     # state 16, 2 groups, kernel 4).
-    per_seq, formula = sequence_bytes(config, tokens=100, kv_bytes=2)
+    per_seq, formula = sequence_bytes(shapes, tokens=100, kv_bytes=2)
     kv = 1 * 2 * 2 * 32 * 100 * 2
     mamba = 3 * (8 * 32 * 16 * 4 + 3 * (8 * 32 + 2 * 2 * 16) * 2)
     assert per_seq == kv + mamba and "1 attention layers" in formula
-    assert sequence_bytes(config, 100, 1)[0] == kv // 2 + mamba  # FP8 KV: 1 byte
+    assert sequence_bytes(shapes, 100, 1)[0] == kv // 2 + mamba  # FP8 KV: 1 byte
     cap = concurrent_sequences(demo_model_dir(), 100, "FP8", 10_000_000, 2**30)
     assert cap["sequences"] == (2**30 - 10_000_000) // (kv // 2 + mamba)
     assert cap["kind"] == "arithmetic"
     assert concurrent_sequences(demo_model_dir(), 100, None, 2**31, 2**30)["sequences"] == 0
-    hub = {"llm_config": {**config["text_config"], "layers_block_type": None,
-                          "hybrid_override_pattern": "M-M*-E"}}  # fmt: skip
-    hub["llm_config"].pop("layers_block_type")
-    assert sequence_bytes(hub, 100, 2)[0] == kv + 2 * mamba // 3
+    hub = {"llm_config": {k: v for k, v in config["text_config"].items()
+                          if k != "layers_block_type"}}  # fmt: skip
+    hub["llm_config"]["hybrid_override_pattern"] = "M-M*-E"
+    hub_shapes = adapter_for(demo_model_dir()).serving_state_shapes(hub)
+    assert sequence_bytes(hub_shapes, 100, 2)[0] == kv + 2 * mamba // 3
 
 
 def _report_with_throughput(price: float | None) -> dict:
