@@ -25,16 +25,27 @@ Policy:
     largest of the three counts (requests are encoded one at a time).
   - A runtime reserve of 10% of the GPU: vLLM's default ``--gpu-memory-utilization 0.9``
     leaves it to the CUDA context, cuBLAS/NCCL workspaces and CUDA graphs.
+- ``concurrent_sequences`` (the report's capacity column): how many sequences of a
+  length fit in a GPU beside the weights, from KV + Mamba state alone (an upper bound,
+  labelled arithmetic); its shapes come from ``config.json`` in either naming
+  (``ModelAdapter.serving_state_shapes``), so it also sizes a served released checkpoint.
+  It repeats the KV/Mamba terms of ``estimate_serving_memory`` over those shapes
+  (``sequence_bytes``); folding the two shape types into one is a follow-up.
 - Not counted: the backbone's own prefill activations (vLLM measures them in its profile
   run; chunked prefill bounds them by ``max_num_batched_tokens``), allocator fragmentation.
   Weights take their exported tensor bytes (``omniquant.quantize.predict``).
-"""
+
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omniquant.errors import PlanError
+
+if TYPE_CHECKING:
+    from omniquant.models.base import ServingStateShapes
 
 KV_DTYPE_BYTES = {"fp8": 1, "bf16": 2}
 SSM_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -278,3 +289,68 @@ def serving_memory_for(loaded, **kwargs) -> ServingMemory:
         preprocessor = {}
     settings = settings_from_configs(dict(loaded.config_dict), preprocessor)
     return estimate_serving_memory(loaded.adapter.serving_shapes(loaded.model), settings, **kwargs)
+
+
+
+
+def sequence_bytes(shapes: ServingStateShapes, tokens: int, kv_bytes: int) -> tuple[int, str]:
+    """Bytes of serving state one sequence of ``tokens`` holds, and the formula as text."""
+    s = shapes
+    kv = s.attention_layers * 2 * s.kv_heads * s.head_dim * tokens * kv_bytes
+    ssm = s.mamba_layers * s.mamba_heads * s.mamba_head_dim * s.ssm_state * 4
+    conv_dim = s.mamba_heads * s.mamba_head_dim + 2 * s.groups * s.ssm_state
+    conv = s.mamba_layers * (s.conv_kernel - 1) * conv_dim * 2
+    formula = (
+        f"KV {s.attention_layers} attention layers x 2 x {s.kv_heads} heads x {s.head_dim} x "
+        f"{tokens} tokens x {kv_bytes} B = {kv:,} B; Mamba {s.mamba_layers} layers x "
+        f"({s.mamba_heads} x {s.mamba_head_dim} x {s.ssm_state} x 4 B SSM + "
+        f"{s.conv_kernel - 1} x {conv_dim} x 2 B conv) = {ssm + conv:,} B"
+    )
+    return kv + ssm + conv, formula
+
+
+def concurrent_sequences(
+    checkpoint: Path, tokens: int, kv_cache: str | None, weight_bytes: int, gpu_bytes: int
+) -> dict:
+    """How many sequences of ``tokens`` fit in ``gpu_bytes`` beside the weights (arithmetic).
+
+    Args:
+        checkpoint: Directory holding ``config.json``.
+        tokens: Sequence length (prompt + generated tokens).
+        kv_cache: The checkpoint's KV-cache format (``FP8``, as its ``kv_cache_quant_algo``
+            says, is 1 byte; anything else, ``None`` included, 2 bytes).
+        weight_bytes: The checkpoint's weight bytes (its size on disk).
+        gpu_bytes: The stated GPU memory.
+
+    Returns:
+        ``{"sequences", "bytes_per_sequence", "weight_bytes", "gpu_bytes", "tokens",
+        "kv_bytes", "formula", "kind": "arithmetic"}``; ``sequences`` is 0 when the weights
+        alone do not fit.
+
+    Raises:
+        ValueError: No readable ``config.json``, an unsupported model, or a field the
+            formula needs.
+    """
+    from omniquant.errors import OmniquantError
+    from omniquant.models.base import adapter_for, read_config
+
+    try:
+        shapes = adapter_for(checkpoint).serving_state_shapes(read_config(Path(checkpoint)))
+    except OmniquantError as err:
+        raise ValueError(str(err)) from err
+    kv_bytes = 1 if str(kv_cache or "").upper() == "FP8" else 2
+    per_seq, formula = sequence_bytes(shapes, tokens, kv_bytes)
+    free = gpu_bytes - weight_bytes
+    return {
+        "kind": "arithmetic",
+        "sequences": max(0, free // per_seq) if per_seq else None,
+        "bytes_per_sequence": per_seq,
+        "weight_bytes": weight_bytes,
+        "gpu_bytes": gpu_bytes,
+        "tokens": tokens,
+        "kv_bytes": kv_bytes,
+        "formula": f"floor(({gpu_bytes:,} B GPU - {weight_bytes:,} B weights) / {per_seq:,} B); "
+        + formula,
+        "not_counted": "activations, CUDA graphs, allocator overhead, encoder working memory, "
+        "the engine's memory fraction",
+    }
