@@ -34,7 +34,7 @@ Policy:
 - Not counted: the backbone's own prefill activations (vLLM measures them in its profile
   run; chunked prefill bounds them by ``max_num_batched_tokens``), allocator fragmentation.
   Weights take their exported tensor bytes (``omniquant.quantize.predict``).
-
+"""
 
 from __future__ import annotations
 
