@@ -11,8 +11,11 @@ why in its message.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
+
+from omniquant.outdir import OUTPUT_MARKER
 
 PINNED = {
     "fp8_omni": {
@@ -59,8 +62,15 @@ def test_export_bytes_are_pinned(quantized, recipe):
     out = quantized(recipe)
     written = sorted(
         p.name for p in out.iterdir()
-        if p.suffix in (".safetensors", ".json") and p.name != "omniquant.json"
+        if p.suffix in (".safetensors", ".json") and p.name not in ("omniquant.json", OUTPUT_MARKER)
     )  # fmt: skip
     assert written == sorted(PINNED[recipe])
+    # The ownership marker (issue #20) is omniquant's, not the checkpoint's: it lists every
+    # other entry, so --force may later replace exactly this directory.
+    marker = json.loads((out / OUTPUT_MARKER).read_text())
+    assert marker == {
+        "kind": "checkpoint",
+        "entries": sorted(p.name for p in out.iterdir() if p.name != OUTPUT_MARKER),
+    }
     got = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in written}
     assert got == PINNED[recipe]
