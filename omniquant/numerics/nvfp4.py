@@ -45,6 +45,7 @@ __all__ = [
     "E2M1_MAX",
     "E2M1_VALUES",
     "dequantize_nvfp4",
+    "e2m1_codes",
     "fake_quant_nvfp4_activation",
     "nvfp4_activation_quantizer",
     "pack_e2m1",
@@ -95,6 +96,22 @@ _SIGNED_VALUES = torch.tensor(
     [-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
     dtype=torch.float32,
 )
+# The E2M1 code (sign << 3 | magnitude) of each bucket: -0.0's bucket is code 8.
+_SIGNED_CODES = torch.tensor(
+    [15, 14, 13, 12, 11, 10, 9, 8, 0, 1, 2, 3, 4, 5, 6, 7], dtype=torch.uint8
+)
+
+
+def e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (``sign << 3 | magnitude``) of float32 values already divided by their scale.
+
+    Magnitudes round to nearest, ties to even, saturating at 6; the sign bit is
+    ``scaled < 0`` (so -0.0 gives code 0, a small negative value code 8). Equal, code for
+    code, to modelopt 0.47's ``NVFP4QTensor._cast_fp4`` (``searchsorted`` plus the tie
+    fix-up) in one ``bucketize`` and one table lookup instead of eight passes.
+    """
+    buckets = torch.bucketize(scaled, _SIGNED_BOUNDARIES.to(scaled.device), out_int32=True)
+    return _SIGNED_CODES.to(scaled.device)[buckets]
 
 
 def _check_block_size(block_size: int) -> None:
