@@ -140,8 +140,8 @@ def _single_rounding_fp8():
     """
     import modelopt.torch.export.unified_export_hf as ueh
     from modelopt.torch.export.model_config import QUANTIZATION_FP8
-    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
     from modelopt.torch.quantization.qtensor.base_qtensor import QTensorWrapper
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     from omniquant.numerics.nvfp4 import e2m1_codes
 
