@@ -124,3 +124,34 @@ def test_quantizers_check_their_scale_once_at_construction():
         q(torch.randn(2, 24))
     with pytest.raises(ValueError, match="expected one of torch.float32"):
         fp8_activation_quantizer(0.01)(torch.zeros(3, dtype=torch.int32))
+
+
+def _every_class_and_neighbours() -> torch.Tensor:
+    """A float32 value in each rounding class of the tables, the class edges' neighbours,
+    and random values over the whole float32 range (NaN, inf and signed zeros included)."""
+    from omniquant.numerics.nvfp4 import _REPRESENTATIVES
+
+    reps = _REPRESENTATIVES.clone()
+    up = torch.nextafter(reps, torch.tensor(float("inf")))
+    down = torch.nextafter(reps, torch.tensor(float("-inf")))
+    rand_bits = torch.randint(
+        -(2**31), 2**31 - 1, (200_000,), generator=torch.Generator().manual_seed(3)
+    )
+    return torch.cat([reps, up, down, rand_bits.to(torch.int32).view(torch.float32)])
+
+
+def test_value_table_rounds_every_class_as_the_reference():
+    from omniquant.numerics.nvfp4 import _VALUE_TABLE, _class_index
+
+    v = _every_class_and_neighbours()
+    mags = _MAGNITUDES[_reference_codes(v.abs()).int()]
+    want = torch.where(v >= 0, mags, mags.neg())
+    assert torch.equal(bits(_VALUE_TABLE[_class_index(v.view(torch.int32))]), bits(want))
+
+
+def test_e2m1_codes_equal_modelopts_cast_for_every_class():
+    nvfp4_tensor = pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor")
+    from omniquant.numerics.nvfp4 import e2m1_codes
+
+    v = _every_class_and_neighbours()
+    assert torch.equal(e2m1_codes(v), nvfp4_tensor.NVFP4QTensor._cast_fp4(v.clone()))
