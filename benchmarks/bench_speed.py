@@ -144,7 +144,7 @@ def _importtime_share(stderr: str) -> float:
     total = 0
     for line in stderr.splitlines():
         m = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\s*)\S", line)
-        if m and len(m.group(2)) == 1:  # top-level imports only (one space of indent)
+        if m and not m.group(2):  # top-level imports only (no indent)
             total += int(m.group(1))
     return total / 1e6
 
