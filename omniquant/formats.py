@@ -130,6 +130,9 @@ class Format:
     #: Name in ``omniquant.numerics`` of ``fn(x, input_scale)`` that fake-quantizes an
     #: activation as the serving kernel does (None: activations stay high precision).
     activation_quantizer_fn: str | None = None
+    #: Name in ``omniquant.numerics`` of ``factory(input_scale, ...) -> (x -> fn(x, input_scale))``:
+    #: the same function with the scale checked once, for hooks called on every forward.
+    activation_quantizer_factory: str | None = None
 
     @property
     def quantized(self) -> bool:
@@ -193,7 +196,10 @@ class Format:
         """
         if self.activation_quantizer_fn is None:
             raise ValueError(f"format {self.name} does not quantize activations")
-        fn, kwargs = self._numerics(self.activation_quantizer_fn), self._block_kwargs()
+        kwargs = self._block_kwargs()
+        if self.activation_quantizer_factory is not None:
+            return self._numerics(self.activation_quantizer_factory)(input_scale, **kwargs)
+        fn = self._numerics(self.activation_quantizer_fn)
         return lambda x: fn(x, input_scale, **kwargs)
 
     def tensors(
@@ -246,6 +252,7 @@ FP8 = Format(
     modelopt_cfg={"num_bits": (4, 3), "axis": None},
     dequantize_fn="dequantize_fp8",
     activation_quantizer_fn="fake_quant_fp8",
+    activation_quantizer_factory="fp8_activation_quantizer",
 )
 #: NVFP4 elements per E4M3 block scale (the modelopt config and the stored layout share it).
 _NVFP4_BLOCK = 16
@@ -266,6 +273,7 @@ NVFP4 = Format(
     block_size=_NVFP4_BLOCK,
     dequantize_fn="dequantize_nvfp4",
     activation_quantizer_fn="fake_quant_nvfp4_activation",
+    activation_quantizer_factory="nvfp4_activation_quantizer",
 )
 BF16 = Format(
     name="bf16",

@@ -38,6 +38,7 @@ from omniquant.checkpoint.layout import (
 )
 from omniquant.errors import AuditError
 from omniquant.formats import (
+    DTYPE_BYTES,
     KV_CACHE_FORMAT,
     KV_SCALE_SUFFIXES,
     SCALE_SUFFIXES,
@@ -79,8 +80,14 @@ def is_excluded(module: str, patterns: list[str]) -> bool:
     return any(module == p or fnmatch.fnmatchcase(module, p) for p in patterns)
 
 
-def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditReport:
+def audit_checkpoint(path: str | Path, raise_on_error: bool = False, progress=None) -> AuditReport:
     """Audit a checkpoint directory written by omniquant.
+
+    Args:
+        path: The checkpoint directory.
+        raise_on_error: Raise instead of returning a report with problems.
+        progress: ``progress(done_bytes, total_bytes, label)`` after each quantized
+            weight is checked (bytes of the stored weights), or None.
 
     Raises:
         AuditError: if ``raise_on_error`` and the audit found problems.
@@ -134,10 +141,21 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False) -> AuditRep
         for k, (_, _, shape) in index.items()
         if k.endswith(".weight") and len(shape) >= 2
     }
-    for module in sorted(weights):
+
+    def stored_bytes(name: str) -> int:
+        _, dtype, shape = index[name]
+        return DTYPE_BYTES.get(dtype, 1) * math.prod(shape)
+
+    todo = sorted(weights)
+    all_bytes = sum(stored_bytes(f"{m}.weight") for m in todo)
+    done_bytes = 0
+    for i, module in enumerate(todo, start=1):
         _, dtype, _ = index[f"{module}.weight"]
         stored = by_stored_dtype(dtype)
         fmt = stored.name if stored is not None and stored.quantized else None
+        done_bytes += stored_bytes(f"{module}.weight")
+        if progress is not None:
+            progress(done_bytes, all_bytes, f"weight {i}/{len(todo)}")
         declared = layer_format(module, quant)
         if fmt is None:  # high-precision weight
             if declared is not None:

@@ -102,30 +102,74 @@ def quantized_hub_modules(loaded, plan) -> dict[str, str]:
     return out
 
 
+#: Elements per slice when FP8 weights are divided in float32 (16 Mi: 64 MiB of float32).
+_FP8_SLICE_ELEMENTS = 1 << 24
+
+
+def _fp8_single_rounded(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(weight.float() / scale).to(float8_e4m3fn)``, a slice of leading rows at a time.
+
+    The same elementwise operations as dividing the whole upcast weight, so the same
+    bytes, without a float32 copy of the whole weight (4 bytes per element) beside it.
+    ``scale`` broadcasts to ``weight``; a per-row or per-expert scale is sliced with it.
+    """
+    out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+    rows = weight.shape[0] if weight.dim() else 1
+    if weight.dim() == 0 or rows <= 1:
+        return (weight.float() / scale).to(torch.float8_e4m3fn)
+    per_row = max(1, weight[0].numel())
+    step = max(1, _FP8_SLICE_ELEMENTS // per_row)
+    sliced = scale.dim() == weight.dim() and scale.shape[0] == rows
+    for i in range(0, rows, step):
+        s = scale[i : i + step] if sliced else scale
+        out[i : i + step] = (weight[i : i + step].float() / s).to(torch.float8_e4m3fn)
+    return out
+
+
 @contextlib.contextmanager
 def _single_rounding_fp8():
-    """Make modelopt's FP8 weight packing divide in fp32.
+    """Make modelopt's FP8 weight packing divide in fp32, and its NVFP4 rounding one pass.
 
     modelopt 0.47's ``to_quantized_weight`` computes ``weight / scale`` in the
     weight's dtype; for BF16 weights that rounds to BF16 before the cast to E4M3,
     and ties land one FP8 step away from what its own fake-quantized model (and a
-    single rounding) gives. Upcasting one weight at a time keeps memory flat.
+    single rounding) gives. Here the division is in float32, a slice of rows at a time
+    (``_fp8_single_rounded``), so memory stays flat.
+    NVFP4: ``NVFP4QTensor._cast_fp4`` (eight passes over the scaled weight) is replaced by
+    ``omniquant.numerics.nvfp4.e2m1_codes`` (one ``bucketize``), code for code the same
+    (tests/test_numerics_fast_paths.py; the export pins hold the bytes).
     """
     import modelopt.torch.export.unified_export_hf as ueh
     from modelopt.torch.export.model_config import QUANTIZATION_FP8
+    from modelopt.torch.quantization.qtensor.base_qtensor import QTensorWrapper
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    from omniquant.numerics.nvfp4 import e2m1_codes
 
     orig = ueh.to_quantized_weight
+    orig_cast = NVFP4QTensor.__dict__["_cast_fp4"]
 
     def to_quantized_weight(weight, weights_scaling_factor, quantization, *args, **kwargs):
-        if quantization == QUANTIZATION_FP8 and weight.dtype in (torch.bfloat16, torch.float16):
-            weight = weight.float()
+        if (
+            quantization == QUANTIZATION_FP8
+            and isinstance(weight, torch.Tensor)
+            and not isinstance(weight, QTensorWrapper)
+            and weight.dtype in (torch.bfloat16, torch.float16)
+            and weights_scaling_factor is not None
+        ):
+            scale = weights_scaling_factor.to(weight.device)
+            if weight.dim() == 3:  # stacked experts: modelopt's per-expert broadcast
+                scale = scale.unsqueeze(-1)
+            return _fp8_single_rounded(weight, scale)
         return orig(weight, weights_scaling_factor, quantization, *args, **kwargs)
 
     ueh.to_quantized_weight = to_quantized_weight
+    NVFP4QTensor._cast_fp4 = classmethod(lambda cls, weight: e2m1_codes(weight))
     try:
         yield
     finally:
         ueh.to_quantized_weight = orig
+        NVFP4QTensor._cast_fp4 = orig_cast
 
 
 class _LayerwiseQuantExport:
@@ -241,7 +285,7 @@ class _LayerwiseQuantExport:
             return {f"{self.root_name}.{k}": v.detach().cpu() for k, v in hub_sd.items()}
 
 
-def write_checkpoint(loaded, plan, out: Path) -> dict:
+def write_checkpoint(loaded, plan, out: Path, progress=None) -> dict:
     """Write shards, configs and copied files of the quantized model into ``out``.
 
     Streams: each output shard is assembled from its source shard (unquantized tensors
@@ -250,10 +294,19 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
     memory holds one source shard, one output shard and at most one unit's quantized
     tensors beyond the model itself.
 
+    Each shard's sha256 is computed by a second thread while the next shard is exported
+    (hashlib releases the GIL), so the checksum costs no wall time but the last shard's.
+
+    Args:
+        progress: ``progress(done_bytes, total_bytes, label)`` after each exported layer
+            and each written shard (bytes of the source tensors handled so far), or None.
+
     Returns:
         ``{"shards": {file: sha256}, "hf_quant_config": {...}, "tensors": n}``;
         ``omniquant.json`` is the caller's to write (last).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -272,21 +325,34 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
         by_shard[shard].append(name)
 
     out.mkdir(parents=True, exist_ok=True)
-    checksums: dict[str, str] = {}
+    hashing: dict = {}  # shard -> future of its sha256
     weight_map: dict[str, str] = {}
     total = n = kv_written = 0
+    report = progress or (lambda _done, _total, _label: None)
+    shard_bytes = {f: (src.path / f).stat().st_size for f in src.shards}
+    all_bytes, done_bytes = sum(shard_bytes.values()), 0
     # Per-weight temporaries go back to the OS when freed (omniquant/quantize/heap.py).
-    with lean_heap(), _single_rounding_fp8():
+    with (
+        lean_heap(),
+        _single_rounding_fp8(),
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="omniquant-sha256") as hasher,
+    ):
         exporter = _LayerwiseQuantExport(loaded)
         mo_config = exporter.quant_config
         pending: dict[str, torch.Tensor] = {}  # exported, not yet written
-        for shard in src.shards:
+        for shard_no, shard in enumerate(src.shards, start=1):
             for name in by_shard[shard]:
                 unit = exporter.unit_of(name)
                 if unit is not None and unit not in exporter.exported:
                     exported = exporter.export(unit)
                     pending.update((k, v) for k, v in exported.items() if _wanted(k, qmods))
                     del exported
+                    report(
+                        done_bytes,
+                        all_bytes,
+                        f"shard {shard_no}/{len(src.shards)}, layer {len(exporter.exported)}/"
+                        f"{len(exporter.units)}",
+                    )
             tensors: dict[str, torch.Tensor] = {}
             with safe_open(src.path / shard, "pt") as fh:
                 for name in by_shard[shard]:
@@ -313,11 +379,14 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
                     tensors[key] = pending.pop(key).contiguous()
                     kv_written += 1
             save_file(tensors, str(out / shard), metadata={"format": "pt"})
-            checksums[shard] = sha256_file(out / shard)
+            hashing[shard] = hasher.submit(sha256_file, out / shard)
             weight_map.update(dict.fromkeys(tensors, shard))
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             n += len(tensors)
             del tensors
+            done_bytes += shard_bytes[shard]
+            report(done_bytes, all_bytes, f"shard {shard_no}/{len(src.shards)} written")
+        checksums = {shard: future.result() for shard, future in hashing.items()}
     if pending:
         raise ExportError(
             f"internal: {len(pending)} exported tensor(s) have no place in the source shards: "

@@ -216,6 +216,7 @@ def _quantize_placed(
     from omniquant.quantize.calibrate import check_expert_coverage, iter_progress, run_calibration
     from omniquant.quantize.plan import render_plan, resolve_plan, to_modelopt_config
     from omniquant.quantize.predict import measured_tensor_bytes
+    from omniquant.quantize.progress import byte_progress
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -302,7 +303,7 @@ def _quantize_placed(
 
     with staged_dir(out, replace=force, kind=CHECKPOINT) as tmp:
         t = time.perf_counter()
-        written = _write_quiet(loaded, plan, tmp)
+        written = _write_quiet(loaded, plan, tmp, byte_progress("exporting", quiet))
         timings["export"] = time.perf_counter() - t
         record = OmniquantRecord(
             format_version=FORMAT_VERSION,
@@ -347,7 +348,7 @@ def _quantize_placed(
         write_record(tmp, record)  # last: a directory without it is not a finished checkpoint
         default_permissions(tmp)
         t = time.perf_counter()
-        audit_checkpoint(tmp, raise_on_error=True)
+        audit_checkpoint(tmp, raise_on_error=True, progress=byte_progress("auditing", quiet))
         timings["audit"] = time.perf_counter() - t
     say(f"wrote {out}")
     # The quantized model sits in reference cycles (modelopt's quantizer modules): free
@@ -360,8 +361,9 @@ def _quantize_placed(
     )  # fmt: skip
 
 
-def _write_quiet(loaded, plan, tmp: Path) -> dict:
-    """modelopt's exporter prints per-expert fallbacks to stdout; keep stdout for our output."""
+def _write_quiet(loaded, plan, tmp: Path, progress=None) -> dict:
+    """modelopt's exporter prints per-expert fallbacks to stdout; keep stdout for our output
+    (progress lines go to stderr)."""
     import contextlib
     import io
     import warnings
@@ -371,4 +373,4 @@ def _write_quiet(loaded, plan, tmp: Path) -> dict:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return write_checkpoint(loaded, plan, tmp)
+        return write_checkpoint(loaded, plan, tmp, progress)

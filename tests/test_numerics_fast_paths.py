@@ -1,0 +1,157 @@
+"""The fast activation quantizers compute, bit for bit, the step-by-step formulas.
+
+The emulated loader calls an activation quantizer on every quantized GEMM input of
+every forward, so ``omniquant.numerics`` computes it in few passes (one min/max
+reduction, one ``bucketize`` to signed E2M1 values) and checks the stored scale once
+(``nvfp4_activation_quantizer``, ``fp8_activation_quantizer``). The reference
+implementations below are the former code, kept verbatim as the definition: any
+input, special values included, must give the same bits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omniquant.numerics import (
+    fake_quant_fp8,
+    fake_quant_nvfp4_activation,
+    fp8_activation_quantizer,
+    nvfp4_activation_quantizer,
+)
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _reference_codes(a: torch.Tensor) -> torch.Tensor:
+    codes = (a > 0.25).to(torch.uint8)
+    codes += a >= 0.75
+    codes += a > 1.25
+    codes += a >= 1.75
+    codes += a > 2.5
+    codes += a >= 3.5
+    codes += a > 5.0
+    return codes
+
+
+def reference_nvfp4_activation(x: torch.Tensor, global_scale: float, block_size: int = 16):
+    """omniquant 0.x's ``fake_quant_nvfp4_activation`` before the fast path, step by step."""
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size).float()
+    scaled = blocks.abs()
+    block_amax = scaled.amax(dim=-1, keepdim=True)
+    g = torch.tensor(global_scale, dtype=torch.float32)
+    scale = (block_amax / (6.0 * g)).clamp_(max=448.0)
+    scale = scale.to(torch.float8_e4m3fn).float() * g
+    scale = torch.where(scale >= 1e-5, scale, torch.ones_like(scale))
+    codes = _reference_codes(scaled.div_(scale))
+    rescaled = _MAGNITUDES[codes.int()].mul_(scale)
+    out = torch.where(blocks >= 0, rescaled, rescaled.neg())
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def reference_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
+    s = torch.tensor(scale, dtype=torch.float32)
+    q = (x.float() / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return (q.float() * s).to(x.dtype)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _adversarial(dtype: torch.dtype, global_scale: float) -> torch.Tensor:
+    """Random blocks at many magnitudes, exact E2M1 ties, signed zeros, subnormals,
+    blocks under the 1e-5 scale floor, and inf / NaN elements."""
+    gen = torch.Generator().manual_seed(11)
+    rows = [
+        torch.randn(64, 64, generator=gen) * 10.0 ** torch.randint(-8, 5, (64, 1), generator=gen)
+    ]
+    # Ties: block amax 6 * s with s an exact E4M3 step, the other elements on tie points.
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.0, -0.25, -0.75, -1.25,
+                         -1.75, -2.5, -3.5, -5.0, 6.0])  # fmt: skip
+    for s in (1.0, 0.5, 1.5, 3.0):
+        rows.append((ties * s * global_scale * 448.0 / 448.0).repeat(1, 4))
+        rows.append((ties * s).repeat(1, 4))
+    special = torch.zeros(8, 64)
+    special[0, :16] = -0.0
+    special[1, :16] = torch.tensor([-1e-40, 1e-40, -0.0, 0.0] * 4)
+    special[2, 16:32] = 1e-7  # scale below the floor -> 1.0
+    special[3, :16] = float("inf")
+    special[3, 16] = float("-inf")
+    special[4, 3] = float("nan")
+    special[4, :3] = torch.tensor([1.0, -2.0, 0.1])
+    special[5, 32:48] = torch.linspace(-7.0, 7.0, 16)
+    special[6, :] = 3e38
+    special[7, 48:] = -1e-30
+    rows.append(special)
+    x = torch.cat([r.reshape(-1, 64) for r in rows])
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("global_scale", [2.0**-6, 1e-3, 0.37, 2.0**-20])
+def test_nvfp4_activation_fast_path_is_the_reference_bit_for_bit(dtype, global_scale):
+    x = _adversarial(dtype, global_scale)
+    want = reference_nvfp4_activation(x, global_scale)
+    assert torch.equal(bits(fake_quant_nvfp4_activation(x, global_scale)), bits(want))
+    quantizer = nvfp4_activation_quantizer(torch.tensor(global_scale))
+    assert torch.equal(bits(quantizer(x)), bits(want))
+    # Leading dimensions (batch, tokens) do not matter.
+    x3 = x.reshape(2, -1, 64)
+    assert torch.equal(bits(quantizer(x3)), bits(want.reshape(2, -1, 64)))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("scale", [2.0**-6, 1e-3, 0.37])
+def test_fp8_activation_quantizer_is_the_reference_bit_for_bit(dtype, scale):
+    x = _adversarial(dtype, scale)
+    x = x[torch.isfinite(x.float()).all(dim=-1)]  # NaN stays NaN in both; compare finite rows
+    want = reference_fp8(x, scale)
+    assert torch.equal(bits(fake_quant_fp8(x, scale)), bits(want))
+    assert torch.equal(bits(fp8_activation_quantizer(torch.tensor([scale]))(x)), bits(want))
+
+
+def test_quantizers_check_their_scale_once_at_construction():
+    with pytest.raises(ValueError, match=r"global_scale of shape \(1,\) must be positive"):
+        nvfp4_activation_quantizer(torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match=r"scale of shape \(\) must be positive and finite"):
+        fp8_activation_quantizer(0.0)
+    with pytest.raises(ValueError, match=r"does not broadcast"):
+        nvfp4_activation_quantizer(torch.ones(3))
+    q = nvfp4_activation_quantizer(0.01)
+    with pytest.raises(ValueError, match="not divisible by the NVFP4 block size 16"):
+        q(torch.randn(2, 24))
+    with pytest.raises(ValueError, match="expected one of torch.float32"):
+        fp8_activation_quantizer(0.01)(torch.zeros(3, dtype=torch.int32))
+
+
+def _every_class_and_neighbours() -> torch.Tensor:
+    """A float32 value in each rounding class of the tables, the class edges' neighbours,
+    and random values over the whole float32 range (NaN, inf and signed zeros included)."""
+    from omniquant.numerics.nvfp4 import _REPRESENTATIVES
+
+    reps = _REPRESENTATIVES.clone()
+    up = torch.nextafter(reps, torch.tensor(float("inf")))
+    down = torch.nextafter(reps, torch.tensor(float("-inf")))
+    rand_bits = torch.randint(
+        -(2**31), 2**31 - 1, (200_000,), generator=torch.Generator().manual_seed(3)
+    )
+    return torch.cat([reps, up, down, rand_bits.to(torch.int32).view(torch.float32)])
+
+
+def test_value_table_rounds_every_class_as_the_reference():
+    from omniquant.numerics.nvfp4 import _VALUE_TABLE, _class_index
+
+    v = _every_class_and_neighbours()
+    mags = _MAGNITUDES[_reference_codes(v.abs()).int()]
+    want = torch.where(v >= 0, mags, mags.neg())
+    assert torch.equal(bits(_VALUE_TABLE[_class_index(v.view(torch.int32))]), bits(want))
+
+
+def test_e2m1_codes_equal_modelopts_cast_for_every_class():
+    nvfp4_tensor = pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor")
+    from omniquant.numerics.nvfp4 import e2m1_codes
+
+    v = _every_class_and_neighbours()
+    assert torch.equal(e2m1_codes(v), nvfp4_tensor.NVFP4QTensor._cast_fp4(v.clone()))
