@@ -286,8 +286,8 @@ _KILL_SCRIPT = """
 import os, signal, sys
 import omniquant.quantize.export as ex
 orig = ex.write_checkpoint
-def killer(loaded, plan, out):
-    result = orig(loaded, plan, out)
+def killer(loaded, plan, out, *rest):  # rest: whatever else the pipeline passes (progress)
+    result = orig(loaded, plan, out, *rest)
     os.kill(os.getpid(), getattr(signal, sys.argv[3]))
     return result
 ex.write_checkpoint = killer
