@@ -282,6 +282,20 @@ class ModelAdapter(ABC):
         """
         raise ValueError(f"{hub_module}: {type(self).__name__} maps no hub name back")
 
+    def serving_config(
+        self, config: dict, naming: str, preprocessor: dict | None = None
+    ) -> tuple[dict, dict | None]:
+        """``config.json`` (and ``preprocessor_config.json``, None: unchanged) in ``naming``
+        (``source``: as is). Families with one naming keep the source's files."""
+        return config, None
+
+    def construction_findings(
+        self, reader: str, config: dict, tensors: dict, token_ids, files: set[str]
+    ) -> list:
+        """What would stop serving stack ``reader`` constructing the model from these files
+        (``omniquant.checkpoint.construction``); empty when the family declares nothing."""
+        return []
+
     def patch_expert_inputs(
         self, module, fn: Callable[[str, int, Any], Any]
     ) -> Callable[[], None]:

@@ -26,6 +26,10 @@ Policy:
   converter (``convert_hf_quant_config_format``) derives it from the same dict, so
   the two cannot disagree; vLLM reads only this block. Both files are written through
   ``omniquant.checkpoint.layout``, the format's owner.
+- ``config.json`` is written in the naming serving stacks construct the model from
+  (``released`` by default, converted by the model's adapter from the source's values,
+  whichever naming the source used; ``source`` keeps the source's file), with the
+  processor config beside it; only these JSON files depend on the naming.
 - ``omniquant.json`` is written last (by the caller, through the same module): a
   directory without it is not a finished checkpoint.
 """
@@ -47,9 +51,13 @@ from omniquant.checkpoint.layout import (
     QuantConfig,
     sha256_file,
     write_config_json,
+    write_json,
 )
 from omniquant.errors import ExportError
 from omniquant.formats import FORMATS, KV_CACHE_FORMAT, KV_SCALE_SUFFIXES
+
+#: The processor-config file name hub checkpoints use (written in the export's naming).
+PREPROCESSOR_JSON = "preprocessor_config.json"
 
 #: Format name -> ``hf_quant_config`` ``quant_algo``, from the format registry.
 QUANT_ALGO = {name: f.hf_quant_algo for name, f in FORMATS.items() if f.quantized}
@@ -240,7 +248,7 @@ class _LayerwiseQuantExport:
             return {f"{self.root_name}.{k}": v.detach().cpu() for k, v in hub_sd.items()}
 
 
-def write_checkpoint(loaded, plan, out: Path) -> dict:
+def write_checkpoint(loaded, plan, out: Path, config_naming: str = "released") -> dict:
     """Write shards, configs and copied files of the quantized model into ``out``.
 
     Streams: each output shard is assembled from its source shard (unquantized tensors
@@ -248,6 +256,11 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
     the model one decoder layer at a time), saved and freed before the next, so host
     memory holds one source shard, one output shard and at most one unit's quantized
     tensors beyond the model itself.
+
+    ``config.json`` (and ``preprocessor_config.json``) are written in ``config_naming``
+    (``released``: the naming serving stacks construct the model from, the default;
+    ``native``; ``source``: the source's file as is), converted by the adapter; tensors are
+    the same bytes whatever the naming.
 
     Returns:
         ``{"shards": {file: sha256}, "hf_quant_config": {...}, "tensors": n}``;
@@ -330,10 +343,17 @@ def write_checkpoint(loaded, plan, out: Path) -> dict:
 
     hf_quant = QuantConfig.from_json(build_hf_quant_config(src, qmods, plan, mo_config))
     hf_quant.write(out)
-    write_config_json(out, json.loads((src.path / CONFIG_JSON).read_text()), hf_quant)
+    source_config = json.loads((src.path / CONFIG_JSON).read_text())
+    pre_file = src.path / PREPROCESSOR_JSON
+    preprocessor = json.loads(pre_file.read_text()) if pre_file.is_file() else None
+    config, new_pre = loaded.adapter.serving_config(source_config, config_naming, preprocessor)
+    write_config_json(out, config, hf_quant)
     for f in sorted(src.path.iterdir()):
         if f.is_file() and f.name not in WRITTEN_FILES and f.suffix != ".safetensors":
-            shutil.copy2(f, out / f.name)
+            if f.name == PREPROCESSOR_JSON and new_pre is not None:
+                write_json(out / f.name, new_pre)
+            else:
+                shutil.copy2(f, out / f.name)
     return {"shards": checksums, "hf_quant_config": hf_quant.to_json(), "tensors": n}
 
 

@@ -109,6 +109,7 @@ def quantize(
     log: Callable[[str], None] | None = None,
     device: str | None = None,
     max_memory: str | None = None,
+    config_naming: str = "released",
 ) -> QuantizeResult:
     """Quantize ``model`` with ``recipe`` and write an audited checkpoint to ``out``.
 
@@ -128,6 +129,10 @@ def quantize(
             over the visible GPUs; the CPU where there is none). See ``omniquant.devices``.
         max_memory: Budget per device for ``auto``, e.g. ``0=120GiB,1=120GiB,cpu=200GiB``;
             what does not fit is offloaded to CPU memory, then disk.
+        config_naming: ``released`` (default): ``config.json`` in the naming vLLM and
+            TensorRT-LLM construct the model from, derived from the source whichever naming
+            it used; ``native``: transformers' ``nemotron_h_omni`` naming; ``source``: the
+            source's file as is. Tensor bytes do not depend on it.
     """
     from omniquant.checkpoint.verify import (
         check_finite_source,
@@ -143,6 +148,12 @@ def quantize(
     from omniquant.quantize.recipe import load_recipe
 
     say = log or (lambda _msg: None)
+    from omniquant.models.nemotron_omni_naming import CONFIG_NAMINGS
+
+    if config_naming not in CONFIG_NAMINGS:
+        raise ExportError(
+            f"choose one of {', '.join(CONFIG_NAMINGS)}.", arg="config_naming", value=repr(config_naming)
+        )
     rec, recipe_path = load_recipe(recipe, overrides)
     if calib is not None:
         rec.calibration.set = calib
@@ -174,7 +185,7 @@ def quantize(
     try:
         result = _quantize_placed(
             rec, recipe_path, Path(model), out, placement, validated, set_dir, prediction,
-            force=force, skip_bad=skip_bad, quiet=quiet, say=say,
+            force=force, skip_bad=skip_bad, quiet=quiet, say=say, config_naming=config_naming,
         )  # fmt: skip
     finally:
         shutil.rmtree(offload_dir, ignore_errors=True)
@@ -183,7 +194,7 @@ def quantize(
 
 def _quantize_placed(
     rec, recipe_path, model: Path, out: Path, placement, validated, set_dir, prediction, *,
-    force: bool, skip_bad: bool, quiet: bool, say: Callable[[str], None],
+    force: bool, skip_bad: bool, quiet: bool, say: Callable[[str], None], config_naming: str,
 ) -> QuantizeResult:  # fmt: skip
     """The part of ``quantize`` that runs with the model loaded where ``placement`` says."""
     from omniquant.checkpoint.audit import audit_checkpoint
@@ -267,7 +278,7 @@ def _quantize_placed(
 
     with staged_dir(out, replace=force) as tmp:
         t = time.perf_counter()
-        written = _write_quiet(loaded, plan, tmp)
+        written = _write_quiet(loaded, plan, tmp, config_naming)
         timings["export"] = time.perf_counter() - t
         record = OmniquantRecord(
             format_version=FORMAT_VERSION,
@@ -324,7 +335,7 @@ def _quantize_placed(
     )  # fmt: skip
 
 
-def _write_quiet(loaded, plan, tmp: Path) -> dict:
+def _write_quiet(loaded, plan, tmp: Path, config_naming: str) -> dict:
     """modelopt's exporter prints per-expert fallbacks to stdout; keep stdout for our output."""
     import contextlib
     import io
@@ -335,4 +346,4 @@ def _write_quiet(loaded, plan, tmp: Path) -> dict:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return write_checkpoint(loaded, plan, tmp)
+        return write_checkpoint(loaded, plan, tmp, config_naming)
