@@ -262,3 +262,43 @@ def test_inspect_as_flags_a_native_checkpoint_naming_missing_fields(tiny_dir, ca
     summary = json.loads(capsys.readouterr().out)
     assert set(summary["construction"]["missing"]) == NATIVE_MISSING_TRTLLM
     assert "reader" not in summary  # BF16: no quantization view
+
+
+def _remote_code_dir(path, auto_map=True):
+    path.mkdir()
+    cfg = {"architectures": [RELEASED_ARCHITECTURE]}
+    if auto_map:
+        cfg["auto_map"] = {
+            "AutoConfig": "configuration.NemotronH_Nano_Omni_Reasoning_V3_Config",
+            "AutoModelForCausalLM": "modeling.NemotronH_Nano_Omni_Reasoning_V3",
+        }
+    (path / "config.json").write_text(json.dumps(cfg))
+    for name in ("configuration.py", "modeling.py"):
+        (path / name).write_text(f"# stands for the released {name}\n")
+    return path
+
+
+def test_quantize_with_remote_code_constructs_for_trtllm(tiny_dir, tmp_path):
+    """``remote_code``: the released checkpoint's *.py files and auto_map go into the export;
+    the construction check then has nothing left for TensorRT-LLM (vLLM still lacks a timm
+    RADIO of the tiny's widths)."""
+    from omniquant.quantize.pipeline import quantize
+
+    rc = _remote_code_dir(tmp_path / "rc")
+    out = quantize(tiny_dir, "fp8_omni", tmp_path / "q", calib="synthetic", remote_code=rc).out
+    assert (out / "configuration.py").read_bytes() == (rc / "configuration.py").read_bytes()
+    assert (out / "modeling.py").is_file()
+    assert _json(out / "config.json")["auto_map"] == _json(rc / "config.json")["auto_map"]
+    assert _findings(out, "trtllm") == set()
+    assert _findings(out, "vllm") == {("vision_config.args.model", "missing")}
+
+
+def test_remote_code_without_auto_map_is_refused_before_calibration(tiny_dir, tmp_path, capsys):
+    from omniquant.cli import main
+
+    rc = _remote_code_dir(tmp_path / "rc", auto_map=False)
+    code = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni",
+                 "--out", str(tmp_path / "q"), "--remote-code", str(rc)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "--remote-code" in err and "has no auto_map" in err
+    assert not (tmp_path / "q").exists()

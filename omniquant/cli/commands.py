@@ -55,6 +55,14 @@ def quantize_cmd(
             "or source (the source's file as is)."
         ),
     ] = "released",
+    remote_code: Annotated[
+        Path | None,
+        typer.Option(
+            help="A released checkpoint directory (its config.json and *.py, e.g. hf download "
+            "nvidia/Nemotron-3-Nano-Omni-30B-A3B-Reasoning-BF16 --include '*.py' config.json): "
+            "its code and auto_map go into the export, so serving stacks can build the config."
+        ),
+    ] = None,
 ) -> None:
     """Calibrate on multimodal samples, quantize the backbone with modelopt, export and audit."""
     from omniquant.quantize.pipeline import quantize
@@ -63,7 +71,7 @@ def quantize_cmd(
     res = quantize(
         model, recipe, out, calib=calib, overrides=set_ or [], force=force,
         skip_bad=skip_bad, quiet=quiet, log=console.print, device=device, max_memory=max_memory,
-        config_naming=config_naming,
+        config_naming=config_naming, remote_code=remote_code,
     )
     cal = res.manifest["calibration"]
     toks = ", ".join(f"{k} {v}" for k, v in cal["tokens_by_modality"].items())

@@ -248,7 +248,38 @@ class _LayerwiseQuantExport:
             return {f"{self.root_name}.{k}": v.detach().cpu() for k, v in hub_sd.items()}
 
 
-def write_checkpoint(loaded, plan, out: Path, config_naming: str = "released") -> dict:
+def remote_code_files(remote_code: Path) -> tuple[dict, list[Path]]:
+    """``auto_map`` and the ``*.py`` files of a released checkpoint directory (its
+    ``config.json`` and code are enough), for an export whose ``model_type`` is remote code.
+
+    Raises:
+        ExportError: no ``config.json`` with an ``auto_map``, or no ``*.py`` file it names.
+    """
+    remote_code = Path(remote_code)
+    cfg_file = remote_code / CONFIG_JSON
+    try:
+        auto_map = json.loads(cfg_file.read_text()).get("auto_map")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"cannot read {cfg_file}: {exc}", arg="remote_code", value=remote_code) from exc
+    if not isinstance(auto_map, dict) or not auto_map:
+        raise ExportError(
+            f"{cfg_file} has no auto_map; pass a released checkpoint's directory (its config.json "
+            "and *.py files).", arg="remote_code", value=remote_code
+        )  # fmt: skip
+    files = sorted(remote_code.glob("*.py"))
+    names = {f.stem for f in files}
+    wanted = {str(v).split("--")[-1].rsplit(".", 1)[0] for v in auto_map.values()}
+    if not files or not wanted <= names:
+        raise ExportError(
+            f"auto_map names module(s) {sorted(wanted - names)} that are not *.py files in the "
+            "directory.", arg="remote_code", value=remote_code
+        )  # fmt: skip
+    return auto_map, files
+
+
+def write_checkpoint(
+    loaded, plan, out: Path, config_naming: str = "released", remote_code: Path | None = None
+) -> dict:
     """Write shards, configs and copied files of the quantized model into ``out``.
 
     Streams: each output shard is assembled from its source shard (unquantized tensors
@@ -260,7 +291,8 @@ def write_checkpoint(loaded, plan, out: Path, config_naming: str = "released") -
     ``config.json`` (and ``preprocessor_config.json``) are written in ``config_naming``
     (``released``: the naming serving stacks construct the model from, the default;
     ``native``; ``source``: the source's file as is), converted by the adapter; tensors are
-    the same bytes whatever the naming.
+    the same bytes whatever the naming. ``remote_code``: a released checkpoint directory
+    whose ``*.py`` files are copied and whose ``auto_map`` is written (``remote_code_files``).
 
     Returns:
         ``{"shards": {file: sha256}, "hf_quant_config": {...}, "tensors": n}``;
@@ -347,6 +379,11 @@ def write_checkpoint(loaded, plan, out: Path, config_naming: str = "released") -
     pre_file = src.path / PREPROCESSOR_JSON
     preprocessor = json.loads(pre_file.read_text()) if pre_file.is_file() else None
     config, new_pre = loaded.adapter.serving_config(source_config, config_naming, preprocessor)
+    if remote_code is not None:  # the released model_type is built by NVIDIA's code
+        auto_map, code = remote_code_files(remote_code)
+        config = {**config, "auto_map": auto_map}
+        for f in code:
+            shutil.copy2(f, out / f.name)
     write_config_json(out, config, hf_quant)
     for f in sorted(src.path.iterdir()):
         if f.is_file() and f.name not in WRITTEN_FILES and f.suffix != ".safetensors":

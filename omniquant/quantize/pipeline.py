@@ -110,6 +110,7 @@ def quantize(
     device: str | None = None,
     max_memory: str | None = None,
     config_naming: str = "released",
+    remote_code: str | Path | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` with ``recipe`` and write an audited checkpoint to ``out``.
 
@@ -133,6 +134,9 @@ def quantize(
             TensorRT-LLM construct the model from, derived from the source whichever naming
             it used; ``native``: transformers' ``nemotron_h_omni`` naming; ``source``: the
             source's file as is. Tensor bytes do not depend on it.
+        remote_code: A released checkpoint directory (its ``config.json`` and ``*.py``):
+            its code is copied into the export and its ``auto_map`` written, so that serving
+            stacks can build the released ``model_type`` (omniquant cannot ship that code).
     """
     from omniquant.checkpoint.verify import (
         check_finite_source,
@@ -154,6 +158,10 @@ def quantize(
         raise ExportError(
             f"choose one of {', '.join(CONFIG_NAMINGS)}.", arg="config_naming", value=repr(config_naming)
         )
+    if remote_code is not None:
+        from omniquant.quantize.export import remote_code_files
+
+        remote_code_files(Path(remote_code))  # pre-flight: refused before calibration
     rec, recipe_path = load_recipe(recipe, overrides)
     if calib is not None:
         rec.calibration.set = calib
@@ -186,6 +194,7 @@ def quantize(
         result = _quantize_placed(
             rec, recipe_path, Path(model), out, placement, validated, set_dir, prediction,
             force=force, skip_bad=skip_bad, quiet=quiet, say=say, config_naming=config_naming,
+            remote_code=remote_code,
         )  # fmt: skip
     finally:
         shutil.rmtree(offload_dir, ignore_errors=True)
@@ -195,6 +204,7 @@ def quantize(
 def _quantize_placed(
     rec, recipe_path, model: Path, out: Path, placement, validated, set_dir, prediction, *,
     force: bool, skip_bad: bool, quiet: bool, say: Callable[[str], None], config_naming: str,
+    remote_code=None,
 ) -> QuantizeResult:  # fmt: skip
     """The part of ``quantize`` that runs with the model loaded where ``placement`` says."""
     from omniquant.checkpoint.audit import audit_checkpoint
@@ -278,7 +288,7 @@ def _quantize_placed(
 
     with staged_dir(out, replace=force) as tmp:
         t = time.perf_counter()
-        written = _write_quiet(loaded, plan, tmp, config_naming)
+        written = _write_quiet(loaded, plan, tmp, config_naming, remote_code)
         timings["export"] = time.perf_counter() - t
         record = OmniquantRecord(
             format_version=FORMAT_VERSION,
@@ -335,7 +345,7 @@ def _quantize_placed(
     )  # fmt: skip
 
 
-def _write_quiet(loaded, plan, tmp: Path, config_naming: str) -> dict:
+def _write_quiet(loaded, plan, tmp: Path, config_naming: str, remote_code=None) -> dict:
     """modelopt's exporter prints per-expert fallbacks to stdout; keep stdout for our output."""
     import contextlib
     import io
@@ -346,4 +356,4 @@ def _write_quiet(loaded, plan, tmp: Path, config_naming: str) -> dict:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return write_checkpoint(loaded, plan, tmp, config_naming)
+        return write_checkpoint(loaded, plan, tmp, config_naming, remote_code)
