@@ -302,3 +302,13 @@ def test_remote_code_without_auto_map_is_refused_before_calibration(tiny_dir, tm
     err = capsys.readouterr().err
     assert code != 0 and "--remote-code" in err and "has no auto_map" in err
     assert not (tmp_path / "q").exists()
+
+
+def test_unknown_config_naming_is_refused_before_calibration(tiny_dir, tmp_path, capsys):
+    from omniquant.cli import main
+
+    code = main(["quantize", "--model", str(tiny_dir), "--recipe", "fp8_omni",
+                 "--out", str(tmp_path / "q"), "--config-naming", "hub"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "--config-naming" in err and "source, released, native" in err
+    assert not (tmp_path / "q").exists()

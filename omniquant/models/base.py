@@ -117,6 +117,9 @@ class ModelAdapter(ABC):
     #: ``architectures`` names of released (remote-code) checkpoints whose config.json
     #: carries another ``model_type``; transformers' native class loads them.
     hub_architectures: ClassVar[tuple[str, ...]] = ()
+    #: ``config.json`` namings the export can write (``serving_config``); ``source`` keeps
+    #: the source's file.
+    config_namings: ClassVar[tuple[str, ...]] = ("source",)
     #: Module groups that are encoders/projectors: a rule may quantize them only by
     #: naming the group explicitly (the field's most common silent failure).
     guarded_groups: ClassVar[frozenset[str]] = frozenset()

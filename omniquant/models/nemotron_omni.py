@@ -29,7 +29,7 @@ from omniquant.models.base import (
     read_config,
     register_adapter,
 )
-from omniquant.models.nemotron_omni_naming import RELEASED_ARCHITECTURE
+from omniquant.models.nemotron_omni_naming import CONFIG_NAMINGS, RELEASED_ARCHITECTURE
 
 _LAYER_RE = re.compile(r"^language_model\.model\.layers\.(\d+)\.mixer\.")
 #: A per-expert GEMM of a fused container in hub names: container, expert, projection.
@@ -87,8 +87,6 @@ def load_config(path: Path):
         ) from exc
 
 
-
-
 def new_model(config, dtype: str | None = None):
     """A randomly initialised model of ``config`` (transformers' init under the caller's
     seed): float32 through ``__init__``, or built directly in ``dtype``."""
@@ -129,6 +127,7 @@ class NemotronOmniAdapter(ModelAdapter):
     # field names (llm_config, sound_config, img_context_token_id, ...) that transformers'
     # NemotronH_Omni_Reasoning_V3_Config maps itself.
     hub_architectures: ClassVar[tuple[str, ...]] = (RELEASED_ARCHITECTURE,)
+    config_namings: ClassVar[tuple[str, ...]] = CONFIG_NAMINGS
     guarded_groups: ClassVar[frozenset[str]] = frozenset(
         {"vision_tower", "vision_projector", "audio_tower", "audio_projector"}
     )

@@ -152,12 +152,6 @@ def quantize(
     from omniquant.quantize.recipe import load_recipe
 
     say = log or (lambda _msg: None)
-    from omniquant.models.nemotron_omni_naming import CONFIG_NAMINGS
-
-    if config_naming not in CONFIG_NAMINGS:
-        raise ExportError(
-            f"choose one of {', '.join(CONFIG_NAMINGS)}.", arg="config_naming", value=repr(config_naming)
-        )
     if remote_code is not None:
         from omniquant.quantize.export import remote_code_files
 
@@ -181,6 +175,11 @@ def quantize(
     # Plan on the meta device first: a recipe this config cannot take is refused
     # before any weight is read, and the export's size is predicted from the same plan.
     meta = load_model(model, weights=False)
+    if config_naming not in meta.adapter.config_namings:
+        raise ExportError(
+            f"choose one of {', '.join(meta.adapter.config_namings)}.",
+            arg="config_naming", value=repr(config_naming),
+        )  # fmt: skip
     prediction = predict_size(meta, resolve_plan(rec, meta))
     meta = None
     preflight_source(Path(model), rec, recipe_path or f"recipe {rec.metadata.name!r}")
