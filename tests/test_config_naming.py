@@ -83,6 +83,8 @@ def test_released_config_carries_every_field_both_readers_read(tiny_dir, which):
     assert released["sound_context_token_id"] == native["audio_token_id"]
     assert released["norm_mean"] == native["vision_config"]["norm_mean"]
     assert released["sound_config"]["model_type"] == "parakeet"
+    # Keys vLLM passes itself beside **sound_config (a second value is a TypeError).
+    assert not {"attention_bias", "scale_input", "max_position_embeddings"} & set(released["sound_config"])
     args = released["vision_config"]["args"]
     n_cls, n_reg = (
         native["vision_config"]["num_cls_tokens"],
@@ -218,12 +220,16 @@ def test_construction_check_compares_fields_with_the_weights_and_tokenizer(relea
     def pattern(c):
         c["llm_config"]["hybrid_override_pattern"] += "M"
 
+    def scale_input(c):  # vLLM passes it itself: TypeError (parakeet.py:30-35, seen run)
+        c["sound_config"]["scale_input"] = False
+
     cases = [
         (patch14, "vllm", "patch_size"),
         (wrong_token, "trtllm", "img_context_token_id"),
         (registers, "vllm", "vision_config.args.register_multiple"),
         (projector, "vllm", "projector_hidden_size"),
         (pattern, "vllm", "text_config.hybrid_override_pattern"),
+        (scale_input, "vllm", "sound_config.scale_input"),
     ]
     for edit, reader, field in cases:
         bad = _edited(released_tiny, tmp_path / edit.__name__, edit)

@@ -19,7 +19,7 @@ import pytest
 
 PINNED = {
     "fp8_omni": {
-        "config.json": "b43c92c6055ba049fec02ae3364839d06c9789ec0eece52f31bd693b6d8f74a2",
+        "config.json": "b37c404e69ee5448fccce3ad0511a28558f94860d9c7ab5384e1d90fa5cc7e0d",
         "generation_config.json": "e9c42bd8c4e08af12d7090aa6d4ad66489ade8373cd9b7d49f651c60103ce14c",
         "hf_quant_config.json": "25fc13c73794047a079ddada1de2b24dbb58e3e84425f6a6b6f8a4b804b0c196",
         "model.safetensors": "363733deed6d0dd0509aa1dde325cd3dee13405b66ba996c844d673c634fc481",
@@ -28,7 +28,7 @@ PINNED = {
         "tokenizer_config.json": "d8b492be197b40a6d4898becc34236bb17847832bcd765a89b48301a71db34dd",
     },
     "nvfp4_omni": {
-        "config.json": "462c0bcfccb8007c53ab73c06c3e09ecf9cc8f14ece52cec248861b32823c1a9",
+        "config.json": "90807b5e4aa1871098b6a9c5b1ece83c419b2181a901610029183bdd81acb4c3",
         "generation_config.json": "e9c42bd8c4e08af12d7090aa6d4ad66489ade8373cd9b7d49f651c60103ce14c",
         "hf_quant_config.json": "2a6553ac0e1220386845ef7e81294c66e82f6b2aceca36bb815c6ed56296de5a",
         "model.safetensors": "bd3701228b6cd6b02c93f19cebf0f0634776535c24cdeffa564285803a81f58b",
@@ -37,7 +37,7 @@ PINNED = {
         "tokenizer_config.json": "d8b492be197b40a6d4898becc34236bb17847832bcd765a89b48301a71db34dd",
     },
     "fp8_backbone": {
-        "config.json": "e5513f7ca7bd1aeabf2afd776e14dfaa0ec9de42762630bb85b41afeda78c4ce",
+        "config.json": "6e689aa1fc57c50ec4d5c51b1a22f33c5b48cb9588c57ab8ec02a26d947e58f0",
         "generation_config.json": "e9c42bd8c4e08af12d7090aa6d4ad66489ade8373cd9b7d49f651c60103ce14c",
         "hf_quant_config.json": "7443880260c00bf195e856cf6a2a8f16a52bdd9301d218000275483f7c15b48c",
         "model.safetensors": "4f4079855453afae7183eae8ccd152ac9bdd1c6a3ceada9ee20536e9011c1f16",
@@ -46,7 +46,7 @@ PINNED = {
         "tokenizer_config.json": "d8b492be197b40a6d4898becc34236bb17847832bcd765a89b48301a71db34dd",
     },
     "nvfp4_aggressive": {
-        "config.json": "65c63443a1d79032f44bc78e375c30f3ff421c3a4abcc09e9a511d20c0c5bd8d",
+        "config.json": "c7ed206c37c5007875f6e1061d543baae9f813490cb1f44b3d68dd9968ba4485",
         "generation_config.json": "e9c42bd8c4e08af12d7090aa6d4ad66489ade8373cd9b7d49f651c60103ce14c",
         "hf_quant_config.json": "d6c3a5d621d2373ff8cce527eeb89501631439d09d618c63b8eb3a91b74456d4",
         "model.safetensors": "06637d33538ff2c419b0d65cd251b5e57631924260ff328ad138d86a680c15cd",

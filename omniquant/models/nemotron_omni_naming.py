@@ -101,6 +101,12 @@ _DERIVED_TOP = ("patch_size", "norm_mean", "norm_std", "max_sequence_length", "t
 _VISION_EXTRA = ("args", "separate_video_embedder", "max_resolution", "preferred_resolution")
 #: Released ``sound_config`` fields beside the native Parakeet ones.
 _SOUND_EXTRA = ("sampling_rate",)
+#: Native Parakeet fields vLLM passes itself beside ``**sound_config.to_dict()`` (vLLM 0.33.0
+#: ``transformers_utils/configs/parakeet.py:30-35``: a second value is a TypeError), with
+#: the value a released config means by leaving them out (transformers'
+#: ``NemotronH_Omni_Reasoning_V3_Config`` supplies False for the first two; None: the
+#: Parakeet class default). Dropped when they hold that value.
+_SOUND_PASSED_BY_VLLM = {"attention_bias": False, "scale_input": False, "max_position_embeddings": None}
 
 #: timm ViT widths vLLM builds RADIO from, by ``vision_config.args["model"]`` (vLLM 0.33.0
 #: ``transformers_utils/configs/radio.py:10-16``): hidden, blocks, heads, MLP width.
@@ -134,6 +140,12 @@ def _pattern_codec():
     from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
 
     return NemotronHConfig._list_to_pattern, NemotronHConfig._pattern_to_list
+
+
+def _parakeet_default(key: str):
+    from transformers import ParakeetEncoderConfig
+
+    return getattr(ParakeetEncoderConfig(), key)
 
 
 def timm_model_for(hidden: int, blocks: int, heads: int, mlp: int) -> str | None:
@@ -173,6 +185,8 @@ def to_native(config: dict) -> dict:
             audio["model_type"] = "parakeet_encoder"
         for key in _SOUND_EXTRA:
             audio.pop(key, None)
+        for key, value in _SOUND_PASSED_BY_VLLM.items():
+            audio.setdefault(key, _parakeet_default(key) if value is None else value)
     vision = out.get("vision_config")
     if isinstance(vision, dict):
         for key in _VISION_EXTRA:
@@ -238,6 +252,9 @@ def _released_from_native(native: dict, preprocessor: dict) -> dict:
         audio = dict(audio)
         audio["model_type"] = "parakeet"
         audio["sampling_rate"] = int(preprocessor.get("sampling_rate", 16000))
+        for key, value in _SOUND_PASSED_BY_VLLM.items():
+            if key in audio and audio[key] == (_parakeet_default(key) if value is None else value):
+                del audio[key]
         out["sound_config"] = audio
     if vision:
         out["vision_config"] = _released_vision(dict(vision), preprocessor)

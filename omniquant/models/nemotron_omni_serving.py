@@ -450,6 +450,13 @@ def _shape_findings(reader: str, view: dict, tensors, missing: set[str]) -> list
             f"{len(layers)}", "model_executor/models/nemotron_h.py:614")  # fmt: skip
     if reader == "vllm":
         out += _vllm_radio_findings(view, vs)
+    sound = _get(view, "sound_config")
+    if reader == "vllm" and isinstance(sound, dict):
+        for key in ("attention_bias", "scale_input", "max_position_embeddings", "llm_hidden_size"):
+            if key in sound:
+                bad(f"sound_config.{key}", "vLLM passes it itself beside **sound_config.to_dict(): "
+                    "TypeError (multiple values for keyword argument); leave it out",
+                    "transformers_utils/configs/parakeet.py:30-35")  # fmt: skip
     if "sound_projection.linear1.weight" in shapes:
         s_hidden, s_proj = (
             val("sound_config.hidden_size"),
