@@ -113,13 +113,16 @@ def test_fp8_quant_configs(tiny_dir, quantized):
         "producer": json.loads((out / "hf_quant_config.json").read_text())["producer"],
         "quant_method": "modelopt",
     }
-    assert cfg == src_cfg
-    for f in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "preprocessor_config.json",
-        "generation_config.json",
-    ):
+    # The rest of config.json is the source's in the released naming (issue 25's default),
+    # and the processor config gains the released keys; the other files are copied.
+    from omniquant.models.nemotron_omni_naming import released_preprocessor, to_released
+
+    src_pre = json.loads((tiny_dir / "preprocessor_config.json").read_text())
+    assert cfg == to_released(src_cfg, src_pre)
+    assert json.loads((out / "preprocessor_config.json").read_text()) == released_preprocessor(
+        src_pre, src_cfg
+    )
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / f).read_bytes() == (tiny_dir / f).read_bytes()
 
 
@@ -286,8 +289,8 @@ _KILL_SCRIPT = """
 import os, signal, sys
 import omniquant.quantize.export as ex
 orig = ex.write_checkpoint
-def killer(loaded, plan, out, *rest):  # rest: whatever else the pipeline passes (progress)
-    result = orig(loaded, plan, out, *rest)
+def killer(loaded, plan, out, *rest, **kw):  # whatever else the pipeline passes
+    result = orig(loaded, plan, out, *rest, **kw)
     os.kill(os.getpid(), getattr(signal, sys.argv[3]))
     return result
 ex.write_checkpoint = killer

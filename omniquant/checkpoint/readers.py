@@ -56,8 +56,12 @@ Pinned sources (read, not copied):
   experts take the first ``model.layers.N.mixer.experts.`` entry), and
   ``mamba2_mixer.py`` (``conv1d`` is a ``Linear`` built with the global quant config).
   Line numbers are not given: no local copy could be made (the repository snapshot
-  exceeds the fetch limit); functions are named instead. Not pinned down, so not
-  checked: how TensorRT-LLM's weight mapper consumes each language-model tensor name,
+  exceeds the fetch limit); functions are named instead. The weight mapper
+  (``tensorrt_llm/_torch/models/checkpoints/hf/nemotron_h_weight_mapper.py`` @
+  ``fbbc05dd1445``, ``NemotronHHfWeightMapper.preprocess_weights``: renames, ``_scale``
+  pass-through, SSM-parameter routing, the ``in_proj``/``conv1d`` row splits) is checked per
+  tensor (``_trtllm_mapper_problems``). Not pinned down, so not checked: how the modules
+  load the mapped names after the mapper (``modeling_nemotron_h.py`` ``load_weights``),
   whether its ``lm_head`` and ``Embedding`` take the quant config, and the order in
   which MIXED_PRECISION per-layer configs and ``exclude_modules`` are applied (they are
   disjoint in every omniquant export, so the order does not change a pick).
@@ -165,6 +169,7 @@ class _Checkpoint:
     tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype, shape)
     config_block: dict | None  # config.json's quantization_config
     hf_quant: dict | None  # hf_quant_config.json, as stored
+    config: dict | None = None  # config.json, as stored
 
 
 def read_checkpoint_files(path: str | Path) -> _Checkpoint:
@@ -185,7 +190,7 @@ def read_checkpoint_files(path: str | Path) -> _Checkpoint:
     block = config.get("quantization_config") if config is not None else None
     qc = read_quant_config(path, ModelLoadError)
     hf_quant = qc.to_json() if qc is not None else None
-    return _Checkpoint(tensors, block, hf_quant)
+    return _Checkpoint(tensors, block, hf_quant, config)
 
 
 def read_as(path: str | Path, reader: str) -> ReaderView:
@@ -561,10 +566,59 @@ def trtllm_view(ckpt: _Checkpoint) -> ReaderView:
             view.unconsumed.append((name, "no loader route for this prefix: dropped"))
         elif _is_tower(name) and leaf in SCALE_LEAVES + KV_LEAVES:
             view.unconsumed.append((name, "towers are never quantized (mlp1 loads strict=True)"))
+    view.unconsumed += _trtllm_mapper_problems(ckpt)
     view.notes.append(
-        "language-model tensor names are not checked: TensorRT-LLM's weight mapper not pinned down"
+        "language-model tensor names checked against NemotronHHfWeightMapper.preprocess_weights "
+        "(renames, in_proj/conv1d splits); module-level loading after the mapper not pinned down"
     )
     return view
+
+
+def _text_config(config: dict | None) -> dict:
+    config = config or {}
+    text = config.get("llm_config") or config.get("text_config")
+    return text if isinstance(text, dict) else {}
+
+
+def _trtllm_mapper_problems(ckpt: _Checkpoint) -> list[tuple[str, str]]:
+    """What ``NemotronHHfWeightMapper.preprocess_weights`` (``tensorrt_llm/_torch/models/
+    checkpoints/hf/nemotron_h_weight_mapper.py`` @ ``fbbc05dd1445``) would do wrong with each
+    ``language_model.*`` tensor (after ``load_weights`` strips ``language_model.``).
+
+    The mapper renames ``backbone`` -> ``model``, ``embeddings`` -> ``embed_tokens``,
+    ``A_log`` -> ``A``; passes every key containing ``_scale`` through unchanged; routes a
+    key containing ``A`` (then ``D``, ``dt_bias``) to float32 SSM-parameter handling; splits
+    ``mixer.in_proj`` rows into z, x, B, C, dt of ``[d_inner, d_inner, n_groups * d_state,
+    n_groups * d_state, nheads]`` and ``conv1d`` rows into ``[d_inner, n_groups * d_state,
+    n_groups * d_state]`` (``torch.split`` raises on any other row count).
+    """
+    text = _text_config(ckpt.config)
+    try:
+        d_inner = int(text["mamba_head_dim"]) * int(text["mamba_num_heads"])
+        gs = int(text["n_groups"]) * int(text["ssm_state_size"])
+        nheads = int(text["mamba_num_heads"])
+    except (KeyError, TypeError, ValueError):
+        return [("config.json", "no Mamba sizes in the text config: the mapper's splits cannot run")]
+    out = []
+    for name, (_dtype, shape) in sorted(ckpt.tensors.items()):
+        if not name.startswith("language_model."):
+            continue
+        key = name.removeprefix("language_model.").replace("backbone", "model")
+        key = key.replace("embeddings", "embed_tokens").replace("A_log", "A")
+        leaf = key.rsplit(".", 1)[-1]
+        if "_scale" in key:
+            continue
+        if ("A" in key and leaf != "A") or ("D" in key and leaf not in ("A", "D")):
+            out.append((name, "the mapper would treat it as an SSM A/D parameter (float32, -exp)"))
+        elif "mixer.in_proj" in key and leaf == "weight":
+            rows = 2 * d_inner + 2 * gs + nheads
+            if shape and shape[0] != rows:
+                out.append((name, f"in_proj has {shape[0]} rows; the mapper splits {rows}"))
+        elif "conv1d" in key:
+            rows = d_inner + 2 * gs
+            if shape and shape[0] != rows:
+                out.append((name, f"conv1d has {shape[0]} rows; the mapper splits {rows}"))
+    return out
 
 
 # --------------------------------------------------------------------- rendering

@@ -33,11 +33,18 @@ def make_tiny_cmd(
         ),
     ] = "tiny",
     force: Annotated[bool, typer.Option(help="Overwrite an existing output directory.")] = False,
+    naming: Annotated[
+        str,
+        typer.Option(
+            help="config.json naming: native (what transformers' save_pretrained writes, as a "
+            "fine-tune has it) or released (NVIDIA's hub checkpoints' naming)."
+        ),
+    ] = "native",
 ) -> None:
     """Write a tiny random nemotron_h_omni checkpoint in the hub layout."""
     from omniquant.demo.tiny import make_tiny
 
-    path = make_tiny(out, seed=seed, size=size, force=force)
+    path = make_tiny(out, seed=seed, size=size, force=force, naming=naming)
     _console().print(f"wrote tiny nemotron_h_omni checkpoint to {path}")
 
 

@@ -47,6 +47,22 @@ def quantize_cmd(
             "the rest is offloaded to disk."
         ),
     ] = None,
+    config_naming: Annotated[
+        str,
+        typer.Option(
+            help="config.json naming: released (what vLLM and TensorRT-LLM construct the model "
+            "from, derived from the source's values), native (transformers' nemotron_h_omni) "
+            "or source (the source's file as is)."
+        ),
+    ] = "released",
+    remote_code: Annotated[
+        Path | None,
+        typer.Option(
+            help="A released checkpoint directory (its config.json and *.py, e.g. hf download "
+            "nvidia/Nemotron-3-Nano-Omni-30B-A3B-Reasoning-BF16 --include '*.py' config.json): "
+            "its code and auto_map go into the export, so serving stacks can build the config."
+        ),
+    ] = None,
 ) -> None:
     """Calibrate on multimodal samples, quantize the backbone with modelopt, export and audit."""
     from omniquant.quantize.pipeline import quantize
@@ -55,6 +71,7 @@ def quantize_cmd(
     res = quantize(
         model, recipe, out, calib=calib, overrides=set_ or [], force=force,
         skip_bad=skip_bad, quiet=quiet, log=console.print, device=device, max_memory=max_memory,
+        config_naming=config_naming, remote_code=remote_code,
     )
     cal = res.manifest["calibration"]
     toks = ", ".join(f"{k} {v}" for k, v in cal["tokens_by_modality"].items())
@@ -71,8 +88,10 @@ def inspect_cmd(
         str | None,
         typer.Option(
             "--as",
-            help="Show what a serving stack (vllm or trtllm) would build per module group; "
-            "exit 4 if it would treat any module or tensor differently from what is stored.",
+            help="Show what a serving stack (vllm or trtllm) would build per module group and "
+            "whether its model class can be constructed from config.json; exit 4 if it would "
+            "treat any module or tensor differently from what is stored, or could not "
+            "construct the model.",
         ),
     ] = None,
 ) -> None:
@@ -96,17 +115,24 @@ def inspect_cmd(
         summary["note"] = unrecorded_note(verified)
     if report is not None:
         summary["audit"] = {"ok": report.ok, "checked_weights": report.checked_weights}
-    view = None
+    view = built = None
     if as_ is not None:
+        from omniquant.checkpoint.construction import check_construction
         from omniquant.checkpoint.readers import read_as
 
-        view = read_as(path, as_)
-        summary["reader"] = {
-            "reader": view.reader, "source": view.source, "ok": view.ok, "notes": view.notes,
-            "differs": [m.__dict__ for m in view.mismatches],
-            "declared_otherwise": [m.__dict__ for m in view.misdeclared],
-            "not_loaded": [{"tensor": n, "why": w} for n, w in view.unconsumed],
+        built = check_construction(path, as_)
+        summary["construction"] = {
+            "reader": built.reader, "ok": built.ok, "missing": built.missing,
+            "findings": [f.__dict__ for f in built.findings],
         }  # fmt: skip
+        if summary["precision"] != "BF16":  # an unquantized checkpoint has no quant view
+            view = read_as(path, as_)
+            summary["reader"] = {
+                "reader": view.reader, "source": view.source, "ok": view.ok, "notes": view.notes,
+                "differs": [m.__dict__ for m in view.mismatches],
+                "declared_otherwise": [m.__dict__ for m in view.misdeclared],
+                "not_loaded": [{"tensor": n, "why": w} for n, w in view.unconsumed],
+            }  # fmt: skip
     if json_:
         _echo(summary_json(summary))
     else:
@@ -121,7 +147,11 @@ def inspect_cmd(
             from omniquant.models import adapter_for
 
             console.print(render_view(view, adapter_for(path).hub_tensor_group), markup=False)
-    if view is not None and not view.ok:
+        if built is not None:
+            from omniquant.checkpoint.construction import render_construction
+
+            console.print(render_construction(built), markup=False)
+    if (view is not None and not view.ok) or (built is not None and not built.ok):
         raise typer.Exit(code=4)
 
 

@@ -202,7 +202,7 @@ def write_config_only(out: str | Path, kwargs: dict[str, Any] | None = None) -> 
         NemotronH_Omni_Reasoning_V3_Config,
     )
 
-    from omniquant.models.nemotron_omni import NATIVE_ARCHITECTURE
+    from omniquant.models.nemotron_omni_naming import NATIVE_ARCHITECTURE
 
     config = NemotronH_Omni_Reasoning_V3_Config(
         **(released_config_dict() if kwargs is None else kwargs)
@@ -336,7 +336,8 @@ def _build_from_kwargs(kwargs: dict[str, Any], tokenizer, seed: int, dtype: str 
         NemotronH_Omni_Reasoning_V3_Config,
     )
 
-    from omniquant.models.nemotron_omni import NATIVE_ARCHITECTURE, new_model
+    from omniquant.models.nemotron_omni import new_model
+    from omniquant.models.nemotron_omni_naming import NATIVE_ARCHITECTURE
 
     config = NemotronH_Omni_Reasoning_V3_Config(
         **kwargs,
@@ -385,7 +386,9 @@ def _randomize_router_bias(model, seed: int) -> None:
             buf.copy_(torch.randn(buf.shape, generator=gen, device="cpu") * 0.01)
 
 
-def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = False) -> Path:
+def make_tiny(
+    out: str | Path, seed: int = 0, size: str = "tiny", force: bool = False, naming: str = "native"
+) -> Path:
     """Write a tiny random ``nemotron_h_omni`` checkpoint to ``out``.
 
     Args:
@@ -394,10 +397,14 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
         size: A key of ``SIZES``, or ``"slice"`` (released widths, few layers, ~3.6 B
             parameters, ~7 GB written in 2 GB shards; needs ~8 GB of RAM).
         force: Overwrite an existing directory.
+        naming: ``native``: ``config.json`` as transformers' ``save_pretrained`` writes it
+            (what a fine-tune has); ``released``: the released checkpoints' naming
+            (``omniquant.models.nemotron_omni_naming``), same tensors.
 
     Returns:
         The output directory.
     """
+    from omniquant.models.nemotron_omni_naming import NAMINGS
     from omniquant.outdir import (
         TINY_MODEL,
         check_removable,
@@ -412,6 +419,10 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
     if size not in SIZES and size != SLICE:
         raise ExportError(
             f"make-tiny: unknown {arg_ref('size')} {size!r}; choose one of {sorted([*SIZES, SLICE])}."
+        )
+    if naming not in NAMINGS:
+        raise ExportError(
+            f"make-tiny: unknown {arg_ref('naming')} {naming!r}; choose one of {list(NAMINGS)}."
         )
     if out.exists() or out.is_symlink():
         if not force:
@@ -434,8 +445,22 @@ def make_tiny(out: str | Path, seed: int = 0, size: str = "tiny", force: bool = 
                 model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             _write_preprocessor_config(tmp, model.config)
+            if naming != "native":
+                _rename_config(tmp, naming)
             default_permissions(tmp)
     return out
+
+
+def _rename_config(out: Path, naming: str) -> None:
+    """Rewrite ``config.json`` and ``preprocessor_config.json`` in ``naming``."""
+    from omniquant.models.nemotron_omni import NemotronOmniAdapter
+
+    config = json.loads((out / "config.json").read_text())
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    config, pre = NemotronOmniAdapter().serving_config(config, naming, pre)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if pre is not None:
+        (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2, sort_keys=True) + "\n")
 
 
 def _write_preprocessor_config(out: Path, config) -> None:

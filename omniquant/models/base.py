@@ -164,6 +164,9 @@ class ModelAdapter(ABC):
     #: ``architectures`` names of released (remote-code) checkpoints whose config.json
     #: carries another ``model_type``; transformers' native class loads them.
     hub_architectures: ClassVar[tuple[str, ...]] = ()
+    #: ``config.json`` namings the export can write (``serving_config``); ``source`` keeps
+    #: the source's file.
+    config_namings: ClassVar[tuple[str, ...]] = ("source",)
     #: Module groups that are encoders/projectors: a rule may quantize them only by
     #: naming the group explicitly (the field's most common silent failure).
     guarded_groups: ClassVar[frozenset[str]] = frozenset()
@@ -352,6 +355,20 @@ class ModelAdapter(ABC):
             ValueError: ``hub_module`` is not a module of the quantized backbone.
         """
         raise ValueError(f"{hub_module}: {type(self).__name__} maps no hub name back")
+
+    def serving_config(
+        self, config: dict, naming: str, preprocessor: dict | None = None
+    ) -> tuple[dict, dict | None]:
+        """``config.json`` (and ``preprocessor_config.json``, None: unchanged) in ``naming``
+        (``source``: as is). Families with one naming keep the source's files."""
+        return config, None
+
+    def construction_findings(
+        self, reader: str, config: dict, tensors: dict, token_ids, files: set[str]
+    ) -> list:
+        """What would stop serving stack ``reader`` constructing the model from these files
+        (``omniquant.checkpoint.construction``); empty when the family declares nothing."""
+        return []
 
     def patch_expert_inputs(
         self, module, fn: Callable[[str, int, Any], Any]

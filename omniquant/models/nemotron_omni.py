@@ -29,6 +29,7 @@ from omniquant.models.base import (
     read_config,
     register_adapter,
 )
+from omniquant.models.nemotron_omni_naming import CONFIG_NAMINGS, RELEASED_ARCHITECTURE
 
 _LAYER_RE = re.compile(r"^language_model\.model\.layers\.(\d+)\.mixer\.")
 #: A per-expert GEMM of a fused container in hub names: container, expert, projection.
@@ -86,10 +87,6 @@ def load_config(path: Path):
         ) from exc
 
 
-#: transformers' class of the model, as ``config.json``'s ``architectures`` names it.
-NATIVE_ARCHITECTURE = "NemotronH_Omni_Reasoning_V3"
-
-
 def new_model(config, dtype: str | None = None):
     """A randomly initialised model of ``config`` (transformers' init under the caller's
     seed): float32 through ``__init__``, or built directly in ``dtype``."""
@@ -129,7 +126,8 @@ class NemotronOmniAdapter(ModelAdapter):
     # The hub checkpoints' remote-code class (FIELD_NOTES); their config.json uses legacy
     # field names (llm_config, sound_config, img_context_token_id, ...) that transformers'
     # NemotronH_Omni_Reasoning_V3_Config maps itself.
-    hub_architectures: ClassVar[tuple[str, ...]] = ("NemotronH_Nano_Omni_Reasoning_V3",)
+    hub_architectures: ClassVar[tuple[str, ...]] = (RELEASED_ARCHITECTURE,)
+    config_namings: ClassVar[tuple[str, ...]] = CONFIG_NAMINGS
     guarded_groups: ClassVar[frozenset[str]] = frozenset(
         {"vision_tower", "vision_projector", "audio_tower", "audio_projector"}
     )
@@ -310,6 +308,27 @@ class NemotronOmniAdapter(ModelAdapter):
 
     def quant_root_name(self) -> str:
         return "language_model"
+
+    # ------------------------------------------------------------ serving files
+    def serving_config(
+        self, config: dict, naming: str, preprocessor: dict | None = None
+    ) -> tuple[dict, dict | None]:
+        """See ``omniquant.models.nemotron_omni_naming``: released (the default of the
+        export), native, or the source's file unchanged."""
+        from omniquant.models import nemotron_omni_naming as naming_mod
+
+        out = naming_mod.convert(config, naming, preprocessor)
+        if naming != naming_mod.RELEASED or preprocessor is None:
+            return out, None
+        return out, naming_mod.released_preprocessor(preprocessor, config)
+
+    def construction_findings(
+        self, reader: str, config: dict, tensors: dict, token_ids, files: set[str]
+    ) -> list:
+        """See ``omniquant.models.nemotron_omni_serving``."""
+        from omniquant.models.nemotron_omni_serving import construction_findings
+
+        return construction_findings(reader, config, tensors, token_ids, files)
 
     # ------------------------------------------------------------ module groups
     def module_groups(self, model) -> dict[str, list[str]]:

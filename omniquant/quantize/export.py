@@ -26,6 +26,10 @@ Policy:
   converter (``convert_hf_quant_config_format``) derives it from the same dict, so
   the two cannot disagree; vLLM reads only this block. Both files are written through
   ``omniquant.checkpoint.layout``, the format's owner.
+- ``config.json`` is written in the naming serving stacks construct the model from
+  (``released`` by default, converted by the model's adapter from the source's values,
+  whichever naming the source used; ``source`` keeps the source's file), with the
+  processor config beside it; only these JSON files depend on the naming.
 - ``omniquant.json`` is written last (by the caller, through the same module): a
   directory without it is not a finished checkpoint.
 """
@@ -47,10 +51,14 @@ from omniquant.checkpoint.layout import (
     QuantConfig,
     sha256_file,
     write_config_json,
+    write_json,
 )
 from omniquant.errors import ExportError
 from omniquant.formats import FORMATS, KV_CACHE_FORMAT, KV_SCALE_SUFFIXES
 from omniquant.outdir import OUTPUT_MARKER
+
+#: The processor-config file name hub checkpoints use (written in the export's naming).
+PREPROCESSOR_JSON = "preprocessor_config.json"
 
 #: Format name -> ``hf_quant_config`` ``quant_algo``, from the format registry.
 QUANT_ALGO = {name: f.hf_quant_algo for name, f in FORMATS.items() if f.quantized}
@@ -285,7 +293,43 @@ class _LayerwiseQuantExport:
             return {f"{self.root_name}.{k}": v.detach().cpu() for k, v in hub_sd.items()}
 
 
-def write_checkpoint(loaded, plan, out: Path, progress=None) -> dict:
+def remote_code_files(remote_code: Path) -> tuple[dict, list[Path]]:
+    """``auto_map`` and the ``*.py`` files of a released checkpoint directory (its
+    ``config.json`` and code are enough), for an export whose ``model_type`` is remote code.
+
+    Raises:
+        ExportError: no ``config.json`` with an ``auto_map``, or no ``*.py`` file it names.
+    """
+    remote_code = Path(remote_code)
+    cfg_file = remote_code / CONFIG_JSON
+    try:
+        auto_map = json.loads(cfg_file.read_text()).get("auto_map")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"cannot read {cfg_file}: {exc}", arg="remote_code", value=remote_code) from exc
+    if not isinstance(auto_map, dict) or not auto_map:
+        raise ExportError(
+            f"{cfg_file} has no auto_map; pass a released checkpoint's directory (its config.json "
+            "and *.py files).", arg="remote_code", value=remote_code
+        )  # fmt: skip
+    files = sorted(remote_code.glob("*.py"))
+    names = {f.stem for f in files}
+    wanted = {str(v).split("--")[-1].rsplit(".", 1)[0] for v in auto_map.values()}
+    if not files or not wanted <= names:
+        raise ExportError(
+            f"auto_map names module(s) {sorted(wanted - names)} that are not *.py files in the "
+            "directory.", arg="remote_code", value=remote_code
+        )  # fmt: skip
+    return auto_map, files
+
+
+def write_checkpoint(
+    loaded,
+    plan,
+    out: Path,
+    config_naming: str = "released",
+    remote_code: Path | None = None,
+    progress=None,
+) -> dict:
     """Write shards, configs and copied files of the quantized model into ``out``.
 
     Streams: each output shard is assembled from its source shard (unquantized tensors
@@ -293,6 +337,12 @@ def write_checkpoint(loaded, plan, out: Path, progress=None) -> dict:
     the model one decoder layer at a time), saved and freed before the next, so host
     memory holds one source shard, one output shard and at most one unit's quantized
     tensors beyond the model itself.
+
+    ``config.json`` (and ``preprocessor_config.json``) are written in ``config_naming``
+    (``released``: the naming serving stacks construct the model from, the default;
+    ``native``; ``source``: the source's file as is), converted by the adapter; tensors are
+    the same bytes whatever the naming. ``remote_code``: a released checkpoint directory
+    whose ``*.py`` files are copied and whose ``auto_map`` is written (``remote_code_files``).
 
     Each shard's sha256 is computed by a second thread while the next shard is exported
     (hashlib releases the GIL), so the checksum costs no wall time but the last shard's.
@@ -400,11 +450,23 @@ def write_checkpoint(loaded, plan, out: Path, progress=None) -> dict:
 
     hf_quant = QuantConfig.from_json(build_hf_quant_config(src, qmods, plan, mo_config))
     hf_quant.write(out)
-    write_config_json(out, json.loads((src.path / CONFIG_JSON).read_text()), hf_quant)
+    source_config = json.loads((src.path / CONFIG_JSON).read_text())
+    pre_file = src.path / PREPROCESSOR_JSON
+    preprocessor = json.loads(pre_file.read_text()) if pre_file.is_file() else None
+    config, new_pre = loaded.adapter.serving_config(source_config, config_naming, preprocessor)
+    if remote_code is not None:  # the released model_type is built by NVIDIA's code
+        auto_map, code = remote_code_files(remote_code)
+        config = {**config, "auto_map": auto_map}
+        for f in code:
+            shutil.copy2(f, out / f.name)
+    write_config_json(out, config, hf_quant)
     for f in sorted(src.path.iterdir()):
         copied = f.name not in WRITTEN_FILES and f.name != OUTPUT_MARKER
         if f.is_file() and copied and f.suffix != ".safetensors":
-            shutil.copy2(f, out / f.name)
+            if f.name == PREPROCESSOR_JSON and new_pre is not None:
+                write_json(out / f.name, new_pre)
+            else:
+                shutil.copy2(f, out / f.name)
     return {"shards": checksums, "hf_quant_config": hf_quant.to_json(), "tensors": n}
 
 

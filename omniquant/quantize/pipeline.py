@@ -129,6 +129,8 @@ def quantize(
     log: Callable[[str], None] | None = None,
     device: str | None = None,
     max_memory: str | None = None,
+    config_naming: str = "released",
+    remote_code: str | Path | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` with ``recipe`` and write an audited checkpoint to ``out``.
 
@@ -148,6 +150,13 @@ def quantize(
             over the visible GPUs; the CPU where there is none). See ``omniquant.devices``.
         max_memory: Budget per device for ``auto``, e.g. ``0=120GiB,1=120GiB,cpu=200GiB``;
             what does not fit is offloaded to CPU memory, then disk.
+        config_naming: ``released`` (default): ``config.json`` in the naming vLLM and
+            TensorRT-LLM construct the model from, derived from the source whichever naming
+            it used; ``native``: transformers' ``nemotron_h_omni`` naming; ``source``: the
+            source's file as is. Tensor bytes do not depend on it.
+        remote_code: A released checkpoint directory (its ``config.json`` and ``*.py``):
+            its code is copied into the export and its ``auto_map`` written, so that serving
+            stacks can build the released ``model_type`` (omniquant cannot ship that code).
     """
     from omniquant.checkpoint.verify import (
         check_finite_source,
@@ -163,6 +172,10 @@ def quantize(
     from omniquant.quantize.recipe import load_recipe
 
     say = log or (lambda _msg: None)
+    if remote_code is not None:
+        from omniquant.quantize.export import remote_code_files
+
+        remote_code_files(Path(remote_code))  # pre-flight: refused before calibration
     rec, recipe_path = load_recipe(recipe, overrides)
     if calib is not None:
         rec.calibration.set = calib
@@ -184,6 +197,11 @@ def quantize(
     # Plan on the meta device first: a recipe this config cannot take is refused
     # before any weight is read, and the export's size is predicted from the same plan.
     meta = load_model(model, weights=False)
+    if config_naming not in meta.adapter.config_namings:
+        raise ExportError(
+            f"choose one of {', '.join(meta.adapter.config_namings)}.",
+            arg="config_naming", value=repr(config_naming),
+        )  # fmt: skip
     prediction = predict_size(meta, resolve_plan(rec, meta))
     meta = None
     preflight_source(Path(model), rec, recipe_path or f"recipe {rec.metadata.name!r}")
@@ -196,7 +214,8 @@ def quantize(
     try:
         result = _quantize_placed(
             rec, recipe_path, Path(model), out, placement, validated, set_dir, prediction,
-            force=force, skip_bad=skip_bad, quiet=quiet, say=say,
+            force=force, skip_bad=skip_bad, quiet=quiet, say=say, config_naming=config_naming,
+            remote_code=remote_code,
         )  # fmt: skip
     finally:
         shutil.rmtree(offload_dir, ignore_errors=True)
@@ -205,7 +224,8 @@ def quantize(
 
 def _quantize_placed(
     rec, recipe_path, model: Path, out: Path, placement, validated, set_dir, prediction, *,
-    force: bool, skip_bad: bool, quiet: bool, say: Callable[[str], None],
+    force: bool, skip_bad: bool, quiet: bool, say: Callable[[str], None], config_naming: str,
+    remote_code=None,
 ) -> QuantizeResult:  # fmt: skip
     """The part of ``quantize`` that runs with the model loaded where ``placement`` says."""
     from omniquant.checkpoint.audit import audit_checkpoint
@@ -303,7 +323,9 @@ def _quantize_placed(
 
     with staged_dir(out, replace=force, kind=CHECKPOINT) as tmp:
         t = time.perf_counter()
-        written = _write_quiet(loaded, plan, tmp, byte_progress("exporting", quiet))
+        written = _write_quiet(
+            loaded, plan, tmp, config_naming, remote_code, byte_progress("exporting", quiet)
+        )
         timings["export"] = time.perf_counter() - t
         record = OmniquantRecord(
             format_version=FORMAT_VERSION,
@@ -361,7 +383,9 @@ def _quantize_placed(
     )  # fmt: skip
 
 
-def _write_quiet(loaded, plan, tmp: Path, progress=None) -> dict:
+def _write_quiet(
+    loaded, plan, tmp: Path, config_naming: str, remote_code=None, progress=None
+) -> dict:
     """modelopt's exporter prints per-expert fallbacks to stdout; keep stdout for our output
     (progress lines go to stderr)."""
     import contextlib
@@ -373,4 +397,4 @@ def _write_quiet(loaded, plan, tmp: Path, progress=None) -> dict:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return write_checkpoint(loaded, plan, tmp, progress)
+        return write_checkpoint(loaded, plan, tmp, config_naming, remote_code, progress)
