@@ -32,7 +32,8 @@ import pytest
 from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir
 from omniquant.endpoint.client import EndpointClient
 from omniquant.endpoint.evaluate import evaluate_endpoint
-from omniquant.endpoint.protocol import chat_prompt, entry_content, parse_model_source
+from omniquant.endpoint.messages import chat_prompt
+from omniquant.endpoint.protocol import entry_content, parse_model_source
 from omniquant.errors import EndpointError
 from omniquant.evaluate import validate_task_set
 from omniquant.experiments.compare import build_report
@@ -272,7 +273,7 @@ def test_server_refuses_malformed_requests_and_keeps_serving():
             (post(_chat(bad_b64)), 400, "invalid base64"),
             (post(_chat(wrong_kind)), 400, "content type 'audio/flac' in a image part"),
             (post(_chat(not_png)), 400, "image part 1 (image/png): cannot decode image"),
-            (post(_chat(remote)), 400, "only base64 data URIs"),
+            (post(_chat(remote)), 400, "http URLs are refused: this server fetches nothing"),
             (
                 post(_chat("hi", model="no-such-model")),
                 404,
@@ -293,7 +294,7 @@ def test_server_refuses_malformed_requests_and_keeps_serving():
                 400,
                 "not valid JSON",
             ),
-            (post(_chat("hi", temperature=0.7)), 400, "decodes greedily"),
+            (post(_chat("hi", presence_penalty=0.7)), 400, "presence_penalty: 0.7 is not supported"),
             (post(_chat([{"type": "file", "file": {}}])), 400, "'file' is not supported"),
         ]
         for (status, body), want_status, want_text in cases:

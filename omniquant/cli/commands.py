@@ -384,6 +384,22 @@ def serve_cmd(
     max_logprobs: Annotated[
         int, typer.Option(help="Largest top_logprobs / prompt_logprobs a request may ask for.")
     ] = 20,
+    max_model_len: Annotated[
+        int | None, typer.Option(help="Prompt + completion tokens per request (default: the config's positions).")
+    ] = None,
+    max_queued_requests: Annotated[
+        int, typer.Option(help="Requests that may wait for the model; more get HTTP 429 with Retry-After.")
+    ] = 64,
+    max_num_seqs: Annotated[int, typer.Option(help="Requests the model steps in turn.")] = 16,
+    prefill_chunk: Annotated[
+        int, typer.Option(help="Prompt tokens per prefill step (long prompts interleave with short requests).")
+    ] = 256,
+    allowed_local_media_path: Annotated[
+        Path | None, typer.Option(help="Accept file:// URLs and paths of media under this directory (symlinks resolved).")
+    ] = None,
+    chat_template: Annotated[
+        Path | None, typer.Option(help="Jinja chat template file (default: the checkpoint's, if any).")
+    ] = None,
 ) -> None:
     """Serve a checkpoint through an OpenAI-compatible API with the emulated serving numerics."""
     import sys
@@ -395,6 +411,16 @@ def serve_cmd(
     verify_checkpoint(checkpoint, flag="serve", error=ModelLoadError)
     if max_request_mb <= 0 or max_logprobs < 0:
         raise ModelLoadError("--max-request-mb must be > 0 and --max-logprobs >= 0.")
+    if min(max_queued_requests, max_num_seqs - 1, prefill_chunk - 1) < 0 or (max_model_len or 1) < 1:
+        raise ModelLoadError("--max-queued-requests must be >= 0; --max-num-seqs, --prefill-chunk "
+                             "and --max-model-len >= 1.")  # fmt: skip
+    if allowed_local_media_path is not None and not allowed_local_media_path.is_dir():
+        raise ModelLoadError(f"--allowed-local-media-path {allowed_local_media_path}: not a directory.")
+    template = None
+    if chat_template is not None:
+        if not chat_template.is_file():
+            raise ModelLoadError(f"--chat-template {chat_template}: no such file.")
+        template = chat_template.read_text()
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {host}: the server is reachable beyond this machine", file=sys.stderr)
 
@@ -410,5 +436,11 @@ def serve_cmd(
         model_id=served_model_name,
         max_request_bytes=int(max_request_mb * 2**20),
         max_logprobs=max_logprobs,
+        max_model_len=max_model_len,
+        max_queued_requests=max_queued_requests,
+        max_num_seqs=max_num_seqs,
+        prefill_chunk=prefill_chunk,
+        allowed_local_media_path=allowed_local_media_path,
+        chat_template=template,
         announce=announce,
     )

@@ -13,48 +13,37 @@ Policy:
   that kind. Media without a marker go first, each followed by a ``"\\n"`` text part,
   images, then the video, then audio: the placement ``omniquant.data.processing``
   gives them in-process, so the server rebuilds the same token sequence.
-- The server renders no chat template (the demo and tiny checkpoints have none, and
-  the in-process evaluator uses none): it joins the user message's parts back into a
-  prompt with markers. A trailing assistant message with ``continue_final_message``
-  (vLLM's extension) is a prefill: its text is tokenized on its own and appended, as
-  the in-process evaluator appends answer and choice tokens.
+- The server side of messages (markers, media, chat templates) is
+  ``omniquant.endpoint.messages``.
+- Requests and responses of ``omniquant serve`` are typed pydantic models below, one per
+  request / response kind, with vLLM's OpenAI-compatible server as the reference for
+  every field name, shape and default. A field the server does not implement is
+  refused with a 400 naming it: known ones with a non-default value, unknown ones at all
+  (``extra="forbid"``); nothing is accepted and ignored.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import mimetypes
 import re
-from dataclasses import dataclass, field
+import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MARKERS = {"image": "<image>", "video": "<video>", "audio": "<audio>"}
 PART_TYPES = {"image_url": "image", "video_url": "video", "audio_url": "audio"}
 _MARKER_RE = re.compile("(" + "|".join(re.escape(m) for m in MARKERS.values()) + ")")
 _NAME_RE = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$")
-_DATA_URI_RE = re.compile(
-    r"^data:([A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+)?((?:;[^,;]*)*),(.*)$", re.DOTALL
-)
 # Suffixes mimetypes does not know everywhere.
 _EXTRA_MIME = {".flac": "audio/flac", ".wav": "audio/wav", ".webm": "video/webm",
                ".mp4": "video/mp4", ".mkv": "video/x-matroska", ".ogg": "audio/ogg"}  # fmt: skip
 #: ``input_audio`` formats and their MIME types.
 AUDIO_FORMATS = {"wav": "audio/wav", "mp3": "audio/mpeg", "flac": "audio/flac", "ogg": "audio/ogg"}
-
-
-class ProtocolError(ValueError):
-    """A request the server refuses (maps to an OpenAI-style 4xx error).
-
-    Attributes:
-        status: HTTP status.
-        param: The request field at fault (OpenAI's ``param``), if any.
-    """
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.param = param
 
 
 def is_endpoint(text: str) -> bool:
@@ -178,161 +167,327 @@ def entry_content(entry) -> tuple[list[dict], dict]:
     return parts, extra
 
 
-# ---------------------------------------------------------------------------- server side
 
 
-@dataclass
-class MediaBlob:
-    """One decoded media part: its kind, MIME type and bytes."""
-
-    kind: str
-    mime: str
-    data: bytes
+# ---------------------------------------------------------------------------- server wire models
 
 
-@dataclass
-class ChatPrompt:
-    """A chat request reduced to what the processor takes.
+class ProtocolError(ValueError):
+    """A request the server refuses (maps to an OpenAI-style 4xx error).
 
     Attributes:
-        prompt: The user text with ``<image>``/``<video>``/``<audio>`` markers where the
-            media parts were.
-        media: Media in order of appearance.
-        prefill: Text of a trailing assistant message continued by the model (``None``
-            without one).
+        status: HTTP status.
+        param: The request field at fault (OpenAI's ``param``), if any.
+        headers: Extra response headers (``Retry-After`` on 429).
     """
 
-    prompt: str
-    media: list[MediaBlob] = field(default_factory=list)
-    prefill: str | None = None
-
-
-def decode_data_uri(url: str, kind: str, param: str) -> MediaBlob:
-    """Decode a ``data:`` URI of a ``kind`` (image, video, audio) part.
-
-    Raises:
-        ProtocolError: Not a data URI, not base64, bad base64, or a MIME type of another
-            kind (e.g. ``audio/wav`` in an ``image_url`` part).
-    """
-    if not isinstance(url, str) or not url.startswith("data:"):
-        raise ProtocolError(
-            f"{param}: only base64 data URIs are accepted (data:<mime>;base64,...); this "
-            "server fetches no URLs", param=param
-        )  # fmt: skip
-    m = _DATA_URI_RE.match(url)
-    if not m or ";base64" not in m.group(2):
-        raise ProtocolError(
-            f"{param}: malformed data URI; expected data:<mime>;base64,<data>", param=param
-        )
-    mime = (m.group(1) or "").lower()
-    if not mime.startswith(f"{kind}/"):
-        raise ProtocolError(
-            f"{param}: content type {mime or '(none)'!r} in a {kind} part; send {kind}/* data "
-            f"in this part", param=param
-        )  # fmt: skip
-    return MediaBlob(kind=kind, mime=mime, data=b64decode(m.group(3), param))
-
-
-def b64decode(text: str, param: str) -> bytes:
-    """Strict base64 (whitespace allowed, nothing else), or ``ProtocolError``."""
-    try:
-        data = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise ProtocolError(f"{param}: invalid base64 data ({err})", param=param) from err
-    if not data:
-        raise ProtocolError(f"{param}: empty media data", param=param)
-    return data
-
-
-def _text_of(content, param: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" for p in content
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise ProtocolError(f"{param}: must be a string or a list of text parts", param=param)
+        super().__init__(message)
+        self.status = status
+        self.param = param
+        self.headers = headers or {}
 
 
-def chat_prompt(
-    messages: list, continue_final_message: bool, add_generation_prompt: bool
-) -> ChatPrompt:
-    """Reduce ``messages`` to a prompt with markers, media and an optional prefill.
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    Accepted shapes: one ``user`` message, optionally followed by one ``assistant``
-    message that the model continues (``continue_final_message: true`` or
-    ``add_generation_prompt: false``, as in vLLM).
+    #: Fields omniquant serve knows but does not implement, with the value(s) it accepts.
+    _UNSUPPORTED: dict[str, Any] = {
+        "presence_penalty": (None, 0, 0.0),
+        "frequency_penalty": (None, 0, 0.0),
+        "repetition_penalty": (None, 1, 1.0),
+        "logit_bias": (None, {}),
+        "min_p": (None, 0, 0.0),
+        "min_tokens": (None, 0),
+        "best_of": (None, 1),
+        "suffix": (None, ""),
+        "response_format": (None, {"type": "text"}),
+        "tools": (None, []),
+        "tool_choice": (None, "none"),
+        "functions": (None, []),
+        "function_call": (None, "none"),
+        "parallel_tool_calls": (None,),
+        "chat_template": (None,),
+        "guided_json": (None,),
+        "guided_regex": (None,),
+        "guided_choice": (None,),
+        "structured_outputs": (None,),
+        "truncate_prompt_tokens": (None,),
+    }
 
-    Raises:
-        ProtocolError: Any other shape, an unknown part type, or bad media.
-    """
-    if not isinstance(messages, list) or not messages:
-        raise ProtocolError("messages: must be a non-empty list", param="messages")
-    roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
-    prefill_allowed = continue_final_message or not add_generation_prompt
-    if roles == ["user", "assistant"] and prefill_allowed:
-        prefill = _text_of(messages[1].get("content", ""), "messages[1].content")
-    elif roles == ["user"]:
-        prefill = None
-    else:
-        raise ProtocolError(
-            f"messages: roles {roles} are not supported; send one user message, optionally "
-            "followed by an assistant message with continue_final_message=true (this server "
-            "renders no chat template)", param="messages"
-        )  # fmt: skip
-    content = messages[0].get("content")
-    if isinstance(content, str):
-        if _MARKER_RE.search(content) is None:
-            return ChatPrompt(prompt=content, prefill=prefill)
-        content = [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise ProtocolError(
-            "messages[0].content: must be a string or a list of parts", param="messages"
-        )
-    text, media = [], []
-    for i, part in enumerate(content):
-        param = f"messages[0].content[{i}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            piece = part.get("text")
-            if not isinstance(piece, str):
-                raise ProtocolError(f"{param}.text: must be a string", param=param)
-            if _MARKER_RE.search(piece):
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=64)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=-1)
+    return_tokens_as_token_ids: bool = False
+    user: str | None = None  # OpenAI's end-user label: it changes no output anywhere
+    # Known, not implemented: refused unless at their neutral value (see check()).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    truncate_prompt_tokens: int | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    structured_outputs: Any = None
+
+    def check(self) -> None:
+        """Refuse fields set to something omniquant serve does not implement.
+
+        Raises:
+            ProtocolError: Naming the field.
+        """
+        for name, accepted in self._UNSUPPORTED.items():
+            if name in type(self).model_fields and getattr(self, name) not in accepted:
                 raise ProtocolError(
-                    f"{param}.text: contains a media marker ({', '.join(MARKERS.values())}); "
-                    "send media as image_url / video_url / audio_url parts", param=param
+                    f"{name}: {getattr(self, name)!r} is not supported by omniquant serve "
+                    "(remove it, or send its neutral value)", param=name
                 )  # fmt: skip
-            text.append(piece)
-        elif kind in PART_TYPES:
-            body = part.get(kind)
-            url = body.get("url") if isinstance(body, dict) else body
-            blob = decode_data_uri(url, PART_TYPES[kind], f"{param}.{kind}.url")
-            media.append(blob)
-            text.append(MARKERS[blob.kind])
-        elif kind == "input_audio":
-            body = part.get("input_audio")
-            if not isinstance(body, dict) or not isinstance(body.get("data"), str):
-                raise ProtocolError(
-                    f"{param}.input_audio: needs 'data' (base64) and 'format'", param=param
-                )
-            data = body["data"]
-            if data.startswith("data:"):
-                blob = decode_data_uri(data, "audio", f"{param}.input_audio.data")
-            else:
-                fmt = str(body.get("format", "")).lower()
-                if fmt not in AUDIO_FORMATS:
-                    raise ProtocolError(
-                        f"{param}.input_audio.format: {fmt!r}; use one of {sorted(AUDIO_FORMATS)}",
-                        param=param,
-                    )
-                blob = MediaBlob(
-                    "audio", AUDIO_FORMATS[fmt], b64decode(data, f"{param}.input_audio.data")
-                )
-            media.append(blob)
-            text.append(MARKERS["audio"])
-        else:
+        if self.stream_options is not None and not self.stream:
             raise ProtocolError(
-                f"{param}.type: {kind!r} is not supported; use text, image_url, video_url, "
-                "audio_url or input_audio", param=param
-            )  # fmt: skip
-    return ChatPrompt(prompt="".join(text), media=media, prefill=prefill)
+                "Stream options can only be defined when `stream=True`.", param="stream_options"
+            )
+        if self.n > 1 and self.temperature == 0:
+            raise ProtocolError("n: n > 1 needs temperature > 0 (greedy answers are identical)",
+                                param="n")  # fmt: skip
+
+    @property
+    def stops(self) -> list[str]:
+        """``stop`` as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` (a last chunk with usage and no choices)."""
+
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    continuous_usage_stats: Literal[False] = False
+
+
+class ChatCompletionRequest(_Request):
+    """``POST /v1/chat/completions`` (OpenAI's fields and vLLM's extensions)."""
+
+    messages: list[dict[str, Any]]
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    media_io_kwargs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    def check(self) -> None:
+        super().check()
+        if self.echo:
+            raise ProtocolError("echo: not supported on chat completions by omniquant serve",
+                                param="echo")  # fmt: skip
+        if self.top_logprobs and not self.logprobs:
+            raise ProtocolError("top_logprobs: needs logprobs=true", param="top_logprobs")
+
+
+class CompletionRequest(_Request):
+    """``POST /v1/completions``: text or token-id prompts, one or a list (no media)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=0)  # vLLM's (and OpenAI's) default here
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0)
+    add_special_tokens: bool = True
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per choice group."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ProtocolError("prompt: empty list", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+    def check(self) -> None:
+        super().check()
+        if self.max_tokens == 0 and not self.echo:
+            raise ProtocolError("max_tokens: 0 needs echo=true (scoring the prompt only)",
+                                param="max_tokens")  # fmt: skip
+
+
+# --- responses
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatLogprobEntry(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatLogprobEntry] | None = None
+
+
+class ChatMessage(BaseModel):
+    role: str = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape lm-eval reads (``None`` first when echoing the prompt)."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: _id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "omniquant"
+    root: str
+    max_model_len: int
+    omniquant: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+_Request.model_rebuild()
+ChatCompletionRequest.model_rebuild()
+CompletionRequest.model_rebuild()

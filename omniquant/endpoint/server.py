@@ -1,29 +1,24 @@
 """``omniquant serve``: an OpenAI-compatible server over the emulated serving numerics.
 
 Policy:
-- The model is the one the report measures: ``omniquant.evaluate.emulated.load_emulated`` loads
-  the checkpoint's files (FP8 / NVFP4 dequantized from the stored bytes, activation and
-  FP8 KV quantization emulated), prompts go through ``omniquant.data.processing`` and
-  the backbone is driven by the same helpers as ``omniquant.evaluate.runner``. It runs
-  on the CPU (the loader places the model there), with no serving engine installed.
+- vLLM's OpenAI-compatible server is the reference for every field, shape, default and
+  error wording; where omniquant differs it says so in an error. The wire models are in
+  ``omniquant.endpoint.protocol``, messages and media in ``omniquant.endpoint.messages``,
+  requests to jobs and jobs to responses in ``omniquant.endpoint.serving``, the model and
+  its scheduler (chunked prefill, cancellation, the bounded queue) in
+  ``omniquant.endpoint.engine``. This module is the HTTP side only.
 - Built on FastAPI + uvicorn (no hand-written HTTP). Endpoints: ``GET /v1/models``,
-  ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /health``. Chat takes
-  ``text``, ``image_url``, ``video_url``, ``audio_url`` and ``input_audio`` parts with
-  base64 data URIs (see ``omniquant.endpoint.protocol``); the server fetches no URL.
-- Decoding is greedy (``temperature`` 0 or unset; anything else is refused rather than
-  silently ignored). ``logprobs`` / ``top_logprobs`` cover the generated tokens;
-  vLLM's ``prompt_logprobs`` extension covers the tokens of a continued assistant
-  message (the prefill); positions of the user turn are ``null`` (the emulator does not
-  compute them), as is the first token. ``return_tokens_as_token_ids`` (vLLM) writes
-  tokens as ``token_id:N``.
+  ``GET /v1/models/{id}``, ``POST /v1/chat/completions``, ``POST /v1/completions``,
+  ``GET /health``.
 - Safety: binds 127.0.0.1 unless told otherwise; a request body over
   ``max_request_bytes`` is refused with 413 while it is read; a body that is not JSON
-  gets 415 / 400; media are decoded fully before the model sees them. Every refusal is
-  OpenAI-style error JSON (``{"error": {"message", "type", "param", "code"}}``); an
-  unexpected exception becomes a 500 with a one-line message (the traceback goes to the
-  server log), and the server keeps serving.
-- One model, one lock: HTTP requests are accepted concurrently, media are decoded
-  outside the lock, model calls run one at a time.
+  gets 415 / 400; local media only under ``--allowed-local-media-path``; no URL is
+  fetched. Every refusal is OpenAI-style error JSON (``{"error": {"message", "type",
+  "param", "code"}}``); a full queue answers 429 with ``Retry-After``; an unexpected
+  exception becomes a 500 with a one-line message (the traceback goes to the server
+  log), and the server keeps serving.
+- Media are decoded and prompts tokenized in the request's thread (outside the model);
+  one worker thread runs the model (``omniquant.endpoint.engine.Scheduler``).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at run time,
@@ -31,385 +26,47 @@ Policy:
 
 import logging
 import socket
-import tempfile
-import threading
-import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-from omniquant.endpoint.protocol import ChatPrompt, ProtocolError, chat_prompt
+from omniquant.endpoint.engine import Scheduler, ServedModel
+from omniquant.endpoint.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    ProtocolError,
+)
+
+__all__ = ["ServedModel", "bind", "create_app", "serve"]
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
 DEFAULT_MAX_LOGPROBS = 20
-DEFAULT_MAX_TOKENS = 16
 log = logging.getLogger("omniquant.serve")
-_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif",
-           "video/mp4": ".mp4", "video/webm": ".webm", "video/x-matroska": ".mkv",
-           "audio/wav": ".wav", "audio/x-wav": ".wav", "audio/flac": ".flac",
-           "audio/mpeg": ".mp3", "audio/ogg": ".ogg"}  # fmt: skip
+_KINDS = {400: "BadRequestError", 403: "PermissionDeniedError", 404: "NotFoundError",
+          405: "MethodNotAllowed", 413: "RequestEntityTooLarge", 415: "UnsupportedMediaType",
+          429: "RateLimitError", 500: "InternalServerError"}  # fmt: skip
 
 
-@dataclass
-class StepLogprobs:
-    """One decoded (or scored) position: the token, its log-probability and the top-k."""
-
-    token: int
-    logprob: float
-    rank: int
-    top: list[tuple[int, float]]
-
-
-@dataclass
-class Completion:
-    """What the model did for one request."""
-
-    tokens: list[int]
-    steps: list[StepLogprobs]
-    finish_reason: str
-    prompt_tokens: int
-    prefill_steps: list[StepLogprobs] | None
-
-
-def _step(logits, token: int, k: int) -> StepLogprobs:
-    import torch
-
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    value = float(logp[token])
-    rank = int((logp > logp[token]).sum()) + 1
-    top = []
-    if k > 0:
-        vals, idx = logp.topk(min(k, logp.shape[-1]))
-        top = [(int(i), float(v)) for i, v in zip(idx.tolist(), vals.tolist())]
-    return StepLogprobs(token=token, logprob=value, rank=rank, top=top)
-
-
-class ServedModel:
-    """A checkpoint loaded with serving numerics, its processor and the model lock.
-
-    Args:
-        path: Checkpoint directory (BF16, FP8, NVFP4 or mixed export).
-        model_id: Id served in ``/v1/models`` (default: the directory name).
-    """
-
-    def __init__(self, path: str | Path, model_id: str | None = None):
-        from omniquant.data.processing import OmniProcessor
-        from omniquant.evaluate.describe import describe_checkpoint
-        from omniquant.evaluate.emulated import load_emulated
-
-        self.path = Path(path)
-        self.info = describe_checkpoint(self.path, "model")
-        self.loaded = load_emulated(self.path)
-        self.processor = OmniProcessor.from_pretrained(self.path)
-        self.model_id = model_id or self.path.resolve().name
-        self.created = int(time.time())
-        self.lock = threading.Lock()
-        tok = self.loaded.tokenizer
-        eos = getattr(tok, "eos_token_id", None)
-        self.eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-
-    # ------------------------------------------------------------------ inputs
-    def sample(self, chat: ChatPrompt, media_io: dict | None = None):
-        """Process a chat prompt into a ``Sample`` (media decoded through temp files).
-
-        Raises:
-            ProtocolError: Media that do not decode, or markers that do not fit.
-        """
-        from omniquant.data import media
-        from omniquant.errors import DataError, OmniquantError
-
-        video_kwargs = ((media_io or {}).get("video") or {}) if isinstance(media_io, dict) else {}
-        images, audio, video = [], [], None
-        with tempfile.TemporaryDirectory(prefix="omniquant-serve-") as tmp:
-            try:
-                for i, blob in enumerate(chat.media):
-                    file = Path(tmp) / f"m{i}{_SUFFIX.get(blob.mime, '')}"
-                    file.write_bytes(blob.data)
-                    if blob.kind == "image":
-                        images.append(media.read_image(file))
-                    elif blob.kind == "audio":
-                        audio.append(media.read_audio(file, self.processor.settings.sampling_rate))
-                    elif video is not None:
-                        raise ProtocolError("messages: more than one video part; send one video")
-                    else:
-                        video = media.read_video(
-                            file,
-                            num_frames=video_kwargs.get("num_frames"),
-                            fps=video_kwargs.get("fps"),
-                        )
-                return self.processor(chat.prompt, images=images, video=video, audio=audio)
-            except ProtocolError:
-                raise
-            except (DataError, OmniquantError) as err:
-                # Name the part, not the temporary file it was decoded through.
-                message = str(err)
-                for i, blob in enumerate(chat.media):
-                    file = str(Path(tmp) / f"m{i}{_SUFFIX.get(blob.mime, '')}")
-                    message = message.replace(file, f"{blob.kind} part {i + 1} ({blob.mime})")
-                raise ProtocolError(f"messages: {message}", param="messages") from err
-
-    def encode(self, text: str) -> list[int]:
-        """Tokens of a prefill text, as the evaluator tokenizes answers (no special tokens)."""
-        return self.processor.tokenizer(text, add_special_tokens=False).input_ids
-
-    def token_text(self, token: int) -> str:
-        """Decoded text of one token."""
-        return self.loaded.tokenizer.decode([token])
-
-    # ------------------------------------------------------------------ model
-    def complete(
-        self,
-        sample,
-        prefill: list[int],
-        max_tokens: int,
-        top_logprobs: int,
-        prompt_logprobs: int | None,
-    ) -> Completion:
-        """Greedy continuation of ``sample`` + ``prefill`` (under the model lock).
-
-        The prompt pass teacher-forces ``prefill`` after the backbone input and keeps the
-        logits of the prefill positions and the first new token, as the evaluator does;
-        decoding then continues with the model cache (see ``runner._greedy``).
-        """
-        import torch
-
-        from omniquant.evaluate.runner import _append_tokens, _continue, backbone_input
-
-        loaded = self.loaded
-        backbone = loaded.adapter.quant_root(loaded.model)
-        embed = loaded.model.get_input_embeddings()
-        with self.lock, torch.no_grad():
-            prefix = backbone_input(loaded, sample)
-            logits = _continue(backbone, embed, prefix, prefill, len(prefill) + 1)
-            prefill_steps = None
-            if prompt_logprobs is not None:
-                prefill_steps = [
-                    _step(logits[j], prefill[j], prompt_logprobs) for j in range(len(prefill))
-                ]
-            step_logits = logits[-1]
-            tokens: list[int] = []
-            steps: list[StepLogprobs] = []
-            cache = None
-            finish = "length"
-            while len(tokens) < max_tokens:
-                if step_logits is None:
-                    if cache is None:  # prompt + prefill + tokens so far fill the cache
-                        embeds = _append_tokens(embed, prefix, prefill + tokens)
-                    else:
-                        embeds = embed(
-                            torch.tensor([[tokens[-1]]], dtype=torch.long, device=prefix.device)
-                        )
-                    out = backbone(
-                        inputs_embeds=embeds,
-                        past_key_values=cache,
-                        use_cache=True,
-                        logits_to_keep=1,
-                    )
-                    cache = out.past_key_values
-                    step_logits = out.logits[0, -1].float()
-                if not bool(torch.isfinite(step_logits).all()):
-                    raise RuntimeError(f"{self.path}: non-finite logits; the checkpoint is broken")
-                token = int(step_logits.argmax())
-                steps.append(_step(step_logits, token, top_logprobs))
-                tokens.append(token)
-                step_logits = None
-                if token == self.eos:
-                    finish = "stop"
-                    break
-        return Completion(
-            tokens=tokens,
-            steps=steps,
-            finish_reason=finish,
-            prompt_tokens=int(sample.input_ids.shape[1]) + len(prefill),
-            prefill_steps=prefill_steps,
-        )
-
-    def text_of(self, tokens: list[int]) -> str:
-        """Generated text (special tokens skipped, stripped as the evaluator does)."""
-        return self.loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-
-
-# ---------------------------------------------------------------------------- request handling
-
-
-def _int(body: dict, key: str, default, low: int, high: int) -> int | None:
-    value = body.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ProtocolError(
-            f"{key}: must be an integer in [{low}, {high}], got {value!r}", param=key
-        )
-    return value
-
-
-def _common(body: dict, max_logprobs: int) -> dict:
-    temperature = body.get("temperature")
-    if temperature not in (None, 0, 0.0):
-        raise ProtocolError(
-            f"temperature: {temperature!r}; omniquant serve decodes greedily, send temperature 0",
-            param="temperature",
-        )
-    if body.get("stream"):
-        raise ProtocolError("stream: streaming is not supported; send stream=false", param="stream")
-    if body.get("n", 1) != 1:
-        raise ProtocolError("n: only n=1 is supported", param="n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    body = {**body, "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens}
-    return {
-        "max_tokens": _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, 4096),
-        "prompt_logprobs": _int(body, "prompt_logprobs", None, 0, max_logprobs),
-    }
-
-
-def _token_name(model: ServedModel, token: int, as_ids: bool) -> str:
-    return f"token_id:{token}" if as_ids else model.token_text(token)
-
-
-def _prompt_logprobs(model: ServedModel, completion: Completion, as_ids: bool) -> list | None:
-    if completion.prefill_steps is None:
-        return None
-    n_user = completion.prompt_tokens - len(completion.prefill_steps)
-    out: list = [None] * n_user
-    for step in completion.prefill_steps:
-        entry = {
-            str(t): {"logprob": lp, "rank": r + 1, "decoded_token": _token_name(model, t, as_ids)}
-            for r, (t, lp) in enumerate(step.top)
-        }
-        entry.setdefault(
-            str(step.token),
-            {"logprob": step.logprob, "rank": step.rank,
-             "decoded_token": _token_name(model, step.token, as_ids)},
-        )  # fmt: skip
-        out.append(entry)
-    return out
-
-
-def _usage(c: Completion) -> dict:
-    return {
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": len(c.tokens),
-        "total_tokens": c.prompt_tokens + len(c.tokens),
-    }
-
-
-def handle_chat(model: ServedModel, body: dict, max_logprobs: int) -> dict:
-    """Answer a ``/v1/chat/completions`` body (already JSON-decoded)."""
-    common = _common(body, max_logprobs)
-    want_logprobs = bool(body.get("logprobs", False))
-    top = _int(body, "top_logprobs", 0, 0, max_logprobs) or 0
-    chat = chat_prompt(
-        body.get("messages"),
-        bool(body.get("continue_final_message", False)),
-        bool(body.get("add_generation_prompt", True)),
-    )
-    sample = model.sample(chat, body.get("media_io_kwargs"))
-    prefill = model.encode(chat.prefill) if chat.prefill else []
-    c = model.complete(sample, prefill, common["max_tokens"], top, common["prompt_logprobs"])
-    as_ids = bool(body.get("return_tokens_as_token_ids", False))
-    logprobs = None
-    if want_logprobs:
-        logprobs = {
-            "content": [
-                {
-                    "token": _token_name(model, s.token, as_ids),
-                    "logprob": s.logprob,
-                    "bytes": list(model.token_text(s.token).encode()),
-                    "top_logprobs": [
-                        {
-                            "token": _token_name(model, t, as_ids),
-                            "logprob": lp,
-                            "bytes": list(model.token_text(t).encode()),
-                        }
-                        for t, lp in s.top
-                    ],
-                }
-                for s in c.steps
-            ]
-        }
-    text = model.text_of(c.tokens)  # only the new text, not the prefill (as vLLM)
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model.model_id,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": c.finish_reason,
-            }
-        ],
-        "usage": _usage(c),
-        "prompt_logprobs": _prompt_logprobs(model, c, as_ids),
-    }
-
-
-def handle_completion(model: ServedModel, body: dict, max_logprobs: int) -> dict:
-    """Answer a ``/v1/completions`` body: a text prompt (no media), greedy."""
-    common = _common(body, max_logprobs)
-    if body.get("echo"):
-        raise ProtocolError("echo: not supported; use prompt_logprobs", param="echo")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ProtocolError("prompt: must be one string", param="prompt")
-    chat = chat_prompt([{"role": "user", "content": prompt}], False, True)
-    sample = model.sample(chat)
-    top = _int(body, "logprobs", None, 0, max_logprobs)
-    c = model.complete(sample, [], common["max_tokens"], top or 0, common["prompt_logprobs"])
-    as_ids = bool(body.get("return_tokens_as_token_ids", False))
-    logprobs = None
-    if top is not None:
-        names = [_token_name(model, s.token, as_ids) for s in c.steps]
-        offsets, pos = [], 0
-        for s in c.steps:
-            offsets.append(pos)
-            pos += len(model.token_text(s.token))
-        logprobs = {
-            "tokens": names,
-            "token_logprobs": [s.logprob for s in c.steps],
-            "top_logprobs": [
-                {_token_name(model, t, as_ids): lp for t, lp in s.top} for s in c.steps
-            ],
-            "text_offset": offsets,
-        }
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model.model_id,
-        "choices": [
-            {
-                "index": 0,
-                "text": model.text_of(c.tokens),
-                "logprobs": logprobs,
-                "finish_reason": c.finish_reason,
-            }
-        ],
-        "usage": _usage(c),
-        "prompt_logprobs": _prompt_logprobs(model, c, as_ids),
-    }
-
-
-def _error(status: int, message: str, param: str | None = None):
+def _error(status: int, message: str, param: str | None = None, headers: dict | None = None):
     from fastapi.responses import JSONResponse
 
-    kinds = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestEntityTooLarge",
-             415: "UnsupportedMediaType", 405: "MethodNotAllowed", 500: "InternalServerError"}  # fmt: skip
-    return JSONResponse(
-        status_code=status,
-        content={
-            "error": {
-                "message": message,
-                "type": kinds.get(status, "BadRequestError"),
-                "param": param,
-                "code": status,
-            }
-        },
-    )
+    body = ErrorResponse(error=ErrorInfo(message=message, type=_KINDS.get(status, "BadRequestError"),
+                                         param=param, code=status))  # fmt: skip
+    return JSONResponse(status_code=status, content=body.model_dump(), headers=headers)
+
+
+def _validation_message(err) -> tuple[str, str | None]:
+    """A pydantic error as ``(message naming the field, param)``."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()) if not str(p).startswith("function-"))
+    name = str(first["loc"][0]) if first.get("loc") else None
+    if first.get("type") == "extra_forbidden":
+        return f"{loc}: not supported by omniquant serve (unknown parameter)", name
+    if first.get("type") == "missing":
+        return f"{loc}: field required", name
+    return f"{loc}: {first.get('msg')} (got {first.get('input')!r})"[:500], name
 
 
 def create_app(
@@ -417,6 +74,10 @@ def create_app(
     *,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_logprobs: int = DEFAULT_MAX_LOGPROBS,
+    max_queued_requests: int = 64,
+    max_num_seqs: int = 16,
+    prefill_chunk: int = 256,
+    allowed_local_media_path: str | Path | None = None,
 ):
     """The FastAPI application serving ``model``.
 
@@ -424,16 +85,34 @@ def create_app(
         model: The loaded model.
         max_request_bytes: Larger request bodies get 413 (checked while reading).
         max_logprobs: Upper bound of ``top_logprobs``, ``logprobs`` and ``prompt_logprobs``.
+        max_queued_requests: Jobs that may wait for the model beyond the running ones;
+            more get 429 with ``Retry-After``.
+        max_num_seqs: Jobs the model steps in turn.
+        prefill_chunk: Prompt tokens per prefill step.
+        allowed_local_media_path: Directory whose files media parts may name
+            (``file://`` or plain paths); ``None``: data URIs only.
     """
     import json
 
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import StreamingResponse
+    from pydantic import ValidationError
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from omniquant.endpoint import serving
+
+    settings = serving.Settings(
+        max_logprobs=max_logprobs,
+        allowed_media=Path(allowed_local_media_path).resolve() if allowed_local_media_path else None,
+    )
+    scheduler = Scheduler(model, max_num_seqs=max_num_seqs, max_queued=max_queued_requests,
+                          prefill_chunk=prefill_chunk)  # fmt: skip
     app = FastAPI(title="omniquant serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.requests_served = 0
+    app.state.scheduler = scheduler
+    app.router.on_shutdown.append(scheduler.close)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc):
@@ -484,44 +163,77 @@ def create_app(
             )
         return body
 
-    async def answer(request: Request, handler):
+    async def answer(request: Request, kind):
+        chat = kind is ChatCompletionRequest
         try:
             body = await read_json(request)
-            result = await run_in_threadpool(handler, model, body, max_logprobs)
+            try:
+                req = kind.model_validate(body)
+            except ValidationError as err:
+                message, param = _validation_message(err)
+                raise ProtocolError(message, param=param) from err
+            run = serving.Run(scheduler)
+            if chat:
+                sample, prefill, params = await run_in_threadpool(
+                    serving.prepare_chat, model, req, settings
+                )
+                for i in range(req.n):
+                    run.add(sample, prefill, params, i)
+            else:
+                prepared = await run_in_threadpool(
+                    serving.prepare_completion, model, req, settings
+                )
+                for p, (sample, params) in enumerate(prepared):
+                    for i in range(req.n):
+                        run.add(sample, [], params, p * req.n + i)
+            run.start()
         except ProtocolError as err:
-            return _error(err.status, str(err), err.param)
+            return _error(err.status, str(err), err.param, err.headers)
         app.state.requests_served += 1
-        return result
+        if req.stream:
+            stream = (serving.chat_stream if chat else serving.completion_stream)(
+                model, run, req, request
+            )
+            return StreamingResponse(stream, media_type="text/event-stream")
+        result = await (serving.chat_response if chat else serving.completion_response)(
+            model, run, req, request
+        )
+        if result is None:  # the client went away; nobody reads this
+            return _error(499, "client disconnected")
+        return result.model_dump()
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", **scheduler.load()}
+
+    def card() -> ModelCard:
+        return ModelCard(
+            id=model.model_id,
+            created=model.created,
+            root=str(model.path.resolve()),
+            max_model_len=model.max_model_len,
+            # What the checkpoint's files say (precision, size, bits per weight):
+            # the report shows it for served models as for loaded ones.
+            omniquant={**model.info, "emulation": model.loaded.emulation},
+        )
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model.model_id,
-                    "object": "model",
-                    "created": model.created,
-                    "owned_by": "omniquant",
-                    "root": str(model.path.resolve()),
-                    # What the checkpoint's files say (precision, size, bits per weight):
-                    # the report shows it for served models as for loaded ones.
-                    "omniquant": {**model.info, "emulation": model.loaded.emulation},
-                }
-            ],
-        }
+        return ModelList(data=[card()]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def one_model(model_id: str):
+        if model_id != model.model_id:
+            return _error(404, f"The model `{model_id}` does not exist.", "model")
+        return card().model_dump()
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await answer(request, handle_chat)
+        return await answer(request, ChatCompletionRequest)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await answer(request, handle_completion)
+        return await answer(request, CompletionRequest)
 
     return app
 
@@ -543,23 +255,25 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     model_id: str | None = None,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    max_logprobs: int = DEFAULT_MAX_LOGPROBS,
+    max_model_len: int | None = None,
+    chat_template: str | None = None,
     announce=print,
+    **limits,
 ) -> None:
     """Load ``path`` and serve it until interrupted.
 
     Prints ``listening on http://HOST:PORT/v1`` once the socket is bound (with port 0,
-    the port chosen).
+    the port chosen). ``limits`` are ``create_app``'s keyword arguments.
     """
     import uvicorn
 
-    model = ServedModel(path, model_id)
-    app = create_app(model, max_request_bytes=max_request_bytes, max_logprobs=max_logprobs)
+    model = ServedModel(path, model_id, max_model_len=max_model_len, chat_template=chat_template)
+    app = create_app(model, **limits)
     sock = bind(host, port)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    announce(f"serving {model.model_id} ({model.info['precision']}) from {model.path}")
+    announce(f"serving {model.model_id} ({model.info['precision']}) from {model.path}, "
+             f"max_model_len {model.max_model_len}")  # fmt: skip
     announce(f"listening on http://{shown}:{bound}/v1")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     server.run(sockets=[sock])
