@@ -226,6 +226,15 @@ def build_engine_cmd(
 # --- report -----------------------------------------------------------------
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    from omniquant.errors import ReportError
+
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError as err:
+        raise ReportError(f"{flag}: write integers separated by commas (e.g. 1,8,32); got {text!r}.") from err
+
+
 @app.command("report")
 def report_cmd(
     baseline: Annotated[
@@ -285,6 +294,35 @@ def report_cmd(
             help='Served models: JSON merged into every request, e.g. \'{"chat_template_kwargs": {"enable_thinking": false}}\'.'
         ),
     ] = None,
+    throughput: Annotated[
+        bool,
+        typer.Option(help="After the quality phase, serve each model (a checkpoint through omniquant serve) and measure throughput, latency, hours of media per hour and cost."),
+    ] = False,
+    workload: Annotated[
+        Path | None,
+        typer.Option(help="Load phase: JSON Lines of clips with stated lengths (video_seconds/audio_seconds); default: the task set's video and audio samples."),
+    ] = None,
+    load_concurrency: Annotated[
+        str, typer.Option(help="Load phase: concurrency levels, comma-separated (e.g. 1,8,32).")
+    ] = "1",
+    warmup: Annotated[int, typer.Option(help="Load phase: uncounted warm-up requests.")] = 1,
+    load_requests: Annotated[
+        int | None, typer.Option(help="Load phase: requests per level (default: one per workload sample).")
+    ] = None,
+    load_duration: Annotated[
+        float | None, typer.Option(help="Load phase: seconds per level instead of a request count.")
+    ] = None,
+    load_max_tokens: Annotated[int, typer.Option(help="Load phase: max_tokens per request.")] = 16,
+    gpu_hour_price: Annotated[
+        float | None, typer.Option(help="Price of one GPU-hour: adds cost per hour of media.")
+    ] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs each served model occupies (the price is per GPU).")] = 1,
+    gpu_memory: Annotated[
+        str, typer.Option(help="GPU memory for the capacity arithmetic (concurrent sequences that fit).")
+    ] = "80GiB",
+    machine: Annotated[
+        str | None, typer.Option(help="The served URLs' machine in words (e.g. '1x H100 80GB'), recorded with every figure.")
+    ] = None,
 ) -> None:
     """Evaluate exported checkpoints or served models on omni tasks and write the quality-cliff report."""
     import json
@@ -300,7 +338,7 @@ def report_cmd(
         if not isinstance(extra, dict):
             raise ReportError("--request-extra: must be a JSON object.")
     from omniquant.experiments.compare import build_report
-    from omniquant.report.table import render_summary_table
+    from omniquant.report.table import render_summary_table, render_throughput_lines
 
     console = _console()
 
@@ -325,9 +363,22 @@ def report_cmd(
         endpoint_cache=False if no_endpoint_cache else (endpoint_cache or True),
         endpoint_topk=endpoint_topk,
         request_extra=extra,
+        throughput=throughput,
+        workload=workload,
+        load_concurrency=_int_list(load_concurrency, "--load-concurrency"),
+        warmup=warmup,
+        load_requests=load_requests,
+        load_duration=load_duration,
+        load_max_tokens=load_max_tokens,
+        gpu_hour_price=gpu_hour_price,
+        gpus=gpus,
+        gpu_memory=gpu_memory,
+        machine=machine,
     )
 
     for line in render_summary_table(report).splitlines():
+        say(line)
+    for line in render_throughput_lines(report):
         say(line)
     for line in report["verdicts"]:
         say(line)

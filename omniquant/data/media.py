@@ -345,3 +345,45 @@ def _existing(path: str | Path) -> Path:
     if not path.is_file():
         raise MediaError(path, "not a regular file")
     return path
+
+
+def media_seconds(path: str | Path, kind: str) -> float:
+    """Duration of a video or audio file in seconds, from its container headers.
+
+    Video: the stream's ``duration x time_base``, else the container's duration, else
+    frames / average rate (decoding every frame only when none of these is stated).
+    Audio: frames / sample rate (libsndfile). The load phase sums these into hours of
+    media processed per hour.
+
+    Raises:
+        MediaError: Missing file, unreadable data or no duration to be had.
+    """
+    path = _existing(path)
+    if kind == "audio":
+        import soundfile as sf
+
+        try:
+            info = sf.info(str(path))
+        except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as err:
+            raise MediaError(path, f"cannot read audio: {err}") from err
+        if not info.samplerate or not info.frames:
+            raise MediaError(path, "cannot read audio: no samples")
+        return info.frames / info.samplerate
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = _video_stream(container, path)
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            if container.duration:
+                return container.duration / av.time_base
+            rate = stream.average_rate
+            frames = stream.frames or sum(1 for _ in container.decode(stream))
+            if rate and frames:
+                return frames / float(rate)
+    except MediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as err:
+        raise MediaError(path, f"cannot read video: {err}") from err
+    raise MediaError(path, "cannot read video: the file states no duration and no frame rate")

@@ -12,6 +12,10 @@ Policy:
   The base URL is not part of the key, so a restarted server on another port resumes.
 - The httpx client is shared by the worker threads (httpx clients are thread-safe);
   its connection pool is sized to the concurrency.
+- ``chat_timed`` is the load phase's request (``omniquant.endpoint.load``): one attempt,
+  no retry and no cache (a load measurement counts what the server did), timed with a
+  monotonic clock; with ``stream`` it reads the server-sent events and stamps the first
+  content token (time to first token).
 """
 
 from __future__ import annotations
@@ -186,6 +190,109 @@ class EndpointClient:
             tmp.write_text(json.dumps(answer))
             os.replace(tmp, file)
         return answer
+
+    def chat_timed(self, body: dict, *, stream: bool) -> TimedAnswer:
+        """One ``POST /chat/completions`` of the load phase: no retry, no cache, timed.
+
+        With ``stream`` the request asks for server-sent events with usage
+        (``stream_options.include_usage``) and the first content token is stamped.
+        Failures are returned in ``TimedAnswer.error``, never raised.
+        """
+        return _chat_timed(self, body, stream)
+
+
+class TimedAnswer:
+    """One timed chat request of the load phase (``EndpointClient.chat_timed``).
+
+    Attributes:
+        start: ``time.perf_counter()`` when the request was sent.
+        end: When the answer was complete (or the failure seen).
+        first_token: When the first content token arrived (streamed requests), else ``None``.
+        prompt_tokens: ``usage.prompt_tokens``, ``None`` when the server reports none.
+        completion_tokens: ``usage.completion_tokens``, ``None`` when not reported.
+        error: Why the request failed (``None``: it succeeded).
+        status: The HTTP status of a refused request.
+        param: The ``param`` an OpenAI-style refusal names (``stream`` for a server that
+            does not stream).
+    """
+
+    __slots__ = ("completion_tokens", "end", "error", "first_token", "param", "prompt_tokens",
+                 "start", "status")  # fmt: skip
+
+    def __init__(self, start: float):
+        self.start = start
+        self.end = start
+        self.first_token: float | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.error: str | None = None
+        self.status: int | None = None
+        self.param: str | None = None
+
+    def take_usage(self, usage: dict | None) -> None:
+        if isinstance(usage, dict):
+            if usage.get("prompt_tokens") is not None:
+                self.prompt_tokens = int(usage["prompt_tokens"])
+            if usage.get("completion_tokens") is not None:
+                self.completion_tokens = int(usage["completion_tokens"])
+
+
+def _chat_timed(client: EndpointClient, body: dict, stream: bool) -> TimedAnswer:
+    import httpx
+
+    url = f"{client.base_url}/chat/completions"
+    body = {**body, **client.request_extra, "model": client.model_id}
+    if stream:
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    answer = TimedAnswer(time.perf_counter())
+    try:
+        with client._http.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                response.read()
+                answer.status = response.status_code
+                answer.error = f"HTTP {response.status_code}: {_error_message(response)}"
+                answer.param = _error_param(response)
+            elif stream:
+                _read_events(response, answer)
+            else:
+                response.read()
+                data = response.json()
+                answer.take_usage(data.get("usage"))
+    except (httpx.HTTPError, ValueError) as err:  # transport, timeout, bad JSON / events
+        answer.error = f"{type(err).__name__}: {err}"
+    answer.end = time.perf_counter()
+    with client._count_lock:
+        client.requests_sent += 1
+    return answer
+
+
+def _read_events(response, answer: TimedAnswer) -> None:
+    """Server-sent events of a streamed chat completion: the first content delta's
+    arrival, the usage chunk, an ``error`` event."""
+    for line in response.iter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            err = chunk["error"]
+            answer.error = str(err.get("message") if isinstance(err, dict) else err)
+            return
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if answer.first_token is None and (delta.get("content") or delta.get("reasoning_content")):
+                answer.first_token = time.perf_counter()
+        answer.take_usage(chunk.get("usage"))
+
+
+def _error_param(response) -> str | None:
+    try:
+        err = response.json().get("error")
+    except (ValueError, AttributeError):
+        return None
+    return err.get("param") if isinstance(err, dict) else None
 
 
 def _error_message(response) -> str:

@@ -160,6 +160,8 @@ class Comparison:
         concurrency: Samples in flight per served model.
         peak_rss_mb: Peak resident memory of the process, where known.
         versions: Versions of omniquant and of the libraries that computed the numbers.
+        throughput: The load phase's settings (workload, price, GPU memory), ``None``
+            without one; each model's figures are in its description's ``throughput``.
     """
 
     created_unix: int
@@ -181,3 +183,4 @@ class Comparison:
     concurrency: int = 4
     peak_rss_mb: float | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    throughput: dict | None = None

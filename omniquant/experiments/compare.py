@@ -493,6 +493,17 @@ def build_report(
     endpoint_cache: Path | None | bool = True,
     endpoint_topk: int = 20,
     request_extra: dict | None = None,
+    throughput: bool = False,
+    workload: Path | None = None,
+    load_concurrency: tuple[int, ...] | list[int] = (1,),
+    warmup: int = 1,
+    load_requests: int | None = None,
+    load_duration: float | None = None,
+    load_max_tokens: int = 16,
+    gpu_hour_price: float | None = None,
+    gpus: int = 1,
+    gpu_memory: str = "80GiB",
+    machine: str | None = None,
 ) -> dict:
     """Evaluate ``baseline`` and ``candidates`` on a task set and write the report.
 
@@ -526,6 +537,21 @@ def build_report(
             ``False``/``None``: none.
         endpoint_topk: Log-probabilities per position asked of served models.
         request_extra: Fields merged into every request to a served model.
+        throughput: After the quality phase, serve each model (a local checkpoint through
+            ``omniquant serve`` on a free port) and measure it under one workload
+            (``omniquant.experiments.throughput``).
+        workload: A JSON Lines file of clips with stated lengths (``None``: the task
+            set's video and audio samples).
+        load_concurrency: Concurrency levels of the load phase.
+        warmup: Uncounted requests before the first level.
+        load_requests: Requests per level (``None`` with no ``load_duration``: one per
+            workload sample).
+        load_duration: Seconds per level instead of a request count.
+        load_max_tokens: ``max_tokens`` of the load requests.
+        gpu_hour_price: Price of one GPU-hour; adds cost per hour of media.
+        gpus: GPUs each served model occupies (the price is per GPU).
+        gpu_memory: GPU memory for the capacity arithmetic (``80GiB``).
+        machine: The servers' machine in words, for served URLs.
 
     Returns:
         The report as written to ``report.json``.
@@ -545,6 +571,15 @@ def build_report(
     check_out(out, force=force, error=ReportError, files=REPORT_FILES)
     if endpoint_cache is True:
         endpoint_cache = out / "endpoint-cache"
+    load = None
+    if throughput:
+        load = _load_setup(tasks, workload, load_concurrency, warmup, load_requests,
+                           load_duration, load_max_tokens, gpu_hour_price, gpus, gpu_memory)  # fmt: skip
+    elif workload is not None or gpu_hour_price is not None:
+        raise ReportError(
+            f"{arg_ref('workload')} and {arg_ref('gpu_hour_price')} belong to the load phase; "
+            f"add {arg_ref('throughput')}."
+        )
     results = compare(
         baseline,
         candidates,
@@ -568,7 +603,70 @@ def build_report(
         request_extra=request_extra,
         scratch=out.parent if out.parent.is_dir() else None,
     )
+    if load is not None:
+        _throughput_phase(results, [baseline, *candidates], load, out, machine=machine,
+                          timeout=endpoint_timeout, request_extra=request_extra, log=log)  # fmt: skip
     report = report_dict(results)
     write_report(report, out)
     (log or (lambda _m: None))(f"wrote {out / 'report.html'}")
     return report
+
+
+def _load_setup(tasks, workload, concurrency, warmup, count, duration, max_tokens, price, gpus,
+                gpu_memory) -> dict:  # fmt: skip
+    """Pre-flight of the load phase (before any model work): settings and the workload."""
+    from omniquant.devices import parse_size
+    from omniquant.endpoint.load import (
+        check_load_settings,
+        read_workload_file,
+        workload_from_entries,
+    )
+    from omniquant.evaluate.tasks import resolve_task_set, validate_task_set
+
+    if count is None and duration is None:
+        count = 0  # one request per workload sample, set below
+    levels = check_load_settings(concurrency, warmup, count or 1, duration, max_tokens)
+    if price is not None and price <= 0:
+        raise ReportError("must be > 0 (per GPU-hour).", arg="gpu_hour_price", value=price)
+    if gpus < 1:
+        raise ReportError("must be >= 1.", arg="gpus", value=gpus)
+    settings = {"concurrency": levels, "warmup": warmup, "count": count,
+                "duration_s": duration, "max_tokens": max_tokens}  # fmt: skip
+    if workload is not None:
+        wl = read_workload_file(workload, **settings)
+    else:
+        task_dir = resolve_task_set(tasks)
+        wl = workload_from_entries(validate_task_set(task_dir), task_dir.name, **settings)
+    if count == 0:
+        from dataclasses import replace
+
+        wl = replace(wl, count=len(wl.requests))
+    return {"workload": wl, "price": price, "gpus": gpus,
+            "gpu_bytes": parse_size(gpu_memory, arg_ref("gpu_memory"))}  # fmt: skip
+
+
+def _throughput_phase(results: Comparison, sources: list, load: dict, out: Path, *, machine,
+                      timeout, request_extra, log) -> None:  # fmt: skip
+    """Measure every model of ``results`` and record the figures in the results."""
+    from omniquant.endpoint.protocol import parse_model_source
+    from omniquant.experiments.throughput import measure_throughput
+
+    wl = load["workload"]
+    models = [results.baseline, *results.candidates]
+    blocks = measure_throughput(
+        [parse_model_source(s) for s in sources], [m.description for m in models], wl,
+        out / "throughput", machine=machine, gpu_hour_price=load["price"], gpus=load["gpus"],
+        gpu_memory_bytes=load["gpu_bytes"], timeout=timeout, request_extra=request_extra, log=log,
+    )  # fmt: skip
+    for m in models:
+        m.description["throughput"] = blocks[m.description["name"]]
+    results.throughput = {
+        "workload": wl.describe(),
+        "gpu_hour_price": load["price"],
+        "gpus_per_model": load["gpus"],
+        "gpu_memory_bytes": load["gpu_bytes"],
+        "chart_concurrency": max(wl.concurrency),
+        "order": "one model at a time, report order, same workload and levels",
+        "measured": "requests/s, tokens/s, TTFT and latency p50/p99, hours of media per hour",
+        "arithmetic": "capacity: concurrent sequences that fit in the stated GPU memory",
+    }

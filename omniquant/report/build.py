@@ -129,6 +129,8 @@ def report_dict(results: Comparison) -> dict:
         "peak_rss_mb": results.peak_rss_mb,
         "versions": results.versions,
     }
+    if results.throughput is not None:  # each model's figures are in its block
+        report["throughput"] = results.throughput
     _check_finite(report)
     return report
 

@@ -9,8 +9,6 @@ cliff order: the baseline, then candidates by decreasing bits per weight.
 
 from __future__ import annotations
 
-from html import escape
-
 from omniquant.report import svg
 
 MODALITY_ORDER = ("text", "image", "video", "audio")
@@ -170,6 +168,7 @@ def write_markdown(report: dict) -> str:
             ],
         )
     )
+    out += _md_cost(report, models)
     out += ["", "## The cliff: accuracy per task", ""]
     header = ["task", "metric", "modality", *[m["name"] for m in models]]
     rows = []
@@ -223,6 +222,27 @@ def write_markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _md_cost(report: dict, models: list[dict]) -> list[str]:
+    """The load phase as Markdown: measured figures, then the capacity arithmetic."""
+    if "throughput" not in report:
+        return []
+    from omniquant.report import cost
+
+    conc = report["throughput"]["chart_concurrency"]
+    out = ["", "## Throughput and cost (measured)", ""]
+    out.append(_md_table(*cost.throughput_table(report, models)))
+    workload = report["throughput"]["workload"]["source"]
+    out += ["", f"Summary columns and the chart use concurrency {conc}. Workload: {workload}."]
+    out += [f"- {line}" for line in cost.provenance(report, models)]
+    out += [f"- n/a: {note}" for note in cost.not_available_notes(report, models)]
+    if any((m.get("throughput") or {}).get("emulation") for m in models):
+        out += ["", cost.EMULATION_CAPTION]
+    out += ["", "## Capacity from memory (arithmetic, not measured)", ""]
+    out.append(_md_table(*cost.capacity_table(report, models)))
+    out += ["", cost.CAPACITY_NOTE]
+    return out
+
+
 # ------------------------------------------------------------------------ html
 
 _CSS = """
@@ -238,279 +258,253 @@ figure{margin:12px 0}
 """
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+def _safe(svg_text: str):
+    """An SVG string from ``omniquant.report.svg`` (every text node escaped there)."""
+    from markupsafe import Markup
+
+    return Markup(svg_text)
 
 
-def _fig(svg_text: str) -> str:
-    return f"<figure>{svg_text}</figure>"
-
-
-def write_html(report: dict) -> str:
-    """The report as one self-contained HTML page with inline SVG plots."""
-    models = cliff_order(report)
-    names = [m["name"] for m in models]
-    colors = [svg.PALETTE[i % len(svg.PALETTE)] for i in range(len(models))]
-    ts = report["task_set"]
-    parts = [
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
-        f"<title>Quality-cliff report: {escape(ts['name'])}</title><style>{_CSS}</style></head><body>",
-        "<h1>Quality-cliff report</h1>",
-        f"<p>Task set <b>{escape(ts['name'])}</b>: {ts['samples']} samples ("
-        + escape(", ".join(f"{m} {n}" for m, n in ts["modalities"].items()))
-        + f"). Baseline <b>{escape(report['baseline']['name'])}</b>; every model evaluated from its "
-        "exported files with serving numerics.</p>",
-        "<h2>Verdicts</h2>",
-    ]
-    for cand in report["candidates"]:
-        cls = "verdict bad" if cand.get("tasks_below_threshold") else "verdict"
-        parts.append(f'<div class="{cls}">{escape(cand["verdict"])}</div>')
-
-    # The cliff
+def _cliff_context(report: dict, models: list[dict], colors: list[str]) -> dict:
     tasks = [t for t, _, _ in _task_rows(report)]
-    parts.append("<h2>The cliff</h2>")
-    parts.append(
-        _fig(
-            svg.bar_chart(
-                tasks,
-                [(m["name"], [m["tasks"][t]["accuracy"] for t in tasks]) for m in models],
-                "Accuracy per task",
-                "accuracy",
-                y_max=1.0,
-                colors=colors,
-            )
-        )
-    )
     mods = [m for m in MODALITY_ORDER if m in report["baseline"]["modalities"]]
-    parts.append(
-        _fig(
-            svg.bar_chart(
-                mods,
-                [(m["name"], [m["modalities"][mod]["accuracy"] for mod in mods]) for m in models],
-                "Accuracy per modality",
-                "accuracy",
-                y_max=1.0,
-                colors=colors,
-            )
-        )
-    )
+    figures = [
+        svg.bar_chart(
+            tasks,
+            [(m["name"], [m["tasks"][t]["accuracy"] for t in tasks]) for m in models],
+            "Accuracy per task", "accuracy", y_max=1.0, colors=colors,
+        ),
+        svg.bar_chart(
+            mods,
+            [(m["name"], [m["modalities"][mod]["accuracy"] for mod in mods]) for m in models],
+            "Accuracy per modality", "accuracy", y_max=1.0, colors=colors,
+        ),
+    ]  # fmt: skip
     rows = [
-        [
-            t,
-            report["task_set"]["tasks"][t]["metric"],
-            *[_fix(m["tasks"][t]["accuracy"], ".3f") for m in models],
-        ]
+        [t, report["task_set"]["tasks"][t]["metric"],
+         *[_fix(m["tasks"][t]["accuracy"], ".3f") for m in models]]
         for t in tasks
-    ]
-    parts.append(_html_table(["task", "metric", *names], rows))
-    for cand in report["candidates"]:
-        parts.append(f"<h3>{escape(cand['name'])} vs baseline</h3>")
-        parts.append(_html_table(*_candidate_table(cand)))
+    ]  # fmt: skip
+    return {
+        "figures": [_safe(f) for f in figures],
+        "table": (["task", "metric", *[m["name"] for m in models]], rows),
+        "candidates": [
+            {"name": c["name"], "table": _candidate_table(c)} for c in report["candidates"]
+        ],
+    }
 
-    # Size
-    parts.append("<h2>Size and bits per weight</h2>")
-    parts.append(
-        _fig(
-            svg.bar_chart(
-                names,
-                [("bits/weight", [m["bits_per_weight"] for m in models])],
-                "Bits per weight",
-                "bits",
-            )
-        )
-    )
-    parts.append(
-        _html_table(
-            [
-                "model",
-                "precision",
-                "bits/weight",
-                "size",
-                "KV cache",
-                "emulated formats",
-                "samples/s",
-            ],
-            [
-                [
-                    m["name"],
-                    m["precision"],
-                    _fix(m["bits_per_weight"], ".3f"),
-                    _mb(m["size_bytes"]),
-                    m.get("kv_cache") or "-",
-                    ", ".join((m.get("emulation") or {}).get("formats") or []) or "bf16",
-                    f"{m['evaluation']['samples_per_s']:.2f}",
-                ]
-                for m in models
-            ],
-        )
-    )
 
-    # Fidelity
-    parts.append("<h2>Fidelity: KL to the baseline by modality</h2>")
+def _size_context(models: list[dict]) -> dict:
+    names = [m["name"] for m in models]
+    figure = svg.bar_chart(
+        names, [("bits/weight", [m["bits_per_weight"] for m in models])], "Bits per weight", "bits"
+    )
+    header = ["model", "precision", "bits/weight", "size", "KV cache", "emulated formats",
+              "samples/s"]  # fmt: skip
+    rows = [
+        [m["name"], m["precision"], _fix(m["bits_per_weight"], ".3f"), _mb(m["size_bytes"]),
+         m.get("kv_cache") or "-",
+         ", ".join((m.get("emulation") or {}).get("formats") or []) or "bf16",
+         f"{m['evaluation']['samples_per_s']:.2f}"]
+        for m in models
+    ]  # fmt: skip
+    return {"figure": _safe(figure), "table": (header, rows)}
+
+
+def _fidelity_context(report: dict, models: list[dict], colors: list[str]) -> dict:
+    mods = [m for m in MODALITY_ORDER if m in report["baseline"]["modalities"]]
     cands = models[1:]
-    parts.append(
-        _fig(
-            svg.bar_chart(
-                mods,
-                [(c["name"], [c["kl_by_modality"].get(mod) for mod in mods]) for c in cands],
-                "Mean KL(baseline || candidate) per modality",
-                "KL (nats)",
-                colors=colors[1:],
-            )
+    figures = [
+        svg.bar_chart(
+            mods,
+            [(c["name"], [c["kl_by_modality"].get(mod) for mod in mods]) for c in cands],
+            "Mean KL(baseline || candidate) per modality", "KL (nats)", colors=colors[1:],
+        ),
+        svg.bar_chart(
+            mods,
+            [(c["name"], [c["modalities"][mod]["top1_agreement"] for mod in mods]) for c in cands],
+            "Top-1 agreement with the baseline per modality", "agreement", y_max=1.0,
+            colors=colors[1:],
+        ),
+    ]  # fmt: skip
+    fid = report["settings"]["fidelity"]
+    return {"figures": [_safe(f) for f in figures], "note": f"{fid['kl']}; {fid['distribution']}."}
+
+
+def _evs_context(report: dict, models: list[dict], colors: list[str]) -> dict | None:
+    if not (report["evs"]["video_samples"] and report["evs"]["rates"]):
+        return None
+    acc_series, kl_series = [], []
+    for m in models:
+        evs = m.get("evs") or []
+        acc_series.append(
+            (m["name"], [(r["video_tokens"], r["accuracy"], f"q={r['rate']:g}") for r in evs])
         )
-    )
-    parts.append(
-        _fig(
-            svg.bar_chart(
-                mods,
-                [
-                    (c["name"], [c["modalities"][mod]["top1_agreement"] for mod in mods])
-                    for c in cands
-                ],
-                "Top-1 agreement with the baseline per modality",
-                "agreement",
-                y_max=1.0,
-                colors=colors[1:],
-            )
+        kl_series.append(
+            (m["name"], [(r["video_tokens"], r["kl_mean"], f"q={r['rate']:g}") for r in evs])
         )
-    )
-    parts.append(
-        f'<p class="muted">{escape(report["settings"]["fidelity"]["kl"])}; '
-        f"{escape(report['settings']['fidelity']['distribution'])}.</p>"
+    x_label = "video tokens (summed over video samples)"
+    figures = [
+        svg.line_chart(acc_series, "Video accuracy vs video tokens reaching the backbone",
+                       x_label, "accuracy", y_max=1.0, colors=colors),
+        svg.line_chart(kl_series, f"KL vs video tokens (reference: {report['evs']['reference']})",
+                       x_label, "KL (nats)", colors=colors),
+    ]  # fmt: skip
+    return {"figures": [_safe(f) for f in figures], "table": _evs_table(models)}
+
+
+def _expert_heatmap(name: str, cal: dict) -> str | None:
+    experts = cal.get("expert_tokens") or {}
+    if not experts:
+        return None
+    layers = list(experts)
+    width = max(len(v) for v in experts.values())
+    matrix = [
+        [float(x) for x in experts[layer]] + [0.0] * (width - len(experts[layer]))
+        for layer in layers
+    ]
+    return svg.heatmap(
+        [_layer_label(layer) for layer in layers],
+        [str(i) for i in range(width)],
+        matrix,
+        f"Expert calibration tokens (routed): {name}",
+        zero_note=(
+            "routed no token, calibrated anyway (force_all_experts)"
+            if cal.get("force_all_experts")
+            else "expert that received no calibration token"
+        ),
     )
 
-    # EVS
-    parts.append("<h2>EVS: video tokens vs quality</h2>")
-    if report["evs"]["video_samples"] and report["evs"]["rates"]:
-        acc_series, kl_series = [], []
-        for m in models:
-            evs = m.get("evs") or []
-            acc_series.append(
-                (m["name"], [(r["video_tokens"], r["accuracy"], f"q={r['rate']:g}") for r in evs])
-            )
-            kl_series.append(
-                (m["name"], [(r["video_tokens"], r["kl_mean"], f"q={r['rate']:g}") for r in evs])
-            )
-        parts.append(
-            _fig(
-                svg.line_chart(
-                    acc_series,
-                    "Video accuracy vs video tokens reaching the backbone",
-                    "video tokens (summed over video samples)",
-                    "accuracy",
-                    y_max=1.0,
-                    colors=colors,
-                )
-            )
-        )
-        parts.append(
-            _fig(
-                svg.line_chart(
-                    kl_series,
-                    f"KL vs video tokens (reference: {report['evs']['reference']})",
-                    "video tokens (summed over video samples)",
-                    "KL (nats)",
-                    colors=colors,
-                )
-            )
-        )
-        parts.append(_html_table(*_evs_table(models)))
-    else:
-        parts.append("<p>No video samples in the task set (or no rates): no sweep.</p>")
 
-    # Calibration coverage
-    parts.append("<h2>Calibration coverage</h2>")
+def _calibration_context(report: dict) -> list[dict]:
+    out = []
     for cand in report["candidates"]:
         cal = cand.get("calibration")
         if not cal:
-            parts.append(
-                f"<p>{escape(cand['name'])}: no <code>omniquant.json</code> calibration block.</p>"
-            )
+            out.append({"name": cand["name"], "missing": True})
             continue
-        experts = cal.get("expert_tokens") or {}
-        toks = ", ".join(f"{k} {v}" for k, v in (cal.get("tokens_by_modality") or {}).items())
-        parts.append(
-            f"<p>{escape(cand['name'])}: {cal.get('samples')} samples from "
-            f"<code>{escape(str(cal.get('set')))}</code> ({escape(toks)} tokens); "
-            f"{escape(_coverage_text(cal))}.</p>"
-        )
-        if experts:
-            layers = list(experts)
-            width = max(len(v) for v in experts.values())
-            matrix = [
-                [float(x) for x in experts[layer]] + [0.0] * (width - len(experts[layer]))
-                for layer in layers
-            ]
-            labels = [_layer_label(layer) for layer in layers]
-            parts.append(
-                _fig(
-                    svg.heatmap(
-                        labels,
-                        [str(i) for i in range(width)],
-                        matrix,
-                        f"Expert calibration tokens (routed): {cand['name']}",
-                        zero_note=(
-                            "routed no token, calibrated anyway (force_all_experts)"
-                            if cal.get("force_all_experts")
-                            else "expert that received no calibration token"
-                        ),
-                    )
-                )
-            )
+        heatmap = _expert_heatmap(cand["name"], cal)
+        out.append({
+            "name": cand["name"], "missing": False, "samples": cal.get("samples"),
+            "set": str(cal.get("set")),
+            "tokens": ", ".join(f"{k} {v}" for k, v in (cal.get("tokens_by_modality") or {}).items()),
+            "coverage": _coverage_text(cal), "heatmap": _safe(heatmap) if heatmap else None,
+        })  # fmt: skip
+    return out
 
-    # Sensitivity
+
+def _sensitivity_context(report: dict) -> dict | None:
     sens = report.get("sensitivity")
-    if sens:
-        parts.append(f"<h2>Sensitivity: one group at a time in {escape(sens['format'])}</h2>")
-        parts.append(
-            _fig(
-                svg.hbar_chart(
-                    [g["group"] for g in sens["groups"]],
-                    [g["kl_mean"] for g in sens["groups"]],
-                    "Mean KL added per module group (ranked)",
-                    "KL (nats)",
-                )
-            )
-        )
-        parts.append(_html_table(*_sensitivity_table(sens)))
-        for skip in sens["skipped"]:
-            parts.append(
-                f'<p class="muted">Skipped {escape(skip["group"])}: {escape(skip["reason"])}</p>'
-            )
-        parts.append(f"<p><b>Suggestion.</b> {escape(sens['suggestion']['text'])}</p>")
-        if sens["suggestion"]["recipe_yaml"]:
-            parts.append(f"<pre>{escape(sens['suggestion']['recipe_yaml'])}</pre>")
+    if not sens:
+        return None
+    figure = svg.hbar_chart(
+        [g["group"] for g in sens["groups"]], [g["kl_mean"] for g in sens["groups"]],
+        "Mean KL added per module group (ranked)", "KL (nats)",
+    )  # fmt: skip
+    return {
+        "format": sens["format"], "figure": _safe(figure), "table": _sensitivity_table(sens),
+        "skipped": sens["skipped"], "suggestion": sens["suggestion"]["text"],
+        "recipe_yaml": sens["suggestion"]["recipe_yaml"],
+    }  # fmt: skip
 
-    # Per-sample detail
-    parts.append("<h2>Samples</h2><details><summary>Per-sample predictions and fidelity</summary>")
-    for m in models:
-        parts.append(f"<h3>{escape(m['name'])}</h3>")
-        parts.append(
-            _html_table(
-                ["id", "task", "modality", "prediction", "score", "KL", "top-1"],
-                [
-                    [
-                        s["id"],
-                        s["task"],
-                        s["modality"],
-                        (s["prediction"] or "")[:80],
-                        _num(s["score"], 3),
-                        _num(s["kl"]),
-                        _num(s["top1"], 3),
-                    ]
-                    for s in m["samples"]
-                ],
-            )
-        )
-    parts.append("</details>")
-    parts.append(
-        f'<p class="muted">omniquant {escape(report["versions"]["omniquant"])}, torch '
-        f"{escape(report['versions']['torch'])}, transformers {escape(report['versions']['transformers'])}."
-        "</p></body></html>"
+
+def _samples_context(models: list[dict]) -> list[dict]:
+    header = ["id", "task", "modality", "prediction", "score", "KL", "top-1"]
+    return [
+        {"name": m["name"], "table": (header, [
+            [s["id"], s["task"], s["modality"], (s["prediction"] or "")[:80],
+             _num(s["score"], 3), _num(s["kl"]), _num(s["top1"], 3)]
+            for s in m["samples"]
+        ])}
+        for m in models
+    ]  # fmt: skip
+
+
+def _workload_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    t = report["throughput"]
+    wl = t["workload"]
+    media = wl["media_seconds_per_cycle"]
+    per_level = (f"{wl['requests_per_level']} requests" if wl["requests_per_level"] is not None
+                 else f"{wl['duration_s_per_level']} s")  # fmt: skip
+    price = t.get("gpu_hour_price")
+    rows = [
+        ["samples", wl["source"]],
+        ["media per cycle of samples", f"video {media['video']:g} s, audio {media['audio']:g} s"],
+        ["concurrency levels", ", ".join(str(c) for c in wl["concurrency"])],
+        ["warm-up", f"{wl['warmup_requests']} requests, not counted"],
+        ["per level", per_level],
+        ["max_tokens", str(wl["max_tokens"])],
+        ["price", "not given" if price is None else f"{price:g} $ per GPU-hour x {t['gpus_per_model']} GPU"],
+        ["order", t["order"]],
+    ]  # fmt: skip
+    return ["setting", "value"], rows
+
+
+def _cost_context(report: dict, models: list[dict], colors: list[str]) -> dict | None:
+    if "throughput" not in report:
+        return None
+    from omniquant.report import cost
+
+    points, x_label, y_label, size_label = cost.chart_points(report, models)
+    conc = report["throughput"]["chart_concurrency"]
+    figure = svg.bubble_chart(
+        points, f"Quality vs {'cost' if report['throughput'].get('gpu_hour_price') is not None else 'throughput'} "
+        f"(concurrency {conc})", x_label, y_label, size_label, y_max=1.0, colors=colors,
+    )  # fmt: skip
+    emulated = any((m.get("throughput") or {}).get("emulation") for m in models)
+    caption = (f"One bubble per model at concurrency {conc}; x: {x_label}; y: {y_label}; bubble "
+               f"area: {size_label}. Measured, see the table below.")  # fmt: skip
+    if emulated:
+        caption += f" {cost.EMULATION_CAPTION}"
+    return {
+        "figure": _safe(figure), "caption": caption,
+        "provenance": cost.provenance(report, models),
+        "measured": cost.throughput_table(report, models),
+        "notes": cost.not_available_notes(report, models),
+        "capacity": cost.capacity_table(report, models),
+        "capacity_note": cost.CAPACITY_NOTE,
+        "workload": _workload_table(report),
+    }  # fmt: skip
+
+
+def write_html(report: dict) -> str:
+    """The report as one self-contained HTML page with inline SVG plots (the page is
+    ``templates/report.html.j2``; each section's numbers and plots are built here)."""
+    import jinja2
+
+    models = cliff_order(report)
+    colors = [svg.PALETTE[i % len(svg.PALETTE)] for i in range(len(models))]
+    ts = report["task_set"]
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("omniquant.report", "templates"),
+        autoescape=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
     )
-    return "\n".join(parts) + "\n"
+    context = {
+        "css": _safe(_CSS),
+        "task_set": ts["name"],
+        "samples": ts["samples"],
+        "modalities": ", ".join(f"{m} {n}" for m, n in ts["modalities"].items()),
+        "baseline": report["baseline"]["name"],
+        "verdicts": [
+            {
+                "cls": "verdict bad" if c.get("tasks_below_threshold") else "verdict",
+                "text": c["verdict"],
+            }
+            for c in report["candidates"]
+        ],
+        "cliff": _cliff_context(report, models, colors),
+        "size": _size_context(models),
+        "cost": _cost_context(report, models, colors),
+        "fidelity": _fidelity_context(report, models, colors),
+        "evs": _evs_context(report, models, colors),
+        "calibration": _calibration_context(report),
+        "sensitivity": _sensitivity_context(report),
+        "sample_tables": _samples_context(models),
+        "versions": report["versions"],
+    }
+    return env.get_template("report.html.j2").render(context)
 
 
 def _coverage_text(cal: dict) -> str:

@@ -1,4 +1,4 @@
-"""Inline SVG charts for the HTML report: grouped bars, horizontal bars, lines, heatmaps.
+"""Inline SVG charts for the HTML report: grouped bars, horizontal bars, lines, bubbles, heatmaps.
 
 Policy: plots are plain SVG strings written by hand, embedded inline in
 ``report.html``. No plotting dependency, no fonts or scripts to fetch: the report
@@ -253,6 +253,68 @@ def line_chart(
                     f'<text x="{x + 5:.1f}" y="{y - 6:.1f}" font-size="9" fill="#555" {_FONT}>{escape(label)}</text>'
                 )
     out += _legend([name for name, _ in series], width - legend_w + 4, top + 10, colors)
+    return "\n".join(out + ["</svg>"])
+
+
+def bubble_chart(
+    points: list[tuple[str, float | None, float | None, float | None]],
+    title: str,
+    x_label: str,
+    y_label: str,
+    size_label: str,
+    y_max: float | None = None,
+    width: int = 760,
+    height: int = 340,
+    colors: list[str] | None = None,
+) -> str:
+    """One bubble per ``(name, x, y, size)``; bubble area is proportional to ``size``.
+
+    A point with ``x``, ``y`` or ``size`` ``None`` is not drawn: its legend entry says
+    "n/a" (no position is invented for a figure that was not measured).
+    """
+    colors, legend_w, left, top, plot_w, plot_h = _xy_layout(len(points), colors, width, height, 50)
+    drawn = [(x, y, s) for _, x, y, s in points if None not in (x, y, s)]
+    x_max = nice_max(max((x for x, _, _ in drawn), default=0.0) * 1.1)
+    y_max = y_max if y_max is not None else nice_max(max((y for _, y, _ in drawn), default=0.0))
+    s_max = max((s for _, _, s in drawn), default=0.0) or 1.0
+    out = _open(width, height, title) + _y_axis(left, top, plot_h, plot_w, y_max, y_label)
+    for k in range(5):
+        value = x_max * k / 4
+        x = left + plot_w * k / 4
+        out.append(
+            f'<text x="{x:.1f}" y="{top + plot_h + 14:.1f}" text-anchor="middle" font-size="10" '
+            f"{_FONT}>{_fmt(value)}</text>"
+        )
+    out.append(
+        f'<line x1="{left}" y1="{top + plot_h:.1f}" x2="{left + plot_w:.1f}" y2="{top + plot_h:.1f}" stroke="#333"/>'
+    )
+    out.append(
+        f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" font-size="11" '
+        f"{_FONT}>{escape(x_label)}</text>"
+    )
+    names = []
+    for i, (name, x, y, size) in enumerate(points):
+        if None in (x, y, size):
+            names.append(f"{name} (n/a)")
+            continue
+        names.append(name)
+        cx = left + plot_w * x / x_max
+        cy = top + plot_h - plot_h * min(max(y, 0.0), y_max) / y_max
+        r = 6 + 24 * math.sqrt(size / s_max)  # area ~ size, at least visible
+        out.append(
+            f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{r:.1f}" fill="{colors[i]}" fill-opacity="0.55" '
+            f'stroke="{colors[i]}"><title>{escape(name)}: {escape(x_label)} {_fmt(x)}, '
+            f"{escape(y_label)} {_fmt(y)}, {escape(size_label)} {_fmt(size)}</title></circle>"
+        )
+        out.append(
+            f'<text x="{cx:.1f}" y="{cy + 4:.1f}" text-anchor="middle" font-size="10" {_FONT}>'
+            f"{escape(name)}</text>"
+        )
+    out += _legend(names, width - legend_w + 4, top + 10, colors)
+    out.append(
+        f'<text x="{width - legend_w + 4:.1f}" y="{top + 20 + 16 * len(points):.1f}" '
+        f'font-size="10" fill="#555" {_FONT}>bubble area: {escape(size_label)}</text>'
+    )
     return "\n".join(out + ["</svg>"])
 
 

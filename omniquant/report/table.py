@@ -17,13 +17,41 @@ def _cell(value, spec: str, width: int, scale: float = 1.0, suffix: str = "") ->
     return f"{format(value * scale, spec):>{width}}{suffix}"
 
 
+def _cost_header(report: dict) -> str:
+    if "throughput" not in report:
+        return ""
+    price = report["throughput"].get("gpu_hour_price") is not None
+    return f"{'req/s':>9}{'video h/h':>11}{'audio h/h':>11}" + (
+        f"{'$/video h':>11}{'$/audio h':>11}" if price else ""
+    )
+
+
+def _cost_cells(report: dict, model: dict) -> str:
+    """Throughput and cost at the chart's concurrency (``omniquant.report.cost``)."""
+    if "throughput" not in report:
+        return ""
+    from omniquant.report.cost import headline
+
+    head = headline(report, model)
+    hours, cost = head["hours_per_hour"], head["cost"]
+    cells = (
+        f"{_cell(head['requests_per_s'], '.3f', 9)}{_cell(hours['video'], '.3f', 11)}"
+        f"{_cell(hours['audio'], '.3f', 11)}"
+    )
+    if report["throughput"].get("gpu_hour_price") is not None:
+        cells += f"{_cell(cost['video'], '.2f', 11)}{_cell(cost['audio'], '.2f', 11)}"
+    return cells
+
+
 def render_summary_table(report: dict) -> str:
     """One row per model: precision, bits per weight, size, accuracy, worst task
-    recovery, mean KL and top-1 agreement (what ``omniquant report`` prints)."""
+    recovery, mean KL and top-1 agreement (what ``omniquant report`` prints); with a
+    load phase, also requests/s, hours of video and audio per hour and (with a price)
+    cost per hour of media, at the highest concurrency level."""
     header = (
         f"{'model':<22}{'precision':<18}{'bits/w':>8}{'size MB':>10}{'accuracy':>10}"
         f"{'min recov':>10}{'KL mean':>11}{'top-1':>8}"
-    )
+    ) + _cost_header(report)
     lines = [header]
     for m in [report["baseline"], *report["candidates"]]:
         overall = m["overall"]
@@ -35,8 +63,37 @@ def render_summary_table(report: dict) -> str:
             f"{_cell(size, '.3f', 10)}{_cell(overall['accuracy'], '.3f', 10)}"
             f"{_cell(recov, '.1f', 9, 100, '%')}"
             f"{_cell(overall['kl_mean'], '.3g', 11)}{_cell(overall['top1_agreement'], '.1f', 7, 100, '%')}"
+            + _cost_cells(report, m)
         )
     return "\n".join(lines)
+
+
+def render_throughput_lines(report: dict) -> list[str]:
+    """The load phase for the terminal: where the figures came from, the workload, the
+    concurrency of the summary's columns, and every n/a with its reason."""
+    if "throughput" not in report:
+        return []
+    from omniquant.report.cost import not_available_notes, provenance
+
+    models = [report["baseline"], *report["candidates"]]
+    t = report["throughput"]
+    wl = t["workload"]
+    lines = [
+        (
+            f"throughput at concurrency {t['chart_concurrency']} (levels {wl['concurrency']}); "
+            f"workload: {wl['source']}, max_tokens {wl['max_tokens']}; details in report.html"
+        ),
+        *provenance(report, models),
+        *(f"n/a: {note}" for note in not_available_notes(report, models)),
+    ]
+    for m in models:
+        cap = (m.get("throughput") or {}).get("capacity") or {}
+        if cap.get("sequences") is not None:
+            lines.append(
+                f"{m['name']}: {cap['sequences']:,} concurrent sequences of {cap['tokens']} tokens "
+                f"fit in {cap['gpu_bytes'] / 2**30:g} GiB (arithmetic, not measured)"
+            )
+    return lines
 
 
 def render_cliff_table(report: dict) -> str:
