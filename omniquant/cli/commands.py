@@ -323,6 +323,18 @@ def report_cmd(
     machine: Annotated[
         str | None, typer.Option(help="The served URLs' machine in words (e.g. '1x H100 80GB'), recorded with every figure.")
     ] = None,
+    harness: Annotated[
+        str | None, typer.Option(help="Also run an evaluation harness on every model's endpoint: lm-eval or lmms-eval.")
+    ] = None,
+    harness_tasks: Annotated[
+        str | None, typer.Option(help="Harness task names, comma-separated (e.g. omni_demo_next_number).")
+    ] = None,
+    harness_args: Annotated[
+        str | None, typer.Option(help="Extra harness command-line arguments, shell-quoted (e.g. '--limit 8').")
+    ] = None,
+    harness_include: Annotated[
+        Path | None, typer.Option(help="Extra harness task folder (default: the shipped tasks/<harness>-demo).")
+    ] = None,
 ) -> None:
     """Evaluate exported checkpoints or served models on omni tasks and write the quality-cliff report."""
     import json
@@ -374,6 +386,10 @@ def report_cmd(
         gpus=gpus,
         gpu_memory=gpu_memory,
         machine=machine,
+        harness=harness,
+        harness_tasks=[t for t in (harness_tasks or "").split(",") if t],
+        harness_args=harness_args,
+        harness_include=harness_include,
     )
 
     for line in render_summary_table(report).splitlines():
