@@ -10,7 +10,8 @@ Policy:
 - Output per model under ``OUT/harness/<name>/`` (the harness's samples, its sqlite cache,
   its log, the server's log). A run that fails raises with model, tasks and log path;
   the report is written only after every run, so no finished-looking ``report.json``
-  exists for a failed one. Runs whose tasks are not comparable are refused.
+  exists for a failed one; ``OUT/harness/failed.json`` names the model, the tasks and the
+  log folder. Runs whose tasks are not comparable are refused.
 """
 
 from __future__ import annotations
@@ -54,6 +55,15 @@ def _model_id(url: str, given: str | None) -> str:
         ) from err
 
 
+def _write_failure(out: Path, model: str, tasks: list[str], model_out: Path, err) -> None:
+    """``OUT/harness/failed.json``: which model and tasks failed, and where the logs are."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"model": model, "tasks": tasks, "logs": str(model_out), "error": str(err)}
+    (out / "failed.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
 def run_harness(name: str, tasks: list[str], sources: list, names: list[str], out: Path, *,
                 include: Path | None, harness_args: str | None = None,
                 log: Callable[[str], None] | None = None) -> list[HarnessRun]:  # fmt: skip
@@ -79,15 +89,19 @@ def run_harness(name: str, tasks: list[str], sources: list, names: list[str], ou
     for source, model_name in zip(sources, names, strict=True):
         model_out = out / model_name
         say(f"{name}: {model_name} on {', '.join(tasks)}")
-        if source.url is not None:
-            run = harness.run(url=source.url, model_id=_model_id(source.url, source.model),
-                              tokenizer=tokenizer, tasks=tasks, include=include, out=model_out,
-                              extra_args=extra)  # fmt: skip
-        else:
-            with launched_server(source.path, model_name, model_out / "serve.log") as url:
-                run = harness.run(url=url, model_id=model_name, tokenizer=str(Path(source.path).resolve()),
-                                  tasks=tasks, include=include, out=model_out,
+        try:
+            if source.url is not None:
+                run = harness.run(url=source.url, model_id=_model_id(source.url, source.model),
+                                  tokenizer=tokenizer, tasks=tasks, include=include, out=model_out,
                                   extra_args=extra)  # fmt: skip
+            else:
+                with launched_server(source.path, model_name, model_out / "serve.log") as url:
+                    run = harness.run(url=url, model_id=model_name, tokenizer=str(Path(source.path).resolve()),
+                                      tasks=tasks, include=include, out=model_out,
+                                      extra_args=extra)  # fmt: skip
+        except EndpointError as err:
+            _write_failure(out, model_name, tasks, model_out, err)
+            raise
         run.model = model_name
         runs.append(run)
     check_comparable(runs)
