@@ -239,3 +239,21 @@ def test_report_harness_lm_eval_matches_the_in_process_accuracy(demo_three, tmp_
                     reason="opt-in: lmms-eval is not in the dev extra (CUDA torchvision)")  # fmt: skip
 def test_lmms_eval_knows_the_shipped_demo_task():
     get_harness("lmms-eval").check_tasks(["omni_demo_media"], LM_DEMO.parent / "lmms-eval-demo")
+
+
+@pytest.mark.slow
+def test_a_second_lm_eval_run_answers_from_its_cache_and_says_so(tmp_path):
+    """Resume: the same run again reads every request from lm-eval's sqlite cache, and the
+    per-sample records say the samples came from it."""
+    from omniquant.endpoint.launch import launched_server
+
+    lm = get_harness("lm-eval")
+    kw = {"model_id": "demo", "tokenizer": str(demo_model_dir()), "include": LM_DEMO,
+          "tasks": ["omni_demo_next_number"], "out": tmp_path / "demo",
+          "extra_args": ["--limit", "2"]}  # fmt: skip
+    with launched_server(demo_model_dir(), "demo", tmp_path / "serve.log") as url:
+        first = lm.run(url=url, **kw).tasks["omni_demo_next_number"]
+        second = lm.run(url=url, **kw).tasks["omni_demo_next_number"]
+    assert [s.cached for s in first.samples] == [False, False]
+    assert [s.cached for s in second.samples] == [True, True]
+    assert [s.value for s in second.samples] == [s.value for s in first.samples]
