@@ -64,6 +64,7 @@ def test_wheel_carries_the_shipped_sets(wheel_install):
         missing = {p for p in shipped if f"omniquant/_shipped/{p}" not in names}
         assert not missing, f"wheel lacks {sorted(missing)[:5]}"
     assert "omniquant/demo/model/model.safetensors" in names
+    assert "omniquant/report/templates/report.html.j2" in names  # report.html's page
 
 
 def test_installed_wheel_finds_recipes_sets_and_demo_without_a_checkout(wheel_install, tmp_path):

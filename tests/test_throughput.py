@@ -207,28 +207,37 @@ def test_load_settings_are_checked_before_any_model_work(tmp_path):
         build_report(**base, throughput=True, load_concurrency=[0])
     with pytest.raises(ReportError, match="add throughput"):
         build_report(**base, gpu_hour_price=2.0)
+    with pytest.raises(ReportError, match="load_generator.*choose builtin or aiperf"):
+        build_report(**base, throughput=True, load_generator="locust")
+    with pytest.raises(ReportError, match="no aiperf program at /nonexistent/aiperf"):
+        build_report(**base, throughput=True, load_generator="aiperf", aiperf="/nonexistent/aiperf")
+    with pytest.raises(ReportError, match="aiperf load generator needs load_requests"):
+        build_report(**base, throughput=True, load_generator="aiperf", load_duration=5.0)
     assert not (tmp_path / "r" / "report.json").exists()
 
 
 def test_capacity_arithmetic_on_the_demo_config():
+    from omniquant.models.base import adapter_for, read_config
     from omniquant.quantize.serving_memory import concurrent_sequences, sequence_bytes
 
-    config = json.loads((demo_model_dir() / "config.json").read_text())
+    config = read_config(demo_model_dir())
+    shapes = adapter_for(demo_model_dir()).serving_state_shapes(config)
     # Demo text config: 1 attention layer (2 KV heads x 32), 3 Mamba layers (8 heads x 32,
     # state 16, 2 groups, kernel 4).
-    per_seq, formula = sequence_bytes(config, tokens=100, kv_bytes=2)
+    per_seq, formula = sequence_bytes(shapes, tokens=100, kv_bytes=2)
     kv = 1 * 2 * 2 * 32 * 100 * 2
     mamba = 3 * (8 * 32 * 16 * 4 + 3 * (8 * 32 + 2 * 2 * 16) * 2)
     assert per_seq == kv + mamba and "1 attention layers" in formula
-    assert sequence_bytes(config, 100, 1)[0] == kv // 2 + mamba  # FP8 KV: 1 byte
-    cap = concurrent_sequences(demo_model_dir(), 100, "fp8", 10_000_000, 2**30)
+    assert sequence_bytes(shapes, 100, 1)[0] == kv // 2 + mamba  # FP8 KV: 1 byte
+    cap = concurrent_sequences(demo_model_dir(), 100, "FP8", 10_000_000, 2**30)
     assert cap["sequences"] == (2**30 - 10_000_000) // (kv // 2 + mamba)
     assert cap["kind"] == "arithmetic"
     assert concurrent_sequences(demo_model_dir(), 100, None, 2**31, 2**30)["sequences"] == 0
-    hub = {"llm_config": {**config["text_config"], "layers_block_type": None,
-                          "hybrid_override_pattern": "M-M*-E"}}  # fmt: skip
-    hub["llm_config"].pop("layers_block_type")
-    assert sequence_bytes(hub, 100, 2)[0] == kv + 2 * mamba // 3
+    hub = {"llm_config": {k: v for k, v in config["text_config"].items()
+                          if k != "layers_block_type"}}  # fmt: skip
+    hub["llm_config"]["hybrid_override_pattern"] = "M-M*-E"
+    hub_shapes = adapter_for(demo_model_dir()).serving_state_shapes(hub)
+    assert sequence_bytes(hub_shapes, 100, 2)[0] == kv + 2 * mamba // 3
 
 
 def _report_with_throughput(price: float | None) -> dict:
@@ -269,6 +278,7 @@ def test_cost_tables_and_chart_show_measured_figures_and_na_with_reasons():
     models = [report["baseline"], *report["candidates"]]
     header, rows = cost.throughput_table(report, models)
     assert header[4] == "req/s" and rows[0][4] == "2.000" and rows[1][9] == "12.000"
+    assert rows[0][-1] == "vllm server @ 1x H100"
     assert rows[0][11] == f"{2.0 / 9.0:.2f}" and rows[2][4] == "n/a" and rows[2][11] == "n/a"
     assert cost.not_available_notes(report, models) == [
         "nvfp4 at concurrency 4: 1 of 8 requests failed (first: HTTP 500)"
@@ -345,3 +355,73 @@ def test_report_throughput_serves_bf16_fp8_nvfp4_and_writes_the_cost_side(demo_t
     html = (out / "report.html").read_text()
     assert "Quality vs cost (concurrency 2)" in html and "CPU emulation" in html
     assert "Capacity from memory (arithmetic, not measured)" in (out / "report.md").read_text()
+
+
+FAKE_AIPERF = """#!{python}
+import json, sys
+from pathlib import Path
+args = sys.argv[1:]
+if args == ["--version"]:
+    print("0.0-fake"); sys.exit(0)
+opt = {{args[i]: args[i + 1] for i in range(1, len(args) - 1) if args[i].startswith("--")}}
+lines = Path(opt["--input-file"]).read_text().splitlines()
+out = Path(opt["--output-artifact-dir"]); out.mkdir(parents=True)
+drop = {drop}
+with open(out / "profile_export.jsonl", "w") as fh:
+    for k, line in enumerate(lines):
+        if k in drop:
+            continue
+        body = json.loads(line)
+        assert body["max_tokens"] == 3 and body["model"] == "m"
+        start = 10**9 * (10 + k)
+        fh.write(json.dumps({{"metadata": {{"session_num": k, "conversation_id": f"c{{k}}",
+            "request_start_ns": start, "request_end_ns": start + 5 * 10**8}},
+            "metrics": {{"usage_prompt_tokens": {{"value": 7}},
+                         "usage_completion_tokens": {{"value": 2}},
+                         "time_to_first_token": {{"value": 100.0, "unit": "ms"}}}}}}) + "\\n")
+"""
+
+
+def test_aiperf_records_are_read_back_and_an_incomplete_run_is_na(tmp_path):
+    import sys
+
+    from omniquant.endpoint.aiperf import aiperf_level_runner
+
+    def fake(drop: set) -> str:
+        path = tmp_path / f"aiperf{len(drop)}"
+        path.write_text(FAKE_AIPERF.format(python=sys.executable, drop=drop))
+        path.chmod(0o755)
+        return str(path)
+
+    client = _client(lambda request: httpx.Response(200, json=MODELS))
+    wl = _workload(concurrency=(2,))
+    run = aiperf_level_runner(fake(set()), tmp_path / "a", tokenizer="tok")
+    lv = run(client, wl, 2, True, None)
+    # 4 bodies sent once each, 1 s apart, 0.5 s each: wall 3.5 s; a, b, a, b media.
+    assert lv["requests"] == 4 and lv["wall_s"] == 3.5 and lv["errors"] == 0
+    assert lv["media_seconds"] == {"video": 60.0, "audio": 80.0}
+    assert lv["ttft_s"] == {"p50": 0.1, "p99": 0.1} and lv["latency_s"]["p50"] == 0.5
+    assert lv["input_tokens_per_s"] == pytest.approx(28 / 3.5)
+    assert [r["id"] for r in lv["records"]] == ["a", "b", "a", "b"]
+    payloads = (tmp_path / "a" / "c2" / "payloads.jsonl").read_text().splitlines()
+    assert [json.loads(p)["stream"] for p in payloads] == [True] * 4
+
+    lost = aiperf_level_runner(fake({2}), tmp_path / "b", tokenizer="tok")(client, wl, 2, True, None)
+    assert lost["requests_per_s"] is None
+    assert lost["not_available"].startswith("aiperf returned 3 records from 3 sessions for 4 bodies")
+
+
+def test_a_duration_level_starts_no_request_after_its_time():
+    def handler(request):
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json=MODELS)
+        time.sleep(0.1)
+        return httpx.Response(200, json={"choices": [], "usage": {"prompt_tokens": 1,
+                                         "completion_tokens": 1}})  # fmt: skip
+
+    wl = _workload(concurrency=(2,), count=None, duration_s=0.35, warmup=0)
+    (lv,) = run_load(_client(handler), wl)["levels"]
+    # Two workers, >= 0.1 s per request: at most 4 rounds start before 0.35 s (a loaded
+    # machine runs fewer); none starts after it.
+    assert 2 <= lv["requests"] <= 8 and lv["errors"] == 0
+    assert max(r["start_s"] for r in lv["records"]) < 0.35

@@ -335,6 +335,12 @@ def report_cmd(
     harness_include: Annotated[
         Path | None, typer.Option(help="Extra harness task folder (default: the shipped tasks/<harness>-demo).")
     ] = None,
+    load_generator: Annotated[
+        str, typer.Option(help="Load phase: builtin (the report's httpx client) or aiperf (replays the same bodies; per-request records read back).")
+    ] = "builtin",
+    aiperf: Annotated[
+        str | None, typer.Option(help="Load phase: the aiperf program (default: aiperf on PATH).")
+    ] = None,
 ) -> None:
     """Evaluate exported checkpoints or served models on omni tasks and write the quality-cliff report."""
     import json
@@ -390,6 +396,8 @@ def report_cmd(
         harness_tasks=[t for t in (harness_tasks or "").split(",") if t],
         harness_args=harness_args,
         harness_include=harness_include,
+        load_generator=load_generator,
+        aiperf=aiperf,
     )
 
     for line in render_summary_table(report).splitlines():

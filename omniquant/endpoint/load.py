@@ -1,15 +1,17 @@
 """The load phase: served throughput, latency and hours of media per hour, under an explicit workload.
 
-Why our own httpx client and not a field load generator (checked for this issue):
-``vllm bench serve`` ships inside vLLM (a CUDA build; it cannot install beside the
-pinned CPU torch); guidellm and aiperf install without CUDA but drive their own
-datasets and payload builders (text, images, audio from their loaders) and neither
-sends this model's omni requests as they are: one user turn holding a ``video_url``
-*and* an ``audio_url`` data URI, the task set's own media, with per-request media
-durations to sum into hours of media per hour. Building the same chat bodies the
-quality phase sends (``omniquant.endpoint.protocol.entry_content``) and timing them
-with ``EndpointClient.chat_timed`` keeps the two phases on one wire format. See the
-issue note for the detail of what each tool lacked.
+Load generators (checked for this issue): ``vllm bench serve`` ships inside vLLM (a
+CUDA build; it cannot install beside the pinned CPU torch). guidellm 0.8 installs
+beside it, but builds its own request bodies from dataset columns and re-encodes
+audio (torchcodec, MP3 by default), so it would not send the task set's own bytes.
+aiperf 0.13 installs beside it too and replays bodies verbatim (``raw-payload``):
+it is the optional external generator (``omniquant.endpoint.aiperf``, its
+``profile_export.jsonl`` read back). The default is this module's own threads over
+``EndpointClient.chat_timed``, because it needs no ~70-package install (kubernetes,
+optuna, dash come with aiperf), runs a level in-process, and knows which sample each
+request carried. Both send the same chat bodies as the quality phase
+(``omniquant.endpoint.protocol.entry_content``): one user turn holding the ``video_url``
+and ``audio_url`` data URIs.
 
 Policy:
 - The workload is explicit and recorded: which samples (the task set's video/audio
@@ -321,8 +323,14 @@ def _run_level(client: EndpointClient, workload: Workload, level: int, stream: b
     return sorted(records, key=lambda r: r[0])
 
 
-def summarize_level(records: list, level: int, ttft_missing: str | None) -> dict:
-    """The figures of one level from its per-request records (all or nothing)."""
+def summarize_level(
+    records: list, level: int, ttft_missing: str | None, media_seconds: dict | None = None
+) -> dict:
+    """The figures of one level from its per-request records (all or nothing).
+
+    ``media_seconds`` overrides the per-record sum (a generator that sent every body of a
+    payload file once, without saying which record was which body).
+    """
     rows = [
         {"i": i, "id": req.id, "start_s": a.start, "ttft_s": None if a.first_token is None
          else round(a.first_token - a.start, 6), "latency_s": round(a.end - a.start, 6),
@@ -349,7 +357,9 @@ def summarize_level(records: list, level: int, ttft_missing: str | None) -> dict
     answers = [a for _, _, a in records]
     prompt = [a.prompt_tokens for a in answers]
     completion = [a.completion_tokens for a in answers]
-    media = {k: sum(r.seconds.get(k, 0.0) for _, r, _ in records) for k in MEDIA_KINDS}
+    media = media_seconds or {
+        k: sum(r.seconds.get(k, 0.0) for _, r, _ in records) for k in MEDIA_KINDS
+    }
     ttfts = [a.first_token - a.start for a in answers if a.first_token is not None]
     out.update(
         wall_s=round(wall, 6),
@@ -372,7 +382,7 @@ def summarize_level(records: list, level: int, ttft_missing: str | None) -> dict
     return out
 
 
-def run_load(client: EndpointClient, workload: Workload, *, log=None) -> dict:
+def run_load(client: EndpointClient, workload: Workload, *, log=None, level_runner=None) -> dict:
     """Warm up, then measure each concurrency level of ``workload`` against ``client``.
 
     Args:
@@ -380,6 +390,9 @@ def run_load(client: EndpointClient, workload: Workload, *, log=None) -> dict:
             each request.
         workload: What to send.
         log: Receives one progress line per level.
+        level_runner: ``fn(client, workload, level, stream, ttft_missing) -> level summary``
+            for an external load generator (``omniquant.endpoint.aiperf``); ``None``: this
+            module's threads and ``EndpointClient.chat_timed``.
 
     Returns:
         ``{"stream": bool, "ttft_not_available": reason|None, "levels": [...]}`` (see
@@ -394,8 +407,10 @@ def run_load(client: EndpointClient, workload: Workload, *, log=None) -> dict:
                 "error": f"{err}; no figure is reported"}  # fmt: skip
     levels = []
     for level in workload.concurrency:
-        records = _run_level(client, workload, level, stream)
-        summary = summarize_level(records, level, why)
+        if level_runner is None:
+            summary = summarize_level(_run_level(client, workload, level, stream), level, why)
+        else:
+            summary = level_runner(client, workload, level, stream, why)
         levels.append(summary)
         if summary["requests_per_s"] is None:
             say(f"  concurrency {level}: n/a ({summary['not_available']})")

@@ -508,6 +508,8 @@ def build_report(
     harness_tasks: list[str] | None = None,
     harness_args: str | None = None,
     harness_include: Path | None = None,
+    load_generator: str = "builtin",
+    aiperf: str | None = None,
 ) -> dict:
     """Evaluate ``baseline`` and ``candidates`` on a task set and write the report.
 
@@ -563,6 +565,9 @@ def build_report(
         harness_args: Extra harness command-line arguments (shell-quoted).
         harness_include: Extra harness task folder (default: the shipped
             ``tasks/<harness>-demo`` when it exists).
+        load_generator: ``builtin`` (the report's httpx client) or ``aiperf`` (replays
+            the same bodies; its per-request records are read back).
+        aiperf: The aiperf program (default: ``aiperf`` on PATH).
 
     Returns:
         The report as written to ``report.json``.
@@ -586,6 +591,7 @@ def build_report(
     if throughput:
         load = _load_setup(tasks, workload, load_concurrency, warmup, load_requests,
                            load_duration, load_max_tokens, gpu_hour_price, gpus, gpu_memory)  # fmt: skip
+        load["aiperf"] = _load_generator(load_generator, aiperf, load_duration)
     elif workload is not None or gpu_hour_price is not None:
         raise ReportError(
             f"{arg_ref('workload')} and {arg_ref('gpu_hour_price')} belong to the load phase; "
@@ -660,9 +666,9 @@ def _load_setup(tasks, workload, concurrency, warmup, count, duration, max_token
     )
     from omniquant.evaluate.tasks import resolve_task_set, validate_task_set
 
-    if count is None and duration is None:
-        count = 0  # one request per workload sample, set below
-    levels = check_load_settings(concurrency, warmup, count or 1, duration, max_tokens)
+    per_sample = count is None and duration is None  # one request per workload sample
+    levels = check_load_settings(concurrency, warmup, 1 if per_sample else count, duration,
+                                 max_tokens)  # fmt: skip
     if price is not None and price <= 0:
         raise ReportError("must be > 0 (per GPU-hour).", arg="gpu_hour_price", value=price)
     if gpus < 1:
@@ -674,12 +680,28 @@ def _load_setup(tasks, workload, concurrency, warmup, count, duration, max_token
     else:
         task_dir = resolve_task_set(tasks)
         wl = workload_from_entries(validate_task_set(task_dir), task_dir.name, **settings)
-    if count == 0:
+    if per_sample:
         from dataclasses import replace
 
         wl = replace(wl, count=len(wl.requests))
     return {"workload": wl, "price": price, "gpus": gpus,
             "gpu_bytes": parse_size(gpu_memory, arg_ref("gpu_memory"))}  # fmt: skip
+
+
+def _load_generator(name: str, program: str | None, duration: float | None) -> str | None:
+    """The aiperf program when ``name`` is ``aiperf`` (checked before any model work)."""
+    if name == "builtin":
+        return None
+    if name != "aiperf":
+        raise ReportError("choose builtin or aiperf.", arg="load_generator", value=name)
+    if duration is not None:
+        raise ReportError(
+            f"the aiperf load generator needs {arg_ref('load_requests')}: with "
+            f"{arg_ref('load_duration')}, which bodies were sent would be unknown."
+        )
+    from omniquant.endpoint.aiperf import find_aiperf
+
+    return find_aiperf(program)
 
 
 def _throughput_phase(results: Comparison, sources: list, load: dict, out: Path, *, machine,
@@ -693,7 +715,8 @@ def _throughput_phase(results: Comparison, sources: list, load: dict, out: Path,
     blocks = measure_throughput(
         [parse_model_source(s) for s in sources], [m.description for m in models], wl,
         out / "throughput", machine=machine, gpu_hour_price=load["price"], gpus=load["gpus"],
-        gpu_memory_bytes=load["gpu_bytes"], timeout=timeout, request_extra=request_extra, log=log,
+        gpu_memory_bytes=load["gpu_bytes"], timeout=timeout, request_extra=request_extra,
+        aiperf=load["aiperf"], log=log,
     )  # fmt: skip
     for m in models:
         m.description["throughput"] = blocks[m.description["name"]]
@@ -704,6 +727,7 @@ def _throughput_phase(results: Comparison, sources: list, load: dict, out: Path,
         "gpu_memory_bytes": load["gpu_bytes"],
         "chart_concurrency": max(wl.concurrency),
         "order": "one model at a time, report order, same workload and levels",
+        "load_generator": "aiperf (raw-payload replay)" if load["aiperf"] else "built-in httpx client",
         "measured": "requests/s, tokens/s, TTFT and latency p50/p99, hours of media per hour",
         "arithmetic": "capacity: concurrent sequences that fit in the stated GPU memory",
     }

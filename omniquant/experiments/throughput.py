@@ -120,6 +120,7 @@ def measure_throughput(
     gpu_memory_bytes: int = 80 * 2**30,
     timeout: float = 300.0,
     request_extra: dict | None = None,
+    aiperf: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Measure every model under ``workload``; returns ``{name: throughput block}``.
@@ -136,6 +137,7 @@ def measure_throughput(
         gpu_memory_bytes: Memory of the GPUs the capacity arithmetic fills.
         timeout: Seconds per request (a slower answer is an error of its level).
         request_extra: Fields merged into every request.
+        aiperf: The aiperf program to drive the levels (``None``: the built-in client).
         log: Receives progress lines.
     """
     from omniquant.endpoint.client import EndpointClient
@@ -146,6 +148,11 @@ def measure_throughput(
 
     say = log or (lambda _m: None)
     here = local_machine()
+    generator = "omniquant httpx client (omniquant.endpoint.load)"
+    if aiperf is not None:
+        from omniquant.endpoint.aiperf import aiperf_version
+
+        generator = f"aiperf {aiperf_version(aiperf)} (raw-payload replay, {aiperf})"
     blocks: dict[str, dict] = {}
     for src, info in zip(sources, infos):
         name = info["name"]
@@ -153,7 +160,8 @@ def measure_throughput(
         server = (launched_server(src.path, _slug(name), out / f"serve-{_slug(name)}.log")
                   if started else nullcontext(src.url))  # fmt: skip
         say(f"load {name}: {'starting omniquant serve for ' + str(src.path) if started else src.url}")
-        block: dict = {"machine": here if started else (machine or "not stated (pass --machine)")}
+        block: dict = {"machine": here if started else (machine or "not stated (pass --machine)"),
+                       "load_generator": generator}  # fmt: skip
         try:
             with server as url:
                 client = EndpointClient(
@@ -165,7 +173,8 @@ def measure_throughput(
                     entry = client.resolve_model()
                     block["server"], block["emulation"] = _server_of(entry)
                     block["url"] = url
-                    result = run_load(client, workload, log=say)
+                    result = run_load(client, workload, log=say,
+                                      level_runner=_aiperf_runner(aiperf, out, name, src, entry))  # fmt: skip
                 finally:
                     client.close()
         except EndpointError as err:
@@ -181,6 +190,18 @@ def measure_throughput(
                                       gpu_memory_bytes)  # fmt: skip
         blocks[name] = block
     return blocks
+
+
+def _aiperf_runner(program: str | None, out: Path, name: str, src, entry: dict):
+    if program is None:
+        return None
+    from omniquant.endpoint.aiperf import aiperf_level_runner
+
+    # aiperf loads a tokenizer even when the server's usage is counted: the local
+    # checkpoint when there is one, else the served model's name (a hub id).
+    root = str(src.path) if src.path else entry.get("root")
+    tokenizer = root if root and Path(root).is_dir() else entry.get("id")
+    return aiperf_level_runner(program, out / f"aiperf-{_slug(name)}", tokenizer)
 
 
 def _served_root(info: dict) -> str | None:

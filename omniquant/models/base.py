@@ -110,6 +110,24 @@ class CalibrationShapes:
     act_bytes: int = 2
 
 
+@dataclass(frozen=True)
+class ServingStateShapes:
+    """The per-sequence serving state of a hybrid backbone, read from its config.
+
+    ``omniquant.quantize.serving_memory`` turns them into bytes per sequence.
+    """
+
+    attention_layers: int
+    kv_heads: int
+    head_dim: int
+    mamba_layers: int
+    mamba_heads: int
+    mamba_head_dim: int
+    ssm_state: int
+    groups: int
+    conv_kernel: int
+
+
 class ModelAdapter(ABC):
     """What a stage may ask about a model family."""
 
@@ -172,6 +190,14 @@ class ModelAdapter(ABC):
     def calibration_shapes(self, model):
         """``CalibrationShapes``: what sizes one calibration forward (``omniquant.quantize.memory``
         turns them into bytes)."""
+
+    def serving_state_shapes(self, config: dict) -> ServingStateShapes:
+        """``ServingStateShapes`` from a checkpoint's ``config.json`` (no weight read).
+
+        Raises:
+            ValueError: The family does not say, or the config lacks a field (named).
+        """
+        raise ValueError(f"{type(self).__name__} does not describe its serving state")
 
     @abstractmethod
     def placement_units(self, model) -> list[tuple[str, int]]:

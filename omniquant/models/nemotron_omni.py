@@ -391,6 +391,31 @@ class NemotronOmniAdapter(ModelAdapter):
         picked = [n for n in groups["mamba_in_out"] if self.layer_index(n) in neighbours]
         return {"attention_neighbours": picked}
 
+    def serving_state_shapes(self, config: dict):
+        """Layer kinds from ``layers_block_type`` (native) or the hub's
+        ``hybrid_override_pattern`` (``M`` Mamba, ``*`` attention), under ``text_config``
+        or ``llm_config``."""
+        from omniquant.models.base import ServingStateShapes
+
+        text = config.get("text_config") or config.get("llm_config") or config
+        kinds = text.get("layers_block_type") or list(text.get("hybrid_override_pattern") or "")
+        if not kinds:
+            raise ValueError("config states neither layers_block_type nor hybrid_override_pattern")
+        try:
+            return ServingStateShapes(
+                attention_layers=sum(k in ("attention", "full_attention", "*") for k in kinds),
+                kv_heads=int(text.get("num_key_value_heads") or text["num_attention_heads"]),
+                head_dim=int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]),
+                mamba_layers=sum(k in ("mamba", "linear_attention", "M") for k in kinds),
+                mamba_heads=int(text["mamba_num_heads"]),
+                mamba_head_dim=int(text["mamba_head_dim"]),
+                ssm_state=int(text["ssm_state_size"]),
+                groups=int(text.get("n_groups", 1)),
+                conv_kernel=int(text.get("conv_kernel", 4)),
+            )
+        except KeyError as err:
+            raise ValueError(f"config has no {err.args[0]}") from err
+
     def calibration_shapes(self, model):
         """The shapes that size one calibration forward (``omniquant.quantize.memory``)."""
         from omniquant.models.base import CalibrationShapes

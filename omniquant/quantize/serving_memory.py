@@ -11,9 +11,9 @@ Policy:
   is counted (activations, CUDA graphs, the allocator, the encoders' working memory,
   a serving engine's memory fraction): it is an upper bound, labelled as arithmetic,
   never shown as a measurement.
-- Layer kinds come from the NemotronH text config (``layers_block_type``, or the hub's
-  ``hybrid_override_pattern``: ``M`` Mamba, ``*`` attention), under ``text_config``
-  or ``llm_config``.
+- The shapes come from the model family's adapter
+  (``ModelAdapter.serving_state_shapes``, which reads ``config.json``); this module
+  only does the arithmetic.
 
 Note for the merge: the budget issue adds ``plan --context --batch`` serving-memory
 arithmetic; this is the minimal per-sequence term the report's capacity column needs,
@@ -22,52 +22,23 @@ and should share one function with it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-MAMBA_KINDS = frozenset({"mamba", "linear_attention", "M"})
-ATTENTION_KINDS = frozenset({"attention", "full_attention", "*"})
+from omniquant.models.base import ServingStateShapes
 
 
-def _text_config(config: dict) -> dict:
-    return config.get("text_config") or config.get("llm_config") or config
-
-
-def _layer_kinds(text: dict) -> list[str]:
-    kinds = text.get("layers_block_type")
-    if isinstance(kinds, list):
-        return [str(k) for k in kinds]
-    pattern = text.get("hybrid_override_pattern")
-    if isinstance(pattern, str):
-        return list(pattern)
-    raise ValueError("config states neither layers_block_type nor hybrid_override_pattern")
-
-
-def sequence_bytes(config: dict, tokens: int, kv_bytes: int) -> tuple[int, str]:
-    """Bytes of serving state one sequence of ``tokens`` holds, and the formula as text.
-
-    Raises:
-        ValueError: The config lacks a field the formula needs (named).
-    """
-    text = _text_config(config)
-    kinds = _layer_kinds(text)
-    attention = sum(k in ATTENTION_KINDS for k in kinds)
-    mamba = sum(k in MAMBA_KINDS for k in kinds)
-    try:
-        kv_heads = int(text.get("num_key_value_heads") or text["num_attention_heads"])
-        head_dim = int(text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"])
-        heads, hdim = int(text["mamba_num_heads"]), int(text["mamba_head_dim"])
-        state, groups = int(text["ssm_state_size"]), int(text.get("n_groups", 1))
-        kernel = int(text.get("conv_kernel", 4))
-    except KeyError as err:
-        raise ValueError(f"config has no {err.args[0]}") from err
-    kv = attention * 2 * kv_heads * head_dim * tokens * kv_bytes
-    ssm = mamba * heads * hdim * state * 4
-    conv = mamba * (kernel - 1) * (heads * hdim + 2 * groups * state) * 2
+def sequence_bytes(shapes: ServingStateShapes, tokens: int, kv_bytes: int) -> tuple[int, str]:
+    """Bytes of serving state one sequence of ``tokens`` holds, and the formula as text."""
+    s = shapes
+    kv = s.attention_layers * 2 * s.kv_heads * s.head_dim * tokens * kv_bytes
+    ssm = s.mamba_layers * s.mamba_heads * s.mamba_head_dim * s.ssm_state * 4
+    conv_dim = s.mamba_heads * s.mamba_head_dim + 2 * s.groups * s.ssm_state
+    conv = s.mamba_layers * (s.conv_kernel - 1) * conv_dim * 2
     formula = (
-        f"KV {attention} attention layers x 2 x {kv_heads} heads x {head_dim} x {tokens} tokens "
-        f"x {kv_bytes} B = {kv:,} B; Mamba {mamba} layers x ({heads} x {hdim} x {state} x 4 B "
-        f"SSM + {kernel - 1} x {heads * hdim + 2 * groups * state} x 2 B conv) = {ssm + conv:,} B"
+        f"KV {s.attention_layers} attention layers x 2 x {s.kv_heads} heads x {s.head_dim} x "
+        f"{tokens} tokens x {kv_bytes} B = {kv:,} B; Mamba {s.mamba_layers} layers x "
+        f"({s.mamba_heads} x {s.mamba_head_dim} x {s.ssm_state} x 4 B SSM + "
+        f"{s.conv_kernel - 1} x {conv_dim} x 2 B conv) = {ssm + conv:,} B"
     )
     return kv + ssm + conv, formula
 
@@ -80,7 +51,8 @@ def concurrent_sequences(
     Args:
         checkpoint: Directory holding ``config.json``.
         tokens: Sequence length (prompt + generated tokens).
-        kv_cache: ``fp8`` when the checkpoint quantizes the KV cache (1 byte), else 2 bytes.
+        kv_cache: The checkpoint's KV-cache format (``FP8``, as its ``kv_cache_quant_algo``
+            says, is 1 byte; anything else, ``None`` included, 2 bytes).
         weight_bytes: The checkpoint's weight bytes (its size on disk).
         gpu_bytes: The stated GPU memory.
 
@@ -90,14 +62,18 @@ def concurrent_sequences(
         alone do not fit.
 
     Raises:
-        ValueError: No readable ``config.json`` or a field the formula needs.
+        ValueError: No readable ``config.json``, an unsupported model, or a field the
+            formula needs.
     """
+    from omniquant.errors import OmniquantError
+    from omniquant.models.base import adapter_for, read_config
+
     try:
-        config = json.loads((Path(checkpoint) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"no readable config.json in {checkpoint}: {err}") from err
-    kv_bytes = 1 if kv_cache == "fp8" else 2
-    per_seq, formula = sequence_bytes(config, tokens, kv_bytes)
+        shapes = adapter_for(checkpoint).serving_state_shapes(read_config(Path(checkpoint)))
+    except OmniquantError as err:
+        raise ValueError(str(err)) from err
+    kv_bytes = 1 if str(kv_cache or "").upper() == "FP8" else 2
+    per_seq, formula = sequence_bytes(shapes, tokens, kv_bytes)
     free = gpu_bytes - weight_bytes
     return {
         "kind": "arithmetic",

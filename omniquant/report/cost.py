@@ -13,6 +13,10 @@ bubble area = requests/s; every figure carries its server and machine.
 from __future__ import annotations
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def _fix(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -57,18 +61,25 @@ def headline(report: dict, model: dict) -> dict:
     }
 
 
+def _where(block: dict) -> str:
+    """Server and machine, short (the full words are in ``provenance``)."""
+    server = str(block.get("server", "-")).split(" (")[0]
+    if block.get("emulation"):
+        server += ", CPU emulation"
+    return f"{server} @ {str(block.get('machine', '-')).split(',')[0]}"
+
+
 def throughput_table(report: dict, models: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Measured figures, one row per model and level."""
     header = ["model", "concurrency", "requests", "errors", "req/s", "in tok/s", "out tok/s",
               "TTFT p50/p99 s", "latency p50/p99 s", "video h/h", "audio h/h",
-              "$/video h", "$/audio h", "server", "machine"]  # fmt: skip
+              "$/video h", "$/audio h", "server @ machine"]  # fmt: skip
     rows = []
     for m in models:
         block = m.get("throughput") or {}
         levels = block.get("levels") or []
         if not levels:
-            rows.append([m["name"], "-", "-", "-", *["n/a"] * 9,
-                         block.get("server", "-"), block.get("machine", "-")])  # fmt: skip
+            rows.append([m["name"], "-", "-", "-", *["n/a"] * 9, _where(block)])
             continue
         for lv in levels:
             ttft, lat = lv.get("ttft_s"), lv.get("latency_s")
@@ -82,7 +93,7 @@ def throughput_table(report: dict, models: list[dict]) -> tuple[list[str], list[
                 _fix(_rate(lv, "media_hours_per_hour", "audio"), ".3f"),
                 _fix(_rate(lv, "cost_per_media_hour", "video"), ".2f"),
                 _fix(_rate(lv, "cost_per_media_hour", "audio"), ".2f"),
-                block.get("server", "-"), block.get("machine", "-"),
+                _where(block),
             ])  # fmt: skip
     return header, rows
 
@@ -116,7 +127,7 @@ def capacity_table(report: dict, models: list[dict]) -> tuple[list[str], list[li
         rows.append([
             m["name"], m["precision"], f"{cap['sequences']:,}", str(cap["tokens"]),
             f"{cap['bytes_per_sequence'] / 2**20:.3f} MiB", str(cap["kv_bytes"]),
-            f"{cap['weight_bytes'] / 2**30:.3f} GiB",
+            _size(cap["weight_bytes"]),
         ])  # fmt: skip
     return header, rows
 
@@ -140,11 +151,14 @@ def chart_points(report: dict, models: list[dict]) -> tuple[list, str, str, str]
 
 def provenance(report: dict, models: list[dict]) -> list[str]:
     """Where the figures came from, one line per model (server and machine)."""
-    return [
-        f"{m['name']}: {(m.get('throughput') or {}).get('server', '-')}; machine: "
-        f"{(m.get('throughput') or {}).get('machine', '-')}"
-        for m in models
-    ]
+    lines = []
+    for m in models:
+        block = m.get("throughput") or {}
+        line = f"{m['name']}: {block.get('server', '-')}; machine: {block.get('machine', '-')}"
+        if block.get("load_generator"):
+            line += f"; load generator: {block['load_generator']}"
+        lines.append(line)
+    return lines
 
 
 EMULATION_CAPTION = (

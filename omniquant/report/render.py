@@ -262,13 +262,6 @@ figure{margin:12px 0}
 """
 
 
-def _safe(svg_text: str):
-    """An SVG string from ``omniquant.report.svg`` (every text node escaped there)."""
-    from markupsafe import Markup
-
-    return Markup(svg_text)
-
-
 def _cliff_context(report: dict, models: list[dict], colors: list[str]) -> dict:
     tasks = [t for t, _, _ in _task_rows(report)]
     mods = [m for m in MODALITY_ORDER if m in report["baseline"]["modalities"]]
@@ -290,7 +283,7 @@ def _cliff_context(report: dict, models: list[dict], colors: list[str]) -> dict:
         for t in tasks
     ]  # fmt: skip
     return {
-        "figures": [_safe(f) for f in figures],
+        "figures": [f for f in figures],
         "table": (["task", "metric", *[m["name"] for m in models]], rows),
         "candidates": [
             {"name": c["name"], "table": _candidate_table(c)} for c in report["candidates"]
@@ -312,7 +305,7 @@ def _size_context(models: list[dict]) -> dict:
          f"{m['evaluation']['samples_per_s']:.2f}"]
         for m in models
     ]  # fmt: skip
-    return {"figure": _safe(figure), "table": (header, rows)}
+    return {"figure": figure, "table": (header, rows)}
 
 
 def _fidelity_context(report: dict, models: list[dict], colors: list[str]) -> dict:
@@ -332,7 +325,7 @@ def _fidelity_context(report: dict, models: list[dict], colors: list[str]) -> di
         ),
     ]  # fmt: skip
     fid = report["settings"]["fidelity"]
-    return {"figures": [_safe(f) for f in figures], "note": f"{fid['kl']}; {fid['distribution']}."}
+    return {"figures": [f for f in figures], "note": f"{fid['kl']}; {fid['distribution']}."}
 
 
 def _evs_context(report: dict, models: list[dict], colors: list[str]) -> dict | None:
@@ -354,7 +347,7 @@ def _evs_context(report: dict, models: list[dict], colors: list[str]) -> dict | 
         svg.line_chart(kl_series, f"KL vs video tokens (reference: {report['evs']['reference']})",
                        x_label, "KL (nats)", colors=colors),
     ]  # fmt: skip
-    return {"figures": [_safe(f) for f in figures], "table": _evs_table(models)}
+    return {"figures": [f for f in figures], "table": _evs_table(models)}
 
 
 def _expert_heatmap(name: str, cal: dict) -> str | None:
@@ -392,7 +385,7 @@ def _calibration_context(report: dict) -> list[dict]:
             "name": cand["name"], "missing": False, "samples": cal.get("samples"),
             "set": str(cal.get("set")),
             "tokens": ", ".join(f"{k} {v}" for k, v in (cal.get("tokens_by_modality") or {}).items()),
-            "coverage": _coverage_text(cal), "heatmap": _safe(heatmap) if heatmap else None,
+            "coverage": _coverage_text(cal), "heatmap": heatmap if heatmap else None,
         })  # fmt: skip
     return out
 
@@ -406,7 +399,7 @@ def _sensitivity_context(report: dict) -> dict | None:
         "Mean KL added per module group (ranked)", "KL (nats)",
     )  # fmt: skip
     return {
-        "format": sens["format"], "figure": _safe(figure), "table": _sensitivity_table(sens),
+        "format": sens["format"], "figure": figure, "table": _sensitivity_table(sens),
         "skipped": sens["skipped"], "suggestion": sens["suggestion"]["text"],
         "recipe_yaml": sens["suggestion"]["recipe_yaml"],
     }  # fmt: skip
@@ -461,7 +454,7 @@ def _cost_context(report: dict, models: list[dict], colors: list[str]) -> dict |
     if emulated:
         caption += f" {cost.EMULATION_CAPTION}"
     return {
-        "figure": _safe(figure), "caption": caption,
+        "figure": figure, "caption": caption,
         "provenance": cost.provenance(report, models),
         "measured": cost.throughput_table(report, models),
         "notes": cost.not_available_notes(report, models),
@@ -508,7 +501,7 @@ def write_html(report: dict) -> str:
         undefined=jinja2.StrictUndefined,
     )
     context = {
-        "css": _safe(_CSS),
+        "css": _CSS,
         "task_set": ts["name"],
         "samples": ts["samples"],
         "modalities": ", ".join(f"{m} {n}" for m, n in ts["modalities"].items()),

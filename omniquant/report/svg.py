@@ -256,6 +256,21 @@ def line_chart(
     return "\n".join(out + ["</svg>"])
 
 
+def _y_range(ys: list[float], y_max: float | None) -> tuple[float, float]:
+    """A y range around the data: from a round value below the lowest point to one above
+    the highest (capped at ``y_max``), so close qualities stay apart."""
+    if not ys:
+        return 0.0, y_max or 1.0
+    lo, hi = min(ys), max(ys)
+    span = max(hi - lo, 0.02 * max(abs(hi), 1e-9), 1e-6)
+    step = nice_max(span / 2)
+    y_lo = max(0.0, math.floor((lo - span / 2) / step) * step)
+    y_hi = math.ceil((hi + span / 2) / step) * step
+    if y_max is not None:
+        y_hi = min(y_hi, y_max)
+    return y_lo, max(y_hi, y_lo + step)
+
+
 def bubble_chart(
     points: list[tuple[str, float | None, float | None, float | None]],
     title: str,
@@ -264,51 +279,67 @@ def bubble_chart(
     size_label: str,
     y_max: float | None = None,
     width: int = 760,
-    height: int = 340,
+    height: int = 360,
     colors: list[str] | None = None,
 ) -> str:
     """One bubble per ``(name, x, y, size)``; bubble area is proportional to ``size``.
 
-    A point with ``x``, ``y`` or ``size`` ``None`` is not drawn: its legend entry says
-    "n/a" (no position is invented for a figure that was not measured).
+    The x axis starts at 0; the y axis spans the data (its ticks say where), with room
+    for the largest bubble inside the plot. A point with ``x``, ``y`` or ``size`` ``None``
+    is not drawn: its legend entry says "n/a" (no position is invented for a figure
+    that was not measured).
     """
     colors, legend_w, left, top, plot_w, plot_h = _xy_layout(len(points), colors, width, height, 50)
+    top += 10
+    plot_h -= 10
+    pad = 32  # the largest radius: bubbles stay inside the plot box
     drawn = [(x, y, s) for _, x, y, s in points if None not in (x, y, s)]
-    x_max = nice_max(max((x for x, _, _ in drawn), default=0.0) * 1.1)
-    y_max = y_max if y_max is not None else nice_max(max((y for _, y, _ in drawn), default=0.0))
+    x_max = nice_max(max((x for x, _, _ in drawn), default=0.0))
+    y_lo, y_hi = _y_range([y for _, y, _ in drawn], y_max)
     s_max = max((s for _, _, s in drawn), default=0.0) or 1.0
-    out = _open(width, height, title) + _y_axis(left, top, plot_h, plot_w, y_max, y_label)
+
+    def px(x: float) -> float:
+        return left + pad + (plot_w - 2 * pad) * x / x_max
+
+    def py(y: float) -> float:
+        return top + plot_h - pad - (plot_h - 2 * pad) * (y - y_lo) / (y_hi - y_lo)
+
+    out = _open(width, height, title)
     for k in range(5):
-        value = x_max * k / 4
-        x = left + plot_w * k / 4
-        out.append(
-            f'<text x="{x:.1f}" y="{top + plot_h + 14:.1f}" text-anchor="middle" font-size="10" '
-            f"{_FONT}>{_fmt(value)}</text>"
-        )
-    out.append(
-        f'<line x1="{left}" y1="{top + plot_h:.1f}" x2="{left + plot_w:.1f}" y2="{top + plot_h:.1f}" stroke="#333"/>'
-    )
-    out.append(
-        f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" font-size="11" '
-        f"{_FONT}>{escape(x_label)}</text>"
-    )
+        xv, yv = x_max * k / 4, y_lo + (y_hi - y_lo) * k / 4
+        out.append(f'<line x1="{left:.1f}" y1="{py(yv):.1f}" x2="{left + plot_w:.1f}" '
+                   f'y2="{py(yv):.1f}" stroke="#e5e5e5"/>')  # fmt: skip
+        out.append(f'<text x="{left - 6:.1f}" y="{py(yv) + 4:.1f}" text-anchor="end" '
+                   f'font-size="10" {_FONT}>{_fmt(yv)}</text>')  # fmt: skip
+        out.append(f'<text x="{px(xv):.1f}" y="{top + plot_h + 14:.1f}" text-anchor="middle" '
+                   f'font-size="10" {_FONT}>{_fmt(xv)}</text>')  # fmt: skip
+    out += [
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>',
+        (
+            f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" '
+            f'font-size="11" {_FONT}>{escape(x_label)}</text>'
+        ),
+        (
+            f'<text x="14" y="{top + plot_h / 2:.1f}" font-size="11" text-anchor="middle" '
+            f'transform="rotate(-90 14 {top + plot_h / 2:.1f})" {_FONT}>{escape(y_label)}</text>'
+        ),
+    ]
     names = []
     for i, (name, x, y, size) in enumerate(points):
         if None in (x, y, size):
             names.append(f"{name} (n/a)")
             continue
         names.append(name)
-        cx = left + plot_w * x / x_max
-        cy = top + plot_h - plot_h * min(max(y, 0.0), y_max) / y_max
-        r = 6 + 24 * math.sqrt(size / s_max)  # area ~ size, at least visible
+        r = 6 + (pad - 6) * math.sqrt(size / s_max)  # area ~ size, at least visible
         out.append(
-            f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{r:.1f}" fill="{colors[i]}" fill-opacity="0.55" '
-            f'stroke="{colors[i]}"><title>{escape(name)}: {escape(x_label)} {_fmt(x)}, '
-            f"{escape(y_label)} {_fmt(y)}, {escape(size_label)} {_fmt(size)}</title></circle>"
+            f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{r:.1f}" fill="{colors[i]}" '
+            f'fill-opacity="0.55" stroke="{colors[i]}"><title>{escape(name)}: {escape(x_label)} '
+            f"{_fmt(x)}, {escape(y_label)} {_fmt(y)}, {escape(size_label)} {_fmt(size)}</title>"
+            "</circle>"
         )
         out.append(
-            f'<text x="{cx:.1f}" y="{cy + 4:.1f}" text-anchor="middle" font-size="10" {_FONT}>'
-            f"{escape(name)}</text>"
+            f'<text x="{px(x):.1f}" y="{py(y) + 4:.1f}" text-anchor="middle" font-size="10" '
+            f"{_FONT}>{escape(name)}</text>"
         )
     out += _legend(names, width - legend_w + 4, top + 10, colors)
     out.append(
