@@ -13,14 +13,14 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from serve_helpers import serving
 
-from omniquant.demo import DEMO_TASKS, demo_model_dir
+from omniquant.demo import DEMO_TASKS
 from omniquant.endpoint.protocol import entry_content
 from omniquant.evaluate import validate_task_set
 
@@ -33,31 +33,6 @@ TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-@contextmanager
-def serving(model_kwargs: dict | None = None, **app_kwargs):
-    """``omniquant serve``'s app on the demo model, on a free loopback port, in a thread."""
-    import uvicorn
-
-    from omniquant.endpoint.server import ServedModel, bind, create_app
-
-    model = ServedModel(demo_model_dir(), "demo", **(model_kwargs or {}))
-    app = create_app(model, **app_kwargs)
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(600):  # bounded: 30 s
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1", app, model
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -317,21 +292,21 @@ def test_bounded_queue_answers_429_and_short_requests_overtake_long_prompts():
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == "11"
         long.join(120)
         assert done == ["short", "long"]
-        # Two running, none may wait: the third gets 429 with Retry-After.
-        slow = {"max_tokens": 3000, "ignore_eos": True}
-        threads = [threading.Thread(target=post, args=(f"slow{i}", slow), kwargs={"timeout": 3})
-                   for i in range(2)]  # fmt: skip
-        for t in threads:
-            t.start()
-        for _ in range(400):
-            if app.state.scheduler.load()["running"] == 2:
-                break
-            time.sleep(0.01)
-        r = httpx.post(f"{url}/completions", json={"prompt": PROMPT, "max_tokens": 1}, timeout=30)
+        # Two running (their first streamed token seen), none may wait: the third gets
+        # 429 with Retry-After. Closing the streams cancels them.
+        slow = {"prompt": PROMPT, "max_tokens": 3000, "ignore_eos": True, "temperature": 0,
+                "stream": True}  # fmt: skip
+        with (
+            httpx.stream("POST", f"{url}/completions", json=slow, timeout=60) as a,
+            httpx.stream("POST", f"{url}/completions", json=slow, timeout=60) as b,
+        ):
+            lines = a.iter_lines(), b.iter_lines()  # kept: a dropped iterator hangs up
+            next(lines[0]), next(lines[1])
+            assert app.state.scheduler.load() == {"running": 2, "waiting": 0}
+            r = httpx.post(f"{url}/completions", json={"prompt": PROMPT, "max_tokens": 1},
+                           timeout=30)  # fmt: skip
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert "--max-queued-requests 0" in r.json()["error"]["message"]
-        for t in threads:
-            t.join(30)  # their clients time out after 3 s: cancelled
         _wait_idle(url)
 
 

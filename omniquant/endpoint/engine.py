@@ -11,9 +11,10 @@ Policy:
   choices) is a ``Job`` that advances one unit at a time: the encoder pass, one prefill
   chunk of at most ``prefill_chunk`` tokens (the model cache carries attention K/V and
   Mamba states across chunks; measured equal to a whole-prompt pass, max |diff| 0.0 on the
-  demo model), or one decode step. Running jobs take turns, so a short request
-  interleaves with a long prompt's chunks instead of waiting for all of it (vLLM's
-  chunked prefill, without batching). At most ``max_num_seqs`` jobs run; up to
+  demo model), or one decode step. Running jobs take turns, cheap units first: decode
+  steps and prompts of at most one chunk run before a long prompt's next chunk until
+  they have spent a chunk's worth of tokens (vLLM's decode-first token budget, without
+  batching), so a short request is not held behind all of a long prompt. At most ``max_num_seqs`` jobs run; up to
   ``max_queued`` more wait; beyond that ``submit`` raises ``QueueFull`` (HTTP 429).
 - A job whose client went away (``Job.cancel``) is dropped before its next unit, which
   frees its cache.
@@ -38,6 +39,32 @@ from pathlib import Path
 from omniquant.endpoint.protocol import ProtocolError
 
 log = logging.getLogger("omniquant.serve")
+
+
+def release_memory() -> None:
+    """Give freed heap pages back to the OS when the model goes idle (glibc only).
+
+    Why: glibc keeps the pages a burst of requests freed (large prompts tokenized in
+    several request threads, each with its own malloc arena), so the server's resident
+    memory would stay at its high-water mark; ``malloc_trim`` returns them. Measured on
+    the demo FP8 soak (benchmarks/bench_serve.py).
+    """
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+            _LIBC.malloc_trim  # noqa: B018 - probe: absent outside glibc
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 class QueueFull(ProtocolError):
@@ -154,6 +181,7 @@ class Scheduler:
         self.cv = threading.Condition()
         self.units = 0
         self.current: Job | None = None  # the job whose unit runs now
+        self.spent = 0  # tokens of cheap units since the last long prefill chunk
         self.closed = False
         self.thread = threading.Thread(target=self._loop, name="omniquant-serve-model", daemon=True)
         self.thread.start()
@@ -191,13 +219,15 @@ class Scheduler:
 
         while True:
             with self.cv:
+                if not self.waiting and not self.running:
+                    release_memory()
                 while not self.waiting and not self.running and not self.closed:
                     self.cv.wait()
                 if self.closed:
                     return
                 while self.waiting and len(self.running) < self.max_num_seqs:
                     self.running.append(self.waiting.popleft())
-                job = self.running.popleft()
+                job = self._next()
                 self.current = job
             if job.cancelled:
                 self.current = None
@@ -218,6 +248,34 @@ class Scheduler:
             else:
                 with self.cv:
                     self.running.append(job)
+
+    def _cost(self, job: Job) -> int:
+        """Prompt tokens the job's next unit processes (1 for a decode step)."""
+        if job.embeds is None:
+            return job.prompt_tokens
+        return max(1, int(job.embeds.shape[1]) - job.pos)
+
+    def _next(self) -> Job:
+        """The job to step (under ``cv``): cheap units first, within a token budget.
+
+        Like vLLM's scheduler, decode steps and short prompts go before a long prompt's
+        next chunk: units costing at most ``prefill_chunk`` tokens run in turn until
+        they have spent ``prefill_chunk`` tokens since the last long chunk; then the
+        first job with a long prompt left gets one chunk, so it always progresses.
+        """
+        if self.spent < self.prefill_chunk:
+            for i, job in enumerate(self.running):
+                cost = self._cost(job)
+                if cost <= self.prefill_chunk:
+                    del self.running[i]
+                    self.spent += cost
+                    return job
+        self.spent = 0
+        for i, job in enumerate(self.running):
+            if self._cost(job) > self.prefill_chunk:
+                del self.running[i]
+                return job
+        return self.running.popleft()
 
     # ------------------------------------------------------------------ units
     def _unit(self, job: Job) -> bool:

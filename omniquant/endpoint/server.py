@@ -28,7 +28,7 @@ import logging
 import socket
 from pathlib import Path
 
-from omniquant.endpoint.engine import Scheduler, ServedModel
+from omniquant.endpoint.engine import Scheduler, ServedModel, release_memory
 from omniquant.endpoint.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -69,6 +69,46 @@ def _validation_message(err) -> tuple[str, str | None]:
     return f"{loc}: {first.get('msg')} (got {first.get('input')!r})"[:500], name
 
 
+async def read_json(request, max_request_bytes: int, model_id: str) -> dict:
+    """The request body as a JSON object (413 / 415 / 400 / 404 as ``ProtocolError``)."""
+    import json
+
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ProtocolError(
+            f"Content-Type {ctype or '(none)'!r}: send application/json", status=415
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
+        raise ProtocolError(
+            f"request body of {int(declared)} bytes exceeds the limit of {max_request_bytes} "
+            "bytes (omniquant serve --max-request-mb)", status=413
+        )  # fmt: skip
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_request_bytes:
+            raise ProtocolError(
+                f"request body exceeds the limit of {max_request_bytes} bytes "
+                "(omniquant serve --max-request-mb)", status=413
+            )  # fmt: skip
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ProtocolError(f"request body is not valid JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise ProtocolError("request body must be a JSON object")
+    requested = body.get("model")
+    if requested is not None and requested != model_id:
+        raise ProtocolError(
+            f"The model `{requested}` does not exist; this server serves `{model_id}`",
+            status=404,
+            param="model",
+        )
+    return body
+
+
 def create_app(
     model: ServedModel,
     *,
@@ -92,13 +132,11 @@ def create_app(
         allowed_local_media_path: Directory whose files media parts may name
             (``file://`` or plain paths); ``None``: data URIs only.
     """
-    import json
-
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import StreamingResponse
     from pydantic import ValidationError
-    from starlette.concurrency import run_in_threadpool
+    from starlette.background import BackgroundTask
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from omniquant.endpoint import serving
@@ -127,74 +165,28 @@ def create_app(
         log.exception("request failed")
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    async def read_json(request: Request) -> dict:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            raise ProtocolError(
-                f"Content-Type {ctype or '(none)'!r}: send application/json", status=415
-            )
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
-            raise ProtocolError(
-                f"request body of {int(declared)} bytes exceeds the limit of {max_request_bytes} "
-                "bytes (omniquant serve --max-request-mb)", status=413
-            )  # fmt: skip
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_request_bytes:
-                raise ProtocolError(
-                    f"request body exceeds the limit of {max_request_bytes} bytes "
-                    "(omniquant serve --max-request-mb)", status=413
-                )  # fmt: skip
-            chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ProtocolError(f"request body is not valid JSON: {err}") from err
-        if not isinstance(body, dict):
-            raise ProtocolError("request body must be a JSON object")
-        requested = body.get("model")
-        if requested is not None and requested != model.model_id:
-            raise ProtocolError(
-                f"The model `{requested}` does not exist; this server serves `{model.model_id}`",
-                status=404,
-                param="model",
-            )
-        return body
-
     async def answer(request: Request, kind):
         chat = kind is ChatCompletionRequest
         try:
-            body = await read_json(request)
+            body = await read_json(request, max_request_bytes, model.model_id)
             try:
                 req = kind.model_validate(body)
             except ValidationError as err:
                 message, param = _validation_message(err)
                 raise ProtocolError(message, param=param) from err
-            run = serving.Run(scheduler)
-            if chat:
-                sample, prefill, params = await run_in_threadpool(
-                    serving.prepare_chat, model, req, settings
-                )
-                for i in range(req.n):
-                    run.add(sample, prefill, params, i)
-            else:
-                prepared = await run_in_threadpool(
-                    serving.prepare_completion, model, req, settings
-                )
-                for p, (sample, params) in enumerate(prepared):
-                    for i in range(req.n):
-                        run.add(sample, [], params, p * req.n + i)
-            run.start()
+            run = await serving.submit(model, scheduler, req, settings)
         except ProtocolError as err:
+            if scheduler.load() == {"running": 0, "waiting": 0}:
+                release_memory()  # what a refused (e.g. huge) body allocated
             return _error(err.status, str(err), err.param, err.headers)
         app.state.requests_served += 1
         if req.stream:
             stream = (serving.chat_stream if chat else serving.completion_stream)(
                 model, run, req, request
             )
-            return StreamingResponse(stream, media_type="text/event-stream")
+            # The background task also cancels jobs whose stream never started.
+            return StreamingResponse(stream, media_type="text/event-stream",
+                                     background=BackgroundTask(run.cancel))  # fmt: skip
         result = await (serving.chat_response if chat else serving.completion_response)(
             model, run, req, request
         )

@@ -82,6 +82,32 @@ def check_prompt_length(model: ServedModel, n: int) -> None:
         )
 
 
+#: Characters of a prompt tokenized before its length is known to fit, per allowed token.
+CHARS_PER_TOKEN_BOUND = 8
+
+
+def encode_bounded(model: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of ``text``; a text whose first characters alone exceed the context is
+    refused without tokenizing the rest (a 99k-token prompt costs a 32k-character pass).
+
+    Cut at whitespace, a prefix has no more tokens than the whole text (the tokenizers
+    served split words before merging), so "at least" is a lower bound.
+    """
+    cut = CHARS_PER_TOKEN_BOUND * (model.max_model_len + 1)
+    if len(text) > cut:
+        space = text.rfind(" ", 0, cut)
+        head = text[: space if space > cut // 2 else cut]
+        n = len(model.encode(head, add_special_tokens=add_special_tokens))
+        if n > model.max_model_len:
+            raise ProtocolError(
+                f"This model's maximum context length is {model.max_model_len} tokens. However, "
+                f"your request has at least {n} input tokens (counted on its first {len(head)} "
+                f"of {len(text)} characters). Please reduce the length of the input messages.",
+                param="messages",
+            )
+    return model.encode(text, add_special_tokens=add_special_tokens)
+
+
 def budget(model: ServedModel, max_tokens: int | None, n_prompt: int) -> int:
     """``max_tokens`` checked against the context (``None``: what is left of it)."""
     check_prompt_length(model, n_prompt)
@@ -152,7 +178,7 @@ def chat_sample(model: ServedModel, req: ChatCompletionRequest, settings: Settin
         )  # fmt: skip
     chat = chat_prompt(req.messages, req.continue_final_message, req.add_generation_prompt,
                        template=template, allowed_media=settings.allowed_media)  # fmt: skip
-    text_tokens = len(model.encode(chat.prompt, add_special_tokens=not chat.templated))
+    text_tokens = len(encode_bounded(model, chat.prompt, not chat.templated))
     prefill = model.encode(chat.prefill) if chat.prefill else []
     check_prompt_length(model, text_tokens + len(prefill))
     return media_sample(model, chat, req.media_io_kwargs), prefill
@@ -216,7 +242,7 @@ def completion_samples(model: ServedModel, req: CompletionRequest) -> list:
     for i, prompt in enumerate(req.prompts()):
         param = "prompt" if len(req.prompts()) == 1 else f"prompt[{i}]"
         if isinstance(prompt, str):
-            ids = model.encode(prompt, add_special_tokens=req.add_special_tokens)
+            ids = encode_bounded(model, prompt, req.add_special_tokens)
         elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             ids = list(prompt)
             bad = [t for t in ids if not 0 <= t < vocab]
@@ -289,6 +315,28 @@ class Run:
         finally:
             if pending:
                 self.cancel()
+
+
+async def submit(model: ServedModel, scheduler: Scheduler, req, settings: Settings) -> Run:
+    """Check and prepare ``req`` in a worker thread (tokenizing, media), queue its jobs.
+
+    Raises:
+        ProtocolError: A refused request; ``QueueFull`` (429) when the queue is full.
+    """
+    from starlette.concurrency import run_in_threadpool
+
+    run = Run(scheduler)
+    if isinstance(req, ChatCompletionRequest):
+        sample, prefill, params = await run_in_threadpool(prepare_chat, model, req, settings)
+        for i in range(req.n):
+            run.add(sample, prefill, params, i)
+    else:
+        prepared = await run_in_threadpool(prepare_completion, model, req, settings)
+        for p, (sample, params) in enumerate(prepared):
+            for i in range(req.n):
+                run.add(sample, [], params, p * req.n + i)
+    run.start()
+    return run
 
 
 def _token(model: ServedModel, token: int, as_ids: bool) -> str:
