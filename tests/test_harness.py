@@ -148,20 +148,21 @@ def test_read_output_pairs_metadata_and_marks_samples_from_the_cache(tmp_path):
         read_output(out, "m", ["gen"], None, tmp_path / "log")
 
 
-def test_a_failing_lm_eval_run_names_model_tasks_and_log_and_leaves_failed_json(tmp_path):
+def test_a_failing_lm_eval_run_names_model_tasks_and_log_and_leaves_failed_json(tmp_path, monkeypatch):
     from omniquant.endpoint.protocol import parse_model_source
     from omniquant.experiments.harness import run_harness
 
+    monkeypatch.chdir(tmp_path)  # a relative OUT: the child runs elsewhere, paths stay right
     source = parse_model_source("fp8=http://127.0.0.1:9/v1#fp8")
     with pytest.raises(EndpointError) as err:
-        run_harness("lm-eval", ["omni_demo_next_number"], [source], ["fp8"], tmp_path / "h",
+        run_harness("lm-eval", ["omni_demo_next_number"], [source], ["fp8"], Path("h"),
                     include=LM_DEMO, harness_args="--no-such-flag")  # fmt: skip
     text = str(err.value)
     assert "lm-eval failed on model 'fp8', tasks omni_demo_next_number (exit code 2)" in text
     assert str(tmp_path / "h" / "fp8" / "lm-eval.log") in text
     record = json.loads((tmp_path / "h" / "failed.json").read_text())
     assert record["model"] == "fp8" and record["tasks"] == ["omni_demo_next_number"]
-    assert record["logs"] == str(tmp_path / "h" / "fp8")
+    assert record["logs"] == str(Path("h") / "fp8")
 
 
 def test_report_refuses_an_unknown_harness_task_before_any_model_work(tmp_path):

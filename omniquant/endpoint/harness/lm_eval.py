@@ -131,6 +131,9 @@ class LmEval:
     def run(self, *, url: str, model_id: str, tokenizer: str | None, tasks: list[str],
             include: Path | None, out: Path, extra_args: list[str]) -> HarnessRun:  # fmt: skip
         require(self)
+        # the child runs in the include folder: every path it gets is absolute
+        out = out.resolve()
+        include = include.resolve() if include else None
         out.mkdir(parents=True, exist_ok=True)
         model_args = [f"base_url={url.rstrip('/')}/completions", f"model={model_id}",
                       "num_concurrent=1", "max_retries=3"]  # fmt: skip

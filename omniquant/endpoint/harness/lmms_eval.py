@@ -51,6 +51,9 @@ class LmmsEval:
     def run(self, *, url: str, model_id: str, tokenizer: str | None, tasks: list[str],
             include: Path | None, out: Path, extra_args: list[str]) -> HarnessRun:  # fmt: skip
         require(self)
+        # the child runs in the include folder: every path it gets is absolute
+        out = out.resolve()
+        include = include.resolve() if include else None
         out.mkdir(parents=True, exist_ok=True)
         samples_dir = out / "samples"
         cmd = [sys.executable, "-m", "lmms_eval", "--model", "openai_compatible",
