@@ -19,7 +19,8 @@ import omniquant
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Imported only on a GPU host, from an optional extra (pyproject's [trtllm]).
-OPTIONAL = {"tensorrt_llm": "trtllm", "mamba_ssm": None, "causal_conv1d": None}
+OPTIONAL = {"tensorrt_llm": "trtllm", "mamba_ssm": None, "causal_conv1d": None,
+            "lm_eval": "lm-eval", "lmms_eval": None}  # harnesses: omniquant/endpoint/harness
 
 
 def _declared() -> tuple[set[str], dict[str, set[str]]]:

@@ -359,6 +359,18 @@ def report_cmd(
     machine: Annotated[
         str | None, typer.Option(help="The served URLs' machine in words (e.g. '1x H100 80GB'), recorded with every figure.")
     ] = None,
+    harness: Annotated[
+        str | None, typer.Option(help="Also run an evaluation harness on every model's endpoint: lm-eval or lmms-eval.")
+    ] = None,
+    harness_tasks: Annotated[
+        str | None, typer.Option(help="Harness task names, comma-separated (e.g. omni_demo_next_number).")
+    ] = None,
+    harness_args: Annotated[
+        str | None, typer.Option(help="Extra harness command-line arguments, shell-quoted (e.g. '--limit 8').")
+    ] = None,
+    harness_include: Annotated[
+        Path | None, typer.Option(help="Extra harness task folder (default: the shipped tasks/<harness>-demo).")
+    ] = None,
     load_generator: Annotated[
         str, typer.Option(help="Load phase: builtin (the report's httpx client) or aiperf (replays the same bodies; per-request records read back).")
     ] = "builtin",
@@ -416,6 +428,10 @@ def report_cmd(
         gpus=gpus,
         gpu_memory=gpu_memory,
         machine=machine,
+        harness=harness,
+        harness_tasks=[t for t in (harness_tasks or "").split(",") if t],
+        harness_args=harness_args,
+        harness_include=harness_include,
         load_generator=load_generator,
         aiperf=aiperf,
     )

@@ -504,6 +504,10 @@ def build_report(
     gpus: int = 1,
     gpu_memory: str = "80GiB",
     machine: str | None = None,
+    harness: str | None = None,
+    harness_tasks: list[str] | None = None,
+    harness_args: str | None = None,
+    harness_include: Path | None = None,
     load_generator: str = "builtin",
     aiperf: str | None = None,
 ) -> dict:
@@ -554,6 +558,13 @@ def build_report(
         gpus: GPUs each served model occupies (the price is per GPU).
         gpu_memory: GPU memory for the capacity arithmetic (``80GiB``).
         machine: The servers' machine in words, for served URLs.
+        harness: Also run this evaluation harness (``lm-eval``, ``lmms-eval``) on every
+            model's endpoint (``omniquant.experiments.harness``); its per-task numbers go
+            into the report's ``harness`` block.
+        harness_tasks: The harness's task names.
+        harness_args: Extra harness command-line arguments (shell-quoted).
+        harness_include: Extra harness task folder (default: the shipped
+            ``tasks/<harness>-demo`` when it exists).
         load_generator: ``builtin`` (the report's httpx client) or ``aiperf`` (replays
             the same bodies; its per-request records are read back).
         aiperf: The aiperf program (default: ``aiperf`` on PATH).
@@ -586,6 +597,13 @@ def build_report(
             f"{arg_ref('workload')} and {arg_ref('gpu_hour_price')} belong to the load phase; "
             f"add {arg_ref('throughput')}."
         )
+    include = None
+    if harness is not None:
+        from omniquant.experiments.harness import check_harness
+
+        include = check_harness(harness, list(harness_tasks or []), harness_include)
+    elif harness_tasks or harness_args:
+        raise ReportError(f"{arg_ref('harness_tasks')} needs {arg_ref('harness')}.")
     results = compare(
         baseline,
         candidates,
@@ -613,9 +631,28 @@ def build_report(
         _throughput_phase(results, [baseline, *candidates], load, out, machine=machine,
                           timeout=endpoint_timeout, request_extra=request_extra, log=log)  # fmt: skip
     report = report_dict(results)
+    if harness is not None:
+        _harness_phase(report, results, [baseline, *candidates], harness, list(harness_tasks),
+                       out, include=include, harness_args=harness_args, seed=seed, log=log)  # fmt: skip
     write_report(report, out)
     (log or (lambda _m: None))(f"wrote {out / 'report.html'}")
     return report
+
+
+def _harness_phase(report: dict, results: Comparison, sources: list, harness: str,
+                   tasks: list[str], out: Path, *, include, harness_args, seed, log) -> None:  # fmt: skip
+    """Run the harness on every model and add its block and verdicts to ``report``."""
+    from omniquant.endpoint.protocol import parse_model_source
+    from omniquant.experiments.harness import run_harness
+    from omniquant.report.harness import harness_block
+
+    names = [results.baseline.name, *[c.name for c in results.candidates]]
+    runs = run_harness(harness, tasks, [parse_model_source(s) for s in sources], names,
+                       out / "harness", include=include, harness_args=harness_args, log=log)  # fmt: skip
+    block = harness_block(runs, names, threshold=results.recovery_threshold,
+                          resamples=results.bootstrap, seed=seed)  # fmt: skip
+    report["harness"] = block
+    report["verdicts"] += [m["verdict"] for m in block["models"][1:]]
 
 
 def _load_setup(tasks, workload, concurrency, warmup, count, duration, max_tokens, price, gpus,

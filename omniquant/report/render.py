@@ -193,6 +193,10 @@ def write_markdown(report: dict) -> str:
             "KL by modality: "
             + ", ".join(f"{k} {_num(v)}" for k, v in cand["kl_by_modality"].items()),
         ]
+    if "harness" in report:
+        from omniquant.report.harness import markdown_lines
+
+        out += markdown_lines(report["harness"])
     out += ["", "## EVS: video tokens vs quality", ""]
     if report["evs"]["video_samples"] and report["evs"]["rates"]:
         out.append(_md_table(*_evs_table(models)))
@@ -460,6 +464,28 @@ def _cost_context(report: dict, models: list[dict], colors: list[str]) -> dict |
     }  # fmt: skip
 
 
+def _harness_context(report: dict) -> dict | None:
+    """The harness section (``omniquant.report.harness``): one row per task."""
+    block = report.get("harness")
+    if not block:
+        return None
+    models = block["models"]
+    rows = []
+    for task, meta in block["tasks"].items():
+        cells = []
+        for i, m in enumerate(models):
+            s = m["tasks"][task]
+            cell = f"{s['value']:.3f}"
+            if i:
+                cell += f" ({100 * s['recovery']:.0f}%)"
+            cells.append(cell)
+        rows.append({"task": task, "metric": meta["metric"]
+                     + (" (higher is better)" if meta["higher_is_better"] else " (lower is better)"),
+                     "cells": cells})  # fmt: skip
+    return {"name": block["harness"], "models": [m["name"] for m in models], "rows": rows,
+            "verdicts": [m["verdict"] for m in models[1:]]}  # fmt: skip
+
+
 def write_html(report: dict) -> str:
     """The report as one self-contained HTML page with inline SVG plots (the page is
     ``templates/report.html.j2``; each section's numbers and plots are built here)."""
@@ -488,6 +514,7 @@ def write_html(report: dict) -> str:
             for c in report["candidates"]
         ],
         "cliff": _cliff_context(report, models, colors),
+        "harness": _harness_context(report),
         "size": _size_context(models),
         "cost": _cost_context(report, models, colors),
         "fidelity": _fidelity_context(report, models, colors),
