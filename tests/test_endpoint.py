@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -52,7 +53,9 @@ def _subset(tmp: Path, per_task: int) -> Path:
     out = tmp / f"omni-demo-{per_task}"
     out.mkdir()
     for media in ("image", "video", "audio"):
-        (out / media).symlink_to(source / media)
+        # Copied, not linked: a set's media must lie inside it (issue #20's one rule for
+        # symlinks and ../), and the media directories are small.
+        shutil.copytree(source / media, out / media)
     taken: dict[str, int] = defaultdict(int)
     lines = []
     for line in (source / "tasks.jsonl").read_text().splitlines():
