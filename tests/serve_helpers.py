@@ -11,13 +11,15 @@ from omniquant.demo import demo_model_dir
 
 
 @contextmanager
-def serving(model_kwargs: dict | None = None, path: Path | None = None, **app_kwargs):
+def serving(
+    model_kwargs: dict | None = None, path: Path | None = None, model_id: str = "demo", **app_kwargs
+):
     """``omniquant serve``'s app (default: the demo model) on a free loopback port, in a thread."""
     import uvicorn
 
     from omniquant.endpoint.server import ServedModel, bind, create_app
 
-    model = ServedModel(path or demo_model_dir(), "demo", **(model_kwargs or {}))
+    model = ServedModel(path or demo_model_dir(), model_id, **(model_kwargs or {}))
     app = create_app(model, **app_kwargs)
     sock = bind("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

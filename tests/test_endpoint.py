@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serve_helpers import serving
 
 from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir
 from omniquant.endpoint.client import EndpointClient
@@ -70,25 +71,8 @@ def _subset(tmp: Path, per_task: int) -> Path:
 @contextmanager
 def served(path: Path, model_id: str, **limits):
     """``omniquant serve``'s app for ``path`` on a free loopback port, in a thread."""
-    import uvicorn
-
-    from omniquant.endpoint.server import ServedModel, bind, create_app
-
-    app = create_app(ServedModel(path, model_id), **limits)
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(600):  # bounded: 30 s
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serving(path=path, model_id=model_id, **limits) as (url, _app, _model):
+        yield url
 
 
 @pytest.fixture(scope="module")

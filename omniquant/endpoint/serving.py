@@ -426,13 +426,18 @@ def prepare_chat(model: ServedModel, req: ChatCompletionRequest, settings: Setti
     return sample, prefill, gen_params(model, req, n_prompt, top, prompt_k)
 
 
-async def chat_response(model: ServedModel, run: Run, req: ChatCompletionRequest,
-                        request) -> ChatCompletionResponse | None:  # fmt: skip
-    """Wait for the jobs; ``None`` when the client went away."""
+async def _all_done(run: Run, request) -> bool:
+    """Drain ``run``'s events; whether every job finished (False: the client went away)."""
     done = 0
     async for event in run.events(request):
         done += event.kind == "done"
-    if done < len(run.jobs):
+    return done >= len(run.jobs)
+
+
+async def chat_response(model: ServedModel, run: Run, req: ChatCompletionRequest,
+                        request) -> ChatCompletionResponse | None:  # fmt: skip
+    """Wait for the jobs; ``None`` when the client went away."""
+    if not await _all_done(run, request):
         return None
     as_ids = req.return_tokens_as_token_ids
     jobs = run.jobs
@@ -513,10 +518,7 @@ def _prompt_text(model: ServedModel, req: CompletionRequest, i: int, job: Job) -
 async def completion_response(model: ServedModel, run: Run, req: CompletionRequest,
                               request) -> CompletionResponse | None:  # fmt: skip
     """Wait for the jobs; ``None`` when the client went away."""
-    done = 0
-    async for event in run.events(request):
-        done += event.kind == "done"
-    if done < len(run.jobs):
+    if not await _all_done(run, request):
         return None
     as_ids = req.return_tokens_as_token_ids
     choices = []
