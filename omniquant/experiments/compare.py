@@ -39,6 +39,7 @@ import gc
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from omniquant.checkpoint.layout import OmniquantRecord, SourceRecord
@@ -181,6 +182,245 @@ def _span_topk(spans: dict) -> int | None:
     return int(first.indices.shape[-1])
 
 
+class _Endpoints:
+    """The served models of one comparison: a client per model, made when it is described
+    (before any evaluation, so a server that does not answer fails the pre-flight) and
+    used when it is evaluated."""
+
+    def __init__(self, *, timeout, retries, cache, topk, concurrency, request_extra):
+        if concurrency < 1 or topk < 1 or retries < 0 or timeout <= 0:
+            raise ReportError(
+                f"{arg_ref('concurrency')} and {arg_ref('endpoint_topk')} must be >= 1, {arg_ref('endpoint_retries')} >= 0 and "
+                f"{arg_ref('endpoint_timeout')} > 0."
+            )
+        self.timeout, self.retries, self.cache = timeout, retries, cache
+        self.topk, self.concurrency, self.request_extra = topk, concurrency, request_extra
+        self.clients: dict[int, object] = {}
+
+    @property
+    def used(self) -> bool:
+        return bool(self.clients)
+
+    def describe(self, src, role: str) -> dict:
+        """A model's description: its checkpoint's files, or what its server reports."""
+        if not src.is_endpoint:
+            from omniquant.evaluate.describe import describe_checkpoint
+
+            info = describe_checkpoint(src.path, role)
+            if src.name:
+                info["name"] = src.name
+            return info
+        from omniquant.endpoint.client import EndpointClient
+        from omniquant.endpoint.evaluate import describe_endpoint
+
+        client = EndpointClient(
+            src,
+            timeout=self.timeout,
+            retries=self.retries,
+            cache_dir=Path(self.cache) if self.cache else None,
+            concurrency=self.concurrency,
+            request_extra=self.request_extra,
+        )
+        self.clients[id(src)] = client
+        return describe_endpoint(client, role)
+
+    def evaluate(self, src, info: dict, role: str, run: _Run, reference, keep: bool):
+        """``(ModelResult, evaluation)`` of a served model, through its API."""
+        from omniquant.endpoint.evaluate import evaluate_endpoint
+
+        client = self.clients[id(src)]
+        run.say(f"{role} {info['name']}: {len(run.entries)} samples from {client.base_url} "
+                f"(model {client.model_id}, concurrency {self.concurrency})")  # fmt: skip
+        ev, missing = evaluate_endpoint(
+            client,
+            run.entries,
+            reference=reference,
+            keep_spans=keep,
+            max_new_tokens=run.max_new_tokens,
+            topk=self.topk,
+            concurrency=self.concurrency,
+        )
+        info["endpoint"].update(
+            not_available={k: v for k, v in missing.items() if v},
+            requests_sent=client.requests_sent,
+            cache_hits=client.cache_hits,
+            cache=str(client.cache_dir) if client.cache_dir else None,
+            topk=self.topk,
+        )
+        client.close()
+        run.say(f"{role} {info['name']}: {ev.samples_per_s:.2f} samples/s "
+                f"({client.requests_sent} requests, {client.cache_hits} from the cache)")  # fmt: skip
+        # EVS is a server setting; the API cannot sweep it.
+        return ModelResult(info, ev.samples, ev.seconds, 0.0, None), ev
+
+
+def _describe_models(
+    endpoints: _Endpoints, baseline, base_src, cand_srcs, baseline_name, sensitivity
+):
+    """``(baseline info, candidate infos, their omniquant.json records)``, with the
+    baseline checked fit for ``sensitivity`` (local files, BF16) before any model work."""
+    if sensitivity and base_src.is_endpoint:
+        raise ReportError(
+            f"{arg_ref('sensitivity')} quantizes module groups of the baseline's "
+            "files; pass the BF16 checkpoint directory, not a served model.",
+            arg="baseline",
+            value=base_src,
+        )
+    base_info = endpoints.describe(base_src, "baseline")
+    if baseline_name:
+        base_info["name"] = baseline_name
+    cand_infos = [endpoints.describe(c, "candidate") for c in cand_srcs]
+    _unique_names([base_info, *cand_infos])
+    if sensitivity and base_info["precision"] != "BF16":
+        raise ReportError(
+            f"{arg_ref('sensitivity')} quantizes groups from the baseline, which must be "
+            f"a BF16 checkpoint (it is {base_info['precision']}).",
+            arg="baseline",
+            value=baseline,
+        )
+    # Same model and tokenizer as the baseline: checked now, not after its evaluation.
+    metas = [info.pop("_meta", None) for info in (base_info, *cand_infos)]
+    return base_info, cand_infos, metas
+
+
+def _prepare_items(base_src, cand_srcs, metas, entries):
+    """The task samples processed once, with the first local model's processor, after
+    every local candidate is checked to be an export of the baseline's model with the
+    same tokenizer and processing (``None`` when every model is served)."""
+    from omniquant.data.processing import OmniProcessor
+    from omniquant.evaluate.tasks import prepare_task_items
+
+    local = [s for s in (base_src, *cand_srcs) if not s.is_endpoint]
+    if not local:
+        return None
+    processor = OmniProcessor.from_pretrained(local[0].path)
+    for src, meta in zip(cand_srcs, metas[1:]):
+        if src.is_endpoint:
+            continue
+        if not base_src.is_endpoint:
+            _check_same_source(Path(base_src.path), metas[0], Path(src.path), meta)
+        _check_same_processing(processor, Path(src.path))
+    return prepare_task_items(processor, entries)
+
+
+@dataclass
+class _Baseline:
+    """What the candidates are measured against."""
+
+    result: ModelResult
+    #: The baseline's answer-span distributions, by sample id (fidelity's reference).
+    spans: dict
+    #: The EVS sweep's reference (``None``: a served baseline, no sweep).
+    evs_reference: object | None
+    #: Whether a candidate's main evaluation doubles as its lowest-rate sweep row.
+    reuse_main: bool
+    #: Quantizable module groups the baseline has (what sensitivity probes).
+    groups_present: list[str]
+
+
+@dataclass
+class _Run:
+    """One comparison's evaluation settings, shared by the baseline and every candidate.
+    One model is in memory at a time: each is loaded, evaluated and freed in turn."""
+
+    entries: list
+    items: list | None
+    rates: tuple[float, ...]
+    max_new_tokens: int
+    topk: int | None
+    endpoints: _Endpoints
+    say: Callable[[str], None]
+
+    def baseline(self, src, info: dict) -> _Baseline:
+        if src.is_endpoint:
+            result, ev = self.endpoints.evaluate(src, info, "baseline", self, None, True)
+            base = _Baseline(result, ev.spans, None, False, [])
+            if set(ev.spans) != {e.id for e in self.entries}:
+                reason = info["endpoint"]["not_available"].get("fidelity", "no spans")
+                self.say(f"baseline {info['name']}: fidelity not available ({reason})")
+        else:
+            base = self._local_baseline(src, info)
+        for s in base.result.samples:  # the baseline against itself, by definition
+            s.kl, s.top1 = 0.0, 1.0
+        return base
+
+    def _local_baseline(self, src, info: dict) -> _Baseline:
+        from omniquant.evaluate.emulated import load_emulated
+        from omniquant.evaluate.evs import evs_sweep
+        from omniquant.evaluate.runner import evaluate_model
+        from omniquant.quantize.plan import QUANTIZABLE_GROUPS
+
+        self.say(f"baseline {info['name']}: loading {src.path}")
+        t0 = time.perf_counter()
+        loaded = load_emulated(src.path)
+        load_s = time.perf_counter() - t0
+        groups_present = sorted(
+            g
+            for g, mods in loaded.adapter.module_groups(loaded.model).items()
+            if mods and g in QUANTIZABLE_GROUPS
+        )
+        ev = evaluate_model(
+            loaded, self.items, keep_spans=True, max_new_tokens=self.max_new_tokens, topk=self.topk
+        )
+        info["emulation"] = loaded.emulation
+        self.say(
+            f"baseline {info['name']}: {len(self.items)} samples at {ev.samples_per_s:.2f} samples/s"
+        )
+        base_evs, evs_reference = evs_sweep(
+            loaded,
+            self.items,
+            self.rates,
+            max_new_tokens=self.max_new_tokens,
+            topk=self.topk,
+            main=ev,
+        )
+        result = ModelResult(info, ev.samples, ev.seconds, load_s, base_evs)
+        # A candidate's main evaluation doubles as its lowest-rate sweep row only when its
+        # KL was taken against that same reference: the baseline's main run at that rate.
+        base_rates = {s.evs_rate for s in ev.samples}
+        reuse_main = bool(self.rates) and base_rates == {min(self.rates)}
+        del loaded
+        gc.collect()
+        return _Baseline(result, ev.spans, evs_reference, reuse_main, groups_present)
+
+    def candidate(self, src, info: dict, base: _Baseline) -> ModelResult:
+        complete = set(base.spans) == {e.id for e in self.entries}
+        if src.is_endpoint:
+            result, _ = self.endpoints.evaluate(src, info, "candidate", self, base.spans or None, False)
+            return result
+        from omniquant.evaluate.emulated import load_emulated
+        from omniquant.evaluate.evs import evs_sweep
+        from omniquant.evaluate.runner import evaluate_model
+
+        self.say(f"candidate {info['name']}: loading {src.path}")
+        t0 = time.perf_counter()
+        loaded = load_emulated(src.path)
+        load_s = time.perf_counter() - t0
+        ev = evaluate_model(
+            loaded,
+            self.items,
+            reference=base.spans if complete else None,
+            max_new_tokens=self.max_new_tokens,
+            topk=self.topk,
+        )
+        info["emulation"] = loaded.emulation
+        self.say(f"candidate {info['name']}: {ev.samples_per_s:.2f} samples/s")
+        evs = None  # a served baseline: no reference to sweep against
+        if base.evs_reference is not None:
+            evs, _ = evs_sweep(
+                loaded,
+                self.items,
+                self.rates,
+                reference=base.evs_reference,
+                max_new_tokens=self.max_new_tokens,
+                topk=self.topk,
+                main=ev if base.reuse_main else None,
+            )
+        del loaded
+        gc.collect()
+        return ModelResult(info, ev.samples, ev.seconds, load_s, evs)
+
+
 def compare(
     baseline: str | Path,
     candidates: list[str | Path],
@@ -239,14 +479,8 @@ def compare(
             that is not BF16.
         DataError: A bad task set (every bad line listed).
     """
-    from omniquant.data.processing import OmniProcessor
     from omniquant.endpoint.protocol import parse_model_source
-    from omniquant.evaluate.describe import describe_checkpoint
-    from omniquant.evaluate.emulated import load_emulated
-    from omniquant.evaluate.evs import evs_sweep
-    from omniquant.evaluate.runner import evaluate_model
-    from omniquant.evaluate.tasks import prepare_task_items, resolve_task_set, validate_task_set
-    from omniquant.quantize.plan import QUANTIZABLE_GROUPS
+    from omniquant.evaluate.tasks import resolve_task_set, validate_task_set
 
     say = log or (lambda _m: None)
     started = time.time()
@@ -260,173 +494,25 @@ def compare(
         )
     task_dir = resolve_task_set(tasks)
     entries = validate_task_set(task_dir)
-    if concurrency < 1 or endpoint_topk < 1 or endpoint_retries < 0 or endpoint_timeout <= 0:
-        raise ReportError(
-            f"{arg_ref('concurrency')} and {arg_ref('endpoint_topk')} must be >= 1, {arg_ref('endpoint_retries')} >= 0 and "
-            f"{arg_ref('endpoint_timeout')} > 0."
-        )
+    endpoints = _Endpoints(
+        timeout=endpoint_timeout,
+        retries=endpoint_retries,
+        cache=endpoint_cache,
+        topk=endpoint_topk,
+        concurrency=concurrency,
+        request_extra=request_extra,
+    )
     base_src = parse_model_source(baseline)
     cand_srcs = [parse_model_source(c) for c in candidates]
-    if sensitivity and base_src.is_endpoint:
-        raise ReportError(
-            f"{arg_ref('sensitivity')} quantizes module groups of the baseline's "
-            "files; pass the BF16 checkpoint directory, not a served model.",
-            arg="baseline",
-            value=base_src,
-        )
-    clients: dict[int, object] = {}
+    base_info, cand_infos, metas = _describe_models(
+        endpoints, baseline, base_src, cand_srcs, baseline_name, sensitivity
+    )
+    items = _prepare_items(base_src, cand_srcs, metas, entries)
+    run = _Run(entries, items, rates, max_new_tokens, topk, endpoints, say)
 
-    def describe(src, role: str) -> dict:
-        if not src.is_endpoint:
-            info = describe_checkpoint(src.path, role)
-            if src.name:
-                info["name"] = src.name
-            return info
-        from omniquant.endpoint.client import EndpointClient
-        from omniquant.endpoint.evaluate import describe_endpoint
-
-        client = EndpointClient(
-            src,
-            timeout=endpoint_timeout,
-            retries=endpoint_retries,
-            cache_dir=Path(endpoint_cache) if endpoint_cache else None,
-            concurrency=concurrency,
-            request_extra=request_extra,
-        )
-        clients[id(src)] = client
-        return describe_endpoint(client, role)
-
-    base_info = describe(base_src, "baseline")
-    if baseline_name:
-        base_info["name"] = baseline_name
-    cand_infos = [describe(c, "candidate") for c in cand_srcs]
-    _unique_names([base_info, *cand_infos])
-    if sensitivity and base_info["precision"] != "BF16":
-        raise ReportError(
-            f"{arg_ref('sensitivity')} quantizes groups from the baseline, which must be "
-            f"a BF16 checkpoint (it is {base_info['precision']}).",
-            arg="baseline",
-            value=baseline,
-        )
-
-    def served(src, info: dict, role: str, reference, keep: bool) -> ModelResult:
-        from omniquant.endpoint.evaluate import evaluate_endpoint
-
-        client = clients[id(src)]
-        say(f"{role} {info['name']}: {len(entries)} samples from {client.base_url} "
-            f"(model {client.model_id}, concurrency {concurrency})")  # fmt: skip
-        ev, missing = evaluate_endpoint(
-            client,
-            entries,
-            reference=reference,
-            keep_spans=keep,
-            max_new_tokens=max_new_tokens,
-            topk=endpoint_topk,
-            concurrency=concurrency,
-        )
-        info["endpoint"].update(
-            not_available={k: v for k, v in missing.items() if v},
-            requests_sent=client.requests_sent,
-            cache_hits=client.cache_hits,
-            cache=str(client.cache_dir) if client.cache_dir else None,
-            topk=endpoint_topk,
-        )
-        client.close()
-        say(f"{role} {info['name']}: {ev.samples_per_s:.2f} samples/s "
-            f"({client.requests_sent} requests, {client.cache_hits} from the cache)")  # fmt: skip
-        # EVS is a server setting; the API cannot sweep it.
-        return ModelResult(info, ev.samples, ev.seconds, 0.0, None), ev
-
-    # Same model and tokenizer as the baseline: checked now, not after its evaluation.
-    metas = [info.pop("_meta", None) for info in (base_info, *cand_infos)]
-    processor = items = None
-    local = [s for s in (base_src, *cand_srcs) if not s.is_endpoint]
-    if local:
-        # Samples are processed once, with the baseline's processor when it is local.
-        processor = OmniProcessor.from_pretrained(local[0].path)
-        for src, meta in zip(cand_srcs, metas[1:]):
-            if src.is_endpoint:
-                continue
-            if not base_src.is_endpoint:
-                _check_same_source(Path(base_src.path), metas[0], Path(src.path), meta)
-            _check_same_processing(processor, Path(src.path))
-        items = prepare_task_items(processor, entries)
-
-    # ---------------------------------------------------------------- baseline
-    groups_present: list[str] = []
-    if base_src.is_endpoint:
-        base_result, base_eval = served(base_src, base_info, "baseline", None, True)
-        evs_reference = None
-        reuse_main = False
-        if set(base_eval.spans) != {e.id for e in entries}:
-            reason = base_info["endpoint"]["not_available"].get("fidelity", "no spans")
-            say(f"baseline {base_info['name']}: fidelity not available ({reason})")
-    else:
-        say(f"baseline {base_info['name']}: loading {base_src.path}")
-        t0 = time.perf_counter()
-        loaded = load_emulated(base_src.path)
-        load_s = time.perf_counter() - t0
-        groups_present = sorted(
-            g
-            for g, mods in loaded.adapter.module_groups(loaded.model).items()
-            if mods and g in QUANTIZABLE_GROUPS
-        )
-        base_eval = evaluate_model(
-            loaded, items, keep_spans=True, max_new_tokens=max_new_tokens, topk=topk
-        )
-        base_info["emulation"] = loaded.emulation
-        say(
-            f"baseline {base_info['name']}: {len(items)} samples at {base_eval.samples_per_s:.2f} samples/s"
-        )
-        base_evs, evs_reference = evs_sweep(
-            loaded, items, rates, max_new_tokens=max_new_tokens, topk=topk, main=base_eval
-        )
-        base_result = ModelResult(base_info, base_eval.samples, base_eval.seconds, load_s, base_evs)
-        # A candidate's main evaluation doubles as its lowest-rate sweep row only when its
-        # KL was taken against that same reference: the baseline's main run at that rate.
-        base_rates = {s.evs_rate for s in base_eval.samples}
-        reuse_main = bool(rates) and base_rates == {min(rates)}
-        del loaded
-        gc.collect()
-    for s in base_eval.samples:  # the baseline against itself, by definition
-        s.kl, s.top1 = 0.0, 1.0
-    spans = base_eval.spans
-    complete_spans = set(spans) == {e.id for e in entries}
-
-    # ---------------------------------------------------------------- candidates
-    cand_results: list[ModelResult] = []
-    for src, info in zip(cand_srcs, cand_infos):
-        if src.is_endpoint:
-            cand_results.append(served(src, info, "candidate", spans or None, False)[0])
-            continue
-        path = src.path
-        say(f"candidate {info['name']}: loading {path}")
-        t0 = time.perf_counter()
-        loaded = load_emulated(path)
-        load_s = time.perf_counter() - t0
-        ev = evaluate_model(
-            loaded,
-            items,
-            reference=spans if complete_spans else None,
-            max_new_tokens=max_new_tokens,
-            topk=topk,
-        )
-        info["emulation"] = loaded.emulation
-        say(f"candidate {info['name']}: {ev.samples_per_s:.2f} samples/s")
-        cand_evs = None  # a served baseline: no reference to sweep against
-        if evs_reference is not None:
-            cand_evs, _ = evs_sweep(
-                loaded,
-                items,
-                rates,
-                reference=evs_reference,
-                max_new_tokens=max_new_tokens,
-                topk=topk,
-                main=ev if reuse_main else None,
-            )
-        del loaded
-        gc.collect()
-        cand_results.append(ModelResult(info, ev.samples, ev.seconds, load_s, cand_evs))
+    # ---------------------------------------------------------------- models
+    base = run.baseline(base_src, base_info)
+    cand_results = [run.candidate(src, info, base) for src, info in zip(cand_srcs, cand_infos)]
 
     # ---------------------------------------------------------------- sensitivity
     sens = None
@@ -437,8 +523,8 @@ def compare(
             sens = group_sensitivity(
                 Path(base_src.path),
                 items,
-                spans,
-                groups_present,
+                base.spans,
+                base.groups_present,
                 sensitivity_format,
                 Path(tmp),
                 calib=sensitivity_calib,
@@ -451,18 +537,18 @@ def compare(
         task_set=task_dir,
         samples=len(entries),
         video_samples=sum(1 for e in entries if e.video is not None),
-        baseline=base_result,
+        baseline=base.result,
         candidates=cand_results,
         recovery_threshold=recovery_threshold,
         bootstrap=bootstrap,
         seed=seed,
         max_new_tokens=max_new_tokens,
         evs_rates=rates,
-        evs_reference=evs_reference is not None,
-        span_topk=_span_topk(spans),
+        evs_reference=base.evs_reference is not None,
+        span_topk=_span_topk(base.spans),
         sensitivity_format=sensitivity_format if sensitivity else None,
         sensitivity=sens,
-        endpoint_topk=endpoint_topk if clients else None,
+        endpoint_topk=endpoint_topk if endpoints.used else None,
         concurrency=concurrency,
         peak_rss_mb=_peak_rss_mb(),
         versions=_versions(),
