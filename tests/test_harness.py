@@ -477,3 +477,20 @@ def test_a_relative_harness_interpreter_is_made_absolute_not_resolved(monkeypatc
     assert interpreter(lmms, "python3") == "python3" and interpreter(lmms) is None
     monkeypatch.setenv("OMNIQUANT_LMMS_EVAL_PYTHON", "v/bin/python")
     assert interpreter(lmms) == str(tmp_path / "v" / "bin" / "python")
+
+
+def test_an_lmms_eval_run_that_exits_0_without_results_names_its_error(tmp_path, monkeypatch):
+    """lmms-eval 0.7.3 catches its own errors and exits 0 (with filelock 4: "No module named
+    'filelock._api'"): the run is refused with the log's error line, not read as empty."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho \"| ERROR | lmms_eval.__main__:cli_evaluate:614 - Error during "
+                    "evaluation: No module named 'filelock._api'.\"\nexit 0\n")  # fmt: skip
+    fake.chmod(0o755)
+    monkeypatch.delenv("OMNIQUANT_LMMS_EVAL_PYTHON", raising=False)
+    with pytest.raises(EndpointError) as err:
+        get_harness("lmms-eval").run(url="http://127.0.0.1:9/v1", model_id="m", tokenizer=None,
+                                     tasks=["omni_demo_media"], include=LMMS_DEMO, out=tmp_path / "o",
+                                     extra_args=[], python=str(fake))  # fmt: skip
+    text = str(err.value)
+    assert "lmms-eval wrote no results under" in text and "filelock._api" in text
+    assert str(tmp_path / "o" / "lmms-eval.log") in text

@@ -103,6 +103,12 @@ class LmmsEval:
                 f"lmms-eval failed on model {model_id!r}, tasks {', '.join(tasks)} "
                 f"(exit code {rc}); its log: {log}\n{tail}"
             )
-        found = read_output(samples_dir, model_id, tasks, None, log, harness=self.name)
+        try:
+            found = read_output(samples_dir, model_id, tasks, None, log, harness=self.name)
+        except EndpointError as err:
+            # lmms-eval exits 0 after an error it caught (e.g. filelock 4: "No module named
+            # 'filelock._api'"): name its error lines
+            errors = [x for x in log.read_text(errors="replace").splitlines() if "ERROR" in x]
+            raise EndpointError(f"{err}\n" + "\n".join(errors[-3:])) from err
         return HarnessRun(harness=self.name, model=model_id, tasks=found,
                           output_dir=str(samples_dir), log=str(log), command=cmd)  # fmt: skip
