@@ -438,6 +438,10 @@ def test_corpus_wer_is_paired_per_document_and_lower_is_better(tmp_path):
     low, high = got["delta_ci95"]
     assert low <= got["delta"] <= high and low >= 0  # every document got no better
     assert block["models"][1]["tasks_below_threshold"] == ["librispeech_test_clean"]
+    from omniquant.report.harness import markdown_lines
+
+    md = "\n".join(markdown_lines(block))
+    assert "wer ↓ (corpus)" in md and "the harness's own aggregate: bf16 0.0, nvfp4 0.0" in md
     # the interval is the corpus ratio recomputed per resample, not a mean of per-document WERs
     b = [s.counts for s in runs[0].tasks["librispeech_test_clean"].samples]
     c = [s.counts for s in task.samples]

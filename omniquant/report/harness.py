@@ -89,6 +89,7 @@ def harness_block(
             "version": t.version,
             "num_fewshot": t.num_fewshot,
             "n": len(t.samples),
+            "corpus": t.corpus,
         }
         for name, t in base.tasks.items()
     }
@@ -145,11 +146,17 @@ def markdown_lines(block: dict) -> list[str]:
                 cell += f", Δ CI [{ci[0]:+.3f}, {ci[1]:+.3f}])" if ci else ")"
             cells.append(cell)
         arrow = "↑" if meta["higher_is_better"] else "↓"
-        rows.append([task, f"{meta['metric']} {arrow}", *cells])
+        label = f"{meta['metric']} {arrow}" + (" (corpus)" if meta.get("corpus") else "")
+        rows.append([task, label, *cells])
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out.append("")
+    for task, meta in block["tasks"].items():
+        if meta.get("corpus"):
+            own = ", ".join(f"{m['name']} {m['tasks'][task]['harness_reported']}" for m in block["models"])
+            out.append(f"- {task}: corpus ratio over per-document counts (sum of errors / sum of "
+                       f"reference words); the harness's own aggregate: {own}.")  # fmt: skip
     for m in block["models"]:
         cached = {t: s["cached_samples"] for t, s in m["tasks"].items()}
         out.append(
