@@ -498,3 +498,95 @@ def test_an_lmms_eval_run_that_exits_0_without_results_names_its_error(tmp_path,
     text = str(err.value)
     assert "lmms-eval wrote no results under" in text and "filelock._api" in text
     assert str(tmp_path / "o" / "lmms-eval.log") in text
+
+
+_ASR_YAML = """task: omni_demo_asr
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_messages: !function utils.doc_to_messages
+doc_to_target: gt
+generation_kwargs:
+  max_new_tokens: 16
+  temperature: 0
+  do_sample: false
+process_results: !function utils.process_results
+metric_list:
+  - metric: wer
+    aggregation: !function utils.wer
+    higher_is_better: false
+metadata:
+  version: 0.0
+"""
+
+_ASR_UTILS = '''from pathlib import Path
+
+from lmms_eval.tasks.librispeech.utils import librispeech_wer as wer  # lmms-eval's own corpus WER
+
+
+def doc_to_visual(doc):
+    return [doc["media"]]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"] + "\\n"
+
+
+def doc_to_messages(doc, lmms_eval_specific_kwargs=None):
+    media = {"type": "audio", "url": Path(doc["media"]).as_uri()}
+    return [{"role": "user", "content": [{"type": "text", "text": doc_to_text(doc)}, media]}]
+
+
+def process_results(doc, results):
+    # the record lmms-eval's librispeech task logs per document
+    return {"wer": {"gt": doc["gt"], "pred": results[0], "source": "demo", "task": "asr_en"}}
+'''
+
+
+@needs_lmms
+@pytest.mark.slow
+def test_report_pairs_a_corpus_wer_that_lmms_eval_aggregates_itself(demo_three, tmp_path):
+    """The demo's 48 audio documents as an ASR-shaped lmms-eval task whose corpus WER is
+    lmms-eval's own librispeech aggregation (needs editdistance and more_itertools in the
+    lmms-eval venv): the report's paired corpus WER equals lmms-eval's number (which it
+    writes x 100) for every model, and is handled as lower-is-better."""
+    import shutil
+
+    from omniquant.cli import main
+
+    inc = tmp_path / "inc"
+    (inc / "audio").mkdir(parents=True)
+    rows = []
+    for line in (LMMS_DEMO / "omni_demo_media.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if d["modality"] == "audio":
+            dst = inc / "audio" / Path(d["media"]).name
+            shutil.copy((LMMS_DEMO / d["media"]).resolve(), dst)
+            # references of 1 to 4 words (and punctuation), so the corpus ratio is not a
+            # mean of per-document rates and nothing is zero by construction
+            gt = [d["answer"], f"it is {d['answer']}", f"{d['answer']}, I think."][len(rows) % 3]
+            rows.append({"question": d["question"], "media": str(dst), "gt": gt})
+    (inc / "asr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (inc / "omni_demo_asr.yaml").write_text(_ASR_YAML.format(data=inc / "asr.jsonl"))
+    (inc / "utils.py").write_text(_ASR_UTILS)
+    tasks = _media_task_set(tmp_path / "set", 4)
+    args = ["report", "--baseline", f"bf16={demo_three['bf16']}",
+            "--candidate", f"fp8={demo_three['fp8']}", "--candidate", f"nvfp4={demo_three['nvfp4']}",
+            "--tasks", str(tasks), "--out", str(tmp_path / "r"), "--harness", "lmms-eval",
+            "--harness-tasks", "omni_demo_asr", "--harness-python", LMMS_PYTHON,
+            "--harness-include", str(inc)]  # fmt: skip
+    assert main(args) == 0
+    block = json.loads((tmp_path / "r" / "report.json").read_text())["harness"]
+    assert block["tasks"]["omni_demo_asr"]["corpus"] is True
+    assert block["tasks"]["omni_demo_asr"]["higher_is_better"] is False
+    for m in block["models"]:
+        got = m["tasks"]["omni_demo_asr"]
+        assert got["n"] == len(rows)
+        assert got["value"] > 0.3
+        assert got["value"] == pytest.approx(got["harness_reported"] / 100), m["name"]
+    assert "wer ↓ (corpus)" in (tmp_path / "r" / "report.md").read_text()
