@@ -23,6 +23,7 @@ from omniquant.errors import EndpointError
 from omniquant.report.harness import harness_block
 
 LM_DEMO = Path(__file__).resolve().parent.parent / "tasks" / "lm-eval-demo"
+LMMS_DEMO = LM_DEMO.parent / "lmms-eval-demo"
 
 
 def _task(name="t", values=(1, 0, 1, 1), hib=True, version="1.0", shots=0, docs=None, cfg=None):
@@ -48,6 +49,7 @@ def test_registry_has_one_entry_per_harness_and_refuses_unknown_names():
 def test_a_missing_harness_names_its_install_command(monkeypatch):
     import importlib.util
 
+    monkeypatch.delenv("OMNIQUANT_LMMS_EVAL_PYTHON", raising=False)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "lmms_eval" else real(name, *a))  # fmt: skip
@@ -236,10 +238,68 @@ def test_report_harness_lm_eval_matches_the_in_process_accuracy(demo_three, tmp_
     assert "lm-eval tasks" in (tmp_path / "r" / "report.html").read_text()
 
 
-@pytest.mark.skipif(not os.environ.get("OMNIQUANT_TEST_LMMS_EVAL"),
-                    reason="opt-in: lmms-eval is not in the dev extra (CUDA torchvision)")  # fmt: skip
+LMMS_PYTHON = os.environ.get("OMNIQUANT_LMMS_EVAL_PYTHON")
+needs_lmms = pytest.mark.skipif(
+    not LMMS_PYTHON,
+    reason="opt-in: set OMNIQUANT_LMMS_EVAL_PYTHON to the python of a separate lmms-eval venv "
+    "(README, Standard benchmarks: lmms-eval 0.7.3 needs a torchvision the CPU torch cannot load)",
+)
+
+
+@needs_lmms
 def test_lmms_eval_knows_the_shipped_demo_task():
-    get_harness("lmms-eval").check_tasks(["omni_demo_media"], LM_DEMO.parent / "lmms-eval-demo")
+    lmms = get_harness("lmms-eval")
+    lmms.check_tasks(["omni_demo_media"], LMMS_DEMO)
+    with pytest.raises(EndpointError, match=r"lmms-eval does not know task\(s\) 'omni_demo_medi' "
+                       r"\(close: omni_demo_media\)"):  # fmt: skip
+        lmms.check_tasks(["omni_demo_medi"], LMMS_DEMO)
+
+
+def _media_task_set(root: Path, n: int) -> Path:
+    """The first ``n`` documents of the lmms-eval demo task as an omni task set scored by
+    generation (exact_match), media copied in, prompts as tasks/omni-demo writes them."""
+    import shutil
+
+    demo = LM_DEMO.parent / "omni-demo"
+    by_id = {json.loads(x)["id"]: json.loads(x) for x in (demo / "tasks.jsonl").read_text().splitlines()}
+    docs = [json.loads(x) for x in (LMMS_DEMO / "omni_demo_media.jsonl").read_text().splitlines()]
+    lines = []
+    for d in docs[:n]:
+        entry = dict(by_id[d["id"]], task="omni_demo_media", metric="exact_match")
+        entry.pop("choices", None)
+        media = entry[d["modality"]]
+        for rel in media if isinstance(media, list) else [media]:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(demo / rel, root / rel)
+        lines.append(entry)
+    (root / "tasks.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return root
+
+
+@needs_lmms
+@pytest.mark.slow
+def test_report_harness_lmms_eval_matches_the_in_process_accuracy(demo_three, tmp_path):
+    """The shipped image/video/audio lmms-eval task, run by lmms-eval in its own venv against
+    BF16, FP8 and NVFP4 served by ``omniquant serve`` (started by the report), gives the
+    in-process report's generation accuracy on the same documents, per model."""
+    from omniquant.cli import main
+
+    n = int(os.environ.get("OMNIQUANT_HARNESS_DOCS", "12"))
+    tasks = _media_task_set(tmp_path / "set", n)
+    args = ["report", "--baseline", f"bf16={demo_three['bf16']}",
+            "--candidate", f"fp8={demo_three['fp8']}", "--candidate", f"nvfp4={demo_three['nvfp4']}",
+            "--tasks", str(tasks), "--out", str(tmp_path / "r"), "--harness", "lmms-eval",
+            "--harness-tasks", "omni_demo_media", "--harness-python", LMMS_PYTHON,
+            "--harness-args", f"--limit {n}"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    block = report["harness"]
+    assert block["harness"] == "lmms-eval"
+    for model, hm in zip([report["baseline"], *report["candidates"]], block["models"], strict=True):
+        got = hm["tasks"]["omni_demo_media"]
+        assert got["n"] == n
+        assert got["value"] == pytest.approx(model["tasks"]["omni_demo_media"]["accuracy"]), model["name"]
+        assert got["harness_reported"] == pytest.approx(got["value"])
 
 
 @pytest.mark.slow
@@ -258,3 +318,275 @@ def test_a_second_lm_eval_run_answers_from_its_cache_and_says_so(tmp_path):
     assert [s.cached for s in first.samples] == [False, False]
     assert [s.cached for s in second.samples] == [True, True]
     assert [s.value for s in second.samples] == [s.value for s in first.samples]
+
+
+# ---------------------------------------------------------------------------- the harness's own interpreter
+
+
+def test_a_missing_or_broken_harness_interpreter_names_the_flag_and_the_install(monkeypatch, tmp_path):
+    import sys
+
+    lmms = get_harness("lmms-eval")
+    monkeypatch.delenv("OMNIQUANT_LMMS_EVAL_PYTHON", raising=False)
+    with pytest.raises(EndpointError) as err:
+        require(lmms, str(tmp_path / "no-python"))
+    text = str(err.value)
+    assert "--harness-python" in text and "cannot import lmms_eval" in text
+    assert 'pip install "lmms-eval==0.7.3" "filelock<4"' in text
+    assert err.value.arg == "harness_python"
+    # this venv's python has no lmms_eval: named as the environment variable's
+    monkeypatch.setenv("OMNIQUANT_LMMS_EVAL_PYTHON", sys.executable)
+    with pytest.raises(EndpointError, match=r"from OMNIQUANT_LMMS_EVAL_PYTHON\) cannot import "
+                       r"lmms_eval: ModuleNotFoundError"):  # fmt: skip
+        require(lmms)
+
+
+def test_task_names_are_asked_from_the_harness_interpreter(monkeypatch):
+    """With an interpreter given, the task list comes from a child process (here this venv's
+    own python, which has lm-eval) and unknown names are refused with close matches."""
+    import sys
+
+    from omniquant.endpoint.harness import known_tasks
+
+    lm = get_harness("lm-eval")
+    known = known_tasks(lm, LM_DEMO, sys.executable)
+    assert {"omni_demo_next_number", "omni_demo_next_number_mc"} <= set(known)
+    with pytest.raises(EndpointError, match=r"lm-eval does not know task\(s\) 'omni_demo_next_numbr' "
+                       r"\(close: omni_demo_next_number"):  # fmt: skip
+        lm.check_tasks(["omni_demo_next_numbr"], LM_DEMO, sys.executable)
+
+
+def test_lmms_eval_model_args_are_merged_after_the_entrys_own():
+    from omniquant.endpoint.harness.lmms_eval import _model_args
+
+    rest, theirs = _model_args(["--limit", "4", "--model_args", "max_frames_num=8,pass_video_url=False"])
+    assert rest == ["--limit", "4"] and theirs == ["max_frames_num=8", "pass_video_url=False"]
+    assert _model_args(["--model_args=a=1"]) == ([], ["a=1"])
+
+
+def _lmms_output(root: Path, task: str, rows: list[dict], hib: dict, cfg: dict | None = None,
+                 reported: dict | None = None) -> Path:  # fmt: skip
+    """An output folder as lmms-eval 0.7.3 writes it: ``<stamp>_results.json`` and
+    ``<stamp>_samples_<task>.jsonl`` under the sanitised model name; task functions are
+    recorded as their repr, with a memory address."""
+    d = root / "samples" / "m"
+    d.mkdir(parents=True)
+    stamp = "20261206_232253"
+    cfg = cfg or {"task": task, "num_fewshot": 0, "doc_to_text": "<function doc_to_text at 0x7fdf4c0fa7a0>",
+                  "metric_list": [{"metric": next(iter(hib))}], "metadata": [{"version": 0.0}]}  # fmt: skip
+    (d / f"{stamp}_results.json").write_text(json.dumps({
+        "results": {task: reported or {}}, "configs": {task: cfg}, "versions": {task: 0.0},
+        "n-shot": {task: 0}, "higher_is_better": {task: hib},
+    }))  # fmt: skip
+    (d / f"{stamp}_samples_{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "samples"
+
+
+def test_read_output_reads_lmms_eval_files_and_ignores_function_addresses(tmp_path):
+    from omniquant.endpoint.harness.lm_eval import read_output
+
+    rows = [{"doc_id": i, "target": "red", "filtered_resps": "red", "exact_match": 1.0 * (i != 1),
+             "input": "q\n"} for i in range(3)]  # fmt: skip
+    out = _lmms_output(tmp_path / "a", "media", rows, {"exact_match": True},
+                       reported={"exact_match,none": 2 / 3, "exact_match_stderr,none": 0.3})  # fmt: skip
+    task = read_output(out, "m", ["media"], None, tmp_path / "log", harness="lmms-eval")["media"]
+    assert [(s.doc_id, s.value, s.cached) for s in task.samples] == [(0, 1.0, None), (1, 0.0, None), (2, 1.0, None)]
+    assert (task.metric, task.version, task.reported, task.corpus) == ("exact_match", "0.0", pytest.approx(2 / 3), False)
+    assert task.config["doc_to_text"] == "<function doc_to_text>"
+    # a request that failed after lmms-eval's retries is logged as text; the run is refused
+    rows[2]["filtered_resps"] = "[LMMS_EVAL_REQUEST_FAILED after 5 retries] Connection error."
+    out = _lmms_output(tmp_path / "b", "media", rows, {"exact_match": True})
+    with pytest.raises(EndpointError, match=r"the request of sample 2 failed .*LMMS_EVAL_REQUEST_FAILED"):
+        read_output(out, "m", ["media"], None, tmp_path / "log", harness="lmms-eval")
+
+
+def _asr_rows(preds: list[str], refs: list[str]) -> list[dict]:
+    """Per-sample rows as lmms-eval's librispeech task logs them: the metric is a record."""
+    return [{"doc_id": i, "filtered_resps": p, "target": r,
+             "wer": {"gt": r, "pred": p, "source": "test_clean", "task": "asr_en"}}
+            for i, (p, r) in enumerate(zip(preds, refs, strict=True))]  # fmt: skip
+
+
+def test_corpus_wer_is_paired_per_document_and_lower_is_better(tmp_path):
+    """Per-document (errors, reference words) from lmms-eval's {gt, pred} records; the
+    report's value is the corpus ratio, recovery is baseline over candidate, and the
+    interval is a paired bootstrap over documents recomputing both corpus WERs."""
+    import numpy as np
+
+    from omniquant.endpoint.harness.lm_eval import read_output
+    from omniquant.report.stats import paired_bootstrap_ratio_ci
+
+    refs = ["the cat sat on the mat", "hello world", "a b c d e f g h i j", "good morning"]
+    base_p = ["the cat sat on the mat", "hello world", "a b c d e f g h i x", "good morning"]
+    cand_p = ["the cat sat on mat", "Hello, world!", "a b c d e f g x x x", "good evening"]
+    runs = []
+    for name, preds in (("bf16", base_p), ("nvfp4", cand_p)):
+        out = _lmms_output(tmp_path / name, "librispeech_test_clean", _asr_rows(preds, refs),
+                           {"wer": False}, reported={"wer,none": 0.0})  # fmt: skip
+        found = read_output(out, name, ["librispeech_test_clean"], None, tmp_path / "log",
+                            harness="lmms-eval")  # fmt: skip
+        runs.append(HarnessRun(harness="lmms-eval", model=name, tasks=found, output_dir=str(out), log="l"))
+    task = runs[1].tasks["librispeech_test_clean"]
+    assert task.corpus and not task.higher_is_better
+    # case and punctuation do not count: "Hello, world!" is right
+    assert [s.counts for s in task.samples] == [(1.0, 6.0), (0.0, 2.0), (3.0, 10.0), (1.0, 2.0)]
+    block = harness_block(runs, ["bf16", "nvfp4"], threshold=0.9, resamples=400, seed=0)
+    got = block["models"][1]["tasks"]["librispeech_test_clean"]
+    assert got["baseline_value"] == pytest.approx(1 / 20) and got["value"] == pytest.approx(5 / 20)
+    assert got["recovery"] == pytest.approx(0.2) and got["delta"] == pytest.approx(0.2)
+    assert got["corpus"] and got["harness_reported"] == 0.0
+    low, high = got["delta_ci95"]
+    assert low <= got["delta"] <= high and low >= 0  # every document got no better
+    assert block["models"][1]["tasks_below_threshold"] == ["librispeech_test_clean"]
+    from omniquant.report.harness import markdown_lines
+
+    md = "\n".join(markdown_lines(block))
+    assert "wer ↓ (corpus)" in md and "the harness's own aggregate: bf16 0.0, nvfp4 0.0" in md
+    # the interval is the corpus ratio recomputed per resample, not a mean of per-document WERs
+    b = [s.counts for s in runs[0].tasks["librispeech_test_clean"].samples]
+    c = [s.counts for s in task.samples]
+    rng = np.random.default_rng(7)
+    idx = rng.integers(0, 4, size=(300, 4))
+    deltas = [sum(c[i][0] for i in r) / sum(c[i][1] for i in r)
+              - sum(b[i][0] for i in r) / sum(b[i][1] for i in r) for r in idx]  # fmt: skip
+    assert paired_bootstrap_ratio_ci(b, c, 300, 7) == pytest.approx(tuple(np.percentile(deltas, [2.5, 97.5])))
+
+
+def test_a_metric_record_of_another_shape_is_refused_by_name_and_mmau_s_is_paired(tmp_path):
+    from omniquant.endpoint.harness.lm_eval import read_output
+
+    # lmms-eval's MMAU logs {"overall": 0/1, "task": ...} per document (aggregate: mean x 100)
+    rows = [{"doc_id": i, "filtered_resps": "A", "accuracy": {"overall": float(i % 2), "task": "sound"}}
+            for i in range(4)]  # fmt: skip
+    out = _lmms_output(tmp_path / "mmau", "mmau_test_mini", rows, {"accuracy": True})
+    task = read_output(out, "m", ["mmau_test_mini"], None, tmp_path / "log", harness="lmms-eval")
+    assert [s.value for s in task["mmau_test_mini"].samples] == [0.0, 1.0, 0.0, 1.0]
+    assert not task["mmau_test_mini"].corpus
+
+    rows = [{"doc_id": 0, "filtered_resps": "B", "accuracy": {"pred": "B", "answer": "A", "task": "x"}}]
+    out = _lmms_output(tmp_path / "other", "mmau_test_mini", rows, {"accuracy": True})
+    with pytest.raises(EndpointError, match=r"has 'accuracy' as a record of fields \['answer', 'pred', 'task'\]"):
+        read_output(out, "m", ["mmau_test_mini"], None, tmp_path / "log", harness="lmms-eval")
+
+
+def test_a_relative_harness_interpreter_is_made_absolute_not_resolved(monkeypatch, tmp_path):
+    """The harness runs in the task folder: a relative interpreter path is made absolute
+    (a venv's python is a symlink: resolving it would leave the venv)."""
+    from omniquant.endpoint.harness import interpreter
+
+    monkeypatch.chdir(tmp_path)
+    lmms = get_harness("lmms-eval")
+    monkeypatch.delenv("OMNIQUANT_LMMS_EVAL_PYTHON", raising=False)
+    assert interpreter(lmms, ".venv-lmms/bin/python") == str(tmp_path / ".venv-lmms" / "bin" / "python")
+    assert interpreter(lmms, "python3") == "python3" and interpreter(lmms) is None
+    monkeypatch.setenv("OMNIQUANT_LMMS_EVAL_PYTHON", "v/bin/python")
+    assert interpreter(lmms) == str(tmp_path / "v" / "bin" / "python")
+
+
+def test_an_lmms_eval_run_that_exits_0_without_results_names_its_error(tmp_path, monkeypatch):
+    """lmms-eval 0.7.3 catches its own errors and exits 0 (with filelock 4: "No module named
+    'filelock._api'"): the run is refused with the log's error line, not read as empty."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho \"| ERROR | lmms_eval.__main__:cli_evaluate:614 - Error during "
+                    "evaluation: No module named 'filelock._api'.\"\nexit 0\n")  # fmt: skip
+    fake.chmod(0o755)
+    monkeypatch.delenv("OMNIQUANT_LMMS_EVAL_PYTHON", raising=False)
+    with pytest.raises(EndpointError) as err:
+        get_harness("lmms-eval").run(url="http://127.0.0.1:9/v1", model_id="m", tokenizer=None,
+                                     tasks=["omni_demo_media"], include=LMMS_DEMO, out=tmp_path / "o",
+                                     extra_args=[], python=str(fake))  # fmt: skip
+    text = str(err.value)
+    assert "lmms-eval wrote no results under" in text and "filelock._api" in text
+    assert str(tmp_path / "o" / "lmms-eval.log") in text
+
+
+_ASR_YAML = """task: omni_demo_asr
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_messages: !function utils.doc_to_messages
+doc_to_target: gt
+generation_kwargs:
+  max_new_tokens: 16
+  temperature: 0
+  do_sample: false
+process_results: !function utils.process_results
+metric_list:
+  - metric: wer
+    aggregation: !function utils.wer
+    higher_is_better: false
+metadata:
+  version: 0.0
+"""
+
+_ASR_UTILS = '''from pathlib import Path
+
+from lmms_eval.tasks.librispeech.utils import librispeech_wer as wer  # lmms-eval's own corpus WER
+
+
+def doc_to_visual(doc):
+    return [doc["media"]]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"] + "\\n"
+
+
+def doc_to_messages(doc, lmms_eval_specific_kwargs=None):
+    media = {"type": "audio", "url": Path(doc["media"]).as_uri()}
+    return [{"role": "user", "content": [{"type": "text", "text": doc_to_text(doc)}, media]}]
+
+
+def process_results(doc, results):
+    # the record lmms-eval's librispeech task logs per document
+    return {"wer": {"gt": doc["gt"], "pred": results[0], "source": "demo", "task": "asr_en"}}
+'''
+
+
+@needs_lmms
+@pytest.mark.slow
+def test_report_pairs_a_corpus_wer_that_lmms_eval_aggregates_itself(demo_three, tmp_path):
+    """The demo's 48 audio documents as an ASR-shaped lmms-eval task whose corpus WER is
+    lmms-eval's own librispeech aggregation (needs editdistance and more_itertools in the
+    lmms-eval venv): the report's paired corpus WER equals lmms-eval's number (which it
+    writes x 100) for every model, and is handled as lower-is-better."""
+    import shutil
+
+    from omniquant.cli import main
+
+    inc = tmp_path / "inc"
+    (inc / "audio").mkdir(parents=True)
+    rows = []
+    for line in (LMMS_DEMO / "omni_demo_media.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if d["modality"] == "audio":
+            dst = inc / "audio" / Path(d["media"]).name
+            shutil.copy((LMMS_DEMO / d["media"]).resolve(), dst)
+            # references of 1 to 4 words (and punctuation), so the corpus ratio is not a
+            # mean of per-document rates and nothing is zero by construction
+            gt = [d["answer"], f"it is {d['answer']}", f"{d['answer']}, I think."][len(rows) % 3]
+            rows.append({"question": d["question"], "media": str(dst), "gt": gt})
+    (inc / "asr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (inc / "omni_demo_asr.yaml").write_text(_ASR_YAML.format(data=inc / "asr.jsonl"))
+    (inc / "utils.py").write_text(_ASR_UTILS)
+    tasks = _media_task_set(tmp_path / "set", 4)
+    args = ["report", "--baseline", f"bf16={demo_three['bf16']}",
+            "--candidate", f"fp8={demo_three['fp8']}", "--candidate", f"nvfp4={demo_three['nvfp4']}",
+            "--tasks", str(tasks), "--out", str(tmp_path / "r"), "--harness", "lmms-eval",
+            "--harness-tasks", "omni_demo_asr", "--harness-python", LMMS_PYTHON,
+            "--harness-include", str(inc)]  # fmt: skip
+    assert main(args) == 0
+    block = json.loads((tmp_path / "r" / "report.json").read_text())["harness"]
+    assert block["tasks"]["omni_demo_asr"]["corpus"] is True
+    assert block["tasks"]["omni_demo_asr"]["higher_is_better"] is False
+    for m in block["models"]:
+        got = m["tasks"]["omni_demo_asr"]
+        assert got["n"] == len(rows)
+        assert got["value"] > 0.3
+        assert got["value"] == pytest.approx(got["harness_reported"] / 100), m["name"]
+    assert "wer ↓ (corpus)" in (tmp_path / "r" / "report.md").read_text()

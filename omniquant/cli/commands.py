@@ -371,6 +371,9 @@ def report_cmd(
     harness_include: Annotated[
         Path | None, typer.Option(help="Extra harness task folder (default: the shipped tasks/<harness>-demo).")
     ] = None,
+    harness_python: Annotated[
+        str | None, typer.Option(help="The harness's own Python interpreter (e.g. .venv-lmms/bin/python for lmms-eval; default: OMNIQUANT_LMMS_EVAL_PYTHON / OMNIQUANT_LM_EVAL_PYTHON, else this one).")
+    ] = None,
     load_generator: Annotated[
         str, typer.Option(help="Load phase: builtin (the report's httpx client) or aiperf (replays the same bodies; per-request records read back).")
     ] = "builtin",
@@ -432,6 +435,7 @@ def report_cmd(
         harness_tasks=[t for t in (harness_tasks or "").split(",") if t],
         harness_args=harness_args,
         harness_include=harness_include,
+        harness_python=harness_python,
         load_generator=load_generator,
         aiperf=aiperf,
     )

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,6 +46,7 @@ def launched_server(
     *,
     start_timeout: float = START_TIMEOUT_S,
     threads: int | None = None,
+    serve_args: Sequence[str] = (),
 ) -> Iterator[str]:
     """``omniquant serve path`` on a free loopback port for the duration of the block.
 
@@ -55,6 +56,7 @@ def launched_server(
         log: File that receives the server's stdout and stderr.
         start_timeout: Seconds allowed for loading the model and answering ``/health``.
         threads: ``OMP_NUM_THREADS`` of the server (``None``: inherited).
+        serve_args: More ``omniquant serve`` arguments (e.g. ``--allowed-local-media-path``).
 
     Yields:
         The base URL (``http://127.0.0.1:PORT/v1``).
@@ -68,7 +70,7 @@ def launched_server(
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "omniquant.cli", "serve", str(path), "--port", "0",
-           "--served-model-name", model_id]  # fmt: skip
+           "--served-model-name", model_id, *serve_args]  # fmt: skip
     log.parent.mkdir(parents=True, exist_ok=True)
     sink = open(log, "w")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(

@@ -594,6 +594,7 @@ def build_report(
     harness_tasks: list[str] | None = None,
     harness_args: str | None = None,
     harness_include: Path | None = None,
+    harness_python: str | None = None,
     load_generator: str = "builtin",
     aiperf: str | None = None,
 ) -> dict:
@@ -651,6 +652,8 @@ def build_report(
         harness_args: Extra harness command-line arguments (shell-quoted).
         harness_include: Extra harness task folder (default: the shipped
             ``tasks/<harness>-demo`` when it exists).
+        harness_python: The harness's own interpreter (a separate environment, e.g.
+            lmms-eval's); default: the entry's environment variable, else this one.
         load_generator: ``builtin`` (the report's httpx client) or ``aiperf`` (replays
             the same bodies; its per-request records are read back).
         aiperf: The aiperf program (default: ``aiperf`` on PATH).
@@ -687,8 +690,8 @@ def build_report(
     if harness is not None:
         from omniquant.experiments.harness import check_harness
 
-        include = check_harness(harness, list(harness_tasks or []), harness_include)
-    elif harness_tasks or harness_args:
+        include = check_harness(harness, list(harness_tasks or []), harness_include, harness_python)
+    elif harness_tasks or harness_args or harness_python:
         raise ReportError(f"{arg_ref('harness_tasks')} needs {arg_ref('harness')}.")
     results = compare(
         baseline,
@@ -719,14 +722,16 @@ def build_report(
     report = report_dict(results)
     if harness is not None:
         _harness_phase(report, results, [baseline, *candidates], harness, list(harness_tasks),
-                       out, include=include, harness_args=harness_args, seed=seed, log=log)  # fmt: skip
+                       out, include=include, harness_args=harness_args, seed=seed, log=log,
+                       python=harness_python)  # fmt: skip
     write_report(report, out)
     (log or (lambda _m: None))(f"wrote {out / 'report.html'}")
     return report
 
 
 def _harness_phase(report: dict, results: Comparison, sources: list, harness: str,
-                   tasks: list[str], out: Path, *, include, harness_args, seed, log) -> None:  # fmt: skip
+                   tasks: list[str], out: Path, *, include, harness_args, seed, log,
+                   python=None) -> None:  # fmt: skip
     """Run the harness on every model and add its block and verdicts to ``report``."""
     from omniquant.endpoint.protocol import parse_model_source
     from omniquant.experiments.harness import run_harness
@@ -734,7 +739,8 @@ def _harness_phase(report: dict, results: Comparison, sources: list, harness: st
 
     names = [results.baseline.name, *[c.name for c in results.candidates]]
     runs = run_harness(harness, tasks, [parse_model_source(s) for s in sources], names,
-                       out / "harness", include=include, harness_args=harness_args, log=log)  # fmt: skip
+                       out / "harness", include=include, harness_args=harness_args, log=log,
+                       python=python)  # fmt: skip
     block = harness_block(runs, names, threshold=results.recovery_threshold,
                           resamples=results.bootstrap, seed=seed)  # fmt: skip
     report["harness"] = block

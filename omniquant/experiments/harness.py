@@ -7,6 +7,8 @@ Policy:
 - A served model (URL) is used as it is; a local checkpoint is served by
   ``omniquant serve`` (``omniquant.endpoint.launch.launched_server``) for the duration of
   its run and stopped after, and its directory is the harness's tokenizer.
+- A local checkpoint's server may read media under the task folder's parent
+  (``--allowed-local-media-path``), where a task sends ``file://`` URLs.
 - Output per model under ``OUT/harness/<name>/`` (the harness's samples, its sqlite cache,
   its log, the server's log). A run that fails raises with model, tasks and log path;
   the report is written only after every run, so no finished-looking ``report.json``
@@ -31,13 +33,17 @@ def default_include(name: str) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def check_harness(name: str, tasks: list[str], include: Path | None) -> Path | None:
-    """Refuse a missing harness or unknown tasks; return the include folder used."""
+def check_harness(name: str, tasks: list[str], include: Path | None,
+                  python: str | None = None) -> Path | None:  # fmt: skip
+    """Refuse a missing harness or unknown tasks; return the include folder used.
+
+    ``python`` is the harness's own interpreter (``--harness-python``), else the entry's
+    environment variable, else this one."""
     if not tasks:
         raise EndpointError("name at least one task.", arg="harness_tasks")
     harness = get_harness(name)
     include = include or default_include(name)
-    harness.check_tasks(tasks, include)
+    harness.check_tasks(tasks, include, python)
     return include
 
 
@@ -55,6 +61,13 @@ def _model_id(url: str, given: str | None) -> str:
         ) from err
 
 
+def _media_args(include: Path | None) -> list[str]:
+    """A local checkpoint's server may read media files under the task folder's parent
+    (``tasks/``: the lmms-eval demo sends its video and audio as ``file://`` URLs of
+    ``tasks/omni-demo``), as vLLM's ``--allowed-local-media-path``."""
+    return ["--allowed-local-media-path", str(include.resolve().parent)] if include else []
+
+
 def _write_failure(out: Path, model: str, tasks: list[str], model_out: Path, err) -> None:
     """``OUT/harness/failed.json``: which model and tasks failed, and where the logs are."""
     import json
@@ -66,6 +79,7 @@ def _write_failure(out: Path, model: str, tasks: list[str], model_out: Path, err
 
 def run_harness(name: str, tasks: list[str], sources: list, names: list[str], out: Path, *,
                 include: Path | None, harness_args: str | None = None,
+                python: str | None = None,
                 log: Callable[[str], None] | None = None) -> list[HarnessRun]:  # fmt: skip
     """Run the harness on every model (baseline first) and check the runs are comparable.
 
@@ -77,6 +91,8 @@ def run_harness(name: str, tasks: list[str], sources: list, names: list[str], ou
         out: Folder for the runs (``OUT/harness``).
         include: Extra task folder (``--include_path``).
         harness_args: Extra command-line arguments for the harness (shell-quoted).
+        python: The harness's own interpreter (``--harness-python``; default: the
+            entry's environment variable, else this interpreter).
         log: Receives progress lines.
     """
     from omniquant.endpoint.launch import launched_server
@@ -93,12 +109,13 @@ def run_harness(name: str, tasks: list[str], sources: list, names: list[str], ou
             if source.url is not None:
                 run = harness.run(url=source.url, model_id=_model_id(source.url, source.model),
                                   tokenizer=tokenizer, tasks=tasks, include=include, out=model_out,
-                                  extra_args=extra)  # fmt: skip
+                                  extra_args=extra, python=python)  # fmt: skip
             else:
-                with launched_server(source.path, model_name, model_out / "serve.log") as url:
+                with launched_server(source.path, model_name, model_out / "serve.log",
+                                     serve_args=_media_args(include)) as url:  # fmt: skip
                     run = harness.run(url=url, model_id=model_name, tokenizer=str(Path(source.path).resolve()),
                                       tasks=tasks, include=include, out=model_out,
-                                      extra_args=extra)  # fmt: skip
+                                      extra_args=extra, python=python)  # fmt: skip
         except EndpointError as err:
             _write_failure(out, model_name, tasks, model_out, err)
             raise

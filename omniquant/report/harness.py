@@ -9,6 +9,11 @@ Policy:
   ``baseline / candidate`` (a candidate with twice the error recovers 50 %); a
   candidate with zero error recovers 1.0. The delta stays ``candidate - baseline`` in
   the metric's own units, so a positive WER delta is a loss.
+- Corpus-level metrics (WER over a test set, ``HarnessTask.corpus``): the value is
+  ``sum(errors) / sum(reference words)`` over the documents' counts, and the interval is
+  a paired bootstrap over documents recomputing that ratio for both models
+  (``stats.paired_bootstrap_ratio_ci``); such metrics are lower-is-better as the harness
+  says. The harness's own aggregate is kept beside (``reported``).
 - Samples a run answered from the harness's cache are counted per model and task.
 """
 
@@ -17,7 +22,7 @@ from __future__ import annotations
 import zlib
 
 from omniquant.evaluate.harness_results import HarnessRun, HarnessTask
-from omniquant.report.stats import paired_bootstrap_ci, recovery
+from omniquant.report.stats import paired_bootstrap_ci, paired_bootstrap_ratio_ci, recovery
 
 
 def _mean(values: list[float]) -> float:
@@ -29,19 +34,29 @@ def _cached(task: HarnessTask) -> int | None:
     return None if any(f is None for f in flags) else sum(flags)
 
 
+def _ratio(counts: list[tuple[float, float]]) -> float:
+    den = sum(d for _n, d in counts)
+    return float(sum(n for n, _d in counts) / den) if den else 0.0
+
+
 def _task_stats(base: HarnessTask, cand: HarnessTask, resamples: int, seed: int) -> dict:
-    by_doc = {s.doc_id: s.value for s in cand.samples}
-    docs = sorted(s.doc_id for s in base.samples)
-    base_vals = [next(s.value for s in base.samples if s.doc_id == d) for d in docs]
-    cand_vals = [by_doc[d] for d in docs]
-    b, c = _mean(base_vals), _mean(cand_vals)
+    base_by, cand_by = {s.doc_id: s for s in base.samples}, {s.doc_id: s for s in cand.samples}
+    docs = sorted(base_by)
+    seed_t = (seed, zlib.crc32(base.name.encode()))
+    if base.corpus:
+        base_counts = [base_by[d].counts or (0.0, 0.0) for d in docs]
+        cand_counts = [cand_by[d].counts or (0.0, 0.0) for d in docs]
+        b, c = _ratio(base_counts), _ratio(cand_counts)
+        ci = paired_bootstrap_ratio_ci(base_counts, cand_counts, resamples, seed_t)
+    else:
+        base_vals = [base_by[d].value for d in docs]
+        cand_vals = [cand_by[d].value for d in docs]
+        b, c = _mean(base_vals), _mean(cand_vals)
+        ci = paired_bootstrap_ci(base_vals, cand_vals, resamples, seed_t)
     if base.higher_is_better:
         rec, defined = recovery(c, b)
     else:
         rec, defined = (b / c, True) if c > 0 else (1.0, b > 0)
-    ci = paired_bootstrap_ci(
-        base_vals, cand_vals, resamples, (seed, zlib.crc32(base.name.encode()))
-    )
     return {
         "n": len(docs),
         "value": c,
@@ -50,6 +65,8 @@ def _task_stats(base: HarnessTask, cand: HarnessTask, resamples: int, seed: int)
         "recovery_defined": defined,
         "delta": c - b,
         "delta_ci95": list(ci) if ci else None,
+        "corpus": base.corpus,
+        "harness_reported": cand.reported,
         "cached_samples": _cached(cand),
         "samples_log": cand.log,
     }
@@ -72,6 +89,7 @@ def harness_block(
             "version": t.version,
             "num_fewshot": t.num_fewshot,
             "n": len(t.samples),
+            "corpus": t.corpus,
         }
         for name, t in base.tasks.items()
     }
@@ -128,11 +146,17 @@ def markdown_lines(block: dict) -> list[str]:
                 cell += f", Δ CI [{ci[0]:+.3f}, {ci[1]:+.3f}])" if ci else ")"
             cells.append(cell)
         arrow = "↑" if meta["higher_is_better"] else "↓"
-        rows.append([task, f"{meta['metric']} {arrow}", *cells])
+        label = f"{meta['metric']} {arrow}" + (" (corpus)" if meta.get("corpus") else "")
+        rows.append([task, label, *cells])
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out.append("")
+    for task, meta in block["tasks"].items():
+        if meta.get("corpus"):
+            own = ", ".join(f"{m['name']} {m['tasks'][task]['harness_reported']}" for m in block["models"])
+            out.append(f"- {task}: corpus ratio over per-document counts (sum of errors / sum of "
+                       f"reference words); the harness's own aggregate: {own}.")  # fmt: skip
     for m in block["models"]:
         cached = {t: s["cached_samples"] for t, s in m["tasks"].items()}
         out.append(

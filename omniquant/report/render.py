@@ -480,7 +480,8 @@ def _harness_context(report: dict) -> dict | None:
                 cell += f" ({100 * s['recovery']:.0f}%)"
             cells.append(cell)
         rows.append({"task": task, "metric": meta["metric"]
-                     + (" (higher is better)" if meta["higher_is_better"] else " (lower is better)"),
+                     + (" (higher is better)" if meta["higher_is_better"] else " (lower is better)")
+                     + (", corpus ratio" if meta.get("corpus") else ""),
                      "cells": cells})  # fmt: skip
     return {"name": block["harness"], "models": [m["name"] for m in models], "rows": rows,
             "verdicts": [m["verdict"] for m in models[1:]]}  # fmt: skip

@@ -56,6 +56,38 @@ def paired_bootstrap_ci(
     return float(low), float(high)
 
 
+def paired_bootstrap_ratio_ci(
+    baseline: list[tuple[float, float]],
+    candidate: list[tuple[float, float]],
+    resamples: int,
+    seed: tuple[int, ...] | int,
+) -> tuple[float, float] | None:
+    """95% percentile interval of the corpus-ratio delta (paired bootstrap over documents).
+
+    Each document carries ``(numerator, denominator)`` (a WER's word errors and reference
+    words); a resample draws documents with replacement, the same for both models, and
+    recomputes ``sum(num) / sum(den)`` for each: the interval is of candidate minus
+    baseline. Resamples whose denominator is zero are dropped.
+
+    Returns:
+        ``(low, high)``, or ``None`` with no documents or ``resamples == 0``.
+    """
+    n = len(baseline)
+    if n == 0 or resamples <= 0:
+        return None
+    b = np.asarray(baseline, dtype=np.float64).reshape(n, 2)
+    c = np.asarray(candidate, dtype=np.float64).reshape(n, 2)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(resamples, n))
+    b_den, c_den = b[idx, 1].sum(axis=1), c[idx, 1].sum(axis=1)
+    ok = (b_den > 0) & (c_den > 0)
+    if not ok.any():
+        return None
+    deltas = c[idx, 0].sum(axis=1)[ok] / c_den[ok] - b[idx, 0].sum(axis=1)[ok] / b_den[ok]
+    low, high = np.percentile(deltas, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def _group_stats(
     samples: list[SampleResult],
     base: dict[str, SampleResult] | None,

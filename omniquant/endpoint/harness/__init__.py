@@ -10,6 +10,12 @@ Policy:
   id (``omniquant.report.harness``).
 - Harnesses are optional extras; a missing one is an ``EndpointError`` that names the
   install command. Nothing here imports a harness at module load.
+- A harness may live in another Python environment (lmms-eval needs a torch/torchvision
+  pair that the CPU torch of omniquant's own environment cannot be): it is a client of
+  the endpoint, so its interpreter is a setting (``--harness-python`` or the entry's
+  environment variable, e.g. ``OMNIQUANT_LMMS_EVAL_PYTHON``). With one given, the task
+  list is asked from that interpreter in a child process too; without, the harness is
+  imported here (``sys.executable``).
 - Comparability of two runs (task version, sample count, few-shot, configuration) is
   decided here (``check_comparable``), where the harness's metadata is understood.
 """
@@ -17,6 +23,10 @@ Policy:
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Protocol
 
@@ -24,7 +34,8 @@ from omniquant.errors import EndpointError
 from omniquant.evaluate.harness_results import HarnessRun, HarnessSample, HarnessTask
 
 __all__ = ["HARNESSES", "Harness", "HarnessRun", "HarnessSample", "HarnessTask",
-           "check_comparable", "get_harness", "require"]  # fmt: skip
+           "check_comparable", "get_harness", "interpreter", "known_tasks", "refuse_unknown",
+           "require"]  # fmt: skip
 
 
 class Harness(Protocol):
@@ -33,22 +44,114 @@ class Harness(Protocol):
     name: str
     module: str
     install: str
+    python_env: str
+    """Environment variable naming the harness's interpreter (``--harness-python`` wins)."""
 
-    def check_tasks(self, tasks: list[str], include: Path | None) -> None:
+    def check_tasks(self, tasks: list[str], include: Path | None,
+                    python: str | None = None) -> None:  # fmt: skip
         """Refuse unknown task names (by name, with the harness's list where it has one)."""
 
     def run(self, *, url: str, model_id: str, tokenizer: str | None, tasks: list[str],
-            include: Path | None, out: Path, extra_args: list[str]) -> HarnessRun:  # fmt: skip
+            include: Path | None, out: Path, extra_args: list[str],
+            python: str | None = None) -> HarnessRun:  # fmt: skip
         """Run the tasks against the endpoint and read the per-sample logs back."""
 
 
-def require(harness: Harness) -> None:
-    """Raise a clear error when the harness's package is not installed."""
-    if importlib.util.find_spec(harness.module) is None:
+def interpreter(harness: Harness, python: str | None = None) -> str | None:
+    """The harness's own interpreter (``python``, else its environment variable), or ``None``
+    for this one (the harness imported in this environment)."""
+    python = python or os.environ.get(harness.python_env) or None
+    # absolute (the child runs in the task folder), but not resolved: a venv's python is a
+    # symlink whose target is outside the venv
+    return os.path.abspath(python) if python and os.sep in python else python
+
+
+def _where(harness: Harness, python: str) -> str:
+    env = os.environ.get(harness.python_env)
+    src = harness.python_env if env and interpreter(harness, env) == python else "--harness-python"
+    return f"{python} (from {src})"
+
+
+def require(harness: Harness, python: str | None = None) -> None:
+    """Raise a clear error when the harness's package is not installed (in ``python``, the
+    harness's own interpreter, when one is given or set in its environment variable)."""
+    python = interpreter(harness, python)
+    if python is None:
+        if importlib.util.find_spec(harness.module) is None:
+            raise EndpointError(
+                f"harness {harness.name!r} is not installed; install it with: {harness.install} "
+                f"(or name an interpreter that has it: --harness-python PATH or "
+                f"{harness.python_env}=PATH).",
+                arg="harness",
+            )
+        return
+    try:
+        proc = subprocess.run([python, "-c", f"import {harness.module}"], capture_output=True,
+                              text=True, timeout=600, check=False)  # fmt: skip
+        problem = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+    except OSError as err:
+        problem = str(err)
+    if problem:
         raise EndpointError(
-            f"harness {harness.name!r} is not installed; install it with: {harness.install}",
-            arg="harness",
-        )
+            f"the {harness.name} interpreter {_where(harness, python)} cannot import "
+            f"{harness.module}: {problem}. Install it there with: {harness.install}",
+            arg="harness_python", value=python,
+        )  # fmt: skip
+
+
+_LIST_TASKS = (
+    "import json, sys\n"
+    "from {module}.tasks import TaskManager\n"
+    "tm = TaskManager(include_path=sys.argv[1] or None)\n"
+    "print(json.dumps(sorted(tm.all_tasks)))\n"
+)
+
+
+def known_tasks(harness: Harness, include: Path | None, python: str | None = None) -> list[str]:
+    """Every task name the harness knows (its ``TaskManager``, with ``include``), asked in
+    the harness's own interpreter when it has one."""
+    python = interpreter(harness, python)
+    if python is None:
+        tasks = importlib.import_module(f"{harness.module}.tasks")
+        return list(tasks.TaskManager(include_path=str(include) if include else None).all_tasks)
+    proc = subprocess.run([python, "-c", _LIST_TASKS.format(module=harness.module),
+                           str(include or "")], capture_output=True, text=True,
+                          timeout=1200, check=False)  # fmt: skip
+    try:
+        return list(json.loads(proc.stdout.strip().splitlines()[-1]))
+    except (IndexError, ValueError) as err:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
+        raise EndpointError(
+            f"{_where(harness, python)} did not list {harness.name}'s tasks "
+            f"(exit code {proc.returncode}): {tail}",
+            arg="harness_python", value=python,
+        ) from err
+
+
+def refuse_unknown(harness: Harness, tasks: list[str], known: list[str], listing: str,
+                   close: bool = False) -> None:  # fmt: skip
+    """Refuse task names the harness does not know, by name, with ``listing`` (the command
+    that lists the harness's tasks) and, with ``close``, the close matches of each."""
+    import difflib
+
+    unknown = [t for t in tasks if t not in known]
+    if not unknown:
+        return
+
+    def near(name: str) -> str:
+        hits = difflib.get_close_matches(name, known, n=5, cutoff=0.6) if close else []
+        return f" (close: {', '.join(hits)})" if hits else ""
+
+    raise EndpointError(
+        f"{harness.name} does not know task(s) {', '.join(f'{t!r}{near(t)}' for t in unknown)}; "
+        f"{harness.name} lists {len(known)} tasks (`{listing}`).",
+        arg="harness_tasks",
+    )
+
+
+def python_for(harness: Harness, python: str | None) -> str:
+    """The executable that runs the harness's command line."""
+    return interpreter(harness, python) or sys.executable
 
 
 def get_harness(name: str) -> Harness:
