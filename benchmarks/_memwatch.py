@@ -48,7 +48,7 @@ def measure(setup: str, body: str) -> dict:
         + "print('MEASURE ' + json.dumps({'seconds': _dt, 'rss_peak_delta': _peak['VmRSS'] - _base['VmRSS'],"
         + " 'anon_peak_delta': _peak['RssAnon'] - _base['RssAnon'], 'rss_base': _base['VmRSS'], 'anon_base': _base['RssAnon']}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark subprocess failed:\n{out.stderr[-4000:]}")
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("MEASURE ")][-1]

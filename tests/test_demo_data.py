@@ -76,7 +76,7 @@ def test_evaluation_split_is_a_valid_task_set():
         if entry.metric == "multiple_choice":
             assert entry.answer in entry.choices
     answers = Counter((e.task, e.answer) for e in entries)
-    for task, n in per_task.items():
+    for task in per_task:
         counts = [c for (t, _), c in answers.items() if t == task]
         assert max(counts) - min(counts) <= 1 or task == "next_number", (task, counts)
 

@@ -85,7 +85,7 @@ def test_fp8_quant_configs(tiny_dir, quantized):
         # Every weight of >= 2 dims: Linears, and conv1d (TensorRT-LLM keeps it in a Linear).
         linear_like = {
             k[:-7]
-            for k in fh.keys()
+            for k in fh.keys()  # noqa: SIM118 (a safetensors handle is not iterable)
             if k.endswith(".weight") and len(fh.get_slice(k).get_shape()) >= 2
         }
     quantized_mods = {k[:-7] for k, v in _tensors(out).items() if v.dtype == torch.float8_e4m3fn}
