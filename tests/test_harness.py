@@ -590,3 +590,60 @@ def test_report_pairs_a_corpus_wer_that_lmms_eval_aggregates_itself(demo_three, 
         assert got["value"] > 0.3
         assert got["value"] == pytest.approx(got["harness_reported"] / 100), m["name"]
     assert "wer ↓ (corpus)" in (tmp_path / "r" / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------- lmms-eval's response cache
+
+
+def _lmms_cache(root: Path, rows: list[tuple[str, str, int]], audit: list[dict] = ()) -> None:
+    """A response cache as lmms-eval 0.7.3 lays it out: ``cache.db`` and a run's store."""
+    run = root / "runs" / "omniquant"
+    run.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(root / "cache.db")
+    con.execute("CREATE TABLE responses (cache_key TEXT PRIMARY KEY, request_type TEXT, "
+                "task_name TEXT, doc_id INTEGER, idx INTEGER, gen_kwargs TEXT, response TEXT, "
+                "created_at REAL)")  # fmt: skip
+    con.executemany("INSERT INTO responses VALUES (?, 'generate_until', ?, ?, 0, '{}', '\"x\"', 0)", rows)
+    con.commit()
+    con.close()
+    (run / "rank_0.audit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in audit) + '{"cut')
+
+
+def test_lmms_eval_cache_attribution_counts_a_document_cached_only_when_no_request_was_sent(tmp_path):
+    from omniquant.endpoint.harness.lmms_eval import cache_rows, mark_cached
+    from omniquant.evaluate.harness_results import HarnessSample, HarnessTask
+
+    root = tmp_path / "cache"
+    assert cache_rows(root) == {}
+    _lmms_cache(root, [("k0", "t", 0), ("k1", "t", 1)],
+                [{"cache_key": "k2", "task_name": "t", "doc_id": 2, "deterministic": True},
+                 {"cache_key": "", "task_name": "t", "doc_id": 3, "deterministic": False}])  # fmt: skip
+    before = cache_rows(root)  # the write-ahead log's deterministic row counts, a cut line does not
+    assert before == {"k0": ("t", 0), "k1": ("t", 1), "k2": ("t", 2)}
+    after = {**before, "k1b": ("t", 1), "k4": ("t", 4)}  # doc 1 asked again, doc 4 new
+    samples = [HarnessSample(doc_id=d, value=1.0, prediction=None) for d in range(5)]
+    found = {"t": HarnessTask(name="t", metric="m", higher_is_better=True, version="1",
+                              num_fewshot=0, config={}, samples=samples, log="x")}  # fmt: skip
+    mark_cached(found, before, after)
+    assert [s.cached for s in samples] == [True, False, True, False, False]
+
+
+@needs_lmms
+@pytest.mark.slow
+def test_an_lmms_eval_run_over_more_documents_answers_the_first_from_its_cache(tmp_path):
+    """Resume: a run over 3 documents, then over 6: the second sends only the 3 new ones,
+    and the per-sample records say which came from lmms-eval's response cache. (lmms-eval
+    writes its cache after each request type's whole batch, so a run killed inside that
+    batch sends it again: README, Standard benchmarks.)"""
+    from omniquant.endpoint.launch import launched_server
+
+    lmms = get_harness("lmms-eval")
+    kw = {"model_id": "demo", "tokenizer": None, "include": LMMS_DEMO, "out": tmp_path / "demo",
+          "tasks": ["omni_demo_media"], "python": LMMS_PYTHON}  # fmt: skip
+    with launched_server(demo_model_dir(), "demo", tmp_path / "serve.log",
+                         serve_args=["--allowed-local-media-path", str(LMMS_DEMO.parent)]) as url:  # fmt: skip
+        first = lmms.run(url=url, extra_args=["--limit", "3"], **kw).tasks["omni_demo_media"]
+        more = lmms.run(url=url, extra_args=["--limit", "6"], **kw).tasks["omni_demo_media"]
+    assert [s.cached for s in first.samples] == [False] * 3
+    assert [s.cached for s in more.samples] == [True] * 3 + [False] * 3
+    assert [s.value for s in more.samples[:3]] == [s.value for s in first.samples]
