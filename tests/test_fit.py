@@ -160,7 +160,7 @@ def test_fit_on_the_tiny_model_exports_the_predicted_bytes(tiny_dir, tmp_path):
     from omniquant.quantize.predict import measured_tensor_bytes
     from omniquant.quantize.recipe import load_recipe
 
-    session = prepare_fit(tiny_dir, calib="synthetic", samples=2, calib_size=2)
+    session = prepare_fit(tiny_dir, calib="synthetic", samples=2, calib_size=2, algorithms="max")
     budget = (session.smallest_bytes + session.costs.bf16_bytes) // 2
     res = fit_budget(session, budget)
     assert res.predicted_bytes <= budget
@@ -206,3 +206,60 @@ def test_fit_cli_refusals(tiny_dir, tmp_path, capsys):
     assert rc == 0
     assert "BF16 fits" in capsys.readouterr().out
     assert not out.exists()
+
+
+def test_fit_with_algorithms_on_the_tiny_model(tiny_dir, tmp_path):
+    """max and mse as a dimension of the fit at the smallest layout (every unit NVFP4):
+    candidates of both are scored, the least measured is written with its algorithm, the
+    export has the predicted bytes, and for mse (a per-weight search) the composition fit
+    scored is byte for byte what ``quantize`` writes."""
+    from omniquant.evaluate.emulated import read_tensors
+    from omniquant.experiments.fit import fit_budget, prepare_fit, write_recipe
+    from omniquant.quantize.pipeline import quantize
+    from omniquant.quantize.predict import measured_tensor_bytes
+    from omniquant.quantize.recipe import load_recipe
+
+    session = prepare_fit(tiny_dir, calib="synthetic", samples=2, calib_size=2, algorithms="mse")
+    assert session.algorithms == ["max", "mse"]
+    res = fit_budget(session, session.smallest_bytes, candidates=1)
+    assert res.predicted_bytes == session.smallest_bytes
+    algos = [a["algorithm"] for a in res.alternatives]
+    assert sorted(algos) == ["max", "mse"]  # one layout (all NVFP4), two calibrations
+    assert res.composed_kl == min(a["composed_kl"] for a in res.alternatives)
+    assert (
+        res.algorithm == algos[[a["composed_kl"] for a in res.alternatives].index(res.composed_kl)]
+    )
+    mse_kl = next(a["composed_kl"] for a in res.alternatives if a["algorithm"] == "mse")
+    max_kl = next(a["composed_kl"] for a in res.alternatives if a["algorithm"] == "max")
+    assert mse_kl != max_kl  # mse's scales differ from max's
+    out = write_recipe(res, tmp_path / "fitted.yaml")
+    text = out.read_text()
+    assert f"# calibration algorithm: {res.algorithm} (tried: max, mse" in text
+    assert load_recipe(out)[0].quantization.algorithm == res.algorithm
+    q = quantize(tiny_dir, out, tmp_path / "q", calib="synthetic")
+    assert measured_tensor_bytes(q.out) == res.predicted_bytes
+    # The mse composition against a real mse export of the same layout.
+    mse_layout = next(a["layout"] for a in res.alternatives if a["algorithm"] == "mse")
+    rec = load_recipe(out)[0].model_dump()
+    rec["quantization"]["algorithm"] = "mse"
+    from omniquant.quantize.recipe import Recipe
+
+    q = quantize(tiny_dir, Recipe.model_validate(rec), tmp_path / "q_mse", calib="synthetic")
+    composed = session.composer.tensors(mse_layout, True, algorithm="mse")
+    real = read_tensors(q.out)
+    assert set(composed) == set(real)
+    for name, tensor in real.items():
+        a = tensor.contiguous().reshape(-1).view(torch.uint8)
+        b = composed[name].contiguous().reshape(-1).view(torch.uint8)
+        assert torch.equal(a, b), name
+
+
+def test_fit_refuses_unknown_and_refused_algorithms(tiny_dir):
+    from omniquant.experiments.fit import prepare_fit
+
+    with pytest.raises(PlanError, match=r"unknown algorithm\(s\) nope; use max, mse"):
+        prepare_fit(tiny_dir, calib="synthetic", algorithms="nope")
+    with pytest.raises(PlanError, match="awq is refused"):
+        prepare_fit(tiny_dir, calib="synthetic", algorithms="mse,awq")
+    assert prepare_fit(tiny_dir, calib="synthetic", algorithms="all").algorithms == [
+        "max", "mse", "four_over_six", "local_hessian", "gptq"]  # fmt: skip
