@@ -263,3 +263,20 @@ def test_fit_refuses_unknown_and_refused_algorithms(tiny_dir):
         prepare_fit(tiny_dir, calib="synthetic", algorithms="mse,awq")
     assert prepare_fit(tiny_dir, calib="synthetic", algorithms="all").algorithms == [
         "max", "mse", "four_over_six", "local_hessian", "gptq"]  # fmt: skip
+
+
+def test_fit_refuses_before_calibrating_when_the_host_memory_is_short(tiny_dir, monkeypatch):
+    from omniquant.experiments import fit as fit_mod
+
+    session = fit_mod.prepare_fit(tiny_dir, calib="synthetic", algorithms="max,mse")
+    need = fit_mod.host_memory_needed(session)
+    bf16 = session.costs.bf16_bytes
+    assert need["bf16_tensors"] == need["probe_model"] == bf16
+    assert set(need) == {"bf16_tensors", "export_max_fp8", "export_max_nvfp4", "export_mse_fp8",
+                         "export_mse_nvfp4", "probe_model", "total"}  # fmt: skip
+    assert bf16 > need["export_max_fp8"] > need["export_max_nvfp4"]
+    assert need["total"] == sum(v for k, v in need.items() if k != "total")
+    monkeypatch.setattr(fit_mod, "_available_host_bytes", lambda: need["total"] - 1)
+    with pytest.raises(PlanError, match=r"needs about .* GiB of host memory \(bf16_tensors"):
+        session.measure()
+    assert session.composer is None

@@ -47,9 +47,12 @@ Policy:
   the export. The default ``max,mse`` is the cheap, composable pair: mse was the
   best-measured weight error of #21's algorithms on NVFP4 and costs one weight search
   per GEMM; ``--algorithms all`` tries every non-refused one.
-- The composition runs the CPU emulation and keeps the BF16 and per-format exported
-  tensors in host memory: right for the demo and tiny models; the released model needs
-  a GPU-resident model whose units are swapped in place (not built).
+- The composition runs the CPU emulation and keeps the BF16 and per-(algorithm, format)
+  exported tensors in host memory, plus one composed model per probe: right for the
+  demo and tiny models; the released model needs a GPU-resident model whose units are
+  swapped in place (not built). ``host_memory_needed`` states that sum term by term, and
+  ``measure`` refuses before any calibration when it exceeds the host's available
+  memory (``MemAvailable`` of ``/proc/meminfo``; not checked where that is absent).
 """
 
 from __future__ import annotations
@@ -363,7 +366,46 @@ class FitSession:
                 arg="model",
                 value=self.model_dir,
             )
+        need = host_memory_needed(self)
+        avail = _available_host_bytes()
+        if avail is not None and need["total"] > avail:
+            terms = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in need.items() if k != "total")
+            raise PlanError(
+                f"fit's in-memory composition needs about {need['total'] / 2**30:.2f} GiB of "
+                f"host memory ({terms}) and {avail / 2**30:.2f} GiB is available; fit fewer "
+                f"algorithms ({arg_ref('algorithms')} max) or formats, or run on a larger host "
+                "(an in-place, per-unit composer that needs the BF16 model plus one unit is "
+                "not built yet).",
+                arg="model",
+                value=self.model_dir,
+            )
         _measure(self, log or (lambda _m: None))
+
+
+def host_memory_needed(s: FitSession) -> dict[str, int]:
+    """Host bytes the in-memory composition holds: the BF16 tensors, one export per
+    (algorithm, format it refines) with every legal unit in that format, and one
+    composed BF16 model per probe."""
+    terms = {"bf16_tensors": s.costs.bf16_bytes}
+    for algo in s.algorithms:
+        for fmt in [f for f in s.formats if f != "bf16"]:
+            if layout_algorithm(algo, {fmt})[0] != algo:
+                continue
+            saved = sum(s.costs.delta.get((u.name, fmt), 0) for u in s.units)
+            terms[f"export_{algo}_{fmt}"] = s.costs.bf16_bytes + saved
+    terms["probe_model"] = s.costs.bf16_bytes
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def _available_host_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def prepare_fit(
