@@ -217,15 +217,33 @@ def unit_costs(loaded, units: list[Unit], formats: list[str], kv_cache: str) -> 
     return UnitCosts(base, delta, illegal, hubs)
 
 
-def layout_algorithm(algorithm: str, formats_used: set[str]) -> tuple[str, set[str]]:
+def calibrated_formats(algorithm: str, formats: list[str] | set[str]) -> set[str]:
+    """The formats fit calibrates (and scores) with ``algorithm`` when units may take
+    ``formats``: those it refines in a recipe using all of them (mse with NVFP4 leaves
+    FP8 at max, so fit does not use mse's FP8-only search)."""
+    from omniquant.quantize.algorithms import get_algorithm
+
+    quantized = set(formats) - {"bf16"}
+    return (
+        quantized if algorithm == "max" else get_algorithm(algorithm).effective_formats(quantized)
+    )
+
+
+def layout_algorithm(
+    algorithm: str, formats_used: set[str], calibrated: set[str] | None = None
+) -> tuple[str, set[str]]:
     """The algorithm a recipe of ``formats_used`` under ``algorithm`` really runs, and the
-    formats it refines there (``max`` and no format when it refines none of them)."""
+    formats it refines there: ``max`` and no format when it refines none of them, or
+    (given ``calibrated``, the formats fit calibrated with it) when it would refine one
+    fit did not calibrate with it."""
     from omniquant.quantize.algorithms import get_algorithm
 
     if algorithm == "max":
         return "max", set()
     refined = get_algorithm(algorithm).effective_formats(set(formats_used))
-    return (algorithm, refined) if refined else ("max", set())
+    if not refined or (calibrated is not None and not refined <= calibrated):
+        return "max", set()
+    return algorithm, refined
 
 
 class Composer:
@@ -248,7 +266,8 @@ class Composer:
         """Stored tensors of the layout (unit name -> format) calibrated with
         ``algorithm``, as an export would hold."""
         used = {f for f in assignment.values() if f != "bf16"}
-        _algo, refined = layout_algorithm(algorithm, used)
+        have = {f for a, f in self.exported if a == algorithm}
+        _algo, refined = layout_algorithm(algorithm, used, have)
         out = dict(self.source)
         for unit, fmt in assignment.items():
             if fmt == "bf16":
@@ -389,7 +408,7 @@ def host_memory_needed(s: FitSession) -> dict[str, int]:
     terms = {"bf16_tensors": s.costs.bf16_bytes}
     for algo in s.algorithms:
         for fmt in [f for f in s.formats if f != "bf16"]:
-            if layout_algorithm(algo, {fmt})[0] != algo:
+            if fmt not in calibrated_formats(algo, s.formats):
                 continue
             saved = sum(s.costs.delta.get((u.name, fmt), 0) for u in s.units)
             terms[f"export_{algo}_{fmt}"] = s.costs.bf16_bytes + saved
@@ -561,7 +580,8 @@ def fit_budget(
         for rank, layout in enumerate(solve_best(opts, budget_bytes - costs.bf16_bytes,
                                                  candidates), 1):  # fmt: skip
             formats = {u: o.format for u, o in layout.items()}
-            real, _ = layout_algorithm(algo, set(formats.values()) - {"bf16"})
+            have = {f for a, f in s.composer.exported if a == algo}
+            real, _ = layout_algorithm(algo, set(formats.values()) - {"bf16"}, have)
             key = (real, tuple(sorted(formats.items())))
             if key in seen:  # the same layout, calibrated the same way, is scored once
                 continue
@@ -594,7 +614,7 @@ def _calibrate_all(s: FitSession, tmp: Path, say) -> dict[tuple[str, str], Path]
     exports: dict[tuple[str, str], Path] = {}
     for algo in list(s.algorithms):
         for fmt in [f for f in s.formats if f != "bf16"]:
-            if layout_algorithm(algo, {fmt})[0] != algo:
+            if fmt not in calibrated_formats(algo, s.formats):
                 continue  # algo leaves fmt at max: max's export stands for it
             legal = {u: fmt for u in s.units if (u.name, fmt) in s.costs.delta}
             if not legal:
@@ -670,8 +690,18 @@ def _finish(result: FitResult, s: FitSession, chosen: dict, composed: float, nam
     result.kv_kl, result.calibration = s.kv_kl, dict(s.calibration)
     result.warnings = list(s.warnings)
     assignment = {by_name[u]: o.format for u, o in chosen.items()}
-    options = s.options_by_algorithm[result.algorithm]
-    chosen = {u: next(o for o in options[u] if o.format == c.format) for u, c in chosen.items()}
+    # Each unit's damage as calibrated in this recipe: the algorithm's score for the
+    # formats it refines here, max's for the rest.
+    have = {f for a, f in s.composer.exported if a == result.algorithm}
+    _algo, refined = layout_algorithm(
+        result.algorithm, {c.format for c in chosen.values()} - {"bf16"}, have
+    )
+    by_algo = s.options_by_algorithm
+    chosen = {
+        u: next(o for o in by_algo[result.algorithm if c.format in refined else "max"][u]
+                if o.format == c.format)
+        for u, c in chosen.items()
+    }  # fmt: skip
     additive = sum(o.damage for o in chosen.values()) + (result.kv_kl or 0.0)
     predicted = s.costs.bf16_bytes + sum(o.delta_bytes for o in chosen.values())
     result.composed_kl = composed
