@@ -79,3 +79,12 @@ def test_html_plots_kl_and_accuracy_against_size_with_the_front(tmp_path):
     assert "KL front: fit_0_5mb:mse, bf16; accuracy front: " in page
     assert page.count('stroke-dasharray="5,3"') >= 2  # one front line per chart
     assert "worse: exported GiB" in page and "worse * " not in page
+
+
+def test_front_line_names_the_front_by_size(tmp_path):
+    from omniquant.report.table import render_front_line
+
+    assert render_front_line(_report(tmp_path)) == (
+        "Pareto front, KL mean vs size (no other model has both less KL and fewer bytes): "
+        "fit_0_5mb:mse, bf16"
+    )

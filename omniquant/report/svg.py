@@ -454,7 +454,7 @@ def pareto_chart(
             path.append(f"L{px(x1):.1f},{py(y0):.1f} L{px(x1):.1f},{py(y1):.1f}")
         out.append(f'<path d="{" ".join(path)}" fill="none" stroke="#333" '
                    'stroke-dasharray="5,3" stroke-width="1.5"/>')  # fmt: skip
-    names = []
+    names, placed = [], []
     for i, (name, x, y) in enumerate(points):
         if x is None or y is None:
             names.append(f"{name} (n/a)")
@@ -469,13 +469,29 @@ def pareto_chart(
             f'stroke="{colors[i]}"><title>{escape(name)}: {escape(x_label)} {_fmt(x)}, '
             f"{escape(y_label)} {_fmt(y)}{' (Pareto front)' if on else ''}</title></circle>"
         )
-        out.append(
-            f'<text x="{px(x) + 11:.1f}" y="{py(y) - 6:.1f}" font-size="10" {_FONT}>'
-            f"{escape(name)}</text>"
-        )
+        lx, base = px(x) + 11, py(y) - 6
+        # Points of equal size sit on one vertical: the label takes the nearest line, up
+        # or down, inside the plot, clear of the labels already placed (about 6 px per
+        # character, 11 px per line).
+        for k in range(40):
+            ly = base + 11 * ((k + 1) // 2) * (1 if k % 2 else -1)
+            inside = top + 10 <= ly <= top + plot_h - 3
+            if inside and not any(
+                abs(ly - y2) < 11 and lx < x2 + 6 * n2 and x2 < lx + 6 * len(name)
+                for x2, y2, n2 in placed
+            ):
+                break
+        placed.append((lx, ly, len(name)))
+        out.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="10" {_FONT}>{escape(name)}</text>')
     out += _legend(names, width - legend_w + 4, top + 10, colors)
-    out.append(
-        f'<text x="{width - legend_w + 4:.1f}" y="{top + 20 + 16 * len(points):.1f}" '
-        f'font-size="10" fill="#555" {_FONT}>* ringed, dashed: {escape(front_label)}</text>'
-    )
+    words, lines = f"* ringed, dashed line: {front_label}".split(), [""]
+    for word in words:  # wrapped to the legend's width (~26 characters)
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > 26:
+            lines.append("")
+        lines[-1] = f"{lines[-1]} {word}".strip()
+    for k, line in enumerate(lines):
+        out.append(
+            f'<text x="{width - legend_w + 4:.1f}" y="{top + 20 + 16 * len(points) + 12 * k:.1f}" '
+            f'font-size="10" fill="#555" {_FONT}>{escape(line)}</text>'
+        )
     return "\n".join(out + ["</svg>"])

@@ -114,6 +114,19 @@ def render_throughput_lines(report: dict) -> list[str]:
     return lines
 
 
+def render_front_line(report: dict) -> str:
+    """One line naming the models on the Pareto front of KL mean vs exported size (what
+    ``omniquant cliff`` prints under its table; ``report.html`` plots it)."""
+    from omniquant.report.pareto import pareto_front
+
+    models = [report["baseline"], *report["candidates"]]
+    front = pareto_front([(m["name"], m["size_bytes"], m["overall"]["kl_mean"]) for m in models])
+    return (
+        "Pareto front, KL mean vs size (no other model has both less KL and fewer bytes): "
+        + (", ".join(front) or "none (no model has both a size and a KL)")
+    )
+
+
 def render_cliff_table(report: dict) -> str:
     """Accuracy per task for BF16 and each candidate, with recovery in parentheses."""
     base = report["baseline"]
