@@ -34,9 +34,10 @@ Policy:
   layout, so the bytes of a layout are the same under each. Per algorithm A, each
   format A refines is calibrated once with A (every legal unit in it), each unit is
   scored in the formats A refines (others reuse max's score: A leaves them at max), the
-  integer program is solved per A, and the ``candidates`` best layouts of every A go
-  through the same whole-layout check; the least measured (layout, algorithm) is
-  written, with ``quantization.algorithm: A``. modelopt runs one algorithm per model, so
+  integer program is solved per A, and the ``candidates`` best layouts of every A,
+  each composed under every algorithm (a layout one program ranks low can be the best
+  under another), go through the same whole-layout check; the least measured (layout,
+  algorithm) is written, with ``quantization.algorithm: A``. modelopt runs one algorithm per model, so
   a recipe has one algorithm; which of its formats A really refines in a mixed layout is
   the registry's ``effective_formats`` (mse with NVFP4 rules leaves FP8 at max), and the
   composition takes those formats from A's export and the rest from max's. Where an
@@ -575,18 +576,23 @@ def fit_budget(
     s.measure(say)
     t = time.perf_counter()
     kv = s.kv_cache == "fp8"
-    scored, seen = [], set()
+    # The pool: every algorithm's best layouts by summed KL; each is then composed under
+    # every algorithm (a layout one program ranks low may be the best under another).
+    pool: dict[tuple, tuple[dict[str, str], dict[str, int]]] = {}
     for algo, opts in s.options_by_algorithm.items():
-        for rank, layout in enumerate(solve_best(opts, budget_bytes - costs.bf16_bytes,
-                                                 candidates), 1):  # fmt: skip
+        room = budget_bytes - costs.bf16_bytes
+        for rank, layout in enumerate(solve_best(opts, room, candidates), 1):
             formats = {u: o.format for u, o in layout.items()}
-            have = {f for a, f in s.composer.exported if a == algo}
-            real, _ = layout_algorithm(algo, set(formats.values()) - {"bf16"}, have)
-            key = (real, tuple(sorted(formats.items())))
-            if key in seen:  # the same layout, calibrated the same way, is scored once
+            pool.setdefault(tuple(sorted(formats.items())), (formats, {}))[1].setdefault(algo, rank)
+    scored, seen = [], set()
+    for key, (formats, ranks) in pool.items():
+        for algo in s.options_by_algorithm:
+            layout, real = _layout_options(s, formats, algo)
+            if (real, key) in seen:  # the same layout, calibrated the same way, is scored once
                 continue
-            seen.add(key)
+            seen.add((real, key))
             composed = s.composer.kl(formats, kv_cache=kv, algorithm=real)
+            rank = ranks.get(real)
             scored.append((composed, real, rank, layout))
             result.alternatives.append({
                 "algorithm": real, "rank": rank, "layout": formats,
@@ -594,13 +600,26 @@ def fit_budget(
                 "predicted_kl": sum(o.damage for o in layout.values()) + (s.kv_kl or 0.0),
                 "composed_kl": composed,
             })  # fmt: skip
-            say(f"fit: candidate {real} #{rank}: composed KL {composed:.4g}")
+            say(f"fit: candidate {real} #{rank or '-'}: composed KL {composed:.4g}")
     composed, algo, rank, layout = min(scored, key=lambda c: c[0])
     result.chosen_rank, result.algorithm = rank, algo
     result.seconds["interaction_check"] = round(time.perf_counter() - t, 2)
     _finish(result, s, layout, composed, name, say)
     result.seconds = {**s.seconds, **result.seconds, "fit": round(time.perf_counter() - t0, 2)}
     return result
+
+
+def _layout_options(s: FitSession, formats: dict[str, str], algorithm: str):
+    """``(unit -> Option, algorithm the recipe really runs)`` for a layout calibrated with
+    ``algorithm``: each unit's damage from the algorithm that calibrates its format in
+    this recipe (the algorithm's own for the formats it refines here, max's for the rest)."""
+    have = {f for a, f in s.composer.exported if a == algorithm}
+    real, refined = layout_algorithm(algorithm, set(formats.values()) - {"bf16"}, have)
+    by_algo = s.options_by_algorithm
+    return {
+        u: next(o for o in by_algo[real if f in refined else "max"][u] if o.format == f)
+        for u, f in formats.items()
+    }, real
 
 
 def _calibrate_all(s: FitSession, tmp: Path, say) -> dict[tuple[str, str], Path]:
@@ -690,18 +709,6 @@ def _finish(result: FitResult, s: FitSession, chosen: dict, composed: float, nam
     result.kv_kl, result.calibration = s.kv_kl, dict(s.calibration)
     result.warnings = list(s.warnings)
     assignment = {by_name[u]: o.format for u, o in chosen.items()}
-    # Each unit's damage as calibrated in this recipe: the algorithm's score for the
-    # formats it refines here, max's for the rest.
-    have = {f for a, f in s.composer.exported if a == result.algorithm}
-    _algo, refined = layout_algorithm(
-        result.algorithm, {c.format for c in chosen.values()} - {"bf16"}, have
-    )
-    by_algo = s.options_by_algorithm
-    chosen = {
-        u: next(o for o in by_algo[result.algorithm if c.format in refined else "max"][u]
-                if o.format == c.format)
-        for u, c in chosen.items()
-    }  # fmt: skip
     additive = sum(o.damage for o in chosen.values()) + (result.kv_kl or 0.0)
     predicted = s.costs.bf16_bytes + sum(o.delta_bytes for o in chosen.values())
     result.composed_kl = composed
@@ -764,11 +771,17 @@ def render_recipe(result: FitResult, units: dict[str, Unit]) -> str:
             "bytes are the same under each)."
         ),
         (
-            f"#   chosen as the least measured of {len(r.alternatives)} layouts, the best by "
-            f"summed KL per algorithm (it ranks {r.chosen_rank} by the sum under "
-            f"{r.algorithm}): "
+            f"#   chosen as the least measured of {len(r.alternatives)} (layout, algorithm) pairs: "
+            "each algorithm's best layouts by summed KL, each under every algorithm (it ranks "
+            + (
+                f"{r.chosen_rank} by the sum under {r.algorithm}"
+                if r.chosen_rank
+                else f"outside {r.algorithm}'s best by the sum"
+            )
+            + "): "
             + "; ".join(
-                f"{a['algorithm']} #{a['rank']} {a['composed_kl']:.3g}" for a in r.alternatives
+                f"{a['algorithm']} #{a['rank'] or '-'} {a['composed_kl']:.3g}"
+                for a in r.alternatives
             )
             + "."
         ),
