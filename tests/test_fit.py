@@ -354,3 +354,15 @@ def test_which_formats_an_algorithm_calibrates_and_refines_in_a_layout():
     assert layout_algorithm("mse", {"fp8"}) == ("mse", {"fp8"})
     assert layout_algorithm("four_over_six", {"fp8"}) == ("max", set())
     assert layout_algorithm("max", {"nvfp4"}) == ("max", set())
+
+
+def test_an_algorithm_whose_calibration_is_refused_is_dropped_with_a_warning(tiny_dir):
+    """gptq needs 128 calibration tokens; two synthetic samples have fewer: fit goes on
+    with max, says so, and the recipe does not claim gptq was tried."""
+    from omniquant.experiments.fit import fit_budget, prepare_fit
+
+    session = prepare_fit(tiny_dir, calib="synthetic", samples=1, calib_size=2, algorithms="gptq")
+    res = fit_budget(session, session.smallest_bytes, candidates=1)
+    assert res.algorithms == ["max"] and res.algorithm == "max"
+    assert any(w.startswith("algorithm gptq dropped: ") and "128" in w for w in res.warnings)
+    assert "(tried: max; " in res.recipe_yaml

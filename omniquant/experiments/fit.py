@@ -708,6 +708,7 @@ def _finish(result: FitResult, s: FitSession, chosen: dict, composed: float, nam
     by_name = {u.name: u for u in s.units}
     result.kv_kl, result.calibration = s.kv_kl, dict(s.calibration)
     result.warnings = list(s.warnings)
+    result.algorithms = s.algorithms  # without any dropped while calibrating
     assignment = {by_name[u]: o.format for u, o in chosen.items()}
     additive = sum(o.damage for o in chosen.values()) + (result.kv_kl or 0.0)
     predicted = s.costs.bf16_bytes + sum(o.delta_bytes for o in chosen.values())
