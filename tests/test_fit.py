@@ -271,72 +271,15 @@ def test_fit_refuses_before_calibrating_when_the_host_memory_is_short(tiny_dir, 
     session = fit_mod.prepare_fit(tiny_dir, calib="synthetic", algorithms="max,mse")
     need = fit_mod.host_memory_needed(session)
     bf16 = session.costs.bf16_bytes
-    assert need["bf16_tensors"] == need["probe_model"] == bf16
-    # mse with NVFP4 among the formats leaves FP8 at max: no mse FP8 export.
-    assert set(need) == {"bf16_tensors", "export_max_fp8", "export_max_nvfp4",
-                         "export_mse_nvfp4", "probe_model", "total"}  # fmt: skip
-    assert bf16 > need["export_max_fp8"] > need["export_max_nvfp4"]
-    assert need["total"] == sum(v for k, v in need.items() if k != "total")
+    # In place: the BF16 model plus a few copies of the largest quantizable weight; the
+    # exports stay on disk, so the algorithms add nothing.
+    assert set(need) == {"bf16_model", "weight_swap", "total"}
+    assert need["bf16_model"] == bf16 and 0 < need["weight_swap"] < bf16
+    assert need["total"] == bf16 + need["weight_swap"]
     monkeypatch.setattr(fit_mod, "_available_host_bytes", lambda: need["total"] - 1)
-    with pytest.raises(PlanError, match=r"needs about .* GiB of host memory \(bf16_tensors"):
+    with pytest.raises(PlanError, match=r"needs about .* GiB of host memory \(bf16_model"):
         session.measure()
     assert session.composer is None
-
-
-def test_mean_answer_kl_reads_the_positions_that_predict_the_answer():
-    from types import SimpleNamespace
-
-    from omniquant.evaluate.logit_kl import mean_answer_kl, mean_kl
-
-    ref = [torch.log_softmax(torch.zeros(6, 4), dim=-1)]
-    cand = [ref[0].clone()]
-    # Positions 3 and 4 predict the two answer tokens (inputs: 4 prompt + 2 answer).
-    cand[0][3] = torch.log_softmax(torch.tensor([2.0, 0.0, 0.0, 0.0]), dim=-1)
-    cand[0][5] = torch.log_softmax(torch.tensor([9.0, 0.0, 0.0, 0.0]), dim=-1)  # after the end
-    sample = SimpleNamespace(answer_ids=torch.tensor([1, 2]))
-    p = ref[0][3].exp()
-    want = float((p * (ref[0][3] - cand[0][3])).sum()) / 2
-    assert mean_answer_kl(ref, cand, [sample]) == pytest.approx(want)
-    assert mean_kl(ref, cand) > mean_answer_kl(ref, cand, [sample])
-    with pytest.raises(ValueError, match="no sample has an answer"):
-        mean_answer_kl(ref, cand, [SimpleNamespace(answer_ids=None)])
-
-
-@pytest.mark.slow
-def test_fit_at_nvfp4_omni_bytes_beats_nvfp4_omni_on_the_demo_model(tmp_path):
-    """Issue 22's criterion, measured on real exports: the recipe fitted (max and mse) to
-    nvfp4_omni's exact bytes exports those bytes and has a lower KL than nvfp4_omni
-    (max, as released) on the held-out demo task samples (not the calibration samples fit
-    scored on), over every position and over the answer spans alone."""
-    from omniquant.data.processing import OmniProcessor
-    from omniquant.demo import DEMO_CALIB, DEMO_TASKS, demo_model_dir
-    from omniquant.evaluate.emulated import load_emulated
-    from omniquant.evaluate.logit_kl import mean_answer_kl, mean_kl, sample_logprobs
-    from omniquant.evaluate.tasks import prepare_task_items, validate_task_set
-    from omniquant.experiments.fit import fit, write_recipe
-    from omniquant.quantize.pipeline import quantize
-    from omniquant.quantize.planner import plan_model
-    from omniquant.quantize.predict import measured_tensor_bytes
-
-    model = demo_model_dir()
-    omni_bytes = plan_model(model, "nvfp4_omni").size.predicted_bytes
-    res = fit(model, omni_bytes, calib=DEMO_CALIB)
-    assert res.predicted_bytes == omni_bytes  # the whole budget used, to the byte
-    fitted = quantize(model, write_recipe(res, tmp_path / "fitted.yaml"), tmp_path / "fitted",
-                      quiet=True).out  # fmt: skip
-    omni = quantize(model, "nvfp4_omni", tmp_path / "omni", calib=DEMO_CALIB, quiet=True).out
-    assert measured_tensor_bytes(fitted) == measured_tensor_bytes(omni) == omni_bytes
-    base = load_emulated(model)
-    items = prepare_task_items(OmniProcessor.from_pretrained(model), validate_task_set(DEMO_TASKS))
-    tasks = [it.sample for it in items]
-    ref = sample_logprobs(base, tasks)
-    del base
-    kl = {}
-    for name, ckpt in (("fitted", fitted), ("nvfp4_omni", omni)):
-        lp = sample_logprobs(load_emulated(ckpt), tasks)
-        kl[name] = (mean_kl(ref, lp), mean_answer_kl(ref, lp, tasks))
-    assert kl["fitted"][0] < kl["nvfp4_omni"][0], kl
-    assert kl["fitted"][1] < kl["nvfp4_omni"][1], kl
 
 
 def test_which_formats_an_algorithm_calibrates_and_refines_in_a_layout():
@@ -366,3 +309,28 @@ def test_an_algorithm_whose_calibration_is_refused_is_dropped_with_a_warning(tin
     assert res.algorithms == ["max"] and res.algorithm == "max"
     assert any(w.startswith("algorithm gptq dropped: ") and "128" in w for w in res.warnings)
     assert "(tried: max; " in res.recipe_yaml
+
+
+def test_in_place_probes_score_what_a_composed_checkpoint_scores_and_restore_bf16(tiny_dir):
+    """The in-place composer (one resident BF16 model, a unit's weights swapped in and
+    restored) gives the KL that loading the composed tensors as a checkpoint gives, and
+    leaves the model exactly BF16 afterwards."""
+    from omniquant.evaluate.emulated import load_emulated
+    from omniquant.evaluate.logit_kl import mean_kl, sample_logprobs
+    from omniquant.experiments.fit import prepare_fit
+
+    session = prepare_fit(tiny_dir, calib="synthetic", samples=2, calib_size=2, algorithms="mse")
+    session.measure()
+    comp = session.composer
+    before = {k: v.clone() for k, v in comp.loaded.model.state_dict().items()}
+    units = [u.name for u in session.units]
+    layout = {units[0]: "fp8", units[1]: "nvfp4", **{u: "bf16" for u in units[2:]}}
+    for algo in ("max", "mse"):
+        in_place = comp.kl(layout, kv_cache=True, algorithm=algo)
+        loaded = load_emulated(tiny_dir, tensors=comp.tensors(layout, True, algorithm=algo))
+        composed = mean_kl(comp.reference, sample_logprobs(loaded, comp.samples))
+        assert in_place == pytest.approx(composed, rel=1e-5, abs=1e-9), algo
+        assert in_place > 0
+    after = comp.loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert comp.kl({}, kv_cache=False) == 0.0  # nothing swapped in, no quantizer active

@@ -48,12 +48,13 @@ Policy:
   the export. The default ``max,mse`` is the cheap, composable pair: mse was the
   best-measured weight error of #21's algorithms on NVFP4 and costs one weight search
   per GEMM; ``--algorithms all`` tries every non-refused one.
-- The composition runs the CPU emulation and keeps the BF16 and per-(algorithm, format)
-  exported tensors in host memory, plus one composed model per probe: right for the
-  demo and tiny models; the released model needs a GPU-resident model whose units are
-  swapped in place (not built). ``host_memory_needed`` states that sum term by term, and
-  ``measure`` refuses before any calibration when it exceeds the host's available
-  memory (``MemAvailable`` of ``/proc/meminfo``; not checked where that is absent).
+- The composition (``omniquant.experiments.fit_compose``) keeps one emulated BF16 model
+  resident and swaps each probe's units in place, reading exported and original weights
+  from disk: peak host memory is the BF16 model plus a few copies of the largest weight.
+  ``host_memory_needed`` states it, and ``measure`` refuses before any calibration when
+  it exceeds the host's available memory (``MemAvailable`` of ``/proc/meminfo``; not
+  checked where that is absent). It runs on the CPU emulation; a GPU-resident model is
+  the same code with the model on the GPU (not tried here).
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omniquant.errors import PlanError, RecipeError, arg_ref
+from omniquant.experiments.fit_compose import Composer, calibrated_formats, layout_algorithm
 from omniquant.experiments.fit_solve import Option, smallest, solve_best
-from omniquant.formats import FORMATS, KV_SCALE_SUFFIXES
+from omniquant.formats import FORMATS
 
 GRANULARITIES = ("group", "layer")
 DEFAULT_FORMATS = ("bf16", "fp8", "nvfp4")
@@ -218,86 +220,6 @@ def unit_costs(loaded, units: list[Unit], formats: list[str], kv_cache: str) -> 
     return UnitCosts(base, delta, illegal, hubs)
 
 
-def calibrated_formats(algorithm: str, formats: list[str] | set[str]) -> set[str]:
-    """The formats fit calibrates (and scores) with ``algorithm`` when units may take
-    ``formats``: those it refines in a recipe using all of them (mse with NVFP4 leaves
-    FP8 at max, so fit does not use mse's FP8-only search)."""
-    from omniquant.quantize.algorithms import get_algorithm
-
-    quantized = set(formats) - {"bf16"}
-    return (
-        quantized if algorithm == "max" else get_algorithm(algorithm).effective_formats(quantized)
-    )
-
-
-def layout_algorithm(
-    algorithm: str, formats_used: set[str], calibrated: set[str] | None = None
-) -> tuple[str, set[str]]:
-    """The algorithm a recipe of ``formats_used`` under ``algorithm`` really runs, and the
-    formats it refines there: ``max`` and no format when it refines none of them, or
-    (given ``calibrated``, the formats fit calibrated with it) when it would refine one
-    fit did not calibrate with it."""
-    from omniquant.quantize.algorithms import get_algorithm
-
-    if algorithm == "max":
-        return "max", set()
-    refined = get_algorithm(algorithm).effective_formats(set(formats_used))
-    if not refined or (calibrated is not None and not refined <= calibrated):
-        return "max", set()
-    return algorithm, refined
-
-
-class Composer:
-    """Layouts composed in memory from the BF16 tensors and the per-format exports (one
-    per algorithm that refines the format; max's for the rest), scored against the BF16
-    logits on fixed samples."""
-
-    def __init__(self, model_dir: Path, exports: dict[tuple[str, str], Path], hubs: dict,
-                 samples: list, reference: list) -> None:  # fmt: skip
-        from omniquant.evaluate.emulated import read_tensors
-
-        self.model_dir = model_dir
-        self.source = read_tensors(model_dir)
-        self.exported = {key: read_tensors(path) for key, path in exports.items()}
-        self.hubs = hubs
-        self.samples = samples
-        self.reference = reference
-
-    def tensors(self, assignment: dict[str, str], kv_cache: bool, algorithm: str = "max") -> dict:
-        """Stored tensors of the layout (unit name -> format) calibrated with
-        ``algorithm``, as an export would hold."""
-        used = {f for f in assignment.values() if f != "bf16"}
-        have = {f for a, f in self.exported if a == algorithm}
-        _algo, refined = layout_algorithm(algorithm, used, have)
-        out = dict(self.source)
-        for unit, fmt in assignment.items():
-            if fmt == "bf16":
-                continue
-            stored = self.exported[(algorithm if fmt in refined else "max", fmt)]
-            for hub in self.hubs[(unit, fmt)]:
-                for leaf in ("weight", *FORMATS[fmt].scale_suffixes):
-                    out[f"{hub}.{leaf}"] = stored[f"{hub}.{leaf}"]
-        if kv_cache:
-            stored = next(v for (a, _f), v in self.exported.items() if a == "max")
-            for name, t in stored.items():
-                if name.rsplit(".", 1)[-1] in KV_SCALE_SUFFIXES:
-                    out[name] = t
-        return out
-
-    def kl(self, assignment: dict[str, str], kv_cache: bool, algorithm: str = "max") -> float:
-        """Mean KL of the final logits of the composed layout against BF16."""
-        from omniquant.evaluate.emulated import load_emulated
-        from omniquant.evaluate.logit_kl import mean_kl, sample_logprobs
-
-        tensors = self.tensors(assignment, kv_cache, algorithm)
-        loaded = load_emulated(self.model_dir, tensors=tensors)
-        try:
-            return mean_kl(self.reference, sample_logprobs(loaded, self.samples))
-        finally:
-            del loaded
-            gc.collect()
-
-
 @dataclass
 class FitResult:
     """What ``fit`` found; ``recipe_yaml`` is None when BF16 fits the budget."""
@@ -357,6 +279,8 @@ class FitSession:
     calib_size: int
     samples: int
     composer: Composer | None = None
+    #: Scratch directory of the per-(algorithm, format) exports (a TemporaryDirectory).
+    scratch: object | None = None
     kv_kl: float | None = None
     calibration: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -391,11 +315,9 @@ class FitSession:
         if avail is not None and need["total"] > avail:
             terms = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in need.items() if k != "total")
             raise PlanError(
-                f"fit's in-memory composition needs about {need['total'] / 2**30:.2f} GiB of "
-                f"host memory ({terms}) and {avail / 2**30:.2f} GiB is available; fit fewer "
-                f"algorithms ({arg_ref('algorithms')} max) or formats, or run on a larger host "
-                "(an in-place, per-unit composer that needs the BF16 model plus one unit is "
-                "not built yet).",
+                f"fit's in-place composition needs about {need['total'] / 2**30:.2f} GiB of "
+                f"host memory ({terms}) and {avail / 2**30:.2f} GiB is available; run on a "
+                "host with more memory.",
                 arg="model",
                 value=self.model_dir,
             )
@@ -403,17 +325,19 @@ class FitSession:
 
 
 def host_memory_needed(s: FitSession) -> dict[str, int]:
-    """Host bytes the in-memory composition holds: the BF16 tensors, one export per
-    (algorithm, format it refines) with every legal unit in that format, and one
-    composed BF16 model per probe."""
-    terms = {"bf16_tensors": s.costs.bf16_bytes}
-    for algo in s.algorithms:
-        for fmt in [f for f in s.formats if f != "bf16"]:
-            if fmt not in calibrated_formats(algo, s.formats):
-                continue
-            saved = sum(s.costs.delta.get((u.name, fmt), 0) for u in s.units)
-            terms[f"export_{algo}_{fmt}"] = s.costs.bf16_bytes + saved
-    terms["probe_model"] = s.costs.bf16_bytes
+    """Host bytes fit's in-place composition holds (``omniquant.experiments.fit_compose``):
+    the resident BF16 model, and in flight while one weight is swapped or restored, about
+    three copies of the largest quantizable weight (the stored one read, its dequantized
+    copy, the source weight read back). The exports stay on disk."""
+    modules = dict(s.meta.model.named_modules())
+    adapter, largest = s.meta.adapter, 0
+    for hubs in s.costs.hub_modules.values():
+        for hub in hubs:
+            native, expert = adapter.native_module(hub)
+            mod = modules[native]
+            param = mod.weight if expert is None else getattr(mod, expert[0])[expert[1]]
+            largest = max(largest, param.numel() * 2)
+    terms = {"bf16_model": s.costs.bf16_bytes, "weight_swap": 3 * largest}
     terms["total"] = sum(terms.values())
     return terms
 
@@ -668,17 +592,18 @@ def _measure(s: FitSession, say) -> None:
     from omniquant.quantize.pipeline import load_calibration_samples
 
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=".omniquant-fit-") as tmp:
-        exports = _calibrate_all(s, Path(tmp), say)
-        s.seconds["calibrate"] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-        base = load_emulated(s.model_dir)
-        batch, _skipped = load_calibration_samples(base, s.calib, s.samples, seed=0)
-        reference = sample_logprobs(base, batch)
-        del base
-        gc.collect()
-        # The exports are read into memory here, before the scratch directory goes.
-        composer = Composer(s.model_dir, exports, s.costs.hub_modules, batch, reference)
+    # The exports stay on disk for the session's life (the composer reads a probe's
+    # tensors from them); the directory goes with the session.
+    s.scratch = tempfile.TemporaryDirectory(prefix=".omniquant-fit-")
+    exports = _calibrate_all(s, Path(s.scratch.name), say)
+    s.seconds["calibrate"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    base = load_emulated(s.model_dir)
+    batch, _skipped = load_calibration_samples(base, s.calib, s.samples, seed=0)
+    reference = sample_logprobs(base, batch)
+    del base
+    gc.collect()
+    composer = Composer(s.model_dir, exports, s.costs.hub_modules, batch, reference)
     s.calibration = {"set": s.calib, "size": s.calib_size, "scored_samples": len(batch)}
     for algo, options in s.options_by_algorithm.items():
         for unit in s.units:
