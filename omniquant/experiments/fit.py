@@ -19,8 +19,8 @@ Policy:
   in it (modelopt's ``max`` calibration collects each quantizer's statistics with
   quantization disabled, so a module's scales do not depend on which other modules are
   quantized; ``tests/test_fit.py`` checks a fitted export against the composition byte
-  for byte), and each probe is composed in memory from the BF16 tensors plus that
-  unit's exported tensors. The FP8 KV cache, when asked for, is one more probe whose
+  for byte), and each probe swaps that unit's exported weights into one resident BF16
+  model (``omniquant.experiments.fit_compose``). The FP8 KV cache, when asked for, is one more probe whose
   KL is added to every prediction.
 - Interaction check: the additive model (predicted KL = sum of the units' KL) is an
   assumption, and on the demo model it misranked layouts (a layout with more bytes
