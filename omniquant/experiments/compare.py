@@ -727,9 +727,7 @@ def _throughput_phase(results: Comparison, sources: list, load: dict, out: Path,
         "gpu_memory_bytes": load["gpu_bytes"],
         "chart_concurrency": max(wl.concurrency),
         "order": "one model at a time, report order, same workload and levels",
-        "load_generator": "aiperf (raw-payload replay)"
-        if load["aiperf"]
-        else "built-in httpx client",
+        "load_generator": "aiperf (raw-payload replay)" if load["aiperf"] else "built-in httpx client",
         "measured": "requests/s, tokens/s, TTFT and latency p50/p99, hours of media per hour",
         "arithmetic": "capacity: concurrent sequences that fit in the stated GPU memory",
     }

@@ -159,9 +159,7 @@ def measure_throughput(
         started = not src.is_endpoint
         server = (launched_server(src.path, _slug(name), out / f"serve-{_slug(name)}.log")
                   if started else nullcontext(src.url))  # fmt: skip
-        say(
-            f"load {name}: {'starting omniquant serve for ' + str(src.path) if started else src.url}"
-        )
+        say(f"load {name}: {'starting omniquant serve for ' + str(src.path) if started else src.url}")
         block: dict = {"machine": here if started else (machine or "not stated (pass --machine)"),
                        "load_generator": generator}  # fmt: skip
         try:
