@@ -364,7 +364,9 @@ class ModelAdapter(ABC):
         (``omniquant.checkpoint.construction``); empty when the family declares nothing."""
         return []
 
-    def patch_expert_inputs(self, module, fn: Callable[[str, int, Any], Any]) -> Callable[[], None]:
+    def patch_expert_inputs(
+        self, module, fn: Callable[[str, int, Any], Any]
+    ) -> Callable[[], None]:
         """Route every per-expert GEMM input of fused container ``module`` through
         ``fn(projection, expert, x)``; returns the undo. Only called for modules of
         ``fused_expert_groups``."""

@@ -92,8 +92,7 @@ def _candidate_table(cand: dict) -> tuple[list[str], list[list[str]]]:
             task,
             str(t["n"]),
             _fix(t["accuracy"], ".3f"),
-            _pct(t["recovery"])
-            + ("" if t.get("recovery_defined", True) or t["recovery"] is None else " (base 0)"),
+            _pct(t["recovery"]) + ("" if t.get("recovery_defined", True) or t["recovery"] is None else " (base 0)"),
             _fix(t["accuracy_delta"], "+.3f"),
             _ci(t["accuracy_delta_ci95"]),
             _num(t["kl_mean"]),
@@ -183,10 +182,7 @@ def write_markdown(report: dict) -> str:
     out.append(
         _md_table(
             ["modality", *[m["name"] for m in models]],
-            [
-                [mod, *[_fix(m["modalities"][mod]["accuracy"], ".3f") for m in models]]
-                for mod in mods
-            ],
+            [[mod, *[_fix(m["modalities"][mod]["accuracy"], ".3f") for m in models]] for mod in mods],
         )
     )
     for cand in report["candidates"]:
