@@ -15,7 +15,13 @@ What it does (one torch thread):
   ``quantize`` (its bytes measured on disk), loaded with the serving numerics, and its
   KL of the final logits measured against BF16 on the 144 ``omni-demo`` task samples
   (held out: not the samples fit scored units on), and on fit's own scoring samples.
-- ``nvfp4_omni`` and ``nvfp4_aggressive`` are measured the same way.
+- The calibration algorithm is a dimension of the fit (``--algorithms``, default
+  fit's ``max,mse``): each row names the algorithm the interaction check chose.
+- ``nvfp4_omni`` and ``nvfp4_aggressive`` (max, as NVIDIA's recipes calibrate) are
+  measured the same way.
+- Two held-out KLs on the task samples: every position of prompt + answer
+  (``kl_tasks``), and the answer span alone (``kl_tasks_answer``: the positions that
+  predict the answer tokens, full vocabulary; the report's fidelity uses top-k spans).
 - Spearman's rank correlation over the six budgets, per granularity: predicted (additive)
   KL vs measured KL on the task samples; the interaction check (whole layout composed) vs
   measured; predicted vs measured on fit's own scoring samples.
@@ -32,13 +38,15 @@ from pathlib import Path
 
 def _measure(ckpt: Path, task_ref, task_samples, fit_ref, fit_samples) -> dict:
     from omniquant.evaluate.emulated import load_emulated
-    from omniquant.evaluate.logit_kl import mean_kl, sample_logprobs
+    from omniquant.evaluate.logit_kl import mean_answer_kl, mean_kl, sample_logprobs
     from omniquant.quantize.predict import measured_tensor_bytes
 
     loaded = load_emulated(ckpt)
+    task = sample_logprobs(loaded, task_samples)
     return {
         "measured_bytes": measured_tensor_bytes(ckpt),
-        "kl_tasks": mean_kl(task_ref, sample_logprobs(loaded, task_samples)),
+        "kl_tasks": mean_kl(task_ref, task),
+        "kl_tasks_answer": mean_answer_kl(task_ref, task, task_samples),
         "kl_fit_samples": mean_kl(fit_ref, sample_logprobs(loaded, fit_samples)),
     }
 
@@ -64,9 +72,15 @@ def _sweep(session, model, budgets, task_ref, task_samples, tmp: Path, log) -> d
         rows[label] = {
             "budget": budget,
             "predicted_bytes": res.predicted_bytes,
+            "algorithm": res.algorithm,
             "predicted_kl": res.predicted_kl,
             "composed_kl": res.composed_kl,
             "layout": {u["unit"]: u["format"] for u in res.units if u["format"] != "bf16"},
+            "chosen_rank": res.chosen_rank,
+            "alternatives": [
+                {**a, "layout": {u: f for u, f in a["layout"].items() if f != "bf16"}}
+                for a in res.alternatives
+            ],
             **_measure(ckpt, task_ref, task_samples, fit_ref, fit_samples),
         }
         log(f"{session.granularity} {label}: {json.dumps(rows[label])}")
@@ -85,6 +99,11 @@ def _spearman(rows: dict) -> dict:
         "composed_vs_measured_tasks": float(
             spearmanr([r["composed_kl"] for r in steps], meas).statistic
         ),
+        "predicted_vs_measured_tasks_answer": float(
+            spearmanr(
+                [r["predicted_kl"] for r in steps], [r["kl_tasks_answer"] for r in steps]
+            ).statistic
+        ),
         "predicted_vs_measured_fit_samples": float(
             spearmanr(
                 [r["predicted_kl"] for r in steps], [r["kl_fit_samples"] for r in steps]
@@ -93,7 +112,7 @@ def _spearman(rows: dict) -> dict:
     }
 
 
-def run(log=print, granularities=("group", "layer")) -> dict:
+def run(log=print, granularities=("group", "layer"), algorithms="max,mse") -> dict:
     import torch
 
     from omniquant.data.processing import OmniProcessor
@@ -116,11 +135,11 @@ def run(log=print, granularities=("group", "layer")) -> dict:
     task_samples = [it.sample for it in items]
     task_ref = sample_logprobs(base, task_samples)
     del base
-    result: dict = {"sizes": size, "task_samples": len(task_samples)}
+    result: dict = {"sizes": size, "task_samples": len(task_samples), "algorithms": algorithms}
     with tempfile.TemporaryDirectory(prefix="bench_fit_") as tmp:
         for gran in granularities:
             t = time.perf_counter()
-            session = prepare_fit(model, calib=DEMO_CALIB, granularity=gran)
+            session = prepare_fit(model, calib=DEMO_CALIB, granularity=gran, algorithms=algorithms)
             session.measure(log)
             bf16, low = session.costs.bf16_bytes, size["nvfp4_aggressive"]
             budgets = {f"step{i}": low + i * (bf16 - low) // 6 for i in range(6)}
@@ -133,7 +152,8 @@ def run(log=print, granularities=("group", "layer")) -> dict:
                 "smallest_bytes": session.smallest_bytes,
                 "units": len(session.units),
                 "unit_options": {
-                    u: [o.__dict__ for o in opts] for u, opts in session.options.items()
+                    a: {u: [o.__dict__ for o in opts] for u, opts in by_unit.items()}
+                    for a, by_unit in session.options_by_algorithm.items()
                 },
                 "kv_kl": session.kv_kl,
                 "rows": rows,
@@ -158,8 +178,10 @@ def test_bench_fit(benchmark):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--granularities", default="group,layer")
+    ap.add_argument("--algorithms", default="max,mse")
     args = ap.parse_args()
-    res = run()
+    res = run(granularities=tuple(args.granularities.split(",")), algorithms=args.algorithms)
     text = json.dumps(res, indent=2, default=str)
     if args.out:
         args.out.write_text(text)

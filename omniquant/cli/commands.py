@@ -472,7 +472,7 @@ def cliff_cmd(
 ) -> None:
     """The main job: quantize with each recipe, evaluate against BF16, report the quality cliff."""
     from omniquant.experiments.cliff import DEFAULT_RECIPES, run_cliff
-    from omniquant.report.table import render_cliff_table
+    from omniquant.report.table import render_cliff_table, render_front_line
 
     console = _console()
     res = run_cliff(
@@ -480,6 +480,7 @@ def cliff_cmd(
         calib=calib, tasks=tasks, sensitivity=sensitivity, force=force, log=console.print,
     )
     _echo(render_cliff_table(res.report))
+    _echo(render_front_line(res.report))
     for c in res.report["candidates"]:
         _echo(c['verdict'])
     console.print(f"report: {res.out / 'report' / 'report.html'}  ({res.seconds:.0f} s)")

@@ -47,6 +47,13 @@ def fit_cmd(
             help="Best layouts by summed KL to compose and score whole; the least measured wins."
         ),
     ] = 5,
+    algorithms: Annotated[
+        str,
+        typer.Option(
+            help="Calibration algorithms to try (max always), comma-separated, or all; "
+            "the bytes are the same under each, the least measured layout wins."
+        ),
+    ] = "max,mse",
     force: Annotated[bool, typer.Option(help="Replace an existing --out file.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -67,7 +74,7 @@ def fit_cmd(
     log = None if json_ else console.print
     result = fit(model, budget, calib=calib, granularity=granularity, formats=formats,
                  samples=samples, kv_cache=kv_cache, serving=serving,
-                 candidates=candidates, log=log)  # fmt: skip
+                 candidates=candidates, algorithms=algorithms, log=log)  # fmt: skip
     written = None
     if result.recipe_yaml is not None:
         written = write_recipe(result, out, force=force)

@@ -62,3 +62,24 @@ def mean_kl(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> flo
         kl = (ref.exp() * (ref - cand)).sum(dim=-1)
         per_sample.append(float(kl.mean()))
     return sum(per_sample) / len(per_sample)
+
+
+def mean_answer_kl(reference: list[torch.Tensor], candidate: list[torch.Tensor],
+                   samples: list) -> float:  # fmt: skip
+    """Mean over samples with an answer of KL(reference || candidate) at the positions that
+    predict the answer tokens (the last ``len(answer)`` next-token predictions of
+    ``sample_logprobs``), full vocabulary; the report's fidelity measures the same span
+    (with top-k spans for whole task sets).
+
+    Raises:
+        ValueError: no sample has an answer.
+    """
+    per = []
+    for ref, cand, sample in zip(reference, candidate, samples, strict=True):
+        n = 0 if sample.answer_ids is None else int(sample.answer_ids.numel())
+        if n:
+            r, c = ref[-(n + 1) : -1], cand[-(n + 1) : -1]
+            per.append(float((r.exp() * (r - c)).sum(dim=-1).mean()))
+    if not per:
+        raise ValueError("no sample has an answer span")
+    return sum(per) / len(per)

@@ -19,8 +19,8 @@ Policy:
   in it (modelopt's ``max`` calibration collects each quantizer's statistics with
   quantization disabled, so a module's scales do not depend on which other modules are
   quantized; ``tests/test_fit.py`` checks a fitted export against the composition byte
-  for byte), and each probe is composed in memory from the BF16 tensors plus that
-  unit's exported tensors. The FP8 KV cache, when asked for, is one more probe whose
+  for byte), and each probe swaps that unit's exported weights into one resident BF16
+  model (``omniquant.experiments.fit_compose``). The FP8 KV cache, when asked for, is one more probe whose
   KL is added to every prediction.
 - Interaction check: the additive model (predicted KL = sum of the units' KL) is an
   assumption, and on the demo model it misranked layouts (a layout with more bytes
@@ -29,9 +29,32 @@ Policy:
   with no-good cuts for the runners-up) are each composed whole and scored on the same
   samples, and the least measured one is written; the sum, the chosen layout's measured
   KL and every candidate's go into the recipe's header and ``FitResult``.
-- The composition runs the CPU emulation and keeps the BF16 and per-format exported
-  tensors in host memory: right for the demo and tiny models; the released model needs
-  a GPU-resident model whose units are swapped in place (not built).
+- Calibration algorithm as a second dimension (``algorithms``, registry names of
+  ``omniquant.quantize.algorithms``; default ``max,mse``): algorithms never change the
+  layout, so the bytes of a layout are the same under each. Per algorithm A, each
+  format A refines is calibrated once with A (every legal unit in it), each unit is
+  scored in the formats A refines (others reuse max's score: A leaves them at max), the
+  integer program is solved per A, and the ``candidates`` best layouts of every A,
+  each composed under every algorithm (a layout one program ranks low can be the best
+  under another), go through the same whole-layout check; the least measured (layout,
+  algorithm) is written, with ``quantization.algorithm: A``. modelopt runs one algorithm per model, so
+  a recipe has one algorithm; which of its formats A really refines in a mixed layout is
+  the registry's ``effective_formats`` (mse with NVFP4 rules leaves FP8 at max), and the
+  composition takes those formats from A's export and the rest from max's. Where an
+  algorithm's result depends on more than one module's weights (gptq and local_hessian
+  use each module's input Hessian, which upstream quantization changes; four_over_six's
+  search also runs over FP8 weights in a mixed recipe) the composition is an
+  approximation of the export; for max and mse (per-weight, per-block searches) it is
+  the export. The default ``max,mse`` is the cheap, composable pair: mse was the
+  best-measured weight error of #21's algorithms on NVFP4 and costs one weight search
+  per GEMM; ``--algorithms all`` tries every non-refused one.
+- The composition (``omniquant.experiments.fit_compose``) keeps one emulated BF16 model
+  resident and swaps each probe's units in place, reading exported and original weights
+  from disk: peak host memory is the BF16 model plus a few copies of the largest weight.
+  ``host_memory_needed`` states it, and ``measure`` refuses before any calibration when
+  it exceeds the host's available memory (``MemAvailable`` of ``/proc/meminfo``; not
+  checked where that is absent). It runs on the CPU emulation; a GPU-resident model is
+  the same code with the model on the GPU (not tried here).
 """
 
 from __future__ import annotations
@@ -48,11 +71,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omniquant.errors import PlanError, RecipeError, arg_ref
+from omniquant.experiments.fit_compose import Composer, calibrated_formats, layout_algorithm
 from omniquant.experiments.fit_solve import Option, smallest, solve_best
-from omniquant.formats import FORMATS, KV_SCALE_SUFFIXES
+from omniquant.formats import FORMATS
 
 GRANULARITIES = ("group", "layer")
 DEFAULT_FORMATS = ("bf16", "fp8", "nvfp4")
+#: Calibration algorithms tried by default (see the module docstring for why these two).
+DEFAULT_ALGORITHMS = ("max", "mse")
 #: Calibration samples each probe is scored on.
 DEFAULT_SAMPLES = 8
 #: Layouts (the best by summed KL) composed whole and scored; the least measured one wins.
@@ -133,6 +159,7 @@ def recipe_dict(
     calib_size: int,
     kv_cache: str,
     coverage: str = "error",
+    algorithm: str = "max",
 ) -> dict:
     """A recipe (as a dict ``Recipe`` validates) setting each unit to its format; units
     left out, and units set to bf16, stay BF16."""
@@ -145,7 +172,7 @@ def recipe_dict(
         "calibration": {"set": calib, "size": calib_size, "expert_coverage": {"policy": coverage}},
         "quantization": {
             "kv_cache": "fp8" if kv_cache == "fp8" else "none",
-            "algorithm": "max",
+            "algorithm": algorithm,
             "rules": rules,
         },
     }
@@ -193,51 +220,6 @@ def unit_costs(loaded, units: list[Unit], formats: list[str], kv_cache: str) -> 
     return UnitCosts(base, delta, illegal, hubs)
 
 
-class Composer:
-    """Layouts composed in memory from the BF16 tensors and the per-format exports,
-    scored against the BF16 logits on fixed samples."""
-
-    def __init__(self, model_dir: Path, exports: dict[str, Path], hubs: dict, samples: list,
-                 reference: list) -> None:  # fmt: skip
-        from omniquant.evaluate.emulated import read_tensors
-
-        self.model_dir = model_dir
-        self.source = read_tensors(model_dir)
-        self.exported = {fmt: read_tensors(path) for fmt, path in exports.items()}
-        self.hubs = hubs
-        self.samples = samples
-        self.reference = reference
-
-    def tensors(self, assignment: dict[str, str], kv_cache: bool) -> dict:
-        """Stored tensors of the layout (unit name -> format), as an export would hold."""
-        out = dict(self.source)
-        for unit, fmt in assignment.items():
-            if fmt == "bf16":
-                continue
-            stored, f = self.exported[fmt], FORMATS[fmt]
-            for hub in self.hubs[(unit, fmt)]:
-                for leaf in ("weight", *f.scale_suffixes):
-                    out[f"{hub}.{leaf}"] = stored[f"{hub}.{leaf}"]
-        if kv_cache:
-            stored = next(iter(self.exported.values()))
-            for name, t in stored.items():
-                if name.rsplit(".", 1)[-1] in KV_SCALE_SUFFIXES:
-                    out[name] = t
-        return out
-
-    def kl(self, assignment: dict[str, str], kv_cache: bool) -> float:
-        """Mean KL of the final logits of the composed layout against BF16."""
-        from omniquant.evaluate.emulated import load_emulated
-        from omniquant.evaluate.logit_kl import mean_kl, sample_logprobs
-
-        loaded = load_emulated(self.model_dir, tensors=self.tensors(assignment, kv_cache))
-        try:
-            return mean_kl(self.reference, sample_logprobs(loaded, self.samples))
-        finally:
-            del loaded
-            gc.collect()
-
-
 @dataclass
 class FitResult:
     """What ``fit`` found; ``recipe_yaml`` is None when BF16 fits the budget."""
@@ -251,7 +233,11 @@ class FitResult:
     bf16_bytes: int
     smallest_bytes: int
     bf16_fits: bool
+    #: Calibration algorithms tried (max first).
+    algorithms: list[str] = field(default_factory=lambda: ["max"])
     predicted_bytes: int | None = None
+    #: The written recipe's calibration algorithm (the winner of the interaction check).
+    algorithm: str | None = None
     predicted_kl: float | None = None
     composed_kl: float | None = None
     kv_kl: float | None = None
@@ -283,7 +269,9 @@ class FitSession:
     meta: object
     units: list[Unit]
     costs: UnitCosts
-    options: dict[str, list[Option]]
+    #: Algorithm -> unit -> its options (the same bytes under every algorithm; the damage
+    #: measured with that algorithm's calibration).
+    options_by_algorithm: dict[str, dict[str, list[Option]]]
     formats: list[str]
     granularity: str
     kv_cache: str
@@ -291,10 +279,21 @@ class FitSession:
     calib_size: int
     samples: int
     composer: Composer | None = None
+    #: Scratch directory of the per-(algorithm, format) exports (a TemporaryDirectory).
+    scratch: object | None = None
     kv_kl: float | None = None
     calibration: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+
+    @property
+    def algorithms(self) -> list[str]:
+        return list(self.options_by_algorithm)
+
+    @property
+    def options(self) -> dict[str, list[Option]]:
+        """The units' options under ``max``."""
+        return self.options_by_algorithm["max"]
 
     @property
     def smallest_bytes(self) -> int:
@@ -311,7 +310,46 @@ class FitSession:
                 arg="model",
                 value=self.model_dir,
             )
+        need = host_memory_needed(self)
+        avail = _available_host_bytes()
+        if avail is not None and need["total"] > avail:
+            terms = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in need.items() if k != "total")
+            raise PlanError(
+                f"fit's in-place composition needs about {need['total'] / 2**30:.2f} GiB of "
+                f"host memory ({terms}) and {avail / 2**30:.2f} GiB is available; run on a "
+                "host with more memory.",
+                arg="model",
+                value=self.model_dir,
+            )
         _measure(self, log or (lambda _m: None))
+
+
+def host_memory_needed(s: FitSession) -> dict[str, int]:
+    """Host bytes fit's in-place composition holds (``omniquant.experiments.fit_compose``):
+    the resident BF16 model, and in flight while one weight is swapped or restored, about
+    three copies of the largest quantizable weight (the stored one read, its dequantized
+    copy, the source weight read back). The exports stay on disk."""
+    modules = dict(s.meta.model.named_modules())
+    adapter, largest = s.meta.adapter, 0
+    for hubs in s.costs.hub_modules.values():
+        for hub in hubs:
+            native, expert = adapter.native_module(hub)
+            mod = modules[native]
+            param = mod.weight if expert is None else getattr(mod, expert[0])[expert[1]]
+            largest = max(largest, param.numel() * 2)
+    terms = {"bf16_model": s.costs.bf16_bytes, "weight_swap": 3 * largest}
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def _available_host_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def prepare_fit(
@@ -323,6 +361,7 @@ def prepare_fit(
     samples: int = DEFAULT_SAMPLES,
     calib_size: int = DEFAULT_CALIB_SIZE,
     kv_cache: str = "fp8",
+    algorithms: tuple[str, ...] | list[str] | str = DEFAULT_ALGORITHMS,
 ) -> FitSession:
     """Units and their exact byte costs (from ``config.json`` and the shards' headers;
     nothing is calibrated yet). Arguments as ``fit``'s."""
@@ -330,6 +369,7 @@ def prepare_fit(
 
     t0 = time.perf_counter()
     fmts = _check_formats(formats)
+    algos = _check_algorithms(algorithms)
     if kv_cache not in KV_CACHE_CHOICES:
         raise PlanError(f"use one of {', '.join(KV_CACHE_CHOICES)}.", arg="kv_cache",
                         value=repr(kv_cache))  # fmt: skip
@@ -340,11 +380,13 @@ def prepare_fit(
     units = fit_units(meta, granularity)
     costs = unit_costs(meta, units, fmts, kv_cache)
     options = {
-        u.name: [Option(f, costs.delta[(u.name, f)], 0.0) for f in fmts if (u.name, f) in costs.delta]
-        for u in units
+        a: {u.name: [Option(f, costs.delta[(u.name, f)], 0.0) for f in fmts
+                     if (u.name, f) in costs.delta] for u in units}
+        for a in algos
     }  # fmt: skip
     return FitSession(
-        model_dir=model_dir, meta=meta, units=units, costs=costs, options=options, formats=fmts,
+        model_dir=model_dir, meta=meta, units=units, costs=costs, options_by_algorithm=options,
+        formats=fmts,
         granularity=granularity, kv_cache=kv_cache, calib=calib or _default_calib(model_dir),
         calib_size=calib_size, samples=samples,
         seconds={"plan": round(time.perf_counter() - t0, 2)},
@@ -364,6 +406,7 @@ def fit(
     serving=None,
     name: str | None = None,
     candidates: int = DEFAULT_CANDIDATES,
+    algorithms: tuple[str, ...] | list[str] | str = DEFAULT_ALGORITHMS,
     log: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Fit the least-damage recipe whose export fits ``budget``.
@@ -380,9 +423,11 @@ def fit(
         kv_cache: ``fp8`` (the recipe quantizes the KV cache) or ``bf16``.
         serving: A ``ServingMemory`` whose ``weights_budget`` is the budget.
         name: The recipe's name (default ``fit_<budget>``).
-        candidates: How many of the best layouts by summed KL are composed whole and
-            scored; the one with the least measured KL is written (1: the integer
-            program's optimum alone).
+        candidates: How many of the best layouts by summed KL (per algorithm) are
+            composed whole and scored; the one with the least measured KL is written (1:
+            each integer program's optimum alone).
+        algorithms: Calibration algorithms to try (registry names, comma-separated, or
+            ``all``: every one not refused); max is always tried.
         log: Progress lines.
 
     Raises:
@@ -396,7 +441,8 @@ def fit(
     else:
         budget_bytes, budget_text = parse_budget(budget), str(budget)
     session = prepare_fit(model, calib=calib, granularity=granularity, formats=formats,
-                          samples=samples, calib_size=calib_size, kv_cache=kv_cache)  # fmt: skip
+                          samples=samples, calib_size=calib_size, kv_cache=kv_cache,
+                          algorithms=algorithms)  # fmt: skip
     return fit_budget(session, budget_bytes, budget_text, serving=serving, name=name,
                       candidates=candidates, log=log)  # fmt: skip
 
@@ -426,7 +472,7 @@ def fit_budget(
     result = FitResult(
         model=str(s.model_dir), budget_bytes=budget_bytes, budget_text=budget_text,
         granularity=s.granularity, formats=s.formats, kv_cache=s.kv_cache,
-        bf16_bytes=costs.bf16_bytes, smallest_bytes=low, bf16_fits=costs.bf16_bytes <= budget_bytes,
+        algorithms=s.algorithms, bf16_bytes=costs.bf16_bytes, smallest_bytes=low, bf16_fits=costs.bf16_bytes <= budget_bytes,
         illegal=[{"unit": u, "format": f, "reason": r} for (u, f), r in costs.illegal.items()],
         serving=serving.to_json() if serving is not None else None,
     )  # fmt: skip
@@ -454,64 +500,124 @@ def fit_budget(
     s.measure(say)
     t = time.perf_counter()
     kv = s.kv_cache == "fp8"
-    scored = []
-    for layout in solve_best(s.options, budget_bytes - costs.bf16_bytes, candidates):
-        composed = s.composer.kl({u: o.format for u, o in layout.items()}, kv_cache=kv)
-        scored.append((composed, layout))
-        result.alternatives.append({
-            "layout": {u: o.format for u, o in layout.items()},
-            "predicted_bytes": costs.bf16_bytes + sum(o.delta_bytes for o in layout.values()),
-            "predicted_kl": sum(o.damage for o in layout.values()) + (s.kv_kl or 0.0),
-            "composed_kl": composed,
-        })  # fmt: skip
-    best = min(range(len(scored)), key=lambda i: scored[i][0])
-    result.chosen_rank = best + 1
+    # The pool: every algorithm's best layouts by summed KL; each is then composed under
+    # every algorithm (a layout one program ranks low may be the best under another).
+    pool: dict[tuple, tuple[dict[str, str], dict[str, int]]] = {}
+    for algo, opts in s.options_by_algorithm.items():
+        room = budget_bytes - costs.bf16_bytes
+        for rank, layout in enumerate(solve_best(opts, room, candidates), 1):
+            formats = {u: o.format for u, o in layout.items()}
+            pool.setdefault(tuple(sorted(formats.items())), (formats, {}))[1].setdefault(algo, rank)
+    scored, seen = [], set()
+    for key, (formats, ranks) in pool.items():
+        for algo in s.options_by_algorithm:
+            layout, real = _layout_options(s, formats, algo)
+            if (real, key) in seen:  # the same layout, calibrated the same way, is scored once
+                continue
+            seen.add((real, key))
+            composed = s.composer.kl(formats, kv_cache=kv, algorithm=real)
+            rank = ranks.get(real)
+            scored.append((composed, real, rank, layout))
+            result.alternatives.append({
+                "algorithm": real, "rank": rank, "layout": formats,
+                "predicted_bytes": costs.bf16_bytes + sum(o.delta_bytes for o in layout.values()),
+                "predicted_kl": sum(o.damage for o in layout.values()) + (s.kv_kl or 0.0),
+                "composed_kl": composed,
+            })  # fmt: skip
+            say(f"fit: candidate {real} #{rank or '-'}: composed KL {composed:.4g}")
+    composed, algo, rank, layout = min(scored, key=lambda c: c[0])
+    result.chosen_rank, result.algorithm = rank, algo
     result.seconds["interaction_check"] = round(time.perf_counter() - t, 2)
-    _finish(result, s, scored[best][1], scored[best][0], name, say)
+    _finish(result, s, layout, composed, name, say)
     result.seconds = {**s.seconds, **result.seconds, "fit": round(time.perf_counter() - t0, 2)}
     return result
 
 
-def _measure(s: FitSession, say) -> None:
-    """Calibrate once per format, then score each unit alone."""
-    from omniquant.evaluate.emulated import load_emulated
-    from omniquant.evaluate.logit_kl import sample_logprobs
-    from omniquant.quantize.pipeline import load_calibration_samples, quantize
+def _layout_options(s: FitSession, formats: dict[str, str], algorithm: str):
+    """``(unit -> Option, algorithm the recipe really runs)`` for a layout calibrated with
+    ``algorithm``: each unit's damage from the algorithm that calibrates its format in
+    this recipe (the algorithm's own for the formats it refines here, max's for the rest)."""
+    have = {f for a, f in s.composer.exported if a == algorithm}
+    real, refined = layout_algorithm(algorithm, set(formats.values()) - {"bf16"}, have)
+    by_algo = s.options_by_algorithm
+    return {
+        u: next(o for o in by_algo[real if f in refined else "max"][u] if o.format == f)
+        for u, f in formats.items()
+    }, real
+
+
+def _calibrate_all(s: FitSession, tmp: Path, say) -> dict[tuple[str, str], Path]:
+    """One export per (algorithm, format it refines) with every legal unit in the format;
+    max exports every format. An algorithm whose calibration is refused (for example
+    gptq under its token minimum) is dropped with a warning."""
+    from omniquant.errors import OmniquantError
+    from omniquant.quantize.pipeline import quantize
     from omniquant.quantize.recipe import Recipe
 
-    t = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=".omniquant-fit-") as tmp:
-        exports = {}
+    exports: dict[tuple[str, str], Path] = {}
+    for algo in list(s.algorithms):
         for fmt in [f for f in s.formats if f != "bf16"]:
+            if fmt not in calibrated_formats(algo, s.formats):
+                continue  # algo leaves fmt at max: max's export stands for it
             legal = {u: fmt for u in s.units if (u.name, fmt) in s.costs.delta}
             if not legal:
                 continue
-            rec = Recipe.model_validate(recipe_dict(
-                legal, name=f"fit_all_{fmt}", description=f"every legal unit in {fmt}",
-                calib=s.calib, calib_size=s.calib_size, kv_cache=s.kv_cache, coverage="warn",
-            ))  # fmt: skip
-            say(f"fit: calibrating every legal unit in {fmt} ({len(legal)} units)")
-            with contextlib.redirect_stdout(io.StringIO()):
-                res = quantize(s.model_dir, rec, Path(tmp) / fmt, force=True, quiet=True)
-            s.warnings += [f"{fmt} calibration: {w}" for w in res.warnings]
-            exports[fmt] = Path(tmp) / fmt
-        s.seconds["calibrate"] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-        base = load_emulated(s.model_dir)
-        batch, _skipped = load_calibration_samples(base, s.calib, s.samples, seed=0)
-        reference = sample_logprobs(base, batch)
-        del base
-        gc.collect()
-        # The exports are read into memory here, before the scratch directory goes.
-        composer = Composer(s.model_dir, exports, s.costs.hub_modules, batch, reference)
+            out = tmp / f"{algo}-{fmt}"
+            try:
+                rec = Recipe.model_validate(recipe_dict(
+                    legal, name=f"fit_all_{fmt}_{algo}", description=f"every legal unit in {fmt}",
+                    calib=s.calib, calib_size=s.calib_size, kv_cache=s.kv_cache, coverage="warn",
+                    algorithm=algo,
+                ))  # fmt: skip
+                say(f"fit: calibrating every legal unit in {fmt} with {algo} ({len(legal)} units)")
+                with contextlib.redirect_stdout(io.StringIO()):
+                    res = quantize(s.model_dir, rec, out, force=True, quiet=True)
+            except (OmniquantError, ValueError) as err:
+                if algo == "max":
+                    raise
+                s.warnings.append(f"algorithm {algo} dropped: {' '.join(str(err).split())}")
+                say(f"fit: {s.warnings[-1]}")
+                s.options_by_algorithm.pop(algo, None)
+                exports = {k: v for k, v in exports.items() if k[0] != algo}
+                break
+            s.warnings += [f"{fmt} {algo} calibration: {w}" for w in res.warnings]
+            exports[(algo, fmt)] = out
+    return exports
+
+
+def _measure(s: FitSession, say) -> None:
+    """Calibrate once per (algorithm, format), then score each unit alone."""
+    from omniquant.evaluate.emulated import load_emulated
+    from omniquant.evaluate.logit_kl import sample_logprobs
+    from omniquant.quantize.pipeline import load_calibration_samples
+
+    t = time.perf_counter()
+    # The exports stay on disk for the session's life (the composer reads a probe's
+    # tensors from them); the directory goes with the session.
+    s.scratch = tempfile.TemporaryDirectory(prefix=".omniquant-fit-")
+    exports = _calibrate_all(s, Path(s.scratch.name), say)
+    s.seconds["calibrate"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    base = load_emulated(s.model_dir)
+    batch, _skipped = load_calibration_samples(base, s.calib, s.samples, seed=0)
+    reference = sample_logprobs(base, batch)
+    del base
+    gc.collect()
+    composer = Composer(s.model_dir, exports, s.costs.hub_modules, batch, reference)
     s.calibration = {"set": s.calib, "size": s.calib_size, "scored_samples": len(batch)}
-    for unit in s.units:
-        for i, opt in enumerate(s.options[unit.name]):
-            if opt.format == "bf16":
-                continue
-            kl = composer.kl({unit.name: opt.format}, kv_cache=False)
-            s.options[unit.name][i] = Option(opt.format, opt.delta_bytes, kl)
-            say(f"fit: {unit.name} -> {opt.format}: KL {kl:.3g}, {opt.delta_bytes:+,} bytes")
+    for algo, options in s.options_by_algorithm.items():
+        for unit in s.units:
+            for i, opt in enumerate(options[unit.name]):
+                if opt.format == "bf16":
+                    continue
+                if algo != "max" and (algo, opt.format) not in composer.exported:
+                    # algo leaves this format at max: the same bytes, the same score
+                    options[unit.name][i] = s.options[unit.name][i]
+                    continue
+                kl = composer.kl({unit.name: opt.format}, kv_cache=False, algorithm=algo)
+                options[unit.name][i] = Option(opt.format, opt.delta_bytes, kl)
+                say(f"fit: {unit.name} -> {opt.format} ({algo}): KL {kl:.3g}, "
+                    f"{opt.delta_bytes:+,} bytes")  # fmt: skip
     if s.kv_cache == "fp8" and composer.exported:
         s.kv_kl = composer.kl({}, kv_cache=True)
     s.composer = composer
@@ -527,6 +633,7 @@ def _finish(result: FitResult, s: FitSession, chosen: dict, composed: float, nam
     by_name = {u.name: u for u in s.units}
     result.kv_kl, result.calibration = s.kv_kl, dict(s.calibration)
     result.warnings = list(s.warnings)
+    result.algorithms = s.algorithms  # without any dropped while calibrating
     assignment = {by_name[u]: o.format for u, o in chosen.items()}
     additive = sum(o.damage for o in chosen.values()) + (result.kv_kl or 0.0)
     predicted = s.costs.bf16_bytes + sum(o.delta_bytes for o in chosen.values())
@@ -540,16 +647,19 @@ def _finish(result: FitResult, s: FitSession, chosen: dict, composed: float, nam
     name = name or "fit_" + re.sub(r"[^0-9a-zA-Z]+", "_", result.budget_text).strip("_").lower()
     desc = (
         f"fitted to {result.budget_text} ({predicted:,} bytes predicted): least summed KL "
-        f"over {', '.join(result.formats)} per {result.granularity}"
+        f"over {', '.join(result.formats)} per {result.granularity}, calibrated with "
+        f"{result.algorithm}"
     )
     rec = recipe_dict(assignment, name=name, description=desc, calib=s.calib,
-                      calib_size=s.calib_size, kv_cache=result.kv_cache)  # fmt: skip
+                      calib_size=s.calib_size, kv_cache=result.kv_cache,
+                      algorithm=result.algorithm)  # fmt: skip
     check = predict_size(s.meta, resolve_plan(Recipe.model_validate(rec), s.meta)).predicted_bytes
     if check != predicted:  # pragma: no cover - the size arithmetic is additive by construction
         raise RuntimeError(f"internal: fitted layout predicts {check} bytes, units sum {predicted}")
     result.recipe = rec
     result.recipe_yaml = render_recipe(result, by_name)
-    say(f"fit: {predicted:,} bytes, predicted KL {additive:.4g}, composed {result.composed_kl:.4g}")
+    say(f"fit: {predicted:,} bytes, {result.algorithm}, predicted KL {additive:.4g}, composed "
+        f"{result.composed_kl:.4g}")  # fmt: skip
 
 
 def render_recipe(result: FitResult, units: dict[str, Unit]) -> str:
@@ -578,13 +688,27 @@ def render_recipe(result: FitResult, units: dict[str, Unit]) -> str:
             "logits, serving numerics."
         ),
         (
-            f"# interaction check: the whole layout composed and scored on the same samples: KL "
+            f"# measured KL (interaction check): the whole layout composed and scored on the "
+            "same samples: "
             f"{r.composed_kl:.6g} ({ratio:.2f}x the additive prediction)."
         ),
         (
-            f"#   chosen as the least measured of the {len(r.alternatives)} best layouts by "
-            f"summed KL (it ranks {r.chosen_rank} by the sum): "
-            + "; ".join(f"{a['composed_kl']:.3g}" for a in r.alternatives)
+            f"# calibration algorithm: {r.algorithm} (tried: {', '.join(r.algorithms)}; the "
+            "bytes are the same under each)."
+        ),
+        (
+            f"#   chosen as the least measured of {len(r.alternatives)} (layout, algorithm) pairs: "
+            "each algorithm's best layouts by summed KL, each under every algorithm (it ranks "
+            + (
+                f"{r.chosen_rank} by the sum under {r.algorithm}"
+                if r.chosen_rank
+                else f"outside {r.algorithm}'s best by the sum"
+            )
+            + "): "
+            + "; ".join(
+                f"{a['algorithm']} #{a['rank'] or '-'} {a['composed_kl']:.3g}"
+                for a in r.alternatives
+            )
             + "."
         ),
         "# Units kept in BF16: "
@@ -656,6 +780,28 @@ def _check_formats(formats) -> list[str]:
         raise PlanError("gives no quantized format; add fp8 or nvfp4.", arg="formats",
                         value=",".join(formats))  # fmt: skip
     return out
+
+
+def _check_algorithms(algorithms) -> list[str]:
+    """Registry names (or ``all``) -> the algorithms to try, max first."""
+    from omniquant.quantize.algorithms import ALGORITHMS
+
+    if isinstance(algorithms, str):
+        algorithms = [a.strip() for a in algorithms.split(",") if a.strip()]
+    if list(algorithms) == ["all"]:
+        algorithms = [a.name for a in ALGORITHMS.values() if not a.refused]
+    usable = [a.name for a in ALGORITHMS.values() if not a.refused]
+    bad = [a for a in algorithms if a not in ALGORITHMS]
+    refused = [a for a in algorithms if a in ALGORITHMS and ALGORITHMS[a].refused]
+    if bad or refused:
+        why = "; ".join(f"{a} is refused: {ALGORITHMS[a].refused}" for a in refused)
+        raise PlanError(
+            (f"unknown algorithm(s) {', '.join(bad)}; " if bad else f"{why}; ")
+            + f"use {', '.join(usable)} (comma-separated) or all.",
+            arg="algorithms",
+            value=",".join(algorithms),
+        )
+    return list(dict.fromkeys(["max", *algorithms]))
 
 
 def _default_calib(model_dir: Path) -> str:

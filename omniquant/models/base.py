@@ -111,39 +111,14 @@ class CalibrationShapes:
 
 
 @dataclass(frozen=True)
-class ServingShapes:
-    """What a serving engine holds beside the weights, per sequence and per token
-    (``omniquant.quantize.serving_memory``)."""
-
-    attention_layers: int
-    kv_heads: int
-    head_dim: int
-    mamba_layers: int
-    mamba_heads: int
-    mamba_head_dim: int
-    ssm_state: int
-    n_groups: int
-    conv_kernel: int
-    #: The config's ``mamba_ssm_cache_dtype`` (None: not set).
-    ssm_cache_dtype: str | None
-    #: Vision encoder: width, MLP width, extra (cls + register) tokens.
-    vision_hidden: int
-    vision_mlp: int
-    vision_extra_tokens: int
-    #: Audio encoder: width and FFN width.
-    audio_hidden: int
-    audio_ffn: int
-    act_bytes: int = 2
-
-
-@dataclass(frozen=True)
 class ServingStateShapes:
-    """The per-sequence serving state of a hybrid backbone, read from a ``config.json``
-    dict in either naming (a served checkpoint's), without building the model.
+    """The per-sequence serving state of a hybrid backbone (KV cache of the attention
+    layers, Mamba conv and SSM state), read from a ``config.json`` dict in either naming
+    (``ModelAdapter.serving_state_shapes``), without building the model.
 
-    ``omniquant.quantize.serving_memory.sequence_bytes`` turns them into bytes per
-    sequence. (``ServingShapes`` holds the same backbone terms plus the encoders', read
-    from a built model for ``plan``/``fit``; merging the two is a follow-up.)
+    ``omniquant.quantize.serving_memory.state_terms`` turns them into bytes; both the
+    serving-memory estimate (``ServingShapes.state``) and the report's capacity column
+    read them.
     """
 
     attention_layers: int
@@ -155,6 +130,25 @@ class ServingStateShapes:
     ssm_state: int
     groups: int
     conv_kernel: int
+
+
+@dataclass(frozen=True)
+class ServingShapes:
+    """What a serving engine holds beside the weights, per sequence and per token
+    (``omniquant.quantize.serving_memory``): the backbone's state shapes plus the
+    encoders' widths."""
+
+    state: ServingStateShapes
+    #: The config's ``mamba_ssm_cache_dtype`` (None: not set).
+    ssm_cache_dtype: str | None
+    #: Vision encoder: width, MLP width, extra (cls + register) tokens.
+    vision_hidden: int
+    vision_mlp: int
+    vision_extra_tokens: int
+    #: Audio encoder: width and FFN width.
+    audio_hidden: int
+    audio_ffn: int
+    act_bytes: int = 2
 
 
 class ModelAdapter(ABC):

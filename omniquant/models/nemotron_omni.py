@@ -36,6 +36,9 @@ _LAYER_RE = re.compile(r"^language_model\.model\.layers\.(\d+)\.mixer\.")
 _HUB_EXPERT_RE = re.compile(r"^(.*\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)$")
 #: The fused container's 3-D projections (``NemotronHExperts``), in export order.
 _EXPERT_PROJECTIONS = ("up_proj", "down_proj")
+#: Text-config keys ``serving_state_shapes`` reads (beside the layer kinds).
+_STATE_KEYS = ("num_key_value_heads", "num_attention_heads", "head_dim", "hidden_size",
+               "mamba_num_heads", "mamba_head_dim", "ssm_state_size", "n_groups", "conv_kernel")  # fmt: skip
 
 #: Group names in the order they are reported.
 GROUPS = (
@@ -470,15 +473,10 @@ class NemotronOmniAdapter(ModelAdapter):
             vision.hidden_size * getattr(vision, "mlp_ratio", 4.0)
         )
         return ServingShapes(
-            attention_layers=types.count("full_attention"),
-            kv_heads=text.num_key_value_heads,
-            head_dim=text.head_dim,
-            mamba_layers=types.count("linear_attention"),
-            mamba_heads=text.mamba_num_heads,
-            mamba_head_dim=text.mamba_head_dim,
-            ssm_state=text.ssm_state_size,
-            n_groups=text.n_groups,
-            conv_kernel=text.conv_kernel,
+            # The backbone's state shapes by the one reader of them (config.json's keys).
+            state=self.serving_state_shapes(
+                {"layers_block_type": types, **{k: getattr(text, k) for k in _STATE_KEYS}}
+            ),
             ssm_cache_dtype=getattr(text, "mamba_ssm_cache_dtype", None),
             vision_hidden=vision.hidden_size,
             vision_mlp=mlp,

@@ -29,8 +29,8 @@ Policy:
   length fit in a GPU beside the weights, from KV + Mamba state alone (an upper bound,
   labelled arithmetic); its shapes come from ``config.json`` in either naming
   (``ModelAdapter.serving_state_shapes``), so it also sizes a served released checkpoint.
-  It repeats the KV/Mamba terms of ``estimate_serving_memory`` over those shapes
-  (``sequence_bytes``); folding the two shape types into one is a follow-up.
+  Both compute the KV/Mamba terms with ``state_terms`` over the same ``ServingStateShapes``
+  (``ServingShapes.state``).
 - Not counted: the backbone's own prefill activations (vLLM measures them in its profile
   run; chunked prefill bounds them by ``max_num_batched_tokens``), allocator fragmentation.
   Weights take their exported tensor bytes (``omniquant.quantize.predict``).
@@ -139,6 +139,20 @@ class ServingMemory:
         }
 
 
+def state_terms(
+    s: ServingStateShapes, tokens: int, batch: int, kv_bytes: int, ssm_bytes: int, conv_bytes: int
+) -> dict[str, int]:
+    """KV cache, Mamba conv state and SSM state bytes of ``batch`` sequences of ``tokens``
+    (the formulas of the module docstring)."""
+    conv_dim = s.mamba_heads * s.mamba_head_dim + 2 * s.groups * s.ssm_state
+    return {
+        "kv_cache": s.attention_layers * 2 * s.kv_heads * s.head_dim * tokens * batch * kv_bytes,
+        "mamba_conv_state": s.mamba_layers * batch * (s.conv_kernel - 1) * conv_dim * conv_bytes,
+        "mamba_ssm_state": s.mamba_layers * batch * s.mamba_heads * s.mamba_head_dim
+        * s.ssm_state * ssm_bytes,
+    }  # fmt: skip
+
+
 def _encoder_terms(s, settings, context: int) -> tuple[dict[str, int], list[str]]:
     a = s.act_bytes
     vis_width = max(5 * s.vision_hidden, 2 * s.vision_hidden + s.vision_mlp)
@@ -203,23 +217,17 @@ def estimate_serving_memory(
     if kv_cache not in KV_DTYPE_BYTES:
         raise PlanError(f"use one of {', '.join(KV_DTYPE_BYTES)}.", arg="kv_cache",
                         value=repr(kv_cache))  # fmt: skip
-    s = shapes
     kvb = KV_DTYPE_BYTES[kv_cache]
-    ssm_dtype = s.ssm_cache_dtype or DEFAULT_SSM_CACHE_DTYPE
+    ssm_dtype = shapes.ssm_cache_dtype or DEFAULT_SSM_CACHE_DTYPE
     ssm_bytes = SSM_DTYPE_BYTES.get(ssm_dtype, 4)
-    conv_dim = s.mamba_heads * s.mamba_head_dim + 2 * s.n_groups * s.ssm_state
-    terms = {
-        "kv_cache": s.attention_layers * 2 * s.kv_heads * s.head_dim * context * batch * kvb,
-        "mamba_conv_state": s.mamba_layers * batch * (s.conv_kernel - 1) * conv_dim * s.act_bytes,
-        "mamba_ssm_state": s.mamba_layers * batch * s.mamba_heads * s.mamba_head_dim
-        * s.ssm_state * ssm_bytes,
-    }  # fmt: skip
-    enc, enc_text = _encoder_terms(s, settings, context)
+    s, act_bytes = shapes.state, shapes.act_bytes
+    terms = state_terms(s, context, batch, kvb, ssm_bytes, act_bytes)
+    enc, enc_text = _encoder_terms(shapes, settings, context)
     largest = max(enc, key=enc.get)
     terms["encoder_activations"] = enc[largest]
     lines = [
         f"context {context} tokens x batch {batch}; KV cache {kv_cache}; SSM cache {ssm_dtype}"
-        + ("" if s.ssm_cache_dtype else " (vLLM's NemotronH default)"),
+        + ("" if shapes.ssm_cache_dtype else " (vLLM's NemotronH default)"),
         (
             f"kv_cache: {s.attention_layers} attention layers x 2 (K, V) x {s.kv_heads} KV heads x "
             f"head_dim {s.head_dim} x context {context} x batch {batch} x {kvb} B = "
@@ -227,8 +235,8 @@ def estimate_serving_memory(
         ),
         (
             f"mamba_conv_state: {s.mamba_layers} Mamba layers x batch {batch} x (conv {s.conv_kernel} "
-            f"- 1) x ({s.mamba_heads} x {s.mamba_head_dim} + 2 x {s.n_groups} x {s.ssm_state}) x "
-            f"{s.act_bytes} B = {terms['mamba_conv_state']:,} ({gib(terms['mamba_conv_state'])})"
+            f"- 1) x ({s.mamba_heads} x {s.mamba_head_dim} + 2 x {s.groups} x {s.ssm_state}) x "
+            f"{act_bytes} B = {terms['mamba_conv_state']:,} ({gib(terms['mamba_conv_state'])})"
         ),
         (
             f"mamba_ssm_state: {s.mamba_layers} Mamba layers x batch {batch} x {s.mamba_heads} heads x "
@@ -291,15 +299,12 @@ def serving_memory_for(loaded, **kwargs) -> ServingMemory:
     return estimate_serving_memory(loaded.adapter.serving_shapes(loaded.model), settings, **kwargs)
 
 
-
-
 def sequence_bytes(shapes: ServingStateShapes, tokens: int, kv_bytes: int) -> tuple[int, str]:
     """Bytes of serving state one sequence of ``tokens`` holds, and the formula as text."""
     s = shapes
-    kv = s.attention_layers * 2 * s.kv_heads * s.head_dim * tokens * kv_bytes
-    ssm = s.mamba_layers * s.mamba_heads * s.mamba_head_dim * s.ssm_state * 4
+    t = state_terms(s, tokens, 1, kv_bytes, SSM_DTYPE_BYTES[DEFAULT_SSM_CACHE_DTYPE], 2)
+    kv, ssm, conv = t["kv_cache"], t["mamba_ssm_state"], t["mamba_conv_state"]
     conv_dim = s.mamba_heads * s.mamba_head_dim + 2 * s.groups * s.ssm_state
-    conv = s.mamba_layers * (s.conv_kernel - 1) * conv_dim * 2
     formula = (
         f"KV {s.attention_layers} attention layers x 2 x {s.kv_heads} heads x {s.head_dim} x "
         f"{tokens} tokens x {kv_bytes} B = {kv:,} B; Mamba {s.mamba_layers} layers x "

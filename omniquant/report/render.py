@@ -308,6 +308,35 @@ def _size_context(models: list[dict]) -> dict:
     return {"figure": figure, "table": (header, rows)}
 
 
+def _pareto_context(models: list[dict], colors: list[str]) -> dict:
+    """Measured KL (and mean accuracy) against exported GiB for every model, with the
+    Pareto front (``omniquant.report.pareto``)."""
+    from omniquant.report.pareto import pareto_front
+
+    def gib(m: dict) -> float | None:
+        return None if m["size_bytes"] is None else m["size_bytes"] / 2**30
+
+    kl = [(m["name"], gib(m), m["overall"]["kl_mean"]) for m in models]
+    acc = [(m["name"], gib(m), m["overall"]["accuracy"]) for m in models]
+    kl_front = pareto_front(kl)
+    acc_front = pareto_front([(n, x, None if y is None else -y) for n, x, y in acc])
+    figures = [
+        svg.pareto_chart(kl, kl_front, "Quality vs size: mean KL to the baseline",
+                         "exported GiB", "KL mean (nats)", "Pareto front (less KL, fewer bytes)",
+                         colors=colors),
+        svg.pareto_chart(acc, acc_front, "Quality vs size: mean accuracy", "exported GiB",
+                         "accuracy", "Pareto front (more accuracy, fewer bytes)", y_max=1.0,
+                         colors=colors),
+    ]  # fmt: skip
+    note = (
+        "One dot per model of this report (built-in, fitted and algorithm-variant recipes "
+        "alike); ringed and joined: the Pareto front, the models no other model beats on "
+        "both size and quality. KL front: " + (", ".join(kl_front) or "none") + "; accuracy "
+        "front: " + (", ".join(acc_front) or "none") + "."
+    )
+    return {"figures": figures, "note": note}
+
+
 def _fidelity_context(report: dict, models: list[dict], colors: list[str]) -> dict:
     mods = [m for m in MODALITY_ORDER if m in report["baseline"]["modalities"]]
     cands = models[1:]
@@ -518,6 +547,7 @@ def write_html(report: dict) -> str:
         "harness": _harness_context(report),
         "size": _size_context(models),
         "cost": _cost_context(report, models, colors),
+        "pareto": _pareto_context(models, colors),
         "fidelity": _fidelity_context(report, models, colors),
         "evs": _evs_context(report, models, colors),
         "calibration": _calibration_context(report),

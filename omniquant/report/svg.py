@@ -9,6 +9,7 @@ file). Every text node is escaped. Values that are ``None`` are drawn as a small
 
 from __future__ import annotations
 
+import itertools
 import math
 from html import escape
 
@@ -392,4 +393,105 @@ def heatmap(
         f'<text x="{left}" y="{height - 10}" font-size="10" {_FONT}>white = 0, dark = {_fmt(peak)} tokens; '
         f"red outline = {escape(zero_note)}</text>"
     )
+    return "\n".join(out + ["</svg>"])
+
+
+def pareto_chart(
+    points: list[tuple[str, float | None, float | None]],
+    front: list[str],
+    title: str,
+    x_label: str,
+    y_label: str,
+    front_label: str,
+    y_max: float | None = None,
+    width: int = 760,
+    height: int = 360,
+    colors: list[str] | None = None,
+) -> str:
+    """One dot per ``(name, x, y)``, the members of ``front`` (names, by increasing x)
+    ringed and joined by a dashed staircase: what no other point beats on both axes.
+
+    Both axes span the data (their ticks say where). A point with ``x`` or ``y`` ``None``
+    is not drawn; its legend entry says "n/a".
+    """
+    colors, legend_w, left, top, plot_w, plot_h = _xy_layout(len(points), colors, width, height, 50)
+    pad = 14
+    drawn = [(x, y) for _, x, y in points if x is not None and y is not None]
+    x_lo, x_hi = _y_range([x for x, _ in drawn], None)
+    y_lo, y_hi = _y_range([y for _, y in drawn], y_max)
+
+    def px(x: float) -> float:
+        return left + pad + (plot_w - 2 * pad) * (x - x_lo) / (x_hi - x_lo)
+
+    def py(y: float) -> float:
+        return top + plot_h - pad - (plot_h - 2 * pad) * (y - y_lo) / (y_hi - y_lo)
+
+    out = _open(width, height, title)
+    for k in range(5):
+        xv, yv = x_lo + (x_hi - x_lo) * k / 4, y_lo + (y_hi - y_lo) * k / 4
+        out.append(f'<line x1="{left:.1f}" y1="{py(yv):.1f}" x2="{left + plot_w:.1f}" '
+                   f'y2="{py(yv):.1f}" stroke="#e5e5e5"/>')  # fmt: skip
+        out.append(f'<text x="{left - 6:.1f}" y="{py(yv) + 4:.1f}" text-anchor="end" '
+                   f'font-size="10" {_FONT}>{_fmt(yv)}</text>')  # fmt: skip
+        out.append(f'<text x="{px(xv):.1f}" y="{top + plot_h + 14:.1f}" text-anchor="middle" '
+                   f'font-size="10" {_FONT}>{_fmt(xv)}</text>')  # fmt: skip
+    out += [
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>',
+        (
+            f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" '
+            f'font-size="11" {_FONT}>{escape(x_label)}</text>'
+        ),
+        (
+            f'<text x="14" y="{top + plot_h / 2:.1f}" font-size="11" text-anchor="middle" '
+            f'transform="rotate(-90 14 {top + plot_h / 2:.1f})" {_FONT}>{escape(y_label)}</text>'
+        ),
+    ]
+    where = {n: (x, y) for n, x, y in points if x is not None and y is not None}
+    stairs = [where[n] for n in front if n in where]
+    if stairs:
+        path = [f"M{px(stairs[0][0]):.1f},{py(stairs[0][1]):.1f}"]
+        for (_, y0), (x1, y1) in itertools.pairwise(stairs):
+            path.append(f"L{px(x1):.1f},{py(y0):.1f} L{px(x1):.1f},{py(y1):.1f}")
+        out.append(f'<path d="{" ".join(path)}" fill="none" stroke="#333" '
+                   'stroke-dasharray="5,3" stroke-width="1.5"/>')  # fmt: skip
+    names, placed = [], []
+    for i, (name, x, y) in enumerate(points):
+        if x is None or y is None:
+            names.append(f"{name} (n/a)")
+            continue
+        on = name in front
+        names.append(f"{name}{' *' if on else ''}")
+        if on:
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="9" fill="none" '
+                       'stroke="#333" stroke-width="1.5"/>')  # fmt: skip
+        out.append(
+            f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" fill="{colors[i]}" '
+            f'stroke="{colors[i]}"><title>{escape(name)}: {escape(x_label)} {_fmt(x)}, '
+            f"{escape(y_label)} {_fmt(y)}{' (Pareto front)' if on else ''}</title></circle>"
+        )
+        lx, base = px(x) + 11, py(y) - 6
+        # Points of equal size sit on one vertical: the label takes the nearest line, up
+        # or down, inside the plot, clear of the labels already placed (about 6 px per
+        # character, 11 px per line).
+        for k in range(40):
+            ly = base + 11 * ((k + 1) // 2) * (1 if k % 2 else -1)
+            inside = top + 10 <= ly <= top + plot_h - 3
+            if inside and not any(
+                abs(ly - y2) < 11 and lx < x2 + 6 * n2 and x2 < lx + 6 * len(name)
+                for x2, y2, n2 in placed
+            ):
+                break
+        placed.append((lx, ly, len(name)))
+        out.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="10" {_FONT}>{escape(name)}</text>')
+    out += _legend(names, width - legend_w + 4, top + 10, colors)
+    words, lines = f"* ringed, dashed line: {front_label}".split(), [""]
+    for word in words:  # wrapped to the legend's width (~26 characters)
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > 26:
+            lines.append("")
+        lines[-1] = f"{lines[-1]} {word}".strip()
+    for k, line in enumerate(lines):
+        out.append(
+            f'<text x="{width - legend_w + 4:.1f}" y="{top + 20 + 16 * len(points) + 12 * k:.1f}" '
+            f'font-size="10" fill="#555" {_FONT}>{escape(line)}</text>'
+        )
     return "\n".join(out + ["</svg>"])

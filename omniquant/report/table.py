@@ -47,13 +47,25 @@ def render_summary_table(report: dict) -> str:
     """One row per model: precision, bits per weight, size, accuracy, worst task
     recovery, mean KL and top-1 agreement (what ``omniquant report`` prints); with a
     load phase, also requests/s, hours of video and audio per hour and (with a price)
-    cost per hour of media, at the highest concurrency level."""
+    cost per hour of media, at the highest concurrency level. With two or more models
+    that have both a size and a KL, a last column marks the Pareto front (less KL, fewer
+    bytes) and a legend line follows."""
+    from omniquant.report.pareto import pareto_front
+
+    models = [report["baseline"], *report["candidates"]]
+    points = [(m["name"], m["size_bytes"], m["overall"]["kl_mean"]) for m in models]
+    # A front of one point says nothing: the column shows when two models can be compared.
+    front = pareto_front(points) if sum(None not in p for p in points) > 1 else None
     header = (
-        f"{'model':<22}{'precision':<18}{'bits/w':>8}{'size MB':>10}{'accuracy':>10}"
-        f"{'min recov':>10}{'KL mean':>11}{'top-1':>8}"
-    ) + _cost_header(report)
+        (
+            f"{'model':<22}{'precision':<18}{'bits/w':>8}{'size MB':>10}{'accuracy':>10}"
+            f"{'min recov':>10}{'KL mean':>11}{'top-1':>8}"
+        )
+        + _cost_header(report)
+        + ("  front" if front is not None else "")
+    )
     lines = [header]
-    for m in [report["baseline"], *report["candidates"]]:
+    for m in models:
         overall = m["overall"]
         recovs = [t["recovery"] for t in m["tasks"].values() if t["recovery"] is not None]
         recov = min(recovs, default=1.0 if not m["tasks"] else None)
@@ -64,6 +76,12 @@ def render_summary_table(report: dict) -> str:
             f"{_cell(recov, '.1f', 9, 100, '%')}"
             f"{_cell(overall['kl_mean'], '.3g', 11)}{_cell(overall['top1_agreement'], '.1f', 7, 100, '%')}"
             + _cost_cells(report, m)
+            + (f"  {'*' if m['name'] in front else '':>5}" if front is not None else "")
+        )
+    if front is not None:
+        lines.append(
+            "front: * = on the Pareto front of KL mean vs size (no other model has both less "
+            "KL and fewer bytes); report.html plots it"
         )
     return "\n".join(lines)
 
@@ -94,6 +112,19 @@ def render_throughput_lines(report: dict) -> list[str]:
                 f"fit in {cap['gpu_bytes'] / 2**30:g} GiB (arithmetic, not measured)"
             )
     return lines
+
+
+def render_front_line(report: dict) -> str:
+    """One line naming the models on the Pareto front of KL mean vs exported size (what
+    ``omniquant cliff`` prints under its table; ``report.html`` plots it)."""
+    from omniquant.report.pareto import pareto_front
+
+    models = [report["baseline"], *report["candidates"]]
+    front = pareto_front([(m["name"], m["size_bytes"], m["overall"]["kl_mean"]) for m in models])
+    return (
+        "Pareto front, KL mean vs size (no other model has both less KL and fewer bytes): "
+        + (", ".join(front) or "none (no model has both a size and a KL)")
+    )
 
 
 def render_cliff_table(report: dict) -> str:
