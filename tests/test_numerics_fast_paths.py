@@ -155,3 +155,19 @@ def test_e2m1_codes_equal_modelopts_cast_for_every_class():
 
     v = _every_class_and_neighbours()
     assert torch.equal(e2m1_codes(v), nvfp4_tensor.NVFP4QTensor._cast_fp4(v.clone()))
+
+
+def test_e2m1_codes_chunked_path_equals_modelopts_cast():
+    """Above _CODES_CHUNK elements e2m1_codes runs chunk by chunk (the export's large
+    weights): same codes as modelopt's function across chunk boundaries and a ragged tail."""
+    nvfp4_tensor = pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor")
+    from omniquant.numerics import nvfp4
+
+    g = torch.Generator().manual_seed(3)
+    n = 2 * nvfp4._CODES_CHUNK + 4099
+    v = torch.randn(3, n, generator=g) * 4
+    v.view(-1)[:: 1013] = torch.tensor(0.25)  # ties on chunk-spread positions
+    v.view(-1)[5 :: 2039] = torch.tensor(-2.5)
+    got = nvfp4.e2m1_codes(v)
+    assert got.shape == v.shape and got.dtype == torch.uint8
+    assert torch.equal(got, nvfp4_tensor.NVFP4QTensor._cast_fp4(v.clone()))

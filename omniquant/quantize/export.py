@@ -144,7 +144,7 @@ def _single_rounding_fp8():
     single rounding) gives. Here the division is in float32, a slice of rows at a time
     (``_fp8_single_rounded``), so memory stays flat.
     NVFP4: ``NVFP4QTensor._cast_fp4`` (eight passes over the scaled weight) is replaced by
-    ``omniquant.numerics.nvfp4.e2m1_codes`` (one ``bucketize``), code for code the same
+    ``omniquant.numerics.nvfp4.e2m1_codes`` (one table lookup, cache-sized chunks), code for code the same
     (tests/test_numerics_fast_paths.py; the export pins hold the bytes).
     """
     import modelopt.torch.export.unified_export_hf as ueh
