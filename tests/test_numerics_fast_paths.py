@@ -171,3 +171,23 @@ def test_e2m1_codes_chunked_path_equals_modelopts_cast():
     got = nvfp4.e2m1_codes(v)
     assert got.shape == v.shape and got.dtype == torch.uint8
     assert torch.equal(got, nvfp4_tensor.NVFP4QTensor._cast_fp4(v.clone()))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_export_block_amax_equals_modelopts_reduce_block_amax(dtype):
+    """The export's chunked per-block amax (quantize/export.py) gives modelopt's bits: zeros,
+    -0.0, inf, more blocks than one chunk, and a NaN block (handed back to modelopt)."""
+    core = pytest.importorskip("modelopt.torch.quantization.utils.core_utils")
+    from omniquant.quantize import export
+
+    ours = export._last_dim_block_amax(core.reduce_block_amax)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 2 * export._AMAX_CHUNK_BLOCKS // 7 + 5, 112, generator=g) * 3).to(dtype)
+    x[1, 1, :16] = 0
+    x[0, 3, :16] = -0.0
+    x[1, 1, 17] = -0.0
+    x[2, 2, 5] = float("inf")
+    with_nan = x.clone()
+    with_nan[0, 0, 3] = float("nan")
+    for case in (x, with_nan):
+        assert torch.equal(bits(ours(case, {-1: 16})), bits(core.reduce_block_amax(case, {-1: 16})))
