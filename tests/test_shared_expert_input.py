@@ -23,14 +23,15 @@ def _container():
     return mod
 
 
-def _run(mod, shared: bool, calls: list):
+def _run(mod, shared, calls: list):
     q_up, q_down = nvfp4_activation_quantizer(0.002), nvfp4_activation_quantizer(0.003)
 
     def fn(proj, idx, x):
         calls.append(proj)
         return (q_up if proj == "up_proj" else q_down)(x)
 
-    undo = patch_expert_linears(mod, fn, ("up_proj", "down_proj"), {"up_proj": q_up} if shared else None)
+    table = {"up_proj": q_up, "down_proj": q_down}
+    undo = patch_expert_linears(mod, fn, ("up_proj", "down_proj"), {k: table[k] for k in shared})
     try:
         g = torch.Generator().manual_seed(1)
         hidden = (torch.randn(9, 32, generator=g) * 3).to(torch.bfloat16)
@@ -44,8 +45,17 @@ def _run(mod, shared: bool, calls: list):
 def test_shared_input_quantizer_is_bit_exact_and_skips_per_expert_calls():
     mod = _container()
     per_expert, shared = [], []
-    want = _run(mod, False, per_expert)
-    got = _run(mod, True, shared)
+    want = _run(mod, (), per_expert)
+    got = _run(mod, ("up_proj",), shared)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     assert "up_proj" in per_expert and "up_proj" not in shared
     assert shared.count("down_proj") == per_expert.count("down_proj") > 1
+
+
+def test_both_projections_shared_run_the_grouped_loop_bit_exact():
+    mod = _container()
+    per_expert, grouped = [], []
+    want = _run(mod, (), per_expert)
+    got = _run(mod, ("up_proj", "down_proj"), grouped)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert grouped == [] and len(per_expert) > 2  # fn never called: one quantize per call

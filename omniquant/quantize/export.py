@@ -134,8 +134,8 @@ def _fp8_single_rounded(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return out
 
 
-#: Blocks per chunk in ``_last_dim_block_amax`` (64 Ki elements of 16-element blocks).
-_AMAX_CHUNK_BLOCKS = 1 << 12
+#: Blocks per chunk in ``_last_dim_block_amax`` (2 Mi elements of 16-element blocks).
+_AMAX_CHUNK_BLOCKS = 1 << 17
 
 
 def _last_dim_block_amax(original):
@@ -175,7 +175,7 @@ def _single_rounding_fp8():
     single rounding) gives. Here the division is in float32, a slice of rows at a time
     (``_fp8_single_rounded``), so memory stays flat.
     NVFP4: ``NVFP4QTensor._cast_fp4`` (eight passes over the scaled weight) is replaced by
-    ``omniquant.numerics.nvfp4.e2m1_codes`` (one table lookup, cache-sized chunks), code for code the same
+    ``omniquant.numerics.nvfp4.e2m1_codes`` (one table lookup, chunks), code for code the same
     (tests/test_numerics_fast_paths.py; the export pins hold the bytes), and its per-block
     amax (``reduce_block_amax``: a clone of the weight plus two reductions) by one
     chunked ``abs().amax()`` (``_last_dim_block_amax``).
