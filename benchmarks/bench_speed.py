@@ -304,7 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description="issue 26's speed benchmark: one JSON, README table")
     ap.add_argument("--skip", default="", help=f"comma-separated sections of {SECTIONS}")
     ap.add_argument("--slice-model", type=Path, default=None, help="make-tiny --size slice dir")
-    ap.add_argument("--slice-json", type=Path, default=None, help="a bench_slice --json result")
+    ap.add_argument("--slice-json", type=Path, action="append", default=None,
+                    help="a bench_slice --json result (repeatable: a later file's recipes win; "
+                    "each recipe's ratios stay from one invocation)")  # fmt: skip
     ap.add_argument("--json", type=Path, default=RESULTS)
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite README's table")
     ap.add_argument("--update", action="store_true",
@@ -325,11 +327,16 @@ def main(argv: list[str] | None = None) -> dict:
                 res["sections"][name] = _section(fn, arg)
                 print(f"{name}: {res['sections'][name]}", flush=True)
         if "slice" not in skip and args.slice_json is not None:
-            res["sections"]["slice"] = summarize_slice(json.loads(args.slice_json.read_text()))
-            res["sections"]["slice"]["source"] = args.slice_json.name
-            res["sections"]["slice"]["measured_at"] = time.strftime(
-                "%Y-%m-%d %H:%M UTC", time.gmtime(args.slice_json.stat().st_mtime)
-            )
+            merged: dict = {}
+            for f in args.slice_json:
+                one = summarize_slice(json.loads(f.read_text()))
+                stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(f.stat().st_mtime))
+                for recipe in ("fp8_omni", "nvfp4_omni"):
+                    if recipe in one:
+                        one[recipe]["measured_at"] = stamp
+                merged.update(one)
+            merged["source"] = ", ".join(f.name for f in args.slice_json)
+            res["sections"]["slice"] = merged
         elif "slice" not in skip and args.slice_model is not None:
             res["sections"]["slice"] = _section(
                 lambda: summarize_slice(_slice_section(args.slice_model, root))

@@ -60,7 +60,8 @@ def render(res: dict) -> str:
         phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phase_ratios"].items())
         rows += [
             (f"slice {recipe}: omniquant / bare modelopt", "<= 1.05x",
-             f"{r['overhead']:.2f}x ({r['omniquant_s']:.0f} s / {r['modelopt_s']:.0f} s; per phase: {phases})"),
+             f"{r['overhead']:.2f}x ({r['omniquant_s']:.0f} s / {r['modelopt_s']:.0f} s; per phase: {phases}"
+             + (f"; run {r['measured_at']}" if "measured_at" in r else "") + ")"),
             (f"slice {recipe}: export / plain read+write floor", "<= 3x",
              (f"omniquant {r['export_x_floor']['omniquant']:.2f}x ({r['omniquant_export_s']:.0f} s), "
               f"modelopt {r['export_x_floor']['modelopt']:.2f}x")),
