@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,41 @@ def _run(kind: str, model: Path, recipe: str, samples: int, out: Path, threads: 
     return json.loads(line[len("SLICE ") :])
 
 
+def plain_read_write(model: Path, scratch: Path) -> dict:
+    """The I/O floor: read every source shard and write its bytes back out (16 MiB chunks,
+    no fsync, as the exports), reading and writing seconds kept apart so that a recipe's
+    floor is ``read_s + write_s * its output bytes / source bytes``."""
+    out = scratch / "plain_copy"
+    out.mkdir(parents=True, exist_ok=True)
+    read_s = write_s = 0.0
+    total = 0
+    try:
+        for f in sorted(Path(model).glob("*.safetensors")):
+            with open(f, "rb") as fin, open(out / f.name, "wb") as fout:
+                while True:
+                    t = time.perf_counter()
+                    chunk = fin.read(16 << 20)
+                    read_s += time.perf_counter() - t
+                    if not chunk:
+                        break
+                    t = time.perf_counter()
+                    fout.write(chunk)
+                    write_s += time.perf_counter() - t
+                    total += len(chunk)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {"bytes": total, "read_s": read_s, "write_s": write_s}
+
+
+def floor_seconds(floor: dict, out_bytes: int) -> float:
+    """Plain read of the source plus plain write of ``out_bytes``, at the measured speeds."""
+    return floor["read_s"] + floor["write_s"] * out_bytes / max(floor["bytes"], 1)
+
+
+#: Phases both runs report, compared one to one.
+COMPARED_PHASES = ("load", "calibration_forward", "quantize_other", "export")
+
+
 def bf16_bytes(model: Path) -> int:
     return sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
 
@@ -190,6 +226,7 @@ def run_all(
     scratch.mkdir(parents=True, exist_ok=True)
     bf16 = bf16_bytes(model)
     results: dict = {"model": str(model), "bf16_bytes": bf16, "samples": samples, "runs": {}}
+    results["plain_read_write"] = plain_read_write(model, scratch)
     for recipe in recipes:
         for kind in ("omniquant", "modelopt"):
             out = scratch / f"{kind}_{recipe}"
@@ -202,6 +239,16 @@ def run_all(
             if kind == "modelopt":
                 o = results["runs"][f"omniquant/{recipe}"]
                 results[f"overhead_{recipe}"] = o["seconds"] / r["seconds"]
+                results[f"phase_ratios_{recipe}"] = {
+                    p: o["phases"][p] / r["phases"][p]
+                    for p in COMPARED_PHASES
+                    if p in o["phases"] and r["phases"].get(p)
+                }
+                floor = results["plain_read_write"]
+                results[f"export_x_floor_{recipe}"] = {
+                    k: run["phases"]["export"] / floor_seconds(floor, run["shard_bytes"])
+                    for k, run in (("omniquant", o), ("modelopt", r))
+                }
             if save is not None:
                 save(results)
     return results
@@ -259,6 +306,17 @@ def render(results: dict) -> str:
     for recipe in RECIPES:
         if f"overhead_{recipe}" in results:
             lines.append(f"\n{recipe}: omniquant / bare modelopt wall time = {results[f'overhead_{recipe}']:.2f}")
+    if "plain_read_write" in results:
+        f = results["plain_read_write"]
+        lines.append(
+            f"\nplain read + write of the source ({f['bytes'] / 2**30:.2f} GiB): read {f['read_s']:.1f}s, "
+            f"write {f['write_s']:.1f}s"
+        )
+    for recipe in RECIPES:
+        if f"phase_ratios_{recipe}" in results:
+            ratios = ", ".join(f"{k} {v:.2f}" for k, v in results[f"phase_ratios_{recipe}"].items())
+            floor = ", ".join(f"{k} {v:.2f}x" for k, v in results[f"export_x_floor_{recipe}"].items())
+            lines.append(f"- {recipe}: omniquant / modelopt per phase: {ratios}; export / I/O floor: {floor}")
     lines.append("\nforward seconds per block type (per module, summed over samples; cores busy):")
     for name, r in results["runs"].items():
         blocks = ", ".join(

@@ -1,6 +1,18 @@
 """Issue 26's speed numbers, as ratios measured in one run (pytest-benchmark, one JSON).
 
-Run (the main job takes minutes; the machine should be quiet):
+One command writes ``benchmarks/results/bench_speed.json`` (every section, machine load
+beside each) and regenerates the README speed table from it
+(``benchmarks/render_readme_table.py``):
+
+    python3 -m benchmarks.bench_speed --slice-model /tmp/slice   # ~15-20 min, quiet box
+
+``--skip slice,cliff`` leaves sections out (recorded as not measured); ``--slice-json F``
+takes the slice section from a ``bench_slice --json`` file instead of running it. Without
+``--slice-model`` (and no ``--slice-json``) the slice is skipped. The slice needs
+``omniquant make-tiny --size slice --out /tmp/slice`` first (~1 min, 6.8 GiB, ~12 GB RAM
+while running).
+
+Or as pytest-benchmark tests (the main job takes minutes; the machine should be quiet):
 
     python3 -m pytest benchmarks/bench_speed.py --benchmark-enable -s \\
         --benchmark-json speed.json
@@ -27,6 +39,7 @@ Each test records its numbers in ``extra_info`` (the JSON's ``benchmarks[].extra
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 import shutil
@@ -188,3 +201,154 @@ def test_cliff_wall_time(benchmark, tmp_path):
     benchmark.extra_info.update(info)
     print(f"\ncliff: {info}")
     shutil.rmtree(out, ignore_errors=True)
+
+
+# ------------------------------------------------------------ one command, one JSON
+SECTIONS = ("eval", "export", "plan", "cliff", "slice")
+RESULTS = REPO / "benchmarks" / "results" / "bench_speed.json"
+
+
+def _load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _section(fn, *args) -> dict:
+    import torch
+
+    before = _load_average()
+    threads = torch.get_num_threads()
+    t = time.perf_counter()
+    out = fn(*args)
+    out["section_wall_s"] = round(time.perf_counter() - t, 1)
+    out["load_average_before"], out["load_average_after"] = before, _load_average()
+    out["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out["torch_threads"] = threads
+    return out
+
+
+def _eval_section(root: Path) -> dict:
+    from omniquant.demo import DEMO_CALIB, demo_model_dir
+    from omniquant.quantize.pipeline import quantize
+
+    paths = {"bf16": demo_model_dir()}
+    for name, recipe in (("fp8", "fp8_omni"), ("nvfp4", "nvfp4_aggressive")):
+        paths[name] = quantize(demo_model_dir(), recipe, root / recipe, calib=DEMO_CALIB).out
+    return _eval_ratios(paths, EVAL_ROUNDS)
+
+
+def _export_section(root: Path) -> dict:
+    """The bench-size model's export against a plain copy, in a child (pytest's test)."""
+    out = {}
+    for recipe in ("fp8_omni", "nvfp4_omni"):
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+             f"{Path(__file__).resolve()}::test_export_against_plain_copy[{recipe}]",
+             "--benchmark-enable", f"--basetemp={root / recipe}"],
+            capture_output=True, text=True, check=True, cwd=REPO,
+        )  # fmt: skip
+        line = re.search(rf"{recipe} export: (\{{.*\}})", done.stdout)
+        out[recipe] = json.loads(line.group(1).replace("'", '"'))
+    return out
+
+
+def _plan_section(root: Path) -> dict:
+    from omniquant.demo.tiny import write_config_only
+
+    cfg = write_config_only(root / "config-only")
+    cmd = [sys.executable, "-m", "omniquant", "plan", "--model", str(cfg), "--recipe", "nvfp4_omni"]
+    t = time.perf_counter()
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return {"plan_wall_s": round(time.perf_counter() - t, 2)}
+
+
+def _cliff_section(root: Path) -> dict:
+    cmd = [sys.executable, "-m", "omniquant", "cliff", "--out", str(root / "cliff")]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    log = done.stdout + done.stderr
+    rates = dict(re.findall(r"(?:baseline|candidate) (\S+): [^\n]*?([\d.]+) samples/s", log))
+    return {"cliff_wall_s": round(time.perf_counter() - t, 1), "eval_samples_per_s": rates}
+
+
+def _slice_section(model: Path, root: Path) -> dict:
+    from benchmarks.bench_slice import run_all
+
+    return run_all(model, 2, root / "slice")
+
+
+def summarize_slice(res: dict) -> dict:
+    """The slice numbers the README table shows, from a ``bench_slice`` result."""
+    out = {"bf16_bytes": res["bf16_bytes"], "plain_read_write": res.get("plain_read_write")}
+    for recipe in ("fp8_omni", "nvfp4_omni"):
+        o, m = res["runs"].get(f"omniquant/{recipe}"), res["runs"].get(f"modelopt/{recipe}")
+        if o is None or m is None:
+            continue
+        out[recipe] = {
+            "omniquant_s": round(o["seconds"], 1),
+            "modelopt_s": round(m["seconds"], 1),
+            "overhead": round(res[f"overhead_{recipe}"], 3),
+            "phase_ratios": {k: round(v, 3) for k, v in res.get(f"phase_ratios_{recipe}", {}).items()},
+            "omniquant_export_s": round(o["phases"]["export"], 1),
+            "modelopt_export_s": round(m["phases"]["export"], 1),
+            "export_x_floor": {k: round(v, 2) for k, v in res.get(f"export_x_floor_{recipe}", {}).items()},
+            "omniquant_rss_x_bf16": round(o["rss_peak_ratio"], 3),
+            "modelopt_rss_x_bf16": round(m["rss_peak_ratio"], 3),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(description="issue 26's speed benchmark: one JSON, README table")
+    ap.add_argument("--skip", default="", help=f"comma-separated sections of {SECTIONS}")
+    ap.add_argument("--slice-model", type=Path, default=None, help="make-tiny --size slice dir")
+    ap.add_argument("--slice-json", type=Path, action="append", default=None,
+                    help="a bench_slice --json result (repeatable: a later file's recipes win; "
+                    "each recipe's ratios stay from one invocation)")  # fmt: skip
+    ap.add_argument("--json", type=Path, default=RESULTS)
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite README's table")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the sections of the existing --json that this run skips")  # fmt: skip
+    args = ap.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    res: dict = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                 "cpus": os.cpu_count(), "sections": {}}  # fmt: skip
+    if args.update and args.json.is_file():
+        res["sections"] = json.loads(args.json.read_text()).get("sections", {})
+    with tempfile.TemporaryDirectory(prefix="omniquant-bench-speed-") as tmp:
+        root = Path(tmp)
+        runs = {"eval": (_eval_section, root / "eval"), "export": (_export_section, root / "export"),
+                "plan": (_plan_section, root / "plan"), "cliff": (_cliff_section, root)}  # fmt: skip
+        for name, (fn, arg) in runs.items():
+            if name not in skip:
+                arg.mkdir(parents=True, exist_ok=True)
+                res["sections"][name] = _section(fn, arg)
+                print(f"{name}: {res['sections'][name]}", flush=True)
+        if "slice" not in skip and args.slice_json is not None:
+            merged: dict = {}
+            for f in args.slice_json:
+                one = summarize_slice(json.loads(f.read_text()))
+                stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(f.stat().st_mtime))
+                for recipe in ("fp8_omni", "nvfp4_omni"):
+                    if recipe in one:
+                        one[recipe]["measured_at"] = stamp
+                merged.update(one)
+            merged["source"] = ", ".join(f.name for f in args.slice_json)
+            res["sections"]["slice"] = merged
+        elif "slice" not in skip and args.slice_model is not None:
+            res["sections"]["slice"] = _section(
+                lambda: summarize_slice(_slice_section(args.slice_model, root))
+            )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
+    if not args.no_readme:
+        from benchmarks.render_readme_table import update_readme
+
+        update_readme(args.json, REPO / "README.md")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -155,3 +155,39 @@ def test_e2m1_codes_equal_modelopts_cast_for_every_class():
 
     v = _every_class_and_neighbours()
     assert torch.equal(e2m1_codes(v), nvfp4_tensor.NVFP4QTensor._cast_fp4(v.clone()))
+
+
+def test_e2m1_codes_chunked_path_equals_modelopts_cast():
+    """Above _CODES_CHUNK elements e2m1_codes runs chunk by chunk (the export's large
+    weights): same codes as modelopt's function across chunk boundaries and a ragged tail."""
+    nvfp4_tensor = pytest.importorskip("modelopt.torch.quantization.qtensor.nvfp4_tensor")
+    from omniquant.numerics import nvfp4
+
+    g = torch.Generator().manual_seed(3)
+    n = 2 * nvfp4._CODES_CHUNK + 4099
+    v = torch.randn(3, n, generator=g) * 4
+    v.view(-1)[:: 1013] = torch.tensor(0.25)  # ties on chunk-spread positions
+    v.view(-1)[5 :: 2039] = torch.tensor(-2.5)
+    got = nvfp4.e2m1_codes(v)
+    assert got.shape == v.shape and got.dtype == torch.uint8
+    assert torch.equal(got, nvfp4_tensor.NVFP4QTensor._cast_fp4(v.clone()))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_export_block_amax_equals_modelopts_reduce_block_amax(dtype):
+    """The export's chunked per-block amax (quantize/export.py) gives modelopt's bits: zeros,
+    -0.0, inf, more blocks than one chunk, and a NaN block (handed back to modelopt)."""
+    core = pytest.importorskip("modelopt.torch.quantization.utils.core_utils")
+    from omniquant.quantize import export
+
+    ours = export._last_dim_block_amax(core.reduce_block_amax)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 2 * export._AMAX_CHUNK_BLOCKS // 7 + 5, 112, generator=g) * 3).to(dtype)
+    x[1, 1, :16] = 0
+    x[0, 3, :16] = -0.0
+    x[1, 1, 17] = -0.0
+    x[2, 2, 5] = float("inf")
+    with_nan = x.clone()
+    with_nan[0, 0, 3] = float("nan")
+    for case in (x, with_nan):
+        assert torch.equal(bits(ours(case, {-1: 16})), bits(core.reduce_block_amax(case, {-1: 16})))

@@ -160,7 +160,7 @@ def install_serving_numerics(model, adapter, act: dict, kv: dict) -> int:
         mod.register_forward_pre_hook(lambda _m, args, q=quant: (q(args[0]), *args[1:]))
         n += 1
     for native, table in experts.items():
-        _wrap_experts(adapter, modules[native], table)
+        _wrap_experts(adapter, native, modules[native], table)
         n += 1
     for hub, scale in kv.items():
         mod = modules[_native(adapter, hub)[0]]
@@ -170,12 +170,28 @@ def install_serving_numerics(model, adapter, act: dict, kv: dict) -> int:
     return n
 
 
-def _wrap_experts(adapter, mod, table: dict) -> None:
-    """Quantize the inputs of a fused-experts module's per-expert GEMMs."""
+def _wrap_experts(adapter, name: str, mod, table: dict) -> None:
+    """Quantize the inputs of a fused-experts module's per-expert GEMMs.
+
+    A projection whose every expert has the same format and the same stored input scale
+    (modelopt's export writes one input scale per projection of a container) gets one
+    quantizer, passed as ``shared``: the adapter may then quantize the container's input
+    once instead of once per routed expert (activation quantizers act on each row alone).
+    """
     quant = {key: _act_fn(fmt, scale) for key, (fmt, scale) in table.items()}
 
     def fn(proj: str, idx: int, x: torch.Tensor) -> torch.Tensor:
         q = quant.get((proj, idx))
         return x if q is None else q(x)
 
-    adapter.patch_expert_inputs(mod, fn)
+    by_proj: dict[str, list] = {}
+    for e in adapter.expert_linears(name, mod):
+        by_proj.setdefault(e.projection, []).append(table.get((e.projection, e.expert)))
+    shared = {}
+    for proj, entries in by_proj.items():
+        first = entries[0]
+        if first is not None and all(
+            e is not None and e[0] == first[0] and torch.equal(e[1], first[1]) for e in entries
+        ):
+            shared[proj] = _act_fn(*first)
+    adapter.patch_expert_inputs(mod, fn, shared)

@@ -365,11 +365,13 @@ class ModelAdapter(ABC):
         return []
 
     def patch_expert_inputs(
-        self, module, fn: Callable[[str, int, Any], Any]
+        self, module, fn: Callable[[str, int, Any], Any], shared: dict | None = None
     ) -> Callable[[], None]:
         """Route every per-expert GEMM input of fused container ``module`` through
         ``fn(projection, expert, x)``; returns the undo. Only called for modules of
-        ``fused_expert_groups``."""
+        ``fused_expert_groups``. ``shared`` (optional) maps a projection to a row-wise
+        ``g`` equal to ``fn`` for every expert of it; a family may then run ``g`` once on
+        the container's input instead of once per expert (same values, fewer calls)."""
         raise NotImplementedError(
             f"{type(self).__name__} declares fused_expert_groups but not patch_expert_inputs"
         )

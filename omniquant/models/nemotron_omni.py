@@ -636,11 +636,11 @@ class NemotronOmniAdapter(ModelAdapter):
                 out.append(ExpertLinear(f"{hub}.{i}.{proj}", proj, i, int(o), int(n)))
         return out
 
-    def patch_expert_inputs(self, module, fn):
+    def patch_expert_inputs(self, module, fn, shared=None):
         """See ``omniquant.models.fused_experts.patch_expert_linears``."""
         from omniquant.models.fused_experts import patch_expert_linears
 
-        return patch_expert_linears(module, fn, _EXPERT_PROJECTIONS)
+        return patch_expert_linears(module, fn, _EXPERT_PROJECTIONS, shared)
 
     @staticmethod
     def _is_expert_container(name: str, module) -> bool:

@@ -134,6 +134,11 @@ _VALUE_TABLE = torch.where(
 )
 
 
+#: Elements per chunk in :func:`e2m1_codes` (2 Mi: 8 MiB int32 buffers; small chunks cost
+#: one OpenMP region per op each, which dominated under load with 2 threads).
+_CODES_CHUNK = 1 << 21
+
+
 def e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
     """E2M1 codes (``sign << 3 | magnitude``) of float32 values already divided by their scale.
 
@@ -141,9 +146,30 @@ def e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
     ``scaled < 0`` (so -0.0 gives code 0, a small negative value code 8). Equal, code for
     code, to modelopt 0.47's ``NVFP4QTensor._cast_fp4`` (``searchsorted`` plus the tie
     fix-up), by one table lookup on the float32 bits instead of eight passes.
+
+    The export calls it on whole stacked-expert weights (hundreds of millions of
+    elements): it runs over chunks of :data:`_CODES_CHUNK` elements into preallocated
+    buffers, so its temporaries are a few chunk-sized buffers instead of several int32
+    copies of the weight (each a fresh mapping, page-faulted in, under the export's
+    ``lean_heap``). Same per-element operations as ``_class_index``, so the same codes.
     """
-    index = _class_index(scaled.contiguous().view(torch.int32))
-    return _CODE_TABLE.to(scaled.device)[index]
+    bits = scaled.contiguous().view(torch.int32).reshape(-1)
+    table = _CODE_TABLE.to(scaled.device)
+    n = bits.numel()
+    if n <= _CODES_CHUNK:
+        return table[_class_index(bits)].view(scaled.shape)
+    out = torch.empty(n, dtype=torch.uint8, device=scaled.device)
+    index = torch.empty(_CODES_CHUNK, dtype=torch.int32, device=scaled.device)
+    low = torch.empty_like(index)
+    exact = torch.empty(_CODES_CHUNK, dtype=torch.bool, device=scaled.device)
+    for start in range(0, n, _CODES_CHUNK):
+        chunk = bits[start : start + _CODES_CHUNK]
+        m = chunk.numel()
+        idx, lo, ex = index[:m], low[:m], exact[:m]
+        torch.bitwise_right_shift(chunk, 20, out=idx).bitwise_and_(0xFFE)
+        torch.eq(torch.bitwise_and(chunk, 0x1FFFFF, out=lo), 0, out=ex)
+        torch.index_select(table, 0, idx.bitwise_or_(ex), out=out[start : start + m])
+    return out.view(scaled.shape)
 
 
 def _check_block_size(block_size: int) -> None:
@@ -365,56 +391,74 @@ def fake_quant_nvfp4_activation(
     _check_last_dim(x, "x", block_size)
     like = torch.empty((1,) * (x.dim() + 1), device=x.device)  # a [..., blocks, 1] block scale
     global_scale_f32 = _as_scale(global_scale, like, "global_scale")
-    return _fake_quant_nvfp4_blocks(x, global_scale_f32, E2M1_MAX * global_scale_f32, block_size)
+    one = global_scale_f32.reshape(())
+    table = _VALUE_TABLE.to(x.device)
+    return _fake_quant_nvfp4_fast(x, one, (E2M1_MAX * one).reshape(1), table, block_size)
 
 
 def nvfp4_activation_quantizer(global_scale: torch.Tensor | float, block_size: int = 16):
     """``x -> fake_quant_nvfp4_activation(x, global_scale, block_size)``, the scale checked once.
 
     The emulated loader installs one per quantized GEMM input; checking and converting the
-    scale on every call cost more than the quantization itself on small activations.
+    scale on every call cost more than the quantization itself on small activations. The
+    scale, ``6 * scale`` (a 1-element 1-d tensor, so that a bfloat16 block amax promotes
+    to float32 in the division itself) and the value table are kept per device.
 
     Raises:
         ValueError: an invalid ``global_scale`` (as :func:`fake_quant_nvfp4_activation`).
     """
     _check_block_size(block_size)
     scale = _as_scale(global_scale, torch.empty(1, 1), "global_scale")
-    per_device = {scale.device: (scale, E2M1_MAX * scale)}
+    per_device: dict = {}
+
+    def constants(device):
+        moved = scale.to(device).reshape(())
+        per_device[device] = (moved, (E2M1_MAX * moved).reshape(1), _VALUE_TABLE.to(device))
+        return per_device[device]
 
     def quantize(x: torch.Tensor) -> torch.Tensor:
-        _check_high_precision(x, "x")
-        _check_last_dim(x, "x", block_size)
-        scales = per_device.get(x.device)
-        if scales is None:
-            moved = scale.to(x.device)
-            scales = per_device[x.device] = (moved, E2M1_MAX * moved)
-        return _fake_quant_nvfp4_blocks(x, *scales, block_size)
+        if x.dtype not in _FAST_DTYPES:
+            _check_high_precision(x, "x")
+        if x.dim() == 0 or x.shape[-1] % block_size:
+            _check_last_dim(x, "x", block_size)
+        consts = per_device.get(x.device) or constants(x.device)
+        return _fake_quant_nvfp4_fast(x, *consts, block_size)
 
     return quantize
 
 
-def _fake_quant_nvfp4_blocks(
-    x: torch.Tensor, global_scale_f32: torch.Tensor, denominator: torch.Tensor, block_size: int
-) -> torch.Tensor:
-    """The activation fake quant on checked arguments (``denominator = 6 * global_scale``).
+_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-    Same values, bit for bit, as the step-by-step formula in the module docstring (the
-    tests keep that formula as the reference), in fewer passes over ``x``: the block amax
-    from one min/max reduction, and the rounding to signed E2M1 values from one table
-    lookup on the float32 bits (``_class_index``; the tables are ranked by the boundaries
-    in :data:`_SIGNED_BOUNDARIES`).
+
+def _fake_quant_nvfp4_fast(
+    x: torch.Tensor,
+    global_scale_f32: torch.Tensor,
+    denominator: torch.Tensor,
+    table: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """The activation fake quant on checked arguments, in few dispatched ops.
+
+    Evaluation calls it once per quantized GEMM input (thousands of small tensors), so
+    per-op overhead, not arithmetic, is its cost. Same values, bit for bit, as the
+    step-by-step formula in the module docstring (the tests keep it as the reference):
+    the block amax is ``max(|x|)`` (exact in any dtype); ``denominator`` (``6 *
+    global_scale_f32``) is a 1-element 1-d float32 tensor, so the division promotes a
+    bfloat16 amax to float32 exactly as ``.float()`` would; the rounding to signed E2M1
+    values is one lookup in ``table`` on the float32 bits (``_class_index``, inlined with
+    in-place ops; :data:`_VALUE_TABLE`); the last multiply is computed in float32 and
+    rounded once into an output of ``x``'s dtype, as ``.to(x.dtype)`` would.
     """
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
-    low, high = torch.aminmax(blocks, dim=-1, keepdim=True)
-    block_amax = torch.maximum(high, low.neg()).float()
-    scale = (block_amax / denominator).clamp_(max=E4M3_MAX)
-    scale = scale.to(torch.float8_e4m3fn).float() * global_scale_f32
-    scale = torch.where(scale >= _ACTIVATION_MIN_BLOCK_SCALE, scale, torch.ones_like(scale))
-    scaled = torch.div(blocks, scale)  # float32: the block scale is a float32 tensor
-    # A NaN element rounds to -0.0 (NaN >= 0 is false) under its block's scale 1.0 (the
-    # NaN scale fails the 1e-5 test): the value table says so.
-    index = _class_index(scaled.view(torch.int32))
-    return _VALUE_TABLE.to(x.device)[index].mul_(scale).reshape(x.shape).to(x.dtype)
+    scale = torch.div(blocks.abs().amax(dim=-1, keepdim=True), denominator).clamp_(max=E4M3_MAX)
+    scale = scale.to(torch.float8_e4m3fn).float().mul_(global_scale_f32)
+    scale = torch.where(scale >= _ACTIVATION_MIN_BLOCK_SCALE, scale, 1.0)
+    bits = torch.div(blocks, scale).view(torch.int32)
+    index = (bits >> 20).bitwise_and_(0xFFE).bitwise_or_((bits & 0x1FFFFF) == 0)
+    if x.requires_grad and torch.is_grad_enabled():  # out= does not support autograd
+        return table[index].mul_(scale).to(x.dtype).view(x.shape)
+    out = torch.empty(blocks.shape, dtype=x.dtype, device=x.device)
+    return torch.mul(table[index], scale, out=out).view(x.shape)
 
 
 def fake_quant_nvfp4_blocks(

@@ -134,6 +134,37 @@ def _fp8_single_rounded(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return out
 
 
+#: Blocks per chunk in ``_last_dim_block_amax`` (2 Mi elements of 16-element blocks).
+_AMAX_CHUNK_BLOCKS = 1 << 17
+
+
+def _last_dim_block_amax(original):
+    """modelopt's ``reduce_block_amax`` for blocks along the last dimension, in one chunked
+    pass: ``max(|x|)`` per block equals its ``max(|max|, |min|)`` bit for bit (same dtype),
+    without its full clone of the weight and two strided reductions. A block holding NaN
+    (whose sign bit differs between the two) and other block layouts go to ``original``."""
+
+    def reduce_block_amax(input_tensor: torch.Tensor, block_sizes: dict):
+        dims = list(block_sizes)
+        last = input_tensor.dim() - 1
+        if len(dims) != 1 or dims[0] not in (-1, last) or input_tensor.dim() == 0:
+            return original(input_tensor, block_sizes)
+        bs = block_sizes[dims[0]]
+        if input_tensor.shape[-1] % bs:
+            return original(input_tensor, block_sizes)
+        with torch.no_grad():
+            blocks = input_tensor.reshape(-1, bs)
+            out = torch.empty(blocks.shape[0], dtype=input_tensor.dtype, device=input_tensor.device)
+            for i in range(0, blocks.shape[0], _AMAX_CHUNK_BLOCKS):
+                torch.amax(blocks[i : i + _AMAX_CHUNK_BLOCKS].abs(), dim=-1,
+                           out=out[i : i + _AMAX_CHUNK_BLOCKS])  # fmt: skip
+            if torch.isnan(out).any():  # NaN's sign bit follows modelopt's ops: let it decide
+                return original(input_tensor, block_sizes)
+            return out.view(*input_tensor.shape[:-1], input_tensor.shape[-1] // bs)
+
+    return reduce_block_amax
+
+
 @contextlib.contextmanager
 def _single_rounding_fp8():
     """Make modelopt's FP8 weight packing divide in fp32, and its NVFP4 rounding one pass.
@@ -144,11 +175,14 @@ def _single_rounding_fp8():
     single rounding) gives. Here the division is in float32, a slice of rows at a time
     (``_fp8_single_rounded``), so memory stays flat.
     NVFP4: ``NVFP4QTensor._cast_fp4`` (eight passes over the scaled weight) is replaced by
-    ``omniquant.numerics.nvfp4.e2m1_codes`` (one ``bucketize``), code for code the same
-    (tests/test_numerics_fast_paths.py; the export pins hold the bytes).
+    ``omniquant.numerics.nvfp4.e2m1_codes`` (one table lookup, chunks), code for code the same
+    (tests/test_numerics_fast_paths.py; the export pins hold the bytes), and its per-block
+    amax (``reduce_block_amax``: a clone of the weight plus two reductions) by one
+    chunked ``abs().amax()`` (``_last_dim_block_amax``).
     """
     import modelopt.torch.export.unified_export_hf as ueh
     from modelopt.torch.export.model_config import QUANTIZATION_FP8
+    from modelopt.torch.quantization.qtensor import nvfp4_tensor as nvfp4_module
     from modelopt.torch.quantization.qtensor.base_qtensor import QTensorWrapper
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
@@ -156,6 +190,7 @@ def _single_rounding_fp8():
 
     orig = ueh.to_quantized_weight
     orig_cast = NVFP4QTensor.__dict__["_cast_fp4"]
+    orig_block_amax = nvfp4_module.reduce_block_amax
 
     def to_quantized_weight(weight, weights_scaling_factor, quantization, *args, **kwargs):
         if (
@@ -173,11 +208,13 @@ def _single_rounding_fp8():
 
     ueh.to_quantized_weight = to_quantized_weight
     NVFP4QTensor._cast_fp4 = classmethod(lambda cls, weight: e2m1_codes(weight))
+    nvfp4_module.reduce_block_amax = _last_dim_block_amax(orig_block_amax)
     try:
         yield
     finally:
         ueh.to_quantized_weight = orig
         NVFP4QTensor._cast_fp4 = orig_cast
+        nvfp4_module.reduce_block_amax = orig_block_amax
 
 
 class _LayerwiseQuantExport:
