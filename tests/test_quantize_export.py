@@ -381,3 +381,45 @@ def test_output_files_readable_by_other_users(tiny_dir, quantized):
         modes = {p.name: p.stat().st_mode & 0o777 for p in root.iterdir() if p.is_file()}
         assert any(n.endswith(".safetensors") for n in modes)
         assert modes == {n: 0o666 & ~umask for n in modes}, root
+
+
+def test_the_source_finite_check_counts_exactly_what_a_full_count_finds():
+    """``check_finite_source`` decides per chunk with one aminmax pass and counts only a
+    chunk that holds NaN/Inf: the counts equal the full isfinite count, wherever the bad
+    values sit and whatever the float dtype; a finite or empty chunk is 0."""
+    import random
+
+    from omniquant.checkpoint.verify import _non_finite
+
+    rng = random.Random(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        base = torch.randn(257, 129).to(dtype)
+        assert _non_finite(base) == 0
+        assert _non_finite(base[:0]) == 0
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for n in (1, 3):
+                x = base.clone()
+                for i in rng.sample(range(x.numel()), n):
+                    x.view(-1)[i] = bad
+                assert _non_finite(x) == int((~torch.isfinite(x)).sum()) == n
+        x = torch.tensor(float("nan"), dtype=dtype)  # a 0-d tensor
+        assert _non_finite(x) == 1
+
+
+@pytest.mark.parametrize("slice_elements", [1 << 24, 1000, 97])
+def test_fp8_packing_by_slices_is_the_whole_weight_divided_in_float32(monkeypatch, slice_elements):
+    """The export's FP8 packing (a reused float32 buffer, a slice of rows at a time) gives
+    the bytes of ``(weight.float() / scale).to(float8_e4m3fn)`` for per-tensor, per-row and
+    per-expert scales, whatever the slice size (the export pins cover only the default)."""
+    from omniquant.quantize import export
+
+    monkeypatch.setattr(export, "_FP8_SLICE_ELEMENTS", slice_elements)
+    gen = torch.Generator().manual_seed(0)
+    cases = [((300, 517), None), ((300, 517), (300, 1)), ((6, 64, 96), (6, 1, 1)),
+             ((6, 64, 96), None), ((1, 9), None), ((5,), None)]  # fmt: skip
+    for shape, scale_shape in cases:
+        w = (torch.randn(shape, generator=gen) * 3).to(torch.bfloat16)
+        scale = torch.rand(scale_shape, generator=gen) + 0.01 if scale_shape else torch.tensor(0.37)
+        want = (w.float() / scale).to(torch.float8_e4m3fn)
+        got = export._fp8_single_rounded(w, scale)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (shape, scale_shape)

@@ -289,6 +289,20 @@ _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
 _CHUNK_ELEMS = 1 << 24
 
 
+def _non_finite(chunk) -> int:
+    """NaN/Inf values in ``chunk``. One ``aminmax`` pass decides (NaN propagates into both,
+    an Inf is the min or the max): a finite chunk costs one read, not the three passes and
+    full-size masks of counting, which made this check 11 s of a 40 s quantize of the slice."""
+    import torch
+
+    if chunk.numel() == 0:
+        return 0
+    lo, hi = torch.aminmax(chunk)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return 0
+    return int((~torch.isfinite(chunk)).sum())
+
+
 def check_finite_source(path: str | Path, error: type[OmniquantError]) -> None:
     """Refuse a source checkpoint whose floating-point tensors hold NaN or Inf.
 
@@ -300,7 +314,6 @@ def check_finite_source(path: str | Path, error: type[OmniquantError]) -> None:
     Raises:
         error: Naming the shard and up to five tensors with their NaN/Inf counts.
     """
-    import torch
 
     path = Path(path)
     found: list[str] = []
@@ -317,7 +330,7 @@ def check_finite_source(path: str | Path, error: type[OmniquantError]) -> None:
                 else:
                     step = max(1, _CHUNK_ELEMS // max(1, numel // shape[0]))
                     chunks = (sl[i : i + step] for i in range(0, shape[0], step))
-                bad = sum(int((~torch.isfinite(c)).sum()) for c in chunks)
+                bad = sum(_non_finite(c) for c in chunks)
                 if bad:
                     found.append(f"{shard.name}: {key}: {bad} NaN/Inf value(s)")
     if found:

@@ -128,9 +128,15 @@ def _fp8_single_rounded(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     per_row = max(1, weight[0].numel())
     step = max(1, _FP8_SLICE_ELEMENTS // per_row)
     sliced = scale.dim() == weight.dim() and scale.shape[0] == rows
+    # One float32 buffer reused by every slice: a fresh 64 MiB temporary per slice is a
+    # fresh mapping whose pages the kernel zero-fills (most of the export's system time).
+    buf = torch.empty(min(step, rows) * per_row, dtype=torch.float32, device=weight.device)
     for i in range(0, rows, step):
-        s = scale[i : i + step] if sliced else scale
-        out[i : i + step] = (weight[i : i + step].float() / s).to(torch.float8_e4m3fn)
+        w = weight[i : i + step]
+        f = buf[: w.numel()].view(w.shape)
+        f.copy_(w)  # the exact upcast .float() makes
+        f.div_(scale[i : i + step] if sliced else scale)  # float32 division, as before
+        out[i : i + step].copy_(f)  # the same cast to E4M3 as .to(float8_e4m3fn)
     return out
 
 
