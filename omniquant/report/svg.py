@@ -272,6 +272,36 @@ def _y_range(ys: list[float], y_max: float | None) -> tuple[float, float]:
     return y_lo, max(y_hi, y_lo + step)
 
 
+def _xy_frame(width: int, height: int, title: str, box, px, py, span, x_label: str,
+              y_label: str) -> list[str]:  # fmt: skip
+    """An x-y chart's opening, grid lines, five ticks per axis, plot frame and axis labels.
+
+    ``box`` is ``(left, top, plot_w, plot_h)``, ``span`` ``(x_lo, x_hi, y_lo, y_hi)``;
+    ``px``/``py`` map data to pixels."""
+    left, top, plot_w, plot_h = box
+    x_lo, x_hi, y_lo, y_hi = span
+    out = _open(width, height, title)
+    for k in range(5):
+        xv, yv = x_lo + (x_hi - x_lo) * k / 4, y_lo + (y_hi - y_lo) * k / 4
+        out.append(f'<line x1="{left:.1f}" y1="{py(yv):.1f}" x2="{left + plot_w:.1f}" '
+                   f'y2="{py(yv):.1f}" stroke="#e5e5e5"/>')  # fmt: skip
+        out.append(f'<text x="{left - 6:.1f}" y="{py(yv) + 4:.1f}" text-anchor="end" '
+                   f'font-size="10" {_FONT}>{_fmt(yv)}</text>')  # fmt: skip
+        out.append(f'<text x="{px(xv):.1f}" y="{top + plot_h + 14:.1f}" text-anchor="middle" '
+                   f'font-size="10" {_FONT}>{_fmt(xv)}</text>')  # fmt: skip
+    return out + [
+        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>',
+        (
+            f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" '
+            f'font-size="11" {_FONT}>{escape(x_label)}</text>'
+        ),
+        (
+            f'<text x="14" y="{top + plot_h / 2:.1f}" font-size="11" text-anchor="middle" '
+            f'transform="rotate(-90 14 {top + plot_h / 2:.1f})" {_FONT}>{escape(y_label)}</text>'
+        ),
+    ]
+
+
 def bubble_chart(
     points: list[tuple[str, float | None, float | None, float | None]],
     title: str,
@@ -305,26 +335,8 @@ def bubble_chart(
     def py(y: float) -> float:
         return top + plot_h - pad - (plot_h - 2 * pad) * (y - y_lo) / (y_hi - y_lo)
 
-    out = _open(width, height, title)
-    for k in range(5):
-        xv, yv = x_max * k / 4, y_lo + (y_hi - y_lo) * k / 4
-        out.append(f'<line x1="{left:.1f}" y1="{py(yv):.1f}" x2="{left + plot_w:.1f}" '
-                   f'y2="{py(yv):.1f}" stroke="#e5e5e5"/>')  # fmt: skip
-        out.append(f'<text x="{left - 6:.1f}" y="{py(yv) + 4:.1f}" text-anchor="end" '
-                   f'font-size="10" {_FONT}>{_fmt(yv)}</text>')  # fmt: skip
-        out.append(f'<text x="{px(xv):.1f}" y="{top + plot_h + 14:.1f}" text-anchor="middle" '
-                   f'font-size="10" {_FONT}>{_fmt(xv)}</text>')  # fmt: skip
-    out += [
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>',
-        (
-            f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" '
-            f'font-size="11" {_FONT}>{escape(x_label)}</text>'
-        ),
-        (
-            f'<text x="14" y="{top + plot_h / 2:.1f}" font-size="11" text-anchor="middle" '
-            f'transform="rotate(-90 14 {top + plot_h / 2:.1f})" {_FONT}>{escape(y_label)}</text>'
-        ),
-    ]
+    out = _xy_frame(width, height, title, (left, top, plot_w, plot_h), px, py,
+                    (0.0, x_max, y_lo, y_hi), x_label, y_label)  # fmt: skip
     names = []
     for i, (name, x, y, size) in enumerate(points):
         if None in (x, y, size):
@@ -426,26 +438,8 @@ def pareto_chart(
     def py(y: float) -> float:
         return top + plot_h - pad - (plot_h - 2 * pad) * (y - y_lo) / (y_hi - y_lo)
 
-    out = _open(width, height, title)
-    for k in range(5):
-        xv, yv = x_lo + (x_hi - x_lo) * k / 4, y_lo + (y_hi - y_lo) * k / 4
-        out.append(f'<line x1="{left:.1f}" y1="{py(yv):.1f}" x2="{left + plot_w:.1f}" '
-                   f'y2="{py(yv):.1f}" stroke="#e5e5e5"/>')  # fmt: skip
-        out.append(f'<text x="{left - 6:.1f}" y="{py(yv) + 4:.1f}" text-anchor="end" '
-                   f'font-size="10" {_FONT}>{_fmt(yv)}</text>')  # fmt: skip
-        out.append(f'<text x="{px(xv):.1f}" y="{top + plot_h + 14:.1f}" text-anchor="middle" '
-                   f'font-size="10" {_FONT}>{_fmt(xv)}</text>')  # fmt: skip
-    out += [
-        f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>',
-        (
-            f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" '
-            f'font-size="11" {_FONT}>{escape(x_label)}</text>'
-        ),
-        (
-            f'<text x="14" y="{top + plot_h / 2:.1f}" font-size="11" text-anchor="middle" '
-            f'transform="rotate(-90 14 {top + plot_h / 2:.1f})" {_FONT}>{escape(y_label)}</text>'
-        ),
-    ]
+    out = _xy_frame(width, height, title, (left, top, plot_w, plot_h), px, py,
+                    (x_lo, x_hi, y_lo, y_hi), x_label, y_label)  # fmt: skip
     where = {n: (x, y) for n, x, y in points if x is not None and y is not None}
     stairs = [where[n] for n in front if n in where]
     if stairs:
