@@ -149,6 +149,22 @@ def refuse_unknown(harness: Harness, tasks: list[str], known: list[str], listing
     )
 
 
+def run_logged(harness: Harness, cmd: list[str], log: Path, model_id: str, tasks: list[str],
+               include: Path | None, env: dict | None = None) -> None:  # fmt: skip
+    """Run the harness's command line in ``include`` (its task folder), its output into
+    ``log``; a non-zero exit is an ``EndpointError`` naming the model, the tasks, the log
+    and the log's last lines."""
+    with open(log, "w") as sink:
+        rc = subprocess.call(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                             cwd=str(include) if include else None)  # fmt: skip
+    if rc != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
+        raise EndpointError(
+            f"{harness.name} failed on model {model_id!r}, tasks {', '.join(tasks)} "
+            f"(exit code {rc}); its log: {log}\n{tail}"
+        )
+
+
 def python_for(harness: Harness, python: str | None) -> str:
     """The executable that runs the harness's command line."""
     return interpreter(harness, python) or sys.executable

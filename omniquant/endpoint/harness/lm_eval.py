@@ -22,7 +22,6 @@ import importlib.util
 import json
 import re
 import sqlite3
-import subprocess
 from pathlib import Path
 
 from omniquant.endpoint.harness import (
@@ -33,6 +32,7 @@ from omniquant.endpoint.harness import (
     python_for,
     refuse_unknown,
     require,
+    run_logged,
 )
 from omniquant.errors import EndpointError
 from omniquant.evaluate.harness_results import corpus_counts
@@ -221,15 +221,7 @@ class LmEval:
         if include:
             cmd += ["--include_path", str(include)]
         log = out / "lm-eval.log"
-        with open(log, "w") as sink:
-            rc = subprocess.call(cmd, stdout=sink, stderr=subprocess.STDOUT,
-                                 cwd=str(include) if include else None)  # fmt: skip
-        if rc != 0:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
-            raise EndpointError(
-                f"lm-eval failed on model {model_id!r}, tasks {', '.join(tasks)} (exit code {rc}); "
-                f"its log: {log}\n{tail}"
-            )
+        run_logged(self, cmd, log, model_id, tasks, include)
         found = read_output(samples_dir, model_id, tasks, before, log)
         return HarnessRun(harness=self.name, model=model_id, tasks=found,
                           output_dir=str(samples_dir), log=str(log), command=cmd)  # fmt: skip

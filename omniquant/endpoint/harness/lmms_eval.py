@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import subprocess
 from pathlib import Path
 
 from omniquant.endpoint.harness import (
@@ -41,6 +40,7 @@ from omniquant.endpoint.harness import (
     python_for,
     refuse_unknown,
     require,
+    run_logged,
 )
 from omniquant.endpoint.harness.lm_eval import read_output
 from omniquant.errors import EndpointError
@@ -148,15 +148,7 @@ class LmmsEval:
         env = {**os.environ, "OPENAI_API_BASE": url, "OPENAI_API_KEY": "EMPTY",
                "OPENAI_BASE_URL": url, "LMMS_CACHE_RUN_ID": RUN_ID}  # fmt: skip
         log = out / "lmms-eval.log"
-        with open(log, "w") as sink:
-            rc = subprocess.call(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env,
-                                 cwd=str(include) if include else None)  # fmt: skip
-        if rc != 0:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-8:])
-            raise EndpointError(
-                f"lmms-eval failed on model {model_id!r}, tasks {', '.join(tasks)} "
-                f"(exit code {rc}); its log: {log}\n{tail}"
-            )
+        run_logged(self, cmd, log, model_id, tasks, include, env)
         try:
             found = read_output(samples_dir, model_id, tasks, None, log, harness=self.name)
         except EndpointError as err:
