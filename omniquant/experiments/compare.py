@@ -331,6 +331,15 @@ class _Run:
     endpoints: _Endpoints
     say: Callable[[str], None]
 
+    def _load(self, src, info: dict, role: str):
+        """``(model with serving numerics, seconds to load it)`` of a local checkpoint."""
+        from omniquant.evaluate.emulated import load_emulated
+
+        self.say(f"{role} {info['name']}: loading {src.path}")
+        t0 = time.perf_counter()
+        loaded = load_emulated(src.path)
+        return loaded, time.perf_counter() - t0
+
     def baseline(self, src, info: dict) -> _Baseline:
         if src.is_endpoint:
             result, ev = self.endpoints.evaluate(src, info, "baseline", self, None, True)
@@ -345,15 +354,11 @@ class _Run:
         return base
 
     def _local_baseline(self, src, info: dict) -> _Baseline:
-        from omniquant.evaluate.emulated import load_emulated
         from omniquant.evaluate.evs import evs_sweep
         from omniquant.evaluate.runner import evaluate_model
         from omniquant.quantize.plan import QUANTIZABLE_GROUPS
 
-        self.say(f"baseline {info['name']}: loading {src.path}")
-        t0 = time.perf_counter()
-        loaded = load_emulated(src.path)
-        load_s = time.perf_counter() - t0
+        loaded, load_s = self._load(src, info, "baseline")
         groups_present = sorted(
             g
             for g, mods in loaded.adapter.module_groups(loaded.model).items()
@@ -388,14 +393,10 @@ class _Run:
         if src.is_endpoint:
             result, _ = self.endpoints.evaluate(src, info, "candidate", self, base.spans or None, False)
             return result
-        from omniquant.evaluate.emulated import load_emulated
         from omniquant.evaluate.evs import evs_sweep
         from omniquant.evaluate.runner import evaluate_model
 
-        self.say(f"candidate {info['name']}: loading {src.path}")
-        t0 = time.perf_counter()
-        loaded = load_emulated(src.path)
-        load_s = time.perf_counter() - t0
+        loaded, load_s = self._load(src, info, "candidate")
         ev = evaluate_model(
             loaded,
             self.items,
