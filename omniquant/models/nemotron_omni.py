@@ -178,19 +178,23 @@ class NemotronOmniAdapter(ModelAdapter):
                 empty, placement.pop("max_memory", None), self.resident_modules()
             )
             del empty
+        from omniquant.models.mapped_pages import released_while_loading
+
         try:
-            # eager experts: modelopt intercepts their per-expert F.linear calls.
-            model, info = NemotronH_Omni_Reasoning_V3.from_pretrained(
-                path,
-                config=config,
-                dtype=getattr(torch, dtype),
-                experts_implementation="eager",
-                output_loading_info=True,
-                # Load through shape mismatches so they are listed below by name (else
-                # transformers stops with a hint to set this flag, naming no tensor).
-                ignore_mismatched_sizes=True,
-                **(placement or {}),
-            )
+            # eager experts: modelopt intercepts their per-expert F.linear calls. Mapped
+            # shard pages a conversion has read go back as the load proceeds (the module).
+            with released_while_loading(sorted(path.glob("*.safetensors"))):
+                model, info = NemotronH_Omni_Reasoning_V3.from_pretrained(
+                    path,
+                    config=config,
+                    dtype=getattr(torch, dtype),
+                    experts_implementation="eager",
+                    output_loading_info=True,
+                    # Load through shape mismatches so they are listed below by name (else
+                    # transformers stops with a hint to set this flag, naming no tensor).
+                    ignore_mismatched_sizes=True,
+                    **(placement or {}),
+                )
         except Exception as exc:  # transformers raises many types; name the directory
             if "ignore_mismatched_sizes" in str(exc):  # its hint is for fine-tuning, not here
                 raise ModelLoadError(
