@@ -191,3 +191,61 @@ def test_export_block_amax_equals_modelopts_reduce_block_amax(dtype):
     with_nan[0, 0, 3] = float("nan")
     for case in (x, with_nan):
         assert torch.equal(bits(ours(case, {-1: 16})), bits(core.reduce_block_amax(case, {-1: 16})))
+
+
+def test_e2m1_codes_into_caller_buffers_equal_the_fresh_ones():
+    """``out=`` and a reused ``work`` dict (the export's NVFP4 slices) give the same codes as
+    a plain call, below and above one chunk, and refuse an ``out`` of the wrong kind."""
+    from omniquant.numerics import nvfp4
+
+    g = torch.Generator().manual_seed(11)
+    work: dict = {}
+    for n in (37, nvfp4._CODES_CHUNK + 999):
+        v = torch.randn(n, generator=g) * 5
+        out = torch.empty(n, dtype=torch.uint8)
+        got = nvfp4.e2m1_codes(v, out=out, work=work)
+        assert got.data_ptr() == out.data_ptr()
+        assert torch.equal(got, nvfp4.e2m1_codes(v))
+    with pytest.raises(ValueError, match="uint8"):
+        nvfp4.e2m1_codes(torch.zeros(4), out=torch.empty(4, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("slice_elements", [1 << 23, 4096, 33])
+def test_export_nvfp4_packing_by_slices_is_modelopts_bytes(monkeypatch, slice_elements):
+    """The export's NVFP4 packing (quantize/export.py ``_nvfp4_sliced``: slices of rows or
+    experts into reused buffers) gives modelopt's ``to_quantized_weight`` bytes for plain and
+    stacked-expert weights, zeros and ties included, whatever the slice size; a shape it was
+    not written for is handed to modelopt."""
+    quant_utils = pytest.importorskip("modelopt.torch.export.quant_utils")
+    from modelopt.torch.export.model_config import QUANTIZATION_NVFP4
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    from omniquant.quantize import export
+
+    monkeypatch.setattr(export, "_NVFP4_SLICE_ELEMENTS", slice_elements)
+    g = torch.Generator().manual_seed(2)
+    scratch: dict = {}
+    for shape in [(96, 256), (4, 40, 64), (1, 32), (3, 7, 48)]:
+        w = (torch.randn(shape, generator=g) * 0.05).to(torch.bfloat16)
+        w.view(-1)[::89] = 0
+        w.view(-1)[7::101] = -0.0
+        if len(shape) == 3:
+            gs = torch.rand(shape[0], generator=g) * 1e-3 + 1e-4
+            bs = NVFP4QTensor.get_weights_scaling_factor(w, 16, gs.view(-1, 1, 1))[0]
+        else:
+            gs = torch.tensor(3e-4)
+            bs = NVFP4QTensor.get_weights_scaling_factor(w, 16, gs)[0]
+        want = quant_utils.to_quantized_weight(w, bs, QUANTIZATION_NVFP4, gs, 16)
+        got = export._nvfp4_sliced(
+            quant_utils.to_quantized_weight, w, bs, QUANTIZATION_NVFP4, gs, 16, scratch
+        )
+        assert got.dtype == want.dtype and torch.equal(got, want), shape
+    handed = []
+
+    def orig(*args):
+        handed.append(args)
+        return "modelopt's"
+
+    odd = torch.zeros(4, 24, dtype=torch.bfloat16)  # 24 is no whole number of byte pairs of blocks
+    assert export._nvfp4_sliced(orig, odd, torch.ones(4, 1), QUANTIZATION_NVFP4, gs, 16, {}) == "modelopt's"
+    assert len(handed) == 1

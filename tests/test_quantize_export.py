@@ -423,3 +423,52 @@ def test_fp8_packing_by_slices_is_the_whole_weight_divided_in_float32(monkeypatc
         want = (w.float() / scale).to(torch.float8_e4m3fn)
         got = export._fp8_single_rounded(w, scale)
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (shape, scale_shape)
+
+
+def test_the_writers_own_audit_skips_only_the_hashing(quantized, tmp_path):
+    """``checksums=False`` (the quantize run's audit, right after the writer hashed the files
+    it wrote) still checks every tensor and that each listed shard exists; only the sha256
+    comparison is left to later consumers, which keep it."""
+    out = tmp_path / "changed"
+    shutil.copytree(quantized("nvfp4_omni"), out)
+    t = _tensors(out)
+    name = "language_model.backbone.layers.3.mixer.experts.2.down_proj.weight_scale_2"
+    t[name] = torch.tensor(float("nan"))
+    save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    problems = audit_checkpoint(out, checksums=False).problems
+    assert any(f"{name}: scale is nan" in p for p in problems)
+    assert not any("sha256" in p for p in problems)
+    assert any("sha256 does not match" in p for p in audit_checkpoint(out).problems)
+    (out / "model.safetensors").unlink()
+    assert any("listed in omniquant.json but missing" in p
+               for p in audit_checkpoint(out, checksums=False).problems)  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", ["fp8_omni", "nvfp4_omni"])
+def test_releasing_the_model_while_exporting_changes_no_byte(tiny_dir, quantized, tmp_path,
+                                                             monkeypatch, recipe):  # fmt: skip
+    """quantize frees each layer once exported (write_checkpoint's ``release``); the shards
+    are those of an export that keeps the model, and the model's tensors are then on meta."""
+    from omniquant.quantize import export, pipeline
+
+    seen = {}
+    real = export.write_checkpoint
+
+    def keep_model(loaded, *args, release=False, **kwargs):
+        seen["model"] = loaded.model
+        return real(loaded, *args, release=False, **kwargs)
+
+    monkeypatch.setattr(export, "write_checkpoint", keep_model)
+    kept = pipeline.quantize(tiny_dir, recipe, tmp_path / "kept", calib="synthetic", quiet=True)
+    assert any(p.device.type != "meta" for p in seen["model"].parameters())
+    released = json.loads((quantized(recipe) / "omniquant.json").read_text())["shards"]
+    assert kept.manifest["shards"] == released
+
+    def spy(loaded, *args, **kwargs):
+        seen["model"] = loaded.model
+        return real(loaded, *args, **kwargs)
+
+    monkeypatch.setattr(export, "write_checkpoint", spy)
+    pipeline.quantize(tiny_dir, recipe, tmp_path / "released", calib="synthetic", quiet=True)
+    on = {p.device.type for p in seen["model"].parameters()}
+    assert on == {"meta"}, on

@@ -80,7 +80,9 @@ def is_excluded(module: str, patterns: list[str]) -> bool:
     return any(module == p or fnmatch.fnmatchcase(module, p) for p in patterns)
 
 
-def audit_checkpoint(path: str | Path, raise_on_error: bool = False, progress=None) -> AuditReport:
+def audit_checkpoint(
+    path: str | Path, raise_on_error: bool = False, progress=None, *, checksums: bool = True
+) -> AuditReport:
     """Audit a checkpoint directory written by omniquant.
 
     Args:
@@ -88,6 +90,9 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False, progress=No
         raise_on_error: Raise instead of returning a report with problems.
         progress: ``progress(done_bytes, total_bytes, label)`` after each quantized
             weight is checked (bytes of the stored weights), or None.
+        checksums: Hash every shard against ``omniquant.json``. ``False`` only for the
+            writer's own audit, whose checksums were just taken from the written files
+            (every shard is still checked to exist and be listed).
 
     Raises:
         AuditError: if ``raise_on_error`` and the audit found problems.
@@ -109,7 +114,9 @@ def audit_checkpoint(path: str | Path, raise_on_error: bool = False, progress=No
     quant = qc.quantization if qc is not None else None
 
     # The same shard rule as every consumer (omniquant.checkpoint.verify), messages relative to path.
-    report.problems += [p.removeprefix(f"{path}/") for p in shard_problems(path, record)]
+    report.problems += [
+        p.removeprefix(f"{path}/") for p in shard_problems(path, record, checksums=checksums)
+    ]
     if any(not (path / shard).is_file() for shard in record.shards):
         # The tensors of a missing shard are gone: the tensor checks below would report
         # their absence again as faults of their own (no k_scale/v_scale, a scale without

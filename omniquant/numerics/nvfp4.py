@@ -139,7 +139,9 @@ _VALUE_TABLE = torch.where(
 _CODES_CHUNK = 1 << 21
 
 
-def e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
+def e2m1_codes(
+    scaled: torch.Tensor, out: torch.Tensor | None = None, work: dict | None = None
+) -> torch.Tensor:
     """E2M1 codes (``sign << 3 | magnitude``) of float32 values already divided by their scale.
 
     Magnitudes round to nearest, ties to even, saturating at 6; the sign bit is
@@ -152,23 +154,39 @@ def e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
     buffers, so its temporaries are a few chunk-sized buffers instead of several int32
     copies of the weight (each a fresh mapping, page-faulted in, under the export's
     ``lean_heap``). Same per-element operations as ``_class_index``, so the same codes.
+
+    Args:
+        out: A contiguous uint8 tensor of ``scaled``'s element count to write the codes
+            into (returned, viewed in ``scaled``'s shape).
+        work: A dict the caller keeps across calls: the chunk buffers are made once and
+            reused from it, not made per call.
     """
     bits = scaled.contiguous().view(torch.int32).reshape(-1)
     table = _CODE_TABLE.to(scaled.device)
     n = bits.numel()
-    if n <= _CODES_CHUNK:
+    if n <= _CODES_CHUNK and out is None and work is None:
         return table[_class_index(bits)].view(scaled.shape)
-    out = torch.empty(n, dtype=torch.uint8, device=scaled.device)
-    index = torch.empty(_CODES_CHUNK, dtype=torch.int32, device=scaled.device)
-    low = torch.empty_like(index)
-    exact = torch.empty(_CODES_CHUNK, dtype=torch.bool, device=scaled.device)
+    if out is None:
+        out = torch.empty(n, dtype=torch.uint8, device=scaled.device)
+    elif out.dtype != torch.uint8 or out.numel() != n or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous uint8 tensor of {n} elements")
+    flat = out.view(-1)
+    work = {} if work is None else work
+    if work.get("device") != scaled.device:
+        work.update(
+            device=scaled.device,
+            index=torch.empty(_CODES_CHUNK, dtype=torch.int32, device=scaled.device),
+            low=torch.empty(_CODES_CHUNK, dtype=torch.int32, device=scaled.device),
+            exact=torch.empty(_CODES_CHUNK, dtype=torch.bool, device=scaled.device),
+        )
+    index, low, exact = work["index"], work["low"], work["exact"]
     for start in range(0, n, _CODES_CHUNK):
         chunk = bits[start : start + _CODES_CHUNK]
         m = chunk.numel()
         idx, lo, ex = index[:m], low[:m], exact[:m]
         torch.bitwise_right_shift(chunk, 20, out=idx).bitwise_and_(0xFFE)
         torch.eq(torch.bitwise_and(chunk, 0x1FFFFF, out=lo), 0, out=ex)
-        torch.index_select(table, 0, idx.bitwise_or_(ex), out=out[start : start + m])
+        torch.index_select(table, 0, idx.bitwise_or_(ex), out=flat[start : start + m])
     return out.view(scaled.shape)
 
 

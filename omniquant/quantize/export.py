@@ -41,6 +41,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -55,6 +56,7 @@ from omniquant.checkpoint.layout import (
 )
 from omniquant.errors import ExportError
 from omniquant.formats import FORMATS, KV_CACHE_FORMAT, KV_SCALE_SUFFIXES
+from omniquant.models.mapped_pages import drop_mapped_pages
 from omniquant.outdir import OUTPUT_MARKER
 
 #: The processor-config file name hub checkpoints use (written in the export's naming).
@@ -114,12 +116,16 @@ def quantized_hub_modules(loaded, plan) -> dict[str, str]:
 _FP8_SLICE_ELEMENTS = 1 << 24
 
 
-def _fp8_single_rounded(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _fp8_single_rounded(
+    weight: torch.Tensor, scale: torch.Tensor, scratch: list | None = None
+) -> torch.Tensor:
     """``(weight.float() / scale).to(float8_e4m3fn)``, a slice of leading rows at a time.
 
     The same elementwise operations as dividing the whole upcast weight, so the same
     bytes, without a float32 copy of the whole weight (4 bytes per element) beside it.
     ``scale`` broadcasts to ``weight``; a per-row or per-expert scale is sliced with it.
+    ``scratch``: a one-item list holding the float32 buffer of an earlier call (or empty),
+    reused when large enough, so an export faults in one buffer, not one per weight.
     """
     out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
     rows = weight.shape[0] if weight.dim() else 1
@@ -130,7 +136,14 @@ def _fp8_single_rounded(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     sliced = scale.dim() == weight.dim() and scale.shape[0] == rows
     # One float32 buffer reused by every slice: a fresh 64 MiB temporary per slice is a
     # fresh mapping whose pages the kernel zero-fills (most of the export's system time).
-    buf = torch.empty(min(step, rows) * per_row, dtype=torch.float32, device=weight.device)
+    need = min(step, rows) * per_row
+    held = scratch[0] if scratch else None
+    if held is not None and held.numel() >= need and held.device == weight.device:
+        buf = held
+    else:
+        buf = torch.empty(need, dtype=torch.float32, device=weight.device)
+        if scratch is not None:
+            scratch[:] = [buf]
     for i in range(0, rows, step):
         w = weight[i : i + step]
         f = buf[: w.numel()].view(w.shape)
@@ -138,6 +151,66 @@ def _fp8_single_rounded(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tens
         f.div_(scale[i : i + step] if sliced else scale)  # float32 division, as before
         out[i : i + step].copy_(f)  # the same cast to E4M3 as .to(float8_e4m3fn)
     return out
+
+
+#: Elements per slice when NVFP4 weights are scaled and coded (8 Mi: 32 MiB of float32).
+_NVFP4_SLICE_ELEMENTS = 1 << 23
+
+
+def _nvfp4_sliced(orig, weight, block_scale, quantization, global_scale, block_size, scratch):
+    """modelopt's NVFP4 ``to_quantized_weight(weight, block_scale, quantization, global_scale,
+    block_size)`` (``NVFP4QTensor.quantize`` with the block scales given), a slice of leading
+    rows (or experts) at a time, into buffers reused across slices and weights.
+
+    Its three steps, each per element or per 16-element block along the last dimension,
+    with the same torch operations on the same dtypes: divide the weight (viewed as
+    blocks) by ``(block_scale.float() * global_scale)`` in float32, E2M1-code it
+    (``e2m1_codes``, as ``_cast_fp4`` is replaced for the whole export), pack two codes
+    per byte (odd element high nibble). A slice of rows gives that slice's bytes exactly,
+    so the output is modelopt's, byte for byte (tests/test_numerics_fast_paths.py, the
+    export pins). What this saves: modelopt allocates the float32 quotient, the codes and
+    two packing temporaries afresh for each whole weight (6 bytes per element, every
+    page of it a fresh zero-filled page under the export's ``lean_heap``: 13 M page faults
+    and 30 s of system time on the real-width slice). Shapes it was not written for go to
+    ``orig``.
+    """
+    per_expert = global_scale is not None and global_scale.dim() != 0
+    if (
+        weight.dim() < 2
+        or weight.shape[-1] % (2 * block_size)
+        or block_scale is None
+        or block_scale.shape != (*weight.shape[:-1], weight.shape[-1] // block_size)
+        or (per_expert and (weight.dim() != 3 or global_scale.numel() != weight.shape[0]))
+    ):
+        return orig(weight, block_scale, quantization, global_scale, block_size)
+    rows = weight.shape[0]
+    step = max(1, _NVFP4_SLICE_ELEMENTS // max(1, weight[0].numel()))
+    need = min(step, rows) * weight[0].numel()
+    if scratch.get("f32") is None or scratch["f32"].numel() < need:
+        scratch["f32"] = torch.empty(need, dtype=torch.float32, device=weight.device)
+        scratch["codes"] = torch.empty(need, dtype=torch.uint8, device=weight.device)
+    out = torch.empty(
+        (*weight.shape[:-1], weight.shape[-1] // 2), dtype=torch.uint8, device=weight.device
+    )
+    with torch.no_grad():
+        for i in range(0, rows, step):
+            _nvfp4_slice(weight[i : i + step], block_scale[i : i + step],
+                         global_scale[i : i + step].view(-1, 1, 1) if per_expert else global_scale,
+                         block_size, scratch, out[i : i + step])  # fmt: skip
+    return out
+
+
+def _nvfp4_slice(w, block_scale, scale, block_size, scratch, packed) -> None:
+    """One slice of ``_nvfp4_sliced``: quotient, codes, packed bytes into ``packed``."""
+    from omniquant.numerics.nvfp4 import e2m1_codes
+
+    denom = (block_scale.to(torch.float32) * scale).unsqueeze(-1)
+    blocks = w.view((*w.shape[:-1], -1, block_size))
+    scaled = scratch["f32"][: w.numel()].view(blocks.shape)
+    torch.div(blocks, denom, out=scaled)
+    codes = e2m1_codes(scaled.view(w.shape), out=scratch["codes"][: w.numel()], work=scratch)
+    torch.bitwise_left_shift(codes[..., 1::2], 4, out=packed)
+    packed.bitwise_or_(codes[..., 0::2])
 
 
 #: Blocks per chunk in ``_last_dim_block_amax`` (2 Mi elements of 16-element blocks).
@@ -150,6 +223,8 @@ def _last_dim_block_amax(original):
     without its full clone of the weight and two strided reductions. A block holding NaN
     (whose sign bit differs between the two) and other block layouts go to ``original``."""
 
+    scratch: dict = {}
+
     def reduce_block_amax(input_tensor: torch.Tensor, block_sizes: dict):
         dims = list(block_sizes)
         last = input_tensor.dim() - 1
@@ -161,8 +236,15 @@ def _last_dim_block_amax(original):
         with torch.no_grad():
             blocks = input_tensor.reshape(-1, bs)
             out = torch.empty(blocks.shape[0], dtype=input_tensor.dtype, device=input_tensor.device)
+            held = scratch.get("abs")
+            if held is None or held.dtype != blocks.dtype or held.device != blocks.device:
+                held = scratch["abs"] = torch.empty(
+                    _AMAX_CHUNK_BLOCKS * bs, dtype=blocks.dtype, device=blocks.device
+                )  # one |x| buffer for every chunk of every weight, not a fresh one per chunk
             for i in range(0, blocks.shape[0], _AMAX_CHUNK_BLOCKS):
-                torch.amax(blocks[i : i + _AMAX_CHUNK_BLOCKS].abs(), dim=-1,
+                chunk = blocks[i : i + _AMAX_CHUNK_BLOCKS]
+                magnitude = held[: chunk.numel()].view(chunk.shape)
+                torch.amax(torch.abs(chunk, out=magnitude), dim=-1,
                            out=out[i : i + _AMAX_CHUNK_BLOCKS])  # fmt: skip
             if torch.isnan(out).any():  # NaN's sign bit follows modelopt's ops: let it decide
                 return original(input_tensor, block_sizes)
@@ -187,7 +269,7 @@ def _single_rounding_fp8():
     chunked ``abs().amax()`` (``_last_dim_block_amax``).
     """
     import modelopt.torch.export.unified_export_hf as ueh
-    from modelopt.torch.export.model_config import QUANTIZATION_FP8
+    from modelopt.torch.export.model_config import QUANTIZATION_FP8, QUANTIZATION_NVFP4
     from modelopt.torch.quantization.qtensor import nvfp4_tensor as nvfp4_module
     from modelopt.torch.quantization.qtensor.base_qtensor import QTensorWrapper
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
@@ -195,6 +277,8 @@ def _single_rounding_fp8():
     from omniquant.numerics.nvfp4 import e2m1_codes
 
     orig = ueh.to_quantized_weight
+    scratch: list = []  # the float32 buffer FP8 packing reuses across weights
+    nvfp4_scratch: dict = {}  # NVFP4's quotient, codes and coding buffers, reused likewise
     orig_cast = NVFP4QTensor.__dict__["_cast_fp4"]
     orig_block_amax = nvfp4_module.reduce_block_amax
 
@@ -209,7 +293,17 @@ def _single_rounding_fp8():
             scale = weights_scaling_factor.to(weight.device)
             if weight.dim() == 3:  # stacked experts: modelopt's per-expert broadcast
                 scale = scale.unsqueeze(-1)
-            return _fp8_single_rounded(weight, scale)
+            return _fp8_single_rounded(weight, scale, scratch)
+        if (
+            quantization == QUANTIZATION_NVFP4
+            and isinstance(weight, torch.Tensor)
+            and not isinstance(weight, QTensorWrapper)
+            and len(args) == 2
+            and not kwargs
+        ):
+            return _nvfp4_sliced(
+                orig, weight, weights_scaling_factor, quantization, *args, scratch=nvfp4_scratch
+            )
         return orig(weight, weights_scaling_factor, quantization, *args, **kwargs)
 
     ueh.to_quantized_weight = to_quantized_weight
@@ -221,6 +315,25 @@ def _single_rounding_fp8():
         ueh.to_quantized_weight = orig
         NVFP4QTensor._cast_fp4 = orig_cast
         nvfp4_module.reduce_block_amax = orig_block_amax
+
+
+def _to_meta(modules, keep: set[int] = frozenset()) -> None:
+    """Replace each module's own parameters and buffers by meta tensors of the same shape
+    and dtype, except those whose data pointer is in ``keep``; a storage is freed with its
+    last reference."""
+    for mod in modules:
+        for slots in (mod._parameters, mod._buffers):
+            for name, t in list(slots.items()):
+                if t is None or t.device.type == "meta":
+                    continue
+                if t.data_ptr() in keep:
+                    continue
+                empty = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                slots[name] = (
+                    torch.nn.Parameter(empty, requires_grad=False)
+                    if isinstance(t, torch.nn.Parameter)
+                    else empty
+                )
 
 
 class _LayerwiseQuantExport:
@@ -247,6 +360,8 @@ class _LayerwiseQuantExport:
         from modelopt.torch.quantization.nn import TensorQuantizer
         from modelopt.torch.quantization.utils.core_utils import has_accelerate_offload
 
+        self.adapter_model = loaded.model
+        self.source_files = sorted(Path(loaded.path).glob("*.safetensors"))
         self.root_name = loaded.adapter.quant_root_name()
         self.root = root = loaded.adapter.quant_root(loaded.model)
         self.adapter = loaded.adapter
@@ -300,6 +415,32 @@ class _LayerwiseQuantExport:
             if hub_tensor.startswith(prefix + "."):
                 return native
         return None
+
+    def release(self, native: str) -> None:
+        """Free the tensors of exported unit ``native`` (what the export returned lives on
+        in the caller's hands): moved to the meta device, shapes and dtypes kept; the
+        source shards' mapped pages are dropped (``omniquant.models.mapped_pages``), since a
+        freed view of a shard keeps its pages mapped while any tensor of that shard lives."""
+        if not self.offloaded:
+            _to_meta(self.units[native].modules())
+            drop_mapped_pages(self.source_files)
+
+    def release_outside_units(self) -> None:
+        """Free the tensors of every module of the model outside the units (towers,
+        embeddings, norms: the export copies them from the source files), except tensors
+        that share storage with a unit (a tied weight)."""
+        if self.offloaded:
+            return
+        inside = {id(m) for unit in self.units.values() for m in unit.modules()}
+        kept = {
+            t.data_ptr()
+            for unit in self.units.values()
+            for t in [*unit.parameters(), *unit.buffers()]
+            if t.device.type != "meta"
+        }
+        model = self.adapter_model
+        _to_meta((m for m in model.modules() if id(m) not in inside), keep=kept)
+        drop_mapped_pages(self.source_files)
 
     def export(self, native: str) -> dict[str, torch.Tensor]:
         """All tensors of unit ``native`` after modelopt's export, under hub names, on the CPU."""
@@ -365,6 +506,64 @@ def remote_code_files(remote_code: Path) -> tuple[dict, list[Path]]:
     return auto_map, files
 
 
+@contextlib.contextmanager
+def _one_core_for_writer():
+    """torch's intra-op threads minus one while the export runs, leaving a core to the
+    writer thread: with as many OpenMP threads as cores, each parallel region waits at its
+    barrier for a thread the writer has descheduled (py-spy on the slice: most of the FP8
+    packing's samples spun in libgomp, 10 s for what takes 1.6 s alone)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _ShardWriter:
+    """Saves output shards on one background thread, each followed by its sha256, while the
+    caller exports the next shard's layers.
+
+    safetensors' ``save_file`` and hashlib release the GIL, so on a 2-core machine the
+    writing and hashing of shard N overlap modelopt's export of shard N+1's layers. At most
+    one shard is being written while the next is assembled (``submit`` waits for the
+    previous one first), so memory holds at most two output shards. The sha256 is taken by
+    reading the written file back, so it is the file's, not the tensors' in memory. A
+    failure to write is raised by the next ``submit`` or by ``checksums``.
+    """
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omniquant-writer")
+        self._futures: dict = {}
+        self._last = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
+
+    def submit(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        """Write ``tensors`` to ``path`` in the background; the dict is emptied once written."""
+        if self._last is not None:
+            self._last.result()
+        self._last = self._futures[path.name] = self._pool.submit(self._write, path, tensors)
+
+    @staticmethod
+    def _write(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        tensors.clear()  # the shard's memory goes now, not when the caller's loop moves on
+        return sha256_file(path)
+
+    def checksums(self) -> dict[str, str]:
+        """``{shard file: sha256}`` of every shard, once all are written."""
+        return {name: future.result() for name, future in self._futures.items()}
+
+
 def write_checkpoint(
     loaded,
     plan,
@@ -372,14 +571,15 @@ def write_checkpoint(
     config_naming: str = "released",
     remote_code: Path | None = None,
     progress=None,
+    release: bool = False,
 ) -> dict:
     """Write shards, configs and copied files of the quantized model into ``out``.
 
     Streams: each output shard is assembled from its source shard (unquantized tensors
     read from the file) and the quantized tensors of the units it holds (exported from
-    the model one decoder layer at a time), saved and freed before the next, so host
-    memory holds one source shard, one output shard and at most one unit's quantized
-    tensors beyond the model itself.
+    the model one decoder layer at a time), then written and hashed on a second thread
+    (``_ShardWriter``) while the next shard's layers export, so host memory holds at most
+    two output shards and one unit's quantized tensors beyond the model itself.
 
     ``config.json`` (and ``preprocessor_config.json``) are written in ``config_naming``
     (``released``: the naming serving stacks construct the model from, the default;
@@ -387,22 +587,19 @@ def write_checkpoint(
     the same bytes whatever the naming. ``remote_code``: a released checkpoint directory
     whose ``*.py`` files are copied and whose ``auto_map`` is written (``remote_code_files``).
 
-    Each shard's sha256 is computed by a second thread while the next shard is exported
-    (hashlib releases the GIL), so the checksum costs no wall time but the last shard's.
-
     Args:
         progress: ``progress(done_bytes, total_bytes, label)`` after each exported layer
             and each written shard (bytes of the source tensors handled so far), or None.
+        release: The model is not used after the export (``quantize``): each unit's
+            tensors are freed once exported, and the modules no unit holds (towers,
+            embeddings: copied from the source files) at the start, so the export's peak
+            memory is the model's, not the model's plus the output. The model is unusable
+            afterwards (its tensors are on the meta device).
 
     Returns:
         ``{"shards": {file: sha256}, "hf_quant_config": {...}, "tensors": n}``;
         ``omniquant.json`` is the caller's to write (last).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from omniquant.quantize.heap import lean_heap
 
     src = SourceIndex.read(loaded.path)
@@ -413,86 +610,115 @@ def write_checkpoint(
             f"{loaded.path}: quantized module(s) not found in the source files under their hub "
             f"names (layout mismatch): {', '.join(missing[:5])}"
         )
-    by_shard: dict[str, list[str]] = {s: [] for s in src.shards}
-    for name, shard in src.shard_of.items():
-        by_shard[shard].append(name)
-
     out.mkdir(parents=True, exist_ok=True)
-    hashing: dict = {}  # shard -> future of its sha256
-    weight_map: dict[str, str] = {}
-    total = n = kv_written = 0
-    report = progress or (lambda _done, _total, _label: None)
-    shard_bytes = {f: (src.path / f).stat().st_size for f in src.shards}
-    all_bytes, done_bytes = sum(shard_bytes.values()), 0
     # Per-weight temporaries go back to the OS when freed (omniquant/quantize/heap.py).
-    with (
-        lean_heap(),
-        _single_rounding_fp8(),
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="omniquant-sha256") as hasher,
-    ):
+    with lean_heap(), _single_rounding_fp8(), _ShardWriter() as writer, _one_core_for_writer():
         exporter = _LayerwiseQuantExport(loaded)
-        mo_config = exporter.quant_config
-        pending: dict[str, torch.Tensor] = {}  # exported, not yet written
-        for shard_no, shard in enumerate(src.shards, start=1):
-            for name in by_shard[shard]:
-                unit = exporter.unit_of(name)
-                if unit is not None and unit not in exporter.exported:
-                    exported = exporter.export(unit)
-                    pending.update((k, v) for k, v in exported.items() if _wanted(k, qmods))
-                    del exported
-                    report(
-                        done_bytes,
-                        all_bytes,
-                        f"shard {shard_no}/{len(src.shards)}, layer {len(exporter.exported)}/"
-                        f"{len(exporter.units)}",
-                    )
-            tensors: dict[str, torch.Tensor] = {}
-            with safe_open(src.path / shard, "pt") as fh:
-                for name in by_shard[shard]:
-                    module, leaf = name.rsplit(".", 1)
-                    if module in qmods and leaf == "weight":
-                        if name not in pending:
-                            raise ExportError(
-                                f"internal: modelopt exported no quantized tensor for {name}."
-                            )
-                        tensors[name] = pending.pop(name).contiguous()
-                        for suffix in FORMATS[qmods[module]].scale_suffixes:
-                            key = f"{module}.{suffix}"
-                            if key in pending:
-                                tensors[key] = pending.pop(key).contiguous()
-                    else:
-                        tensors[name] = fh.get_tensor(name)
-            for key in [k for k in pending if k.rsplit(".", 1)[-1] in KV_SCALE_SUFFIXES]:
-                anchor = key.rsplit(".", 1)[0] + ".weight"
-                if anchor not in src.shard_of:
-                    raise ExportError(
-                        f"KV scale {key}: no source tensor {anchor} to place it beside."
-                    )
-                if src.shard_of[anchor] == shard:
-                    tensors[key] = pending.pop(key).contiguous()
-                    kv_written += 1
-            save_file(tensors, str(out / shard), metadata={"format": "pt"})
-            hashing[shard] = hasher.submit(sha256_file, out / shard)
-            weight_map.update(dict.fromkeys(tensors, shard))
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
-            n += len(tensors)
+        if release:
+            exporter.release_outside_units()
+        shards = _ShardAssembly(src, qmods, exporter, release, progress)
+        for shard in src.shards:
+            tensors = shards.assemble(shard)
+            writer.submit(out / shard, tensors)
             del tensors
-            done_bytes += shard_bytes[shard]
-            report(done_bytes, all_bytes, f"shard {shard_no}/{len(src.shards)} written")
-        checksums = {shard: future.result() for shard, future in hashing.items()}
-    if pending:
-        raise ExportError(
-            f"internal: {len(pending)} exported tensor(s) have no place in the source shards: "
-            f"{', '.join(sorted(pending)[:5])}"
-        )
-    if plan.kv_cache == "fp8" and not kv_written:
-        raise ExportError("kv_cache: fp8 was requested but modelopt exported no k/v scales.")
+        checksums = writer.checksums()
+    shards.finish(plan)
     if src.indexed:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": shards.total},
+            "weight_map": dict(sorted(shards.weight_map.items())),
+        }
         (out / INDEX_JSON).write_text(json.dumps(index, indent=2) + "\n")
-
-    hf_quant = QuantConfig.from_json(build_hf_quant_config(src, qmods, plan, mo_config))
+    hf_quant = QuantConfig.from_json(
+        build_hf_quant_config(src, qmods, plan, exporter.quant_config)
+    )
     hf_quant.write(out)
+    _write_configs(loaded, src, out, hf_quant, config_naming, remote_code)
+    return {"shards": checksums, "hf_quant_config": hf_quant.to_json(), "tensors": shards.count}
+
+
+class _ShardAssembly:
+    """The tensors of each output shard: quantized ones from the exporter (units exported
+    as their first tensor comes up), the rest read from the source shard; KV scales beside
+    their attention projections."""
+
+    def __init__(self, src: SourceIndex, qmods: dict[str, str], exporter, release: bool, progress):
+        self.src, self.qmods, self.exporter, self.release = src, qmods, exporter, release
+        self.report = progress or (lambda _done, _total, _label: None)
+        self.by_shard: dict[str, list[str]] = {s: [] for s in src.shards}
+        for name, shard in src.shard_of.items():
+            self.by_shard[shard].append(name)
+        self.shard_bytes = {f: (src.path / f).stat().st_size for f in src.shards}
+        self.all_bytes, self.done_bytes = sum(self.shard_bytes.values()), 0
+        self.pending: dict[str, torch.Tensor] = {}  # exported, not yet placed in a shard
+        self.weight_map: dict[str, str] = {}
+        self.total = self.count = self.kv_written = 0
+
+    def _export_units(self, shard: str, label: str) -> None:
+        exporter = self.exporter
+        for name in self.by_shard[shard]:
+            unit = exporter.unit_of(name)
+            if unit is None or unit in exporter.exported:
+                continue
+            exported = exporter.export(unit)
+            self.pending.update((k, v) for k, v in exported.items() if _wanted(k, self.qmods))
+            del exported
+            if self.release:
+                exporter.release(unit)
+            self.report(
+                self.done_bytes, self.all_bytes,
+                f"{label}, layer {len(exporter.exported)}/{len(exporter.units)}",
+            )  # fmt: skip
+
+    def assemble(self, shard: str) -> dict[str, torch.Tensor]:
+        """Every tensor of output shard ``shard`` (the source shard of the same name)."""
+        from safetensors import safe_open
+
+        label = f"shard {self.src.shards.index(shard) + 1}/{len(self.src.shards)}"
+        self._export_units(shard, label)
+        pending, qmods = self.pending, self.qmods
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(self.src.path / shard, "pt") as fh:
+            for name in self.by_shard[shard]:
+                module, leaf = name.rsplit(".", 1)
+                if module not in qmods or leaf != "weight":
+                    tensors[name] = fh.get_tensor(name)
+                    continue
+                if name not in pending:
+                    raise ExportError(f"internal: modelopt exported no quantized tensor for {name}.")
+                tensors[name] = pending.pop(name).contiguous()
+                for suffix in FORMATS[qmods[module]].scale_suffixes:
+                    key = f"{module}.{suffix}"
+                    if key in pending:
+                        tensors[key] = pending.pop(key).contiguous()
+        for key in [k for k in pending if k.rsplit(".", 1)[-1] in KV_SCALE_SUFFIXES]:
+            anchor = key.rsplit(".", 1)[0] + ".weight"
+            if anchor not in self.src.shard_of:
+                raise ExportError(f"KV scale {key}: no source tensor {anchor} to place it beside.")
+            if self.src.shard_of[anchor] == shard:
+                tensors[key] = pending.pop(key).contiguous()
+                self.kv_written += 1
+        self.weight_map.update(dict.fromkeys(tensors, shard))
+        self.total += sum(t.numel() * t.element_size() for t in tensors.values())
+        self.count += len(tensors)
+        self.done_bytes += self.shard_bytes[shard]
+        self.report(self.done_bytes, self.all_bytes, f"{label} assembled")
+        return tensors
+
+    def finish(self, plan) -> None:
+        """Every exported tensor found its place; the KV scales asked for were exported."""
+        if self.pending:
+            raise ExportError(
+                f"internal: {len(self.pending)} exported tensor(s) have no place in the source "
+                f"shards: {', '.join(sorted(self.pending)[:5])}"
+            )
+        if plan.kv_cache == "fp8" and not self.kv_written:
+            raise ExportError("kv_cache: fp8 was requested but modelopt exported no k/v scales.")
+
+
+def _write_configs(loaded, src: SourceIndex, out: Path, hf_quant, config_naming, remote_code):
+    """``config.json`` in ``config_naming`` (with ``auto_map`` and the released code for
+    ``remote_code``), the processor config converted with it, the source's other files copied."""
     source_config = json.loads((src.path / CONFIG_JSON).read_text())
     pre_file = src.path / PREPROCESSOR_JSON
     preprocessor = json.loads(pre_file.read_text()) if pre_file.is_file() else None
@@ -510,7 +736,6 @@ def write_checkpoint(
                 write_json(out / f.name, new_pre)
             else:
                 shutil.copy2(f, out / f.name)
-    return {"shards": checksums, "hf_quant_config": hf_quant.to_json(), "tensors": n}
 
 
 def _wanted(hub_key: str, qmods: dict[str, str]) -> bool:

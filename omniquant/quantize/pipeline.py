@@ -370,7 +370,11 @@ def _quantize_placed(
         write_record(tmp, record)  # last: a directory without it is not a finished checkpoint
         default_permissions(tmp)
         t = time.perf_counter()
-        audit_checkpoint(tmp, raise_on_error=True, progress=byte_progress("auditing", quiet))
+        # The shards' sha256 were taken by reading the written files back moments ago
+        # (write_checkpoint); hashing them again here would prove nothing new.
+        audit_checkpoint(
+            tmp, raise_on_error=True, progress=byte_progress("auditing", quiet), checksums=False
+        )
         timings["audit"] = time.perf_counter() - t
     say(f"wrote {out}")
     # The quantized model sits in reference cycles (modelopt's quantizer modules): free
@@ -397,4 +401,8 @@ def _write_quiet(
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return write_checkpoint(loaded, plan, tmp, config_naming, remote_code, progress)
+        # The model is not used after its export here: its tensors are freed as they are
+        # exported, so the export's memory is the model's (write_checkpoint's ``release``).
+        return write_checkpoint(
+            loaded, plan, tmp, config_naming, remote_code, progress, release=True
+        )
