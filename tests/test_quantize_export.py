@@ -472,3 +472,22 @@ def test_releasing_the_model_while_exporting_changes_no_byte(tiny_dir, quantized
     pipeline.quantize(tiny_dir, recipe, tmp_path / "released", calib="synthetic", quiet=True)
     on = {p.device.type for p in seen["model"].parameters()}
     assert on == {"meta"}, on
+
+
+def test_a_weight_that_overflows_bfloat16_on_load_is_refused_by_name(tiny_dir, tmp_path):
+    """The finite check runs on the loaded tensors (not a second read of every shard): a
+    float32 source value beyond bfloat16's range is finite in the file but Inf once loaded,
+    and is named by its parameter before any calibration."""
+    from omniquant.errors import ModelLoadError
+    from omniquant.quantize.pipeline import quantize
+
+    src = tmp_path / "overflow"
+    shutil.copytree(tiny_dir, src)
+    t = load_file(str(src / "model.safetensors"))
+    name = next(k for k in t if k.endswith("mixer.in_proj.weight"))
+    t[name] = t[name].float()
+    t[name][0, 0] = 3.4e38  # finite in float32, rounds to inf in bfloat16 (max 3.39e38)
+    save_file(t, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="loaded weights hold NaN/Inf although the files do not"):
+        quantize(src, "fp8_omni", tmp_path / "out", calib="synthetic", quiet=True)
+    assert not (tmp_path / "out").exists()

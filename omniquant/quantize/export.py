@@ -422,7 +422,14 @@ class _LayerwiseQuantExport:
         source shards' mapped pages are dropped (``omniquant.models.mapped_pages``), since a
         freed view of a shard keeps its pages mapped while any tensor of that shard lives."""
         if not self.offloaded:
-            _to_meta(self.units[native].modules())
+            later = {  # a tensor a unit not yet exported shares (a tied weight) stays
+                t.data_ptr()
+                for name, unit in self.units.items()
+                if name not in self.exported
+                for t in [*unit.parameters(), *unit.buffers()]
+                if t.device.type != "meta"
+            }
+            _to_meta(self.units[native].modules(), keep=later)
             drop_mapped_pages(self.source_files)
 
     def release_outside_units(self) -> None:

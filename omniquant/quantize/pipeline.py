@@ -159,12 +159,10 @@ def quantize(
             stacks can build the released ``model_type`` (omniquant cannot ship that code).
     """
     from omniquant.checkpoint.verify import (
-        check_finite_source,
         check_writable_out,
         preflight_source,
     )
     from omniquant.devices import reset_cuda_peaks, resolve_placement
-    from omniquant.errors import ModelLoadError
     from omniquant.models import load_model
     from omniquant.outdir import clean_stale_temp_dirs
     from omniquant.quantize.plan import resolve_plan
@@ -208,7 +206,6 @@ def quantize(
     # The predicted tensor bytes are what the export writes (headers and configs add
     # kilobytes): refuse a read-only or too-small --out filesystem before calibrating.
     check_writable_out(out, prediction.predicted_bytes, ExportError)
-    check_finite_source(Path(model), ModelLoadError)  # streams the shards; names bad tensors
 
     reset_cuda_peaks()
     try:
@@ -229,8 +226,9 @@ def _quantize_placed(
 ) -> QuantizeResult:  # fmt: skip
     """The part of ``quantize`` that runs with the model loaded where ``placement`` says."""
     from omniquant.checkpoint.audit import audit_checkpoint
-    from omniquant.checkpoint.verify import source_fingerprint
+    from omniquant.checkpoint.verify import check_finite_loaded, source_fingerprint
     from omniquant.devices import device_map_summary, input_device, peak_memory
+    from omniquant.errors import ModelLoadError
     from omniquant.models import load_model
     from omniquant.outdir import default_permissions
     from omniquant.quantize.calibrate import check_expert_coverage, iter_progress, run_calibration
@@ -242,6 +240,9 @@ def _quantize_placed(
     t = time.perf_counter()
     loaded = load_model(model, placement=placement.from_pretrained_kwargs())
     timings["load"] = time.perf_counter() - t
+    # NaN/Inf in the source: refused now, before calibration (modelopt would stop later with
+    # "detected nan values in amax", naming no tensor), from the tensors in memory.
+    check_finite_loaded(loaded.model, model, ModelLoadError)
     devices = {
         "requested": placement.requested,
         "placement": placement.kind,
