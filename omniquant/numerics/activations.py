@@ -25,6 +25,8 @@ not taken from a library: torch has no fused NVFP4 fake quant for CPU, and
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from omniquant.numerics.fp8 import E4M3_MAX, _as_scale, _check_high_precision
@@ -113,15 +115,31 @@ def nvfp4_activation_quantizer(global_scale: torch.Tensor | float, block_size: i
         if consts is None:
             consts = per_key[x.dtype, x.device] = _nvfp4_tables(scale, x.dtype, x.device)
         if x.requires_grad and torch.is_grad_enabled():
-            g = consts[2]
-            return _fake_quant_nvfp4_fast(x, g, (E2M1_MAX * g).reshape(1), consts[4], block_size)
+            g = consts.global_scale
+            return _fake_quant_nvfp4_fast(
+                x, g, (E2M1_MAX * g).reshape(1), consts.values, block_size
+            )
         return _nvfp4_by_lookup(x, consts, block_size)
 
     return quantize
 
 
-def _nvfp4_tables(global_scale: torch.Tensor, dtype: torch.dtype, device) -> tuple:
-    """``(mask, thresholds, global_scale, block_scales, values)`` for ``dtype`` on ``device``.
+class _NVFP4Tables(NamedTuple):
+    """What an NVFP4 activation quantizer precomputes per input dtype and device. The
+    integer constants are 0-d tensors: a Python int argument costs a scalar tensor per op."""
+
+    sign_mask: torch.Tensor  # clears the sign bit: the bits of |x|
+    thresholds: torch.Tensor
+    global_scale: torch.Tensor
+    block_scales: torch.Tensor
+    values: torch.Tensor  # E2M1 value per float32 rounding class (nvfp4._VALUE_TABLE)
+    shift: torch.Tensor  # 20: sign, exponent and top three mantissa bits
+    class_mask: torch.Tensor  # 0xFFE: drops the third mantissa bit (the "exact" slot)
+    low_mask: torch.Tensor  # 0x1FFFFF: the bits below the class
+
+
+def _nvfp4_tables(global_scale: torch.Tensor, dtype: torch.dtype, device) -> _NVFP4Tables:
+    """The tables for ``dtype`` inputs on ``device``.
 
     ``bucketize(amax_bits, thresholds, right=True)`` is the E4M3 code of the clamped
     ``amax / (6 * global_scale)``: threshold ``c - 1`` is the smallest non-negative bit
@@ -130,7 +148,6 @@ def _nvfp4_tables(global_scale: torch.Tensor, dtype: torch.dtype, device) -> tup
     direct formula's ``NaN >= 1e-5`` test gives).
     """
     bits_view = _BITS_VIEW[dtype]
-    width = torch.finfo(dtype).bits
     inf_bits = int(torch.tensor(float("inf"), dtype=dtype).view(bits_view))
     denominator = (E2M1_MAX * global_scale).reshape(1)
 
@@ -152,28 +169,31 @@ def _nvfp4_tables(global_scale: torch.Tensor, dtype: torch.dtype, device) -> tup
     block = e4m3.float().mul_(global_scale)
     block = torch.where(block >= _ACTIVATION_MIN_BLOCK_SCALE, block, 1.0)
     block_scales = torch.cat([block, torch.ones(1)])
-    mask = (1 << (width - 1)) - 1  # clears the sign bit: the bits of |x|
-    return (
-        mask,
-        thresholds.to(device),
-        global_scale.to(device),
-        block_scales.to(device),
-        _VALUE_TABLE.to(device),
+    width = torch.finfo(dtype).bits
+    return _NVFP4Tables(
+        sign_mask=torch.tensor((1 << (width - 1)) - 1, dtype=bits_view, device=device),
+        thresholds=thresholds.to(device),
+        global_scale=global_scale.to(device),
+        block_scales=block_scales.to(device),
+        values=_VALUE_TABLE.to(device),
+        shift=torch.tensor(20, dtype=torch.int32, device=device),
+        class_mask=torch.tensor(0xFFE, dtype=torch.int32, device=device),
+        low_mask=torch.tensor(0x1FFFFF, dtype=torch.int32, device=device),
     )
 
 
-def _nvfp4_by_lookup(x: torch.Tensor, consts: tuple, block_size: int) -> torch.Tensor:
+def _nvfp4_by_lookup(x: torch.Tensor, t: _NVFP4Tables, block_size: int) -> torch.Tensor:
     """The activation fake quant on a checked ``x``: block amax on the bit patterns of
-    ``|x|``, block scale by ``bucketize`` + gather, E2M1 value by the class table, and the
-    float32 product rounded once into ``x``'s dtype (as the direct formula)."""
-    mask, thresholds, _, block_scales, values = consts
+    ``|x|``, block scale by ``bucketize`` + ``take``, E2M1 value by the class table
+    (``nvfp4._class_index``: bits 31..21, and bit 20 set where bits 20..0 are zero), and
+    the float32 product rounded once into ``x``'s dtype (as the direct formula)."""
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
-    amax_bits = torch.bitwise_and(blocks.view(thresholds.dtype), mask).amax(dim=-1, keepdim=True)
-    code = torch.bucketize(amax_bits, thresholds, out_int32=True, right=True)
-    scale = block_scales.index_select(0, code.view(-1)).view(code.shape)
+    magnitude = torch.bitwise_and(blocks.view(t.sign_mask.dtype), t.sign_mask)
+    amax_bits = magnitude.max(dim=-1, keepdim=True)[0]
+    scale = torch.take(t.block_scales, torch.bucketize(amax_bits, t.thresholds, right=True))
     bits = torch.div(blocks, scale).view(torch.int32)
-    index = (bits >> 20).bitwise_and_(0xFFE)
-    index.bitwise_or_(bits.bitwise_and_(0x1FFFFF) == 0)  # bits is a temporary: reused
-    rounded = values.index_select(0, index.view(-1)).view(blocks.shape)
+    index = torch.bitwise_right_shift(bits, t.shift).bitwise_and_(t.class_mask)
+    index.bitwise_or_(torch.logical_not(bits.bitwise_and_(t.low_mask)))  # bits: a temporary
+    rounded = t.values.index_select(0, index.view(-1)).view(blocks.shape)
     out = torch.empty(blocks.shape, dtype=x.dtype, device=x.device)
     return torch.mul(rounded, scale, out=out).view(x.shape)
