@@ -249,3 +249,27 @@ def test_export_nvfp4_packing_by_slices_is_modelopts_bytes(monkeypatch, slice_el
     odd = torch.zeros(4, 24, dtype=torch.bfloat16)  # 24 is no whole number of byte pairs of blocks
     assert export._nvfp4_sliced(orig, odd, torch.ones(4, 1), QUANTIZATION_NVFP4, gs, 16, {}) == "modelopt's"
     assert len(handed) == 1
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_quantizers_paths_outside_the_lookups_give_the_same_bits(dtype):
+    """The lookup quantizers (``omniquant.numerics.activations``) hand strided inputs and
+    inputs needing autograd to the direct formulas; every path gives the reference bits."""
+    x = _adversarial(dtype, 1e-3)
+    finite = x[torch.isfinite(x.float()).all(dim=-1)]
+    nvfp4, fp8 = nvfp4_activation_quantizer(1e-3), fp8_activation_quantizer(1e-3)
+    strided = torch.stack([x, x], dim=-1)[..., 0]  # x's values, every other element
+    assert not strided.is_contiguous()
+    assert torch.equal(bits(nvfp4(strided)), bits(reference_nvfp4_activation(x, 1e-3)))
+    assert torch.equal(bits(fp8(finite.t())), bits(reference_fp8(finite, 1e-3).t()))
+    grad_x = finite.float().requires_grad_() if dtype == torch.float32 else None
+    if grad_x is not None:
+        assert torch.equal(
+            bits(nvfp4(grad_x).detach()), bits(reference_nvfp4_activation(finite, 1e-3))
+        )
+        assert torch.equal(bits(fp8(grad_x).detach()), bits(reference_fp8(finite, 1e-3)))
+    # A second dtype on the same quantizer builds its own tables.
+    other = torch.float16 if dtype != torch.float16 else torch.bfloat16
+    y = finite.to(other)
+    assert torch.equal(bits(nvfp4(y)), bits(reference_nvfp4_activation(y, 1e-3)))
+    assert torch.equal(bits(fp8(y)), bits(reference_fp8(y, 1e-3)))

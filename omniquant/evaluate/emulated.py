@@ -24,6 +24,7 @@ import torch
 
 from omniquant.checkpoint.layout import read_quant_config
 from omniquant.errors import ModelLoadError
+from omniquant.evaluate.shared_input import SharedQuantizers
 from omniquant.formats import (
     KV_CACHE_FORMAT,
     KV_SCALE_SUFFIXES,
@@ -146,21 +147,26 @@ def _act_fn(fmt: str, scale: torch.Tensor):
 
 
 def install_serving_numerics(model, adapter, act: dict, kv: dict) -> int:
-    """Install activation and KV quantization hooks; returns how many were installed."""
+    """Install activation and KV quantization hooks; returns how many were installed.
+
+    GEMM inputs under equal (format, input scale) share one remembering quantizer
+    (``omniquant.evaluate.shared_input``): q/k/v, or a MoE's experts and shared expert,
+    quantize their common input once per forward.
+    """
     modules = dict(model.named_modules())
     experts: dict[str, dict[tuple[str, int], tuple[str, torch.Tensor]]] = {}
+    shared = SharedQuantizers(_act_fn)
     n = 0
     for hub, (fmt, scale) in act.items():
         native, expert = _native(adapter, hub)
         if expert is not None:
             experts.setdefault(native, {})[expert] = (fmt, scale)
             continue
-        mod = modules[native]
-        quant = _act_fn(fmt, scale)
-        mod.register_forward_pre_hook(lambda _m, args, q=quant: (q(args[0]), *args[1:]))
+        quant = shared.get(fmt, scale)
+        modules[native].register_forward_pre_hook(lambda _m, args, q=quant: (q(args[0]), *args[1:]))
         n += 1
     for native, table in experts.items():
-        _wrap_experts(adapter, native, modules[native], table)
+        _wrap_experts(adapter, native, modules[native], table, shared)
         n += 1
     for hub, scale in kv.items():
         mod = modules[_native(adapter, hub)[0]]
@@ -170,13 +176,14 @@ def install_serving_numerics(model, adapter, act: dict, kv: dict) -> int:
     return n
 
 
-def _wrap_experts(adapter, name: str, mod, table: dict) -> None:
+def _wrap_experts(adapter, name: str, mod, table: dict, shared_quantizers) -> None:
     """Quantize the inputs of a fused-experts module's per-expert GEMMs.
 
     A projection whose every expert has the same format and the same stored input scale
     (modelopt's export writes one input scale per projection of a container) gets one
-    quantizer, passed as ``shared``: the adapter may then quantize the container's input
-    once instead of once per routed expert (activation quantizers act on each row alone).
+    quantizer from ``shared_quantizers``, passed as ``shared``: the adapter may then quantize
+    the container's input once instead of once per routed expert (activation quantizers
+    act on each row alone).
     """
     quant = {key: _act_fn(fmt, scale) for key, (fmt, scale) in table.items()}
 
@@ -193,5 +200,5 @@ def _wrap_experts(adapter, name: str, mod, table: dict) -> None:
         if first is not None and all(
             e is not None and e[0] == first[0] and torch.equal(e[1], first[1]) for e in entries
         ):
-            shared[proj] = _act_fn(*first)
+            shared[proj] = shared_quantizers.get(*first)
     adapter.patch_expert_inputs(mod, fn, shared)

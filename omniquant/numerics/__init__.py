@@ -8,11 +8,11 @@ functions bit for bit to modelopt 0.47 where modelopt runs on CPU.
 
 from __future__ import annotations
 
+from omniquant.numerics.activations import fp8_activation_quantizer, nvfp4_activation_quantizer
 from omniquant.numerics.fp8 import (
     E4M3_MAX,
     dequantize_fp8,
     fake_quant_fp8,
-    fp8_activation_quantizer,
     quantize_fp8,
 )
 from omniquant.numerics.nvfp4 import (
@@ -21,7 +21,6 @@ from omniquant.numerics.nvfp4 import (
     dequantize_nvfp4,
     fake_quant_nvfp4_activation,
     fake_quant_nvfp4_blocks,
-    nvfp4_activation_quantizer,
     pack_e2m1,
     quantize_nvfp4,
     unpack_e2m1,

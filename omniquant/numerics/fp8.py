@@ -30,7 +30,6 @@ __all__ = [
     "E4M3_MAX",
     "dequantize_fp8",
     "fake_quant_fp8",
-    "fp8_activation_quantizer",
     "quantize_fp8",
 ]
 
@@ -154,27 +153,3 @@ def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor
     scale_f32 = _as_scale(scale, x, "scale")
     q = (x.float() / scale_f32).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return (q.float() * scale_f32).to(x.dtype)
-
-
-def fp8_activation_quantizer(scale: torch.Tensor | float):
-    """``x -> fake_quant_fp8(x, scale)``, the scale checked once (not per call).
-
-    The emulated loader installs one per quantized GEMM input and KV projection;
-    checking and converting the scale on every call cost as much as the quantization
-    on small activations.
-
-    Raises:
-        ValueError: an invalid ``scale`` (as :func:`fake_quant_fp8`).
-    """
-    checked = _as_scale(scale, torch.empty(1), "scale")
-    per_device = {checked.device: checked}
-
-    def quantize(x: torch.Tensor) -> torch.Tensor:
-        _check_high_precision(x, "x")
-        scale_f32 = per_device.get(x.device)
-        if scale_f32 is None:
-            scale_f32 = per_device[x.device] = checked.to(x.device)
-        q = (x.float() / scale_f32).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-        return (q.float() * scale_f32).to(x.dtype)
-
-    return quantize

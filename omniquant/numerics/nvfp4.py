@@ -48,7 +48,6 @@ __all__ = [
     "e2m1_codes",
     "fake_quant_nvfp4_activation",
     "fake_quant_nvfp4_blocks",
-    "nvfp4_activation_quantizer",
     "pack_e2m1",
     "quantize_nvfp4",
     "unpack_e2m1",
@@ -388,7 +387,8 @@ def fake_quant_nvfp4_activation(
 
     Reproduces modelopt's CUDA fake quant (see the module docstring) on any device.
     To quantize many activations under one scale, build the function once with
-    :func:`nvfp4_activation_quantizer` (it checks the scale once, not per call).
+    :func:`omniquant.numerics.activations.nvfp4_activation_quantizer` (it checks the scale
+    once and precomputes what depends on it).
 
     Args:
         x: float32, bfloat16 or float16 tensor ``[..., features]``, ``features``
@@ -414,40 +414,6 @@ def fake_quant_nvfp4_activation(
     return _fake_quant_nvfp4_fast(x, one, (E2M1_MAX * one).reshape(1), table, block_size)
 
 
-def nvfp4_activation_quantizer(global_scale: torch.Tensor | float, block_size: int = 16):
-    """``x -> fake_quant_nvfp4_activation(x, global_scale, block_size)``, the scale checked once.
-
-    The emulated loader installs one per quantized GEMM input; checking and converting the
-    scale on every call cost more than the quantization itself on small activations. The
-    scale, ``6 * scale`` (a 1-element 1-d tensor, so that a bfloat16 block amax promotes
-    to float32 in the division itself) and the value table are kept per device.
-
-    Raises:
-        ValueError: an invalid ``global_scale`` (as :func:`fake_quant_nvfp4_activation`).
-    """
-    _check_block_size(block_size)
-    scale = _as_scale(global_scale, torch.empty(1, 1), "global_scale")
-    per_device: dict = {}
-
-    def constants(device):
-        moved = scale.to(device).reshape(())
-        per_device[device] = (moved, (E2M1_MAX * moved).reshape(1), _VALUE_TABLE.to(device))
-        return per_device[device]
-
-    def quantize(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in _FAST_DTYPES:
-            _check_high_precision(x, "x")
-        if x.dim() == 0 or x.shape[-1] % block_size:
-            _check_last_dim(x, "x", block_size)
-        consts = per_device.get(x.device) or constants(x.device)
-        return _fake_quant_nvfp4_fast(x, *consts, block_size)
-
-    return quantize
-
-
-_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _fake_quant_nvfp4_fast(
     x: torch.Tensor,
     global_scale_f32: torch.Tensor,
@@ -457,8 +423,9 @@ def _fake_quant_nvfp4_fast(
 ) -> torch.Tensor:
     """The activation fake quant on checked arguments, in few dispatched ops.
 
-    Evaluation calls it once per quantized GEMM input (thousands of small tensors), so
-    per-op overhead, not arithmetic, is its cost. Same values, bit for bit, as the
+    One-off calls (``fake_quant_nvfp4_activation``, modelopt's CPU calibration) and
+    autograd use it; evaluation's repeated calls use the lookups of
+    ``omniquant.numerics.activations``, which precompute the block scale. Same values, bit for bit, as the
     step-by-step formula in the module docstring (the tests keep it as the reference):
     the block amax is ``max(|x|)`` (exact in any dtype); ``denominator`` (``6 *
     global_scale_f32``) is a 1-element 1-d float32 tensor, so the division promotes a
