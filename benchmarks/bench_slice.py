@@ -42,7 +42,6 @@ from pathlib import Path
 import pytest
 
 from benchmarks._memwatch import _PRELUDE
-from omniquant.devices import THP_ENV
 
 RECIPES = ("fp8_omni", "nvfp4_omni")
 
@@ -171,11 +170,8 @@ def _run(kind: str, model: Path, recipe: str, samples: int, out: Path, threads: 
         + " anon_peak=_peak['RssAnon'], threads=torch.get_num_threads())\n"
         + "print('SLICE ' + json.dumps(_RESULT))\n"
     )
-    # Both kinds run in the same environment: torch's huge pages as the omniquant command
-    # asks for them (omniquant.devices.huge_pages_for_torch), unless the caller says.
-    env = {**os.environ, THP_ENV: os.environ.get(THP_ENV, "1")}
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} {recipe} failed:\n{proc.stderr[-4000:]}")
@@ -229,8 +225,7 @@ def run_all(
     is called after every run (a run stopped at a time limit keeps what it measured)."""
     scratch.mkdir(parents=True, exist_ok=True)
     bf16 = bf16_bytes(model)
-    results: dict = {"model": str(model), "bf16_bytes": bf16, "samples": samples, "runs": {},
-                     THP_ENV: os.environ.get(THP_ENV, "1")}  # fmt: skip
+    results: dict = {"model": str(model), "bf16_bytes": bf16, "samples": samples, "runs": {}}
     results["plain_read_write"] = plain_read_write(model, scratch)
     for recipe in recipes:
         for kind in ("omniquant", "modelopt"):

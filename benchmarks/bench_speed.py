@@ -312,13 +312,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--update", action="store_true",
                     help="keep the sections of the existing --json that this run skips")  # fmt: skip
     args = ap.parse_args(argv)
-    from omniquant.devices import THP_ENV, huge_pages_for_torch
-
-    huge_pages_for_torch()  # as the omniquant command does (children inherit it)
     skip = {s for s in args.skip.split(",") if s}
     res: dict = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                 "cpus": os.cpu_count(), "sections": {},
-                 "environment": {THP_ENV: os.environ.get(THP_ENV)}}  # fmt: skip
+                 "cpus": os.cpu_count(), "sections": {}}  # fmt: skip
     if args.update and args.json.is_file():
         res["sections"] = json.loads(args.json.read_text()).get("sections", {})
     with tempfile.TemporaryDirectory(prefix="omniquant-bench-speed-") as tmp:

@@ -79,11 +79,6 @@ def render(res: dict) -> str:
     head = (
         f"`python3 -m benchmarks.bench_speed` on {res.get('cpus', '?')} CPUs; per section: when, "
         f"load average (1/5/15 min) before it, torch threads: {when or 'nothing measured'}."
-        + "".join(
-            f" Environment: `{k}={v}` (both slice runs, as the `omniquant` command sets it)."
-            for k, v in (res.get("environment") or {}).items()
-            if v is not None
-        )
     )
     lines = [head, "", "| | goal | measured |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]

@@ -19,9 +19,6 @@ def run() -> int:
     """Entry point: SIGTERM handled from the first line, then ``omniquant.cli.main``."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        from omniquant.devices import huge_pages_for_torch
-
-        huge_pages_for_torch()  # before torch loads (omniquant.devices says why)
         from omniquant.cli import main
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

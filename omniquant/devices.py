@@ -355,28 +355,3 @@ def reset_cuda_peaks() -> None:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
-
-
-#: torch's switch for transparent huge pages on its CPU allocations (c10's ``alloc_cpu``:
-#: blocks of 2 MiB or more are 2 MiB-aligned and ``madvise(MADV_HUGEPAGE)``d). torch reads
-#: it once, at its first allocation, so it must be in the environment before torch loads.
-THP_ENV = "THP_MEM_ALLOC_ENABLE"
-
-
-def huge_pages_for_torch() -> None:
-    """Ask torch for transparent huge pages on large CPU tensors, unless the environment
-    already says (``THP_MEM_ALLOC_ENABLE=0`` turns it off). Called by the ``omniquant``
-    entry points before anything imports torch; the library alone leaves torch as it is.
-
-    Why: the export allocates every packed weight afresh and writes it once; in 4 KiB pages
-    each is hundreds of thousands of zero-fill page faults, which in this project's VM cost
-    more than the packing itself. Measured on the real-width slice (quiet 2-core machine,
-    one run each): fp8_omni's export 12.2 s -> 8.2 s, system time 12.3 s -> 4.4 s, page
-    faults 0.70 M -> 0.35 M; the bench model's peak RSS unchanged (1.09x). Where the kernel
-    has transparent huge pages off (``never``) the setting does nothing.
-    """
-    import os
-    import sys
-
-    if sys.platform.startswith("linux") and "torch" not in sys.modules:
-        os.environ.setdefault(THP_ENV, "1")

@@ -2,9 +2,6 @@
 
 import sys
 
-from omniquant.devices import huge_pages_for_torch
-
-huge_pages_for_torch()  # before torch loads (omniquant.devices says why)
 from omniquant.cli import main
 
 sys.exit(main())
