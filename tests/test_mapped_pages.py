@@ -57,7 +57,7 @@ def test_a_load_with_pages_dropped_has_the_same_tensors(tiny_dir, monkeypatch):
         loaded = load_model(tiny_dir)
         return {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
 
-    monkeypatch.setattr(mapped_pages, "DROP_EVERY_BYTES", 1)
+    monkeypatch.setattr(mapped_pages, "drop_interval", lambda files: 1)
     dropped = states()
     monkeypatch.setattr(
         mapped_pages, "released_while_loading", lambda files, every_bytes=0: contextlib.nullcontext()

@@ -9,7 +9,8 @@ peaked at 1.40x those bytes while the loaded model held 1.05x. Neither transform
 accelerate offers a load that gives those pages back, and transformers' ``disable_mmap``
 reads every shard whole into memory (worse), so this does it around the loader:
 
-- every ``every_bytes`` of parameters set by the loader (transformers'
+- every ``every_bytes`` of parameters set by the loader (a 16th of the shards' bytes, at
+  least 256 MiB; transformers'
   ``core_model_loading.set_param_for_module``, called once per loaded tensor), and once at
   the end, ``madvise(MADV_DONTNEED)`` over the process's private mappings of the shard files.
 - A private file mapping whose pages were never written loses nothing: a later access
@@ -39,8 +40,18 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 _MADV_DONTNEED = 4
-#: Parameter bytes set between two drops.
+#: Parameter bytes set between two drops, at least; and at least this share of the shards'
+#: bytes (a drop reads 8 bytes of ``/proc/self/pagemap`` per mapped page: 128 MiB for the
+#: released model's 61.5 GiB, so a drop every 256 MiB would read 30 GiB of it per load).
 DROP_EVERY_BYTES = 256 << 20
+DROPS_PER_PASS = 16
+
+
+def drop_interval(files: Iterable[Path]) -> int:
+    """Bytes between two drops over ``files``: ``DROP_EVERY_BYTES`` or a
+    ``DROPS_PER_PASS``-th of their size, whichever is larger."""
+    total = sum(Path(f).stat().st_size for f in files if Path(f).is_file())
+    return max(DROP_EVERY_BYTES, total // DROPS_PER_PASS)
 
 
 def _libc():
@@ -116,10 +127,10 @@ def drop_mapped_pages(files: Iterable[Path]) -> int:
 @contextlib.contextmanager
 def released_while_loading(files: Iterable[Path], every_bytes: int | None = None) -> Iterator[None]:
     """Around a ``from_pretrained`` of ``files``: drop their mapped pages as loading goes
-    (every ``every_bytes`` of parameters set, ``DROP_EVERY_BYTES`` by default) and when it
+    (every ``every_bytes`` of parameters set, ``drop_interval`` by default) and when it
     ends."""
     files = [Path(f) for f in files]
-    every_bytes = every_bytes or DROP_EVERY_BYTES
+    every_bytes = every_bytes or drop_interval(files)
     try:
         import transformers.core_model_loading as cml
     except ImportError:

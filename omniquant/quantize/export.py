@@ -56,7 +56,7 @@ from omniquant.checkpoint.layout import (
 )
 from omniquant.errors import ExportError
 from omniquant.formats import FORMATS, KV_CACHE_FORMAT, KV_SCALE_SUFFIXES
-from omniquant.models.mapped_pages import drop_mapped_pages
+from omniquant.models.mapped_pages import drop_interval, drop_mapped_pages
 from omniquant.outdir import OUTPUT_MARKER
 
 #: The processor-config file name hub checkpoints use (written in the export's naming).
@@ -317,10 +317,11 @@ def _single_rounding_fp8():
         nvfp4_module.reduce_block_amax = orig_block_amax
 
 
-def _to_meta(modules, keep: set[int] = frozenset()) -> None:
+def _to_meta(modules, keep: set[int] = frozenset()) -> int:
     """Replace each module's own parameters and buffers by meta tensors of the same shape
     and dtype, except those whose data pointer is in ``keep``; a storage is freed with its
-    last reference."""
+    last reference. Returns the bytes of the tensors replaced."""
+    freed = 0
     for mod in modules:
         for slots in (mod._parameters, mod._buffers):
             for name, t in list(slots.items()):
@@ -328,12 +329,14 @@ def _to_meta(modules, keep: set[int] = frozenset()) -> None:
                     continue
                 if t.data_ptr() in keep:
                     continue
+                freed += t.numel() * t.element_size()
                 empty = torch.empty(t.shape, dtype=t.dtype, device="meta")
                 slots[name] = (
                     torch.nn.Parameter(empty, requires_grad=False)
                     if isinstance(t, torch.nn.Parameter)
                     else empty
                 )
+    return freed
 
 
 class _LayerwiseQuantExport:
@@ -362,6 +365,7 @@ class _LayerwiseQuantExport:
 
         self.adapter_model = loaded.model
         self.source_files = sorted(Path(loaded.path).glob("*.safetensors"))
+        self._drop_every, self._freed = drop_interval(self.source_files), 0
         self.root_name = loaded.adapter.quant_root_name()
         self.root = root = loaded.adapter.quant_root(loaded.model)
         self.adapter = loaded.adapter
@@ -429,8 +433,10 @@ class _LayerwiseQuantExport:
                 for t in [*unit.parameters(), *unit.buffers()]
                 if t.device.type != "meta"
             }
-            _to_meta(self.units[native].modules(), keep=later)
-            drop_mapped_pages(self.source_files)
+            self._freed += _to_meta(self.units[native].modules(), keep=later)
+            if self._freed >= self._drop_every:  # a drop reads /proc/self/pagemap whole
+                self._freed = 0
+                drop_mapped_pages(self.source_files)
 
     def release_outside_units(self) -> None:
         """Free the tensors of every module of the model outside the units (towers,
