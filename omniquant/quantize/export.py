@@ -217,6 +217,14 @@ def _nvfp4_slice(w, block_scale, scale, block_size, scratch, packed) -> None:
 _AMAX_CHUNK_BLOCKS = 1 << 17
 
 
+#: Float dtype -> (integer dtype of its bits, mask clearing the sign bit).
+_MAGNITUDE_BITS = {
+    torch.bfloat16: (torch.int16, 0x7FFF),
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.float32: (torch.int32, 0x7FFFFFFF),
+}
+
+
 def _last_dim_block_amax(original):
     """modelopt's ``reduce_block_amax`` for blocks along the last dimension, in one chunked
     pass: ``max(|x|)`` per block equals its ``max(|max|, |min|)`` bit for bit (same dtype),
@@ -236,16 +244,25 @@ def _last_dim_block_amax(original):
         with torch.no_grad():
             blocks = input_tensor.reshape(-1, bs)
             out = torch.empty(blocks.shape[0], dtype=input_tensor.dtype, device=input_tensor.device)
+            # |x| as the bits with the sign cleared, compared as integers: for every value
+            # but NaN the same order and the same winner's bits as max(abs(x)) (-0.0 and 0.0
+            # both become 0), and an integer max is the faster reduction. NaN bits sort
+            # above Inf's, so a NaN block still comes out NaN and goes to modelopt below.
+            as_int, mask = _MAGNITUDE_BITS.get(blocks.dtype, (blocks.dtype, None))
             held = scratch.get("abs")
-            if held is None or held.dtype != blocks.dtype or held.device != blocks.device:
+            if held is None or held.dtype != as_int or held.device != blocks.device:
                 held = scratch["abs"] = torch.empty(
-                    _AMAX_CHUNK_BLOCKS * bs, dtype=blocks.dtype, device=blocks.device
+                    _AMAX_CHUNK_BLOCKS * bs, dtype=as_int, device=blocks.device
                 )  # one |x| buffer for every chunk of every weight, not a fresh one per chunk
+            out_as = out.view(as_int)
             for i in range(0, blocks.shape[0], _AMAX_CHUNK_BLOCKS):
                 chunk = blocks[i : i + _AMAX_CHUNK_BLOCKS]
                 magnitude = held[: chunk.numel()].view(chunk.shape)
-                torch.amax(torch.abs(chunk, out=magnitude), dim=-1,
-                           out=out[i : i + _AMAX_CHUNK_BLOCKS])  # fmt: skip
+                if mask is None:
+                    torch.abs(chunk, out=magnitude)
+                else:
+                    torch.bitwise_and(chunk.view(as_int), mask, out=magnitude)
+                torch.amax(magnitude, dim=-1, out=out_as[i : i + _AMAX_CHUNK_BLOCKS])
             if torch.isnan(out).any():  # NaN's sign bit follows modelopt's ops: let it decide
                 return original(input_tensor, block_sizes)
             return out.view(*input_tensor.shape[:-1], input_tensor.shape[-1] // bs)
