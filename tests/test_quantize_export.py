@@ -243,13 +243,20 @@ def test_two_runs_identical_checksums(tiny_dir, quantized, tmp_path):
     assert first["recipe_sha256"] == second["recipe_sha256"]
 
 
-def test_nan_scale_fails_audit_naming_tensor(quantized, tmp_path):
-    out = tmp_path / "corrupt"
+def _with_nan_scale(quantized, out):
+    """A copy of the nvfp4_omni checkpoint at ``out`` with one global scale set to NaN (its
+    omniquant.json left as it was); returns the scale's name."""
     shutil.copytree(quantized("nvfp4_omni"), out)
     t = _tensors(out)
     name = "language_model.backbone.layers.3.mixer.experts.2.down_proj.weight_scale_2"
     t[name] = torch.tensor(float("nan"))
     save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return name
+
+
+def test_nan_scale_fails_audit_naming_tensor(quantized, tmp_path):
+    out = tmp_path / "corrupt"
+    name = _with_nan_scale(quantized, out)
     with pytest.raises(AuditError) as e:
         audit_checkpoint(out, raise_on_error=True)
     msg = str(e.value)
@@ -430,11 +437,7 @@ def test_the_writers_own_audit_skips_only_the_hashing(quantized, tmp_path):
     it wrote) still checks every tensor and that each listed shard exists; only the sha256
     comparison is left to later consumers, which keep it."""
     out = tmp_path / "changed"
-    shutil.copytree(quantized("nvfp4_omni"), out)
-    t = _tensors(out)
-    name = "language_model.backbone.layers.3.mixer.experts.2.down_proj.weight_scale_2"
-    t[name] = torch.tensor(float("nan"))
-    save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    name = _with_nan_scale(quantized, out)
     problems = audit_checkpoint(out, checksums=False).problems
     assert any(f"{name}: scale is nan" in p for p in problems)
     assert not any("sha256" in p for p in problems)

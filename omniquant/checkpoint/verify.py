@@ -383,16 +383,11 @@ def check_finite_loaded(model, path: str | Path, error: type[OmniquantError]) ->
 
 
 def _non_finite_any(t) -> bool:
-    """Whether ``t`` holds a NaN or Inf: ``aminmax`` over row chunks (NaN propagates into
-    both, an Inf is the min or the max), so no full-size mask is made."""
-    import torch
-
+    """Whether ``t`` holds a NaN or Inf: ``_non_finite`` over chunks of ``_CHUNK_ELEMS``
+    values, stopping at the first bad one, so no full-size mask is made."""
     flat = t.detach().reshape(-1)
-    for start in range(0, flat.numel(), _CHUNK_ELEMS):
-        lo, hi = torch.aminmax(flat[start : start + _CHUNK_ELEMS])
-        if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
-            return True
-    return False
+    chunks = (flat[i : i + _CHUNK_ELEMS] for i in range(0, flat.numel(), _CHUNK_ELEMS))
+    return any(_non_finite(c) for c in chunks)
 
 
 def preflight_source(model: Path, rec, recipe_path: Path) -> None:

@@ -112,20 +112,37 @@ def quantized_hub_modules(loaded, plan) -> dict[str, str]:
     return out
 
 
+#: ``_reused`` key of the float32 slice buffer FP8 packing and NVFP4 coding share.
+_F32 = "float32 slice"
+
+
+def _reused(scratch: dict | None, key: str, numel: int, dtype, device) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements, kept in ``scratch[key]`` across calls
+    (made afresh when the kept one is too small or of another dtype or device; every call
+    without ``scratch``). A fresh temporary is a fresh mapping under the export's
+    ``lean_heap``, whose pages the kernel zero-fills: reused, an export faults each
+    buffer in once, not once per weight or slice."""
+    held = scratch.get(key) if scratch is not None else None
+    if held is None or held.numel() < numel or held.dtype != dtype or held.device != device:
+        held = torch.empty(numel, dtype=dtype, device=device)
+        if scratch is not None:
+            scratch[key] = held
+    return held
+
+
 #: Elements per slice when FP8 weights are divided in float32 (16 Mi: 64 MiB of float32).
 _FP8_SLICE_ELEMENTS = 1 << 24
 
 
 def _fp8_single_rounded(
-    weight: torch.Tensor, scale: torch.Tensor, scratch: list | None = None
+    weight: torch.Tensor, scale: torch.Tensor, scratch: dict | None = None
 ) -> torch.Tensor:
     """``(weight.float() / scale).to(float8_e4m3fn)``, a slice of leading rows at a time.
 
     The same elementwise operations as dividing the whole upcast weight, so the same
     bytes, without a float32 copy of the whole weight (4 bytes per element) beside it.
     ``scale`` broadcasts to ``weight``; a per-row or per-expert scale is sliced with it.
-    ``scratch``: a one-item list holding the float32 buffer of an earlier call (or empty),
-    reused when large enough, so an export faults in one buffer, not one per weight.
+    ``scratch``: where its float32 buffer is kept for the next call (``_reused``).
     """
     out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
     rows = weight.shape[0] if weight.dim() else 1
@@ -134,16 +151,8 @@ def _fp8_single_rounded(
     per_row = max(1, weight[0].numel())
     step = max(1, _FP8_SLICE_ELEMENTS // per_row)
     sliced = scale.dim() == weight.dim() and scale.shape[0] == rows
-    # One float32 buffer reused by every slice: a fresh 64 MiB temporary per slice is a
-    # fresh mapping whose pages the kernel zero-fills (most of the export's system time).
-    need = min(step, rows) * per_row
-    held = scratch[0] if scratch else None
-    if held is not None and held.numel() >= need and held.device == weight.device:
-        buf = held
-    else:
-        buf = torch.empty(need, dtype=torch.float32, device=weight.device)
-        if scratch is not None:
-            scratch[:] = [buf]
+    # One float32 buffer for every slice (and, with scratch, every weight).
+    buf = _reused(scratch, _F32, min(step, rows) * per_row, torch.float32, weight.device)
     for i in range(0, rows, step):
         w = weight[i : i + step]
         f = buf[: w.numel()].view(w.shape)
@@ -186,9 +195,9 @@ def _nvfp4_sliced(orig, weight, block_scale, quantization, global_scale, block_s
     rows = weight.shape[0]
     step = max(1, _NVFP4_SLICE_ELEMENTS // max(1, weight[0].numel()))
     need = min(step, rows) * weight[0].numel()
-    if scratch.get("f32") is None or scratch["f32"].numel() < need:
-        scratch["f32"] = torch.empty(need, dtype=torch.float32, device=weight.device)
-        scratch["codes"] = torch.empty(need, dtype=torch.uint8, device=weight.device)
+    quotient = _reused(scratch, _F32, need, torch.float32, weight.device)
+    codes = _reused(scratch, "nvfp4 codes", need, torch.uint8, weight.device)
+    work = scratch.setdefault("e2m1 work", {}) if scratch is not None else None
     out = torch.empty(
         (*weight.shape[:-1], weight.shape[-1] // 2), dtype=torch.uint8, device=weight.device
     )
@@ -196,21 +205,22 @@ def _nvfp4_sliced(orig, weight, block_scale, quantization, global_scale, block_s
         for i in range(0, rows, step):
             _nvfp4_slice(weight[i : i + step], block_scale[i : i + step],
                          global_scale[i : i + step].view(-1, 1, 1) if per_expert else global_scale,
-                         block_size, scratch, out[i : i + step])  # fmt: skip
+                         block_size, quotient, codes, work, out[i : i + step])  # fmt: skip
     return out
 
 
-def _nvfp4_slice(w, block_scale, scale, block_size, scratch, packed) -> None:
-    """One slice of ``_nvfp4_sliced``: quotient, codes, packed bytes into ``packed``."""
+def _nvfp4_slice(w, block_scale, scale, block_size, quotient, codes, work, packed) -> None:
+    """One slice of ``_nvfp4_sliced``: quotient and codes in the given buffers, packed
+    bytes into ``packed``."""
     from omniquant.numerics.nvfp4 import e2m1_codes
 
     denom = (block_scale.to(torch.float32) * scale).unsqueeze(-1)
     blocks = w.view((*w.shape[:-1], -1, block_size))
-    scaled = scratch["f32"][: w.numel()].view(blocks.shape)
+    scaled = quotient[: w.numel()].view(blocks.shape)
     torch.div(blocks, denom, out=scaled)
-    codes = e2m1_codes(scaled.view(w.shape), out=scratch["codes"][: w.numel()], work=scratch)
-    torch.bitwise_left_shift(codes[..., 1::2], 4, out=packed)
-    packed.bitwise_or_(codes[..., 0::2])
+    coded = e2m1_codes(scaled.view(w.shape), out=codes[: w.numel()], work=work)
+    torch.bitwise_left_shift(coded[..., 1::2], 4, out=packed)
+    packed.bitwise_or_(coded[..., 0::2])
 
 
 #: Blocks per chunk in ``_last_dim_block_amax`` (2 Mi elements of 16-element blocks).
@@ -225,13 +235,12 @@ _MAGNITUDE_BITS = {
 }
 
 
-def _last_dim_block_amax(original):
+def _last_dim_block_amax(original, scratch: dict | None = None):
     """modelopt's ``reduce_block_amax`` for blocks along the last dimension, in one chunked
     pass: ``max(|x|)`` per block equals its ``max(|max|, |min|)`` bit for bit (same dtype),
     without its full clone of the weight and two strided reductions. A block holding NaN
-    (whose sign bit differs between the two) and other block layouts go to ``original``."""
-
-    scratch: dict = {}
+    (whose sign bit differs between the two) and other block layouts go to ``original``.
+    ``scratch``: where its chunk buffer is kept across weights (``_reused``)."""
 
     def reduce_block_amax(input_tensor: torch.Tensor, block_sizes: dict):
         dims = list(block_sizes)
@@ -249,11 +258,7 @@ def _last_dim_block_amax(original):
             # both become 0), and an integer max is the faster reduction. NaN bits sort
             # above Inf's, so a NaN block still comes out NaN and goes to modelopt below.
             as_int, mask = _MAGNITUDE_BITS.get(blocks.dtype, (blocks.dtype, None))
-            held = scratch.get("abs")
-            if held is None or held.dtype != as_int or held.device != blocks.device:
-                held = scratch["abs"] = torch.empty(
-                    _AMAX_CHUNK_BLOCKS * bs, dtype=as_int, device=blocks.device
-                )  # one |x| buffer for every chunk of every weight, not a fresh one per chunk
+            held = _reused(scratch, "block |x|", _AMAX_CHUNK_BLOCKS * bs, as_int, blocks.device)
             out_as = out.view(as_int)
             for i in range(0, blocks.shape[0], _AMAX_CHUNK_BLOCKS):
                 chunk = blocks[i : i + _AMAX_CHUNK_BLOCKS]
@@ -283,7 +288,7 @@ def _single_rounding_fp8():
     ``omniquant.numerics.nvfp4.e2m1_codes`` (one table lookup, chunks), code for code the same
     (tests/test_numerics_fast_paths.py; the export pins hold the bytes), and its per-block
     amax (``reduce_block_amax``: a clone of the weight plus two reductions) by one
-    chunked ``abs().amax()`` (``_last_dim_block_amax``).
+    chunked max over the sign-cleared bits (``_last_dim_block_amax``).
     """
     import modelopt.torch.export.unified_export_hf as ueh
     from modelopt.torch.export.model_config import QUANTIZATION_FP8, QUANTIZATION_NVFP4
@@ -294,8 +299,7 @@ def _single_rounding_fp8():
     from omniquant.numerics.nvfp4 import e2m1_codes
 
     orig = ueh.to_quantized_weight
-    scratch: list = []  # the float32 buffer FP8 packing reuses across weights
-    nvfp4_scratch: dict = {}  # NVFP4's quotient, codes and coding buffers, reused likewise
+    scratch: dict = {}  # buffers the packing and the block amax reuse across weights
     orig_cast = NVFP4QTensor.__dict__["_cast_fp4"]
     orig_block_amax = nvfp4_module.reduce_block_amax
 
@@ -319,19 +323,29 @@ def _single_rounding_fp8():
             and not kwargs
         ):
             return _nvfp4_sliced(
-                orig, weight, weights_scaling_factor, quantization, *args, scratch=nvfp4_scratch
+                orig, weight, weights_scaling_factor, quantization, *args, scratch=scratch
             )
         return orig(weight, weights_scaling_factor, quantization, *args, **kwargs)
 
     ueh.to_quantized_weight = to_quantized_weight
     NVFP4QTensor._cast_fp4 = classmethod(lambda cls, weight: e2m1_codes(weight))
-    nvfp4_module.reduce_block_amax = _last_dim_block_amax(orig_block_amax)
+    nvfp4_module.reduce_block_amax = _last_dim_block_amax(orig_block_amax, scratch)
     try:
         yield
     finally:
         ueh.to_quantized_weight = orig
         NVFP4QTensor._cast_fp4 = orig_cast
         nvfp4_module.reduce_block_amax = orig_block_amax
+
+
+def _pointers(modules) -> set[int]:
+    """Data pointers of the live (not meta) parameters and buffers of ``modules``."""
+    return {
+        t.data_ptr()
+        for mod in modules
+        for t in [*mod.parameters(), *mod.buffers()]
+        if t.device.type != "meta"
+    }
 
 
 def _to_meta(modules, keep: set[int] = frozenset()) -> int:
@@ -443,13 +457,8 @@ class _LayerwiseQuantExport:
         source shards' mapped pages are dropped (``omniquant.models.mapped_pages``), since a
         freed view of a shard keeps its pages mapped while any tensor of that shard lives."""
         if not self.offloaded:
-            later = {  # a tensor a unit not yet exported shares (a tied weight) stays
-                t.data_ptr()
-                for name, unit in self.units.items()
-                if name not in self.exported
-                for t in [*unit.parameters(), *unit.buffers()]
-                if t.device.type != "meta"
-            }
+            # a tensor a unit not yet exported shares (a tied weight) stays
+            later = _pointers(u for n, u in self.units.items() if n not in self.exported)
             self._freed += _to_meta(self.units[native].modules(), keep=later)
             if self._freed >= self._drop_every:  # a drop reads /proc/self/pagemap whole
                 self._freed = 0
@@ -462,14 +471,9 @@ class _LayerwiseQuantExport:
         if self.offloaded:
             return
         inside = {id(m) for unit in self.units.values() for m in unit.modules()}
-        kept = {
-            t.data_ptr()
-            for unit in self.units.values()
-            for t in [*unit.parameters(), *unit.buffers()]
-            if t.device.type != "meta"
-        }
         model = self.adapter_model
-        _to_meta((m for m in model.modules() if id(m) not in inside), keep=kept)
+        keep = _pointers(self.units.values())
+        _to_meta((m for m in model.modules() if id(m) not in inside), keep=keep)
         drop_mapped_pages(self.source_files)
 
     def export(self, native: str) -> dict[str, torch.Tensor]:
