@@ -176,16 +176,19 @@ def e2m1_codes(
             device=scaled.device,
             index=torch.empty(_CODES_CHUNK, dtype=torch.int32, device=scaled.device),
             low=torch.empty(_CODES_CHUNK, dtype=torch.int32, device=scaled.device),
-            exact=torch.empty(_CODES_CHUNK, dtype=torch.bool, device=scaled.device),
         )
-    index, low, exact = work["index"], work["low"], work["exact"]
+    index, low = work["index"], work["low"]
     for start in range(0, n, _CODES_CHUNK):
         chunk = bits[start : start + _CODES_CHUNK]
         m = chunk.numel()
-        idx, lo, ex = index[:m], low[:m], exact[:m]
+        idx, lo = index[:m], low[:m]
         torch.bitwise_right_shift(chunk, 20, out=idx).bitwise_and_(0xFFE)
-        torch.eq(torch.bitwise_and(chunk, 0x1FFFFF, out=lo), 0, out=ex)
-        torch.index_select(table, 0, idx.bitwise_or_(ex), out=flat[start : start + m])
+        # ``| (low bits == 0)`` in int32 arithmetic: low - 1 is negative only for 0, and
+        # its arithmetic shift by 31 gives -1 there, 0 elsewhere; idx - that sets bit 0
+        # (clear after the mask). A bool mask OR-ed into int32 would be cast to a fresh
+        # int32 temporary first (mixed dtypes on the CPU): a page-faulted 8 MiB per chunk.
+        torch.bitwise_and(chunk, 0x1FFFFF, out=lo).sub_(1).bitwise_right_shift_(31)
+        torch.index_select(table, 0, idx.sub_(lo), out=flat[start : start + m])
     return out.view(scaled.shape)
 
 

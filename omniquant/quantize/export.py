@@ -162,6 +162,10 @@ def _fp8_single_rounded(
     return out
 
 
+#: Weight dtypes whose upcast to float32 is exact, so that copying into a float32 buffer
+#: and dividing there computes what a mixed-dtype division computes.
+_UPCAST_EXACTLY = (torch.bfloat16, torch.float16, torch.float32)
+
 #: Elements per slice when NVFP4 weights are scaled and coded (8 Mi: 32 MiB of float32).
 _NVFP4_SLICE_ELEMENTS = 1 << 23
 
@@ -190,12 +194,17 @@ def _nvfp4_sliced(orig, weight, block_scale, quantization, global_scale, block_s
         or block_scale is None
         or block_scale.shape != (*weight.shape[:-1], weight.shape[-1] // block_size)
         or (per_expert and (weight.dim() != 3 or global_scale.numel() != weight.shape[0]))
+        or weight.dtype not in _UPCAST_EXACTLY  # a float64 weight would divide in float64
+        or global_scale is None
+        or global_scale.dtype != torch.float32  # another dtype could promote the product
     ):
         return orig(weight, block_scale, quantization, global_scale, block_size)
     rows = weight.shape[0]
     step = max(1, _NVFP4_SLICE_ELEMENTS // max(1, weight[0].numel()))
     need = min(step, rows) * weight[0].numel()
     quotient = _reused(scratch, _F32, need, torch.float32, weight.device)
+    denominators = _reused(scratch, "nvfp4 denominators", need // block_size, torch.float32,
+                           weight.device)  # fmt: skip
     codes = _reused(scratch, "nvfp4 codes", need, torch.uint8, weight.device)
     work = scratch.setdefault("e2m1 work", {}) if scratch is not None else None
     out = torch.empty(
@@ -205,19 +214,28 @@ def _nvfp4_sliced(orig, weight, block_scale, quantization, global_scale, block_s
         for i in range(0, rows, step):
             _nvfp4_slice(weight[i : i + step], block_scale[i : i + step],
                          global_scale[i : i + step].view(-1, 1, 1) if per_expert else global_scale,
-                         block_size, quotient, codes, work, out[i : i + step])  # fmt: skip
+                         block_size, quotient, denominators, codes, work, out[i : i + step])  # fmt: skip
     return out
 
 
-def _nvfp4_slice(w, block_scale, scale, block_size, quotient, codes, work, packed) -> None:
+def _nvfp4_slice(w, block_scale, scale, block_size, quotient, denominators, codes, work, packed):
     """One slice of ``_nvfp4_sliced``: quotient and codes in the given buffers, packed
     bytes into ``packed``."""
     from omniquant.numerics.nvfp4 import e2m1_codes
 
-    denom = (block_scale.to(torch.float32) * scale).unsqueeze(-1)
+    # (block_scale.float() * scale) into a kept float32 buffer: the same float32 products
+    # (``_nvfp4_sliced`` only comes here with a float32 scale), no fresh temporaries.
+    d = denominators[: block_scale.numel()].view(block_scale.shape)
+    d.copy_(block_scale)
+    denom = d.mul_(scale).unsqueeze(-1)
     blocks = w.view((*w.shape[:-1], -1, block_size))
     scaled = quotient[: w.numel()].view(blocks.shape)
-    torch.div(blocks, denom, out=scaled)
+    # The upcast first, then the float32 division in place: what modelopt's
+    # ``blocks / denom`` computes (bf16 -> float32 is exact), without the float32 copy of
+    # the slice that a mixed-dtype ``torch.div`` makes on the CPU (TensorIterator casts
+    # its inputs to the common dtype up front: a fresh, page-faulted temporary per slice).
+    scaled.copy_(blocks)
+    scaled.div_(denom)
     coded = e2m1_codes(scaled.view(w.shape), out=codes[: w.numel()], work=work)
     torch.bitwise_left_shift(coded[..., 1::2], 4, out=packed)
     packed.bitwise_or_(coded[..., 0::2])
