@@ -175,14 +175,14 @@ def test_e2m1_codes_chunked_path_equals_modelopts_cast():
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_export_block_amax_equals_modelopts_reduce_block_amax(dtype):
-    """The export's chunked per-block amax (quantize/export.py) gives modelopt's bits: zeros,
+    """The export's chunked per-block amax (quantize/packing.py) gives modelopt's bits: zeros,
     -0.0, inf, more blocks than one chunk, and a NaN block (handed back to modelopt)."""
     core = pytest.importorskip("modelopt.torch.quantization.utils.core_utils")
-    from omniquant.quantize import export
+    from omniquant.quantize import packing
 
-    ours = export._last_dim_block_amax(core.reduce_block_amax)
+    ours = packing._last_dim_block_amax(core.reduce_block_amax)
     g = torch.Generator().manual_seed(5)
-    x = (torch.randn(3, 2 * export._AMAX_CHUNK_BLOCKS // 7 + 5, 112, generator=g) * 3).to(dtype)
+    x = (torch.randn(3, 2 * packing._AMAX_CHUNK_BLOCKS // 7 + 5, 112, generator=g) * 3).to(dtype)
     x[1, 1, :16] = 0
     x[0, 3, :16] = -0.0
     x[1, 1, 17] = -0.0
@@ -212,7 +212,7 @@ def test_e2m1_codes_into_caller_buffers_equal_the_fresh_ones():
 
 @pytest.mark.parametrize("slice_elements", [1 << 23, 4096, 33])
 def test_export_nvfp4_packing_by_slices_is_modelopts_bytes(monkeypatch, slice_elements):
-    """The export's NVFP4 packing (quantize/export.py ``_nvfp4_sliced``: slices of rows or
+    """The export's NVFP4 packing (quantize/packing.py ``_nvfp4_sliced``: slices of rows or
     experts into reused buffers) gives modelopt's ``to_quantized_weight`` bytes for plain and
     stacked-expert weights, zeros and ties included, whatever the slice size; a shape it was
     not written for is handed to modelopt."""
@@ -220,9 +220,9 @@ def test_export_nvfp4_packing_by_slices_is_modelopts_bytes(monkeypatch, slice_el
     from modelopt.torch.export.model_config import QUANTIZATION_NVFP4
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
-    from omniquant.quantize import export
+    from omniquant.quantize import packing
 
-    monkeypatch.setattr(export, "_NVFP4_SLICE_ELEMENTS", slice_elements)
+    monkeypatch.setattr(packing, "_NVFP4_SLICE_ELEMENTS", slice_elements)
     g = torch.Generator().manual_seed(2)
     scratch: dict = {}
     for shape in [(96, 256), (4, 40, 64), (1, 32), (3, 7, 48)]:
@@ -236,7 +236,7 @@ def test_export_nvfp4_packing_by_slices_is_modelopts_bytes(monkeypatch, slice_el
             gs = torch.tensor(3e-4)
             bs = NVFP4QTensor.get_weights_scaling_factor(w, 16, gs)[0]
         want = quant_utils.to_quantized_weight(w, bs, QUANTIZATION_NVFP4, gs, 16)
-        got = export._nvfp4_sliced(
+        got = packing._nvfp4_sliced(
             quant_utils.to_quantized_weight, w, bs, QUANTIZATION_NVFP4, gs, 16, scratch
         )
         assert got.dtype == want.dtype and torch.equal(got, want), shape
@@ -247,7 +247,7 @@ def test_export_nvfp4_packing_by_slices_is_modelopts_bytes(monkeypatch, slice_el
         return "modelopt's"
 
     odd = torch.zeros(4, 24, dtype=torch.bfloat16)  # 24 is no whole number of byte pairs of blocks
-    assert export._nvfp4_sliced(orig, odd, torch.ones(4, 1), QUANTIZATION_NVFP4, gs, 16, {}) == "modelopt's"
+    assert packing._nvfp4_sliced(orig, odd, torch.ones(4, 1), QUANTIZATION_NVFP4, gs, 16, {}) == "modelopt's"
     assert len(handed) == 1
 
 
@@ -273,3 +273,85 @@ def test_quantizers_paths_outside_the_lookups_give_the_same_bits(dtype):
     y = finite.to(other)
     assert torch.equal(bits(nvfp4(y)), bits(reference_nvfp4_activation(y, 1e-3)))
     assert torch.equal(bits(fp8(y)), bits(reference_fp8(y, 1e-3)))
+
+
+def test_export_block_scales_are_computed_once_per_weight_and_only_for_an_exact_repeat():
+    """Inside ``fast_packing`` a weight's NVFP4 block scales are computed once: the repeat
+    modelopt's exporter makes (same weight, block size and global scale) gets a copy of the
+    first result, equal to what modelopt computes; a weight written in between, another
+    global scale, another view or another weight is computed afresh."""
+    pytest.importorskip("modelopt.torch.quantization")
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    from omniquant.quantize import packing
+
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(64, 128, generator=g) * 0.05).to(torch.bfloat16)
+    gs = torch.tensor(2e-4)
+    want = NVFP4QTensor.get_weights_scaling_factor(w, 16, gs)[0]
+    calls = []
+    with packing.fast_packing():
+        once = NVFP4QTensor.__dict__["get_weights_scaling_factor"].__func__
+        inner = once.original
+
+        def counting(*args):
+            calls.append(args[1])
+            return inner(*args)
+
+        once.original = counting
+        first = NVFP4QTensor.get_weights_scaling_factor(w, 16, gs)[0]
+        second = NVFP4QTensor.get_weights_scaling_factor(w, block_size=16, weights_scaling_factor_2=gs.clone())[0]
+        assert len(calls) == 1 and once.hits == 1
+        assert torch.equal(first.view(torch.uint8), want.view(torch.uint8))
+        assert torch.equal(second.view(torch.uint8), want.view(torch.uint8))
+        assert second.data_ptr() != first.data_ptr()  # a copy: the caller may keep either
+
+        # Only an exact repeat: each of these is computed.
+        NVFP4QTensor.get_weights_scaling_factor(w, 16, gs)
+        NVFP4QTensor.get_weights_scaling_factor(w, 16, gs * 2)  # another global scale
+        NVFP4QTensor.get_weights_scaling_factor(w, 16, gs)
+        NVFP4QTensor.get_weights_scaling_factor(w[:32], 16, gs)  # another view of the memory
+        NVFP4QTensor.get_weights_scaling_factor(w, 16, gs)
+        NVFP4QTensor.get_weights_scaling_factor(w, 16, gs.view(1))  # another shape of scale
+        NVFP4QTensor.get_weights_scaling_factor(w, 16, gs)
+        w.mul_(3)  # written in place: its version counter moves
+        changed = NVFP4QTensor.get_weights_scaling_factor(w, 16, gs)[0]
+        assert len(calls) == 9 and once.hits == 1
+        w_ref = w.clone()
+        assert torch.equal(
+            changed.view(torch.uint8),
+            inner(NVFP4QTensor, w_ref, 16, gs, False)[0].view(torch.uint8),
+        )
+        # The packing that follows clears it: the next call computes.
+        packing_calls = len(calls)
+        import modelopt.torch.export.unified_export_hf as ueh
+        from modelopt.torch.export.model_config import QUANTIZATION_NVFP4
+
+        ueh.to_quantized_weight(w, changed, QUANTIZATION_NVFP4, gs, 16)
+        NVFP4QTensor.get_weights_scaling_factor(w, 16, gs)
+        assert len(calls) == packing_calls + 1 and once.hits == 1
+    assert NVFP4QTensor.__dict__["get_weights_scaling_factor"].__func__ is inner
+
+
+def test_export_nvfp4_packing_hands_float64_and_other_scale_dtypes_to_modelopt():
+    """The sliced NVFP4 packing upcasts into a float32 buffer; a float64 weight (which
+    modelopt divides in float64) or a global scale of another dtype goes to modelopt."""
+    pytest.importorskip("modelopt.torch.quantization")
+    from modelopt.torch.export.model_config import QUANTIZATION_NVFP4
+
+    from omniquant.quantize import packing
+
+    handed = []
+
+    def orig(*args):
+        handed.append(args)
+        return "modelopt's"
+
+    bs = torch.ones(4, 2, dtype=torch.float8_e4m3fn)
+    for w, gs in [
+        (torch.zeros(4, 32, dtype=torch.float64), torch.tensor(1e-3)),
+        (torch.zeros(4, 32, dtype=torch.bfloat16), torch.tensor(1e-3, dtype=torch.float64)),
+        (torch.zeros(4, 32, dtype=torch.bfloat16), None),
+    ]:
+        assert packing._nvfp4_sliced(orig, w, bs, QUANTIZATION_NVFP4, gs, 16, {}) == "modelopt's"
+    assert len(handed) == 3

@@ -418,9 +418,9 @@ def test_fp8_packing_by_slices_is_the_whole_weight_divided_in_float32(monkeypatc
     """The export's FP8 packing (a reused float32 buffer, a slice of rows at a time) gives
     the bytes of ``(weight.float() / scale).to(float8_e4m3fn)`` for per-tensor, per-row and
     per-expert scales, whatever the slice size (the export pins cover only the default)."""
-    from omniquant.quantize import export
+    from omniquant.quantize import packing
 
-    monkeypatch.setattr(export, "_FP8_SLICE_ELEMENTS", slice_elements)
+    monkeypatch.setattr(packing, "_FP8_SLICE_ELEMENTS", slice_elements)
     gen = torch.Generator().manual_seed(0)
     cases = [((300, 517), None), ((300, 517), (300, 1)), ((6, 64, 96), (6, 1, 1)),
              ((6, 64, 96), None), ((1, 9), None), ((5,), None)]  # fmt: skip
@@ -428,7 +428,7 @@ def test_fp8_packing_by_slices_is_the_whole_weight_divided_in_float32(monkeypatc
         w = (torch.randn(shape, generator=gen) * 3).to(torch.bfloat16)
         scale = torch.rand(scale_shape, generator=gen) + 0.01 if scale_shape else torch.tensor(0.37)
         want = (w.float() / scale).to(torch.float8_e4m3fn)
-        got = export._fp8_single_rounded(w, scale)
+        got = packing._fp8_single_rounded(w, scale)
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (shape, scale_shape)
 
 
