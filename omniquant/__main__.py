@@ -5,8 +5,18 @@ imports (typer, then torch, transformers and modelopt inside a command) take sec
 and a SIGTERM meanwhile would otherwise kill the process the default way, with no
 "interrupted" and exit 143 instead of 130. ``omniquant.cli.main`` keeps the same rule
 for the whole command (``omniquant.outdir.sigterm_as_interrupt``).
+
+When the command is done, ``gc.freeze()`` moves every object alive to the collector's
+permanent generation, so the interpreter's last collection at exit does not walk them:
+the objects torch, transformers and modelopt create at import are hundreds of
+thousands, and that walk took 1.2 s of every command (``omniquant plan`` on the released
+config: 5.0 s wall, 1.35 s of it after the command had returned; 0.18 s with the freeze).
+Nothing is skipped that Python promises: objects are still freed by reference counting,
+and finalizers of objects alive at exit were never guaranteed to run. Only the process
+entry point does this; ``omniquant.cli.main`` called in-process is left alone.
 """
 
+import gc
 import signal
 import sys
 
@@ -25,7 +35,9 @@ def run() -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return main()
+    rc = main()
+    gc.freeze()  # the exit's collection skips what is alive now (see the module docstring)
+    return rc
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""``python -m omniquant.cli``: the same as the ``omniquant`` command."""
+"""``python -m omniquant.cli``: the same as the ``omniquant`` command (its entry point,
+``omniquant.__main__.run``)."""
 
 import sys
 
-from omniquant.cli import main
+from omniquant.__main__ import run
 
-sys.exit(main())
+sys.exit(run())

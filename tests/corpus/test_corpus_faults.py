@@ -261,3 +261,23 @@ def test_a_disk_that_fills_during_the_run_is_a_clean_error(tiny_dir, tmpfs, caps
     assert rc == 2, err
     assert f"--out {fs / 'ckpt'}: writing the checkpoint failed (No space left on device" in err
     assert sorted(p.name for p in fs.iterdir()) == ["ballast"]  # no temp dir, no lock file
+
+
+def test_the_entry_point_freezes_what_is_alive_once_the_command_returns(monkeypatch):
+    """``run`` returns the command's code and leaves the objects alive then to the
+    collector's permanent generation, so the exit's last collection skips them
+    (``omniquant/__main__.py``)."""
+    import gc
+
+    import omniquant.cli
+    from omniquant.__main__ import run
+
+    codes = iter([3])
+    monkeypatch.setattr(omniquant.cli, "main", lambda: next(codes))
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        assert run() == 3
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
