@@ -281,18 +281,20 @@ def summarize_slice(res: dict) -> dict:
     out = {"bf16_bytes": res["bf16_bytes"], "plain_read_write": res.get("plain_read_write")}
     for recipe in ("fp8_omni", "nvfp4_omni"):
         o, m = res["runs"].get(f"omniquant/{recipe}"), res["runs"].get(f"modelopt/{recipe}")
-        if o is None or m is None:
+        if o is None or m is None or f"overhead_{recipe}" not in res:
             continue
         out[recipe] = {
             "omniquant_s": round(o["seconds"], 1),
             "modelopt_s": round(m["seconds"], 1),
+            "omniquant_all_s": [round(x, 1) for x in o.get("all_seconds", [o["seconds"]])],
+            "modelopt_all_s": [round(x, 1) for x in m.get("all_seconds", [m["seconds"]])],
             "overhead": round(res[f"overhead_{recipe}"], 3),
             "phase_ratios": {k: round(v, 3) for k, v in res.get(f"phase_ratios_{recipe}", {}).items()},
             "omniquant_export_s": round(o["phases"]["export"], 1),
             "modelopt_export_s": round(m["phases"]["export"], 1),
             "export_x_floor": {k: round(v, 2) for k, v in res.get(f"export_x_floor_{recipe}", {}).items()},
-            "omniquant_rss_x_bf16": round(o["rss_peak_ratio"], 3),
-            "modelopt_rss_x_bf16": round(m["rss_peak_ratio"], 3),
+            "omniquant_rss_x_bf16": round(o.get("rss_peak_ratio_max", o["rss_peak_ratio"]), 3),
+            "modelopt_rss_x_bf16": round(m.get("rss_peak_ratio_max", m["rss_peak_ratio"]), 3),
         }
     return out
 
