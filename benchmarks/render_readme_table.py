@@ -58,9 +58,15 @@ def render(res: dict) -> str:
             rows.append((f"slice {recipe}: omniquant / bare modelopt", "<= 1.05x", NOT_MEASURED))
             continue
         phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phase_ratios"].items())
+        runs = ""  # every run's seconds, where the kind ran more than once (ABBA)
+        if len(r.get("omniquant_all_s", [])) > 1 or len(r.get("modelopt_all_s", [])) > 1:
+            runs = "; runs " + " / ".join(
+                "+".join(f"{x:.0f}" for x in r.get(f"{k}_all_s", [])) + f" s {k}"
+                for k in ("omniquant", "modelopt")
+            )
         rows += [
             (f"slice {recipe}: omniquant / bare modelopt", "<= 1.05x",
-             f"{r['overhead']:.2f}x ({r['omniquant_s']:.0f} s / {r['modelopt_s']:.0f} s; per phase: {phases}"
+             f"{r['overhead']:.2f}x ({r['omniquant_s']:.0f} s / {r['modelopt_s']:.0f} s{runs}; per phase: {phases}"
              + (f"; run {r['measured_at']}" if "measured_at" in r else "") + ")"),
             (f"slice {recipe}: export / plain read+write floor", "<= 3x",
              (f"omniquant {r['export_x_floor']['omniquant']:.2f}x ({r['omniquant_export_s']:.0f} s), "
