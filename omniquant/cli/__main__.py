@@ -1,8 +1,11 @@
-"""``python -m omniquant.cli``: the same as the ``omniquant`` command (its entry point,
-``omniquant.__main__.run``)."""
+"""``python -m omniquant.cli``: the same as the ``omniquant`` command, with the same quick
+exit (``gc.freeze()`` once the command returns: see ``omniquant/__main__.py``)."""
 
+import gc
 import sys
 
-from omniquant.__main__ import run
+from omniquant.cli import main
 
-sys.exit(run())
+rc = main()
+gc.freeze()
+sys.exit(rc)
