@@ -1,4 +1,5 @@
-"""glibc keeps freed tensor memory unless its mmap threshold is fixed (omniquant/quantize/heap.py)."""
+"""During the export glibc reuses freed tensor memory under 32 MiB and returns larger
+blocks to the OS (omniquant/quantize/heap.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 _PROBE = """
-import contextlib, json, re, sys
+import contextlib, json, re, resource, sys
 import torch
 from omniquant.quantize.heap import lean_heap
 
@@ -18,24 +19,26 @@ def anon_mib():
     text = open("/proc/self/status").read()
     return int(re.search(r"RssAnon:\\s+(\\d+)", text).group(1)) / 1024
 
-def churn():
-    # One freed 4 MiB block raises glibc's dynamic threshold to 4 MiB, so these 64 x 4 MiB
-    # tensors come from the heap; one more stays alive above them (as the next weight does
-    # during export), so freeing them cannot shrink the heap.
-    torch.ones(1 << 20).sum()
-    base = anon_mib()
-    blocks = [torch.ones(1 << 20) for _ in range(64)]
-    pin = torch.ones(1 << 20)
-    held = anon_mib() - base
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def churn(numel, count):
+    # count tensors alive at once, then freed, with one more kept alive above them (as the
+    # next weight is during export): the memory they leave (beyond that one), and the
+    # pages faulted in.
+    base, f0 = anon_mib(), faults()
+    blocks = [torch.ones(numel) for _ in range(count)]
+    pin = torch.ones(numel)
     del blocks
-    return held, anon_mib() - base, pin
+    return {"kept": anon_mib() - base - numel * 4 / 2**20, "faults": faults() - f0, "pin": pin}
 
 scope = lean_heap() if sys.argv[1] == "lean" else contextlib.nullcontext(None)
 with scope as lean:
-    held, kept, pin = churn()
-del pin
-_, after_kept, _ = churn()  # outside the scope: heap reuse again (no fresh page faults)
-print(json.dumps({"lean": lean, "held": held, "kept": kept, "after_kept": after_kept}))
+    torch.ones(1 << 20).sum()
+    small = [churn(1 << 20, 64) for _ in range(2)]  # 64 x 4 MiB, twice
+    big = churn(12 << 20, 6)  # 6 x 48 MiB
+print(json.dumps({"lean": lean, "small_faults": [c["faults"] for c in small],
+                  "big_kept": big["kept"]}))
 """
 
 
@@ -51,11 +54,10 @@ def _run(mode: str) -> dict:
     not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
     reason="glibc's allocator only",
 )
-def test_fixed_threshold_returns_freed_tensors_to_the_os():
-    default, lean = _run("default"), _run("lean")
+def test_export_heap_reuses_small_blocks_and_returns_big_ones():
+    lean = _run("lean")
     assert lean["lean"] is True
-    assert default["held"] > 200 and lean["held"] > 200  # 256 MiB were really allocated
-    assert default["kept"] > 200  # glibc's default: the freed blocks stay in the process
-    assert lean["kept"] < 32  # fixed threshold: each block was unmapped when freed
-    # After the scope, 4 MiB tensors come from the heap again (threshold relaxed to 32 MiB).
-    assert lean["after_kept"] > 200
+    first, second = lean["small_faults"]
+    assert first > 40_000  # 256 MiB of 4 MiB tensors were really faulted in, once
+    assert second < first / 4  # the second round reused the freed heap: few fresh pages
+    assert lean["big_kept"] < 32  # the 48 MiB blocks were unmapped when freed (288 MiB)

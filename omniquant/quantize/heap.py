@@ -1,29 +1,27 @@
-"""Keep freed tensor memory from piling up in glibc's heap during export.
+"""glibc's heap during the export: freed tensor memory is reused, big blocks go back.
 
-Policy: omniquant's memory goal (peak at most 1.5x the checkpoint's BF16 bytes) is
-about live data, but glibc's allocator can hold on to freed memory. Its mmap threshold
-(128 KiB) is dynamic: every time a large mmap'ed block is freed, the threshold rises to
-that block's size (up to 32 MiB on 64-bit), so later tensors of that size come from the
-heap, and a freed heap block is not returned to the OS. modelopt's export allocates and
-frees a transient tensor per weight (fp32 upcasts, packed codes, scales); with the
-dynamic threshold the process kept 0.77x the BF16 bytes of such freed memory, and
-fp8_omni's quantize + export peaked at 1.81x instead of 0.99x
-(``benchmarks/bench_quantize.py``; ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment
-gives the same 0.99x).
-
-``lean_heap()`` is a context around modelopt's exporter: inside it the threshold is
-fixed at 128 KiB through ``mallopt`` (which also turns the dynamic adjustment off), so
-every tensor of 128 KiB or more is its own mapping and goes back to the OS when freed.
-On leaving, glibc cannot be put back into dynamic mode, so the thresholds are set to
-the dynamic mode's ceiling (mmap 32 MiB, trim 64 MiB: later work reuses heap memory as
-it would after a few large frees) and ``malloc_trim(0)`` returns what the export left
-free. Fresh mappings cost page faults: measured on the same model (2 cores) fp8_omni's
-quantize + export took the same time either way (8-9 s), nvfp4_omni's about 3 s longer
-(12-13 s -> 14-16 s, runs vary by +-2 s). Keeping 128 KiB (and glibc's 128 KiB trim
-threshold) for the rest of the process slowed the NVFP4 evaluation in ``omniquant
-cliff`` (11.5-11.7 vs 15.6 samples/s in single runs), hence the scope. On other C
+Policy: inside ``lean_heap()`` (around modelopt's exporter) glibc's mmap threshold is
+fixed at 32 MiB through ``mallopt`` (which also turns its dynamic adjustment off): a
+tensor under 32 MiB comes from the heap, and the memory of one freed (a weight's
+temporaries, a written shard's tensors) is reused by the next, with no fresh pages; a
+tensor of 32 MiB or more is its own mapping and goes back to the OS when freed. On
+leaving, the trim threshold is set to 64 MiB (what the dynamic mode keeps at that mmap
+threshold) and ``malloc_trim(0)`` returns what the export left free. On other C
 libraries (musl, macOS) this does nothing; an explicit ``MALLOC_MMAP_THRESHOLD_`` in the
 environment is respected and left alone.
+
+Why 32 MiB, measured (2 cores, this sandbox, where a fresh page costs about 2.4 us):
+the threshold used to be 128 KiB, so that modelopt's per-weight transient tensors (fp32
+upcasts, codes, packing halves) went back to the OS instead of piling up in the heap
+(fp8_omni quantize + export on the ~340M bench model: 1.81x the BF16 bytes at peak with
+glibc's default, 0.99x at 128 KiB). The export's packing (``omniquant/quantize/packing.py``)
+no longer makes those temporaries: it works in buffers kept across weights. What 128 KiB
+still did was make every output tensor a fresh mapping, zero-filled page by page (FP8 on
+the real-width slice: 0.7 M page faults per export). At 32 MiB: bench model peak RSS
+1.194x / 1.197x the BF16 bytes (fp8_omni / nvfp4_omni) against 1.195x / 1.202x at
+128 KiB; slice peak 1.03-1.11x (FP8) and 1.02x (NVFP4), as before; slice FP8 export
+faults 0.70 M -> 0.51 M, NVFP4 1.0 M -> 0.28 M; omniquant's FP8 slice run 18.5-18.7 s
+(three runs) against 20.1-23.2 s (six runs) at 128 KiB.
 """
 
 from __future__ import annotations
@@ -37,9 +35,9 @@ from collections.abc import Iterator
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
 _M_MMAP_THRESHOLD = -3
-LEAN_THRESHOLD = 128 * 1024
-#: glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where the dynamic threshold tops out.
-RELAXED_THRESHOLD = 32 * 1024 * 1024
+#: glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, where its dynamic threshold tops out:
+#: fixed during the export, and left in force after it.
+LEAN_THRESHOLD = RELAXED_THRESHOLD = 32 * 1024 * 1024
 
 
 def _libc():
@@ -58,7 +56,8 @@ def _libc():
 
 @contextlib.contextmanager
 def lean_heap() -> Iterator[bool]:
-    """Inside: tensors of 128 KiB or more go back to the OS when freed (see the module).
+    """Inside: tensors under 32 MiB reuse freed heap memory, larger ones go back to the OS
+    when freed (see the module).
 
     Yields:
         Whether the setting is in force (False without glibc, or when the environment

@@ -13,9 +13,11 @@ rounds the quotient to BF16 first (``fast_packing``). Anything outside the shape
 dtypes a replacement was written for goes to modelopt's original.
 
 Why: on the CPU modelopt's packing allocates several whole-weight temporaries per weight
-(float32 upcasts, int32 class indices, packing halves). Under the export's ``lean_heap``
-(``omniquant/quantize/heap.py``) every one of them is a fresh mapping whose pages the
-kernel zero-fills: on the real-width slice that was most of the export's time. Mixed-dtype
+(float32 upcasts, int32 class indices, packing halves). When the export's mmap threshold
+was 128 KiB (``omniquant/quantize/heap.py``) every one of them was a fresh mapping whose
+pages the kernel zero-fills: on the real-width slice that was most of the export's time;
+a stacked-expert weight's temporaries (hundreds of MiB) still would be, under any
+threshold. Mixed-dtype
 torch ops are avoided too, since on the CPU TensorIterator casts their inputs to the
 common dtype up front (a hidden whole-slice temporary).
 """
@@ -33,9 +35,9 @@ _F32 = "float32 slice"
 def _reused(scratch: dict | None, key: str, numel: int, dtype, device) -> torch.Tensor:
     """A flat buffer of at least ``numel`` elements, kept in ``scratch[key]`` across calls
     (made afresh when the kept one is too small or of another dtype or device; every call
-    without ``scratch``). A fresh temporary is a fresh mapping under the export's
-    ``lean_heap``, whose pages the kernel zero-fills: reused, an export faults each
-    buffer in once, not once per weight or slice."""
+    without ``scratch``). A fresh temporary of 32 MiB or more is a fresh mapping
+    (``omniquant/quantize/heap.py``), whose pages the kernel zero-fills: reused, an export
+    faults each buffer in once, not once per weight or slice."""
     held = scratch.get(key) if scratch is not None else None
     if held is None or held.numel() < numel or held.dtype != dtype or held.device != device:
         held = torch.empty(numel, dtype=dtype, device=device)
@@ -96,9 +98,9 @@ def _nvfp4_sliced(orig, weight, block_scale, quantization, global_scale, block_s
     per byte (odd element high nibble). A slice of rows gives that slice's bytes exactly,
     so the output is modelopt's, byte for byte (tests/test_numerics_fast_paths.py, the
     export pins). What this saves: modelopt allocates the float32 quotient, the codes and
-    two packing temporaries afresh for each whole weight (6 bytes per element, every
-    page of it a fresh zero-filled page under the export's ``lean_heap``: 13 M page faults
-    and 30 s of system time on the real-width slice). Shapes it was not written for go to
+    two packing temporaries afresh for each whole weight (6 bytes per element; with the
+    export's mmap threshold at 128 KiB every page of it was a fresh zero-filled page:
+    13 M page faults and 30 s of system time on the real-width slice). Shapes it was not written for go to
     ``orig``.
     """
     per_expert = global_scale is not None and global_scale.dim() != 0
