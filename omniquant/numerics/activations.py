@@ -125,7 +125,7 @@ class _NVFP4Tables(NamedTuple):
     integer constants are tensors: a Python int argument costs a scalar tensor per op."""
 
     block_scales: torch.Tensor | None  # per bit pattern of |x| (16-bit dtypes)
-    sign_mask: torch.Tensor  # int32 [1]: the bits of |x|, promoted to an index
+    sign_mask: torch.Tensor  # int16 [1]: the bits of |x|
     global_scale: torch.Tensor
     values: torch.Tensor  # E2M1 value per float32 rounding class (nvfp4._VALUE_TABLE)
     shift: torch.Tensor  # 20: sign, exponent and top three mantissa bits
@@ -151,7 +151,7 @@ def _nvfp4_tables(global_scale: torch.Tensor, dtype: torch.dtype, device) -> _NV
     ints = {"dtype": torch.int32, "device": device}
     return _NVFP4Tables(
         block_scales=block_scales,
-        sign_mask=torch.tensor([0x7FFF], **ints),
+        sign_mask=torch.tensor([0x7FFF], dtype=torch.int16, device=device),
         global_scale=global_scale.to(device),
         values=_VALUE_TABLE.to(device),
         shift=torch.tensor(20, **ints),
@@ -162,16 +162,19 @@ def _nvfp4_tables(global_scale: torch.Tensor, dtype: torch.dtype, device) -> _NV
 
 def _nvfp4_by_lookup(x: torch.Tensor, t: _NVFP4Tables, block_size: int) -> torch.Tensor:
     """The activation fake quant on a checked 16-bit ``x``: block amax on the bit patterns
-    of ``|x|`` (int32 through the 1-element mask), block scale by one gather, E2M1 value by
+    of ``|x|`` (an int16 mask, each block's max widened to an int32 index), block scale by one gather, E2M1 value by
     the class table (``nvfp4._class_index``: bits 31..21, and bit 20 set where bits 20..0
     are zero), and the float32 product rounded once into ``x``'s dtype (as the direct
-    formula). Few distinct ops: between the model's GEMMs each op runs cold, and on the
+    formula). Measured on its block-amax line: the int16 mask and ``amax`` took 0.24-0.27
+    ms against 0.73-0.80 ms for an int32 mask and ``max`` on a 300 x 2688 input. Few
+    distinct ops: between the model's GEMMs each op runs cold, and on the
     demo eval dropping ``bucketize`` + ``take`` for this gather took a call from 85 to 72 us,
     where a loop over the same inputs showed no difference."""
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
-    amax_bits = torch.bitwise_and(blocks.view(torch.int16), t.sign_mask).max(dim=-1, keepdim=True)[
-        0
-    ]
+    # |x|'s bits in int16 (an int32 mask would first cast every element to int32), the
+    # block max without argmax indices, and only the per-block result widened to an index.
+    magnitude = torch.bitwise_and(blocks.view(torch.int16), t.sign_mask)
+    amax_bits = torch.amax(magnitude, dim=-1, keepdim=True).to(torch.int32)
     scale = t.block_scales.index_select(0, amax_bits.view(-1)).view(amax_bits.shape)
     bits = torch.div(blocks, scale).view(torch.int32)
     index = torch.bitwise_right_shift(bits, t.shift).bitwise_and_(t.class_mask)
