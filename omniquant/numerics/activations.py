@@ -162,14 +162,14 @@ def _nvfp4_tables(global_scale: torch.Tensor, dtype: torch.dtype, device) -> _NV
 
 def _nvfp4_by_lookup(x: torch.Tensor, t: _NVFP4Tables, block_size: int) -> torch.Tensor:
     """The activation fake quant on a checked 16-bit ``x``: block amax on the bit patterns
-    of ``|x|`` (an int16 mask, each block's max widened to an int32 index), block scale by one gather, E2M1 value by
-    the class table (``nvfp4._class_index``: bits 31..21, and bit 20 set where bits 20..0
-    are zero), and the float32 product rounded once into ``x``'s dtype (as the direct
-    formula). Measured on its block-amax line: the int16 mask and ``amax`` took 0.24-0.27
-    ms against 0.73-0.80 ms for an int32 mask and ``max`` on a 300 x 2688 input. Few
-    distinct ops: between the model's GEMMs each op runs cold, and on the
-    demo eval dropping ``bucketize`` + ``take`` for this gather took a call from 85 to 72 us,
-    where a loop over the same inputs showed no difference."""
+    of ``|x|`` (an int16 mask, each block's max widened to an int32 index), block scale by
+    one gather, E2M1 value by the class table (``nvfp4._class_index``: bits 31..21, and
+    bit 20 set where bits 20..0 are zero), and the float32 product rounded once into
+    ``x``'s dtype (as the direct formula). Measured on its block-amax line: the int16 mask
+    and ``amax`` took 0.24-0.27 ms against 0.73-0.80 ms for an int32 mask and ``max`` on a
+    300 x 2688 input. Few distinct ops: between the model's GEMMs each op runs cold, and on
+    the demo eval dropping ``bucketize`` + ``take`` for this gather took a call from 85 to
+    72 us, where a loop over the same inputs showed no difference."""
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
     # |x|'s bits in int16 (an int32 mask would first cast every element to int32), the
     # block max without argmax indices, and only the per-block result widened to an index.

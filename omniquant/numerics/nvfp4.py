@@ -152,7 +152,8 @@ def e2m1_codes(
     elements): it runs over chunks of :data:`_CODES_CHUNK` elements into preallocated
     buffers, so its temporaries are a few chunk-sized buffers instead of several int32
     copies of the weight (each, for a stacked-expert weight, a fresh mapping page-faulted
-    in: ``omniquant/quantize/heap.py``). Same per-element operations as ``_class_index``, so the same codes.
+    in: ``omniquant/quantize/heap.py``). Same per-element operations as ``_class_index``,
+    so the same codes.
 
     Args:
         out: A contiguous uint8 tensor of ``scaled``'s element count to write the codes

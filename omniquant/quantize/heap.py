@@ -37,7 +37,7 @@ _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
 _M_MMAP_THRESHOLD = -3
 #: glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, where its dynamic threshold tops out:
 #: fixed during the export, and left in force after it.
-LEAN_THRESHOLD = RELAXED_THRESHOLD = 32 * 1024 * 1024
+MMAP_THRESHOLD = 32 * 1024 * 1024
 
 
 def _libc():
@@ -64,13 +64,13 @@ def lean_heap() -> Iterator[bool]:
         sets ``MALLOC_MMAP_THRESHOLD_``, whose value then stays in charge).
     """
     libc = _libc()
-    active = libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, LEAN_THRESHOLD) == 1
+    active = libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
     try:
         yield active
     finally:
         if active:
-            libc.mallopt(_M_MMAP_THRESHOLD, RELAXED_THRESHOLD)
-            # The dynamic mode also keeps the trim threshold at twice the mmap threshold;
+            # The mmap threshold stays fixed (glibc cannot go back to dynamic mode). The
+            # dynamic mode also keeps the trim threshold at twice the mmap threshold;
             # without it every free at the heap top would shrink the heap again.
-            libc.mallopt(_M_TRIM_THRESHOLD, 2 * RELAXED_THRESHOLD)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
             libc.malloc_trim(0)

@@ -17,9 +17,8 @@ Why: on the CPU modelopt's packing allocates several whole-weight temporaries pe
 was 128 KiB (``omniquant/quantize/heap.py``) every one of them was a fresh mapping whose
 pages the kernel zero-fills: on the real-width slice that was most of the export's time;
 a stacked-expert weight's temporaries (hundreds of MiB) still would be, under any
-threshold. Mixed-dtype
-torch ops are avoided too, since on the CPU TensorIterator casts their inputs to the
-common dtype up front (a hidden whole-slice temporary).
+threshold. Mixed-dtype torch ops are avoided too, since on the CPU TensorIterator casts
+their inputs to the common dtype up front (a hidden whole-slice temporary).
 """
 
 from __future__ import annotations
@@ -60,10 +59,10 @@ def _fp8_single_rounded(
     ``scale`` broadcasts to ``weight``; a per-row or per-expert scale is sliced with it.
     ``scratch``: where its float32 buffer is kept for the next call (``_reused``).
     """
-    out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
     rows = weight.shape[0] if weight.dim() else 1
     if weight.dim() == 0 or rows <= 1:
         return (weight.float() / scale).to(torch.float8_e4m3fn)
+    out = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
     per_row = max(1, weight[0].numel())
     step = max(1, _FP8_SLICE_ELEMENTS // per_row)
     sliced = scale.dim() == weight.dim() and scale.shape[0] == rows
@@ -100,8 +99,8 @@ def _nvfp4_sliced(orig, weight, block_scale, quantization, global_scale, block_s
     export pins). What this saves: modelopt allocates the float32 quotient, the codes and
     two packing temporaries afresh for each whole weight (6 bytes per element; with the
     export's mmap threshold at 128 KiB every page of it was a fresh zero-filled page:
-    13 M page faults and 30 s of system time on the real-width slice). Shapes it was not written for go to
-    ``orig``.
+    13 M page faults and 30 s of system time on the real-width slice). Shapes and dtypes
+    it was not written for go to ``orig``.
     """
     per_expert = global_scale is not None and global_scale.dim() != 0
     if (
@@ -211,14 +210,14 @@ def _last_dim_block_amax(original, scratch: dict | None = None):
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``a`` views the same memory as ``b`` (held alive by the caller, so its address cannot
-    have been reused), the same way, unmodified in between."""
+    have been reused), the same way. Whether it was written since is the caller's check:
+    views of one memory share a version counter, so comparing theirs proves nothing."""
     return (
         a.device == b.device
         and a.dtype == b.dtype
         and a.shape == b.shape
         and a.stride() == b.stride()
         and a.data_ptr() == b.data_ptr()
-        and a._version == b._version
     )
 
 
@@ -281,7 +280,9 @@ def fast_packing():
     ``omniquant.numerics.nvfp4.e2m1_codes`` (one table lookup, chunks), code for code the same
     (tests/test_numerics_fast_paths.py; the export pins hold the bytes), and its per-block
     amax (``reduce_block_amax``: a clone of the weight plus two reductions) by one
-    chunked max over the sign-cleared bits (``_last_dim_block_amax``).
+    chunked max over the sign-cleared bits (``_last_dim_block_amax``); its packing goes a
+    slice at a time into kept buffers (``_nvfp4_sliced``), and each weight's block scales
+    are computed once, not twice (``_BlockScalesOnce``).
     """
     import modelopt.torch.export.unified_export_hf as ueh
     from modelopt.torch.export.model_config import QUANTIZATION_FP8, QUANTIZATION_NVFP4
