@@ -10,7 +10,10 @@ replacements compute modelopt's own per-element operations on the same dtypes, s
 output is modelopt's byte for byte (tests/test_numerics_fast_paths.py, the export pins).
 The FP8 one differs from modelopt on purpose: it divides in float32, where modelopt
 rounds the quotient to BF16 first (``fast_packing``). Anything outside the shapes and
-dtypes a replacement was written for goes to modelopt's original.
+dtypes a replacement was written for goes to modelopt's original. On the CPU, weights of
+``kernels.MIN_ELEMENTS`` or more are packed by fused compiled kernels
+(``omniquant.quantize.kernels``: the same expressions, one pass each); the eager code
+here is what they replace where they do not run, and what they are tested against.
 
 Why: on the CPU modelopt's packing allocates several whole-weight temporaries per weight
 (float32 upcasts, int32 class indices, packing halves). When the export's mmap threshold
@@ -59,6 +62,12 @@ def _fp8_single_rounded(
     ``scale`` broadcasts to ``weight``; a per-row or per-expert scale is sliced with it.
     ``scratch``: where its float32 buffer is kept for the next call (``_reused``).
     """
+    from omniquant.quantize import kernels
+
+    if weight.device.type == "cpu" and scale.device.type == "cpu":
+        fused = kernels.run("fp8", weight, scale, elements=weight.numel())
+        if fused is not None:  # the same expression in one pass (omniquant.quantize.kernels)
+            return fused
     rows = weight.shape[0] if weight.dim() else 1
     if weight.dim() == 0 or rows <= 1:
         return (weight.float() / scale).to(torch.float8_e4m3fn)
@@ -127,10 +136,34 @@ def _nvfp4_sliced(orig, weight, block_scale, quantization, global_scale, block_s
     )
     with torch.no_grad():
         for i in range(0, rows, step):
-            _nvfp4_slice(weight[i : i + step], block_scale[i : i + step],
-                         global_scale[i : i + step].view(-1, 1, 1) if per_expert else global_scale,
-                         block_size, quotient, denominators, codes, work, out[i : i + step])  # fmt: skip
+            scale = global_scale[i : i + step].view(-1, 1, 1) if per_expert else global_scale
+            if not _nvfp4_slice_fused(weight[i : i + step], block_scale[i : i + step], scale,
+                                      block_size, out[i : i + step], weight.numel()):  # fmt: skip
+                _nvfp4_slice(weight[i : i + step], block_scale[i : i + step], scale,
+                             block_size, quotient, denominators, codes, work, out[i : i + step])  # fmt: skip
     return out
+
+
+def _nvfp4_slice_fused(w, block_scale, scale, block_size, packed, elements: int) -> bool:
+    """``_nvfp4_slice``'s bytes by the compiled kernels (``omniquant.quantize.kernels``):
+    the float32 quotient by ``(block_scale.float() * scale)`` and its E2M1 code in one
+    pass, the pairing of codes into bytes in a second. False where they do not run
+    (``elements``: the whole weight's, which decides), and nothing was written."""
+    from omniquant.quantize import kernels
+
+    if w.device.type != "cpu" or block_scale.device.type != "cpu" or scale.device.type != "cpu":
+        return False
+    blocks = w.view((*w.shape[:-1], -1, block_size))
+    per_block = scale.unsqueeze(-1) if scale.dim() else scale  # [e, 1, 1] -> [e, 1, 1, 1]
+    coded = kernels.run("nvfp4_codes", blocks, block_scale.unsqueeze(-1), per_block,
+                        elements=elements)  # fmt: skip
+    if coded is None:
+        return False
+    pairs = kernels.run("nvfp4_pairs", coded.view(-1).view(torch.int16), elements=elements)
+    if pairs is None:
+        return False
+    packed.copy_(pairs.view(packed.shape))
+    return True
 
 
 def _nvfp4_slice(w, block_scale, scale, block_size, quotient, denominators, codes, work, packed):
@@ -206,6 +239,44 @@ def _last_dim_block_amax(original, scratch: dict | None = None):
             return out.view(*input_tensor.shape[:-1], input_tensor.shape[-1] // bs)
 
     return reduce_block_amax
+
+
+def _fused_block_scales(original):
+    """modelopt 0.47's ``NVFP4QTensor.get_weights_scaling_factor`` (its function, not the
+    classmethod) with the common case computed by the compiled ``nvfp4_scales`` kernel
+    (``omniquant.quantize.kernels``): a CPU weight of an exactly-upcast dtype, blocks
+    along the last dimension, a given float32 ``weights_scaling_factor_2`` of one element,
+    E4M3 output. The same expression (block amax, ``/ (E2M1_MAX * wsf2)``, zeros to 1,
+    clamp, cast) in one pass; a block holding NaN, and every other case, go to
+    ``original``."""
+
+    def get_weights_scaling_factor(cls, input, block_size, weights_scaling_factor_2=None,
+                                   keep_high_precision=False):  # fmt: skip
+        from omniquant.quantize import kernels
+
+        wsf2 = weights_scaling_factor_2
+        if (
+            not keep_high_precision
+            and isinstance(input, torch.Tensor)
+            and isinstance(wsf2, torch.Tensor)
+            and input.device.type == "cpu"
+            and wsf2.device.type == "cpu"
+            and input.dtype in _UPCAST_EXACTLY
+            and wsf2.dtype == torch.float32
+            and wsf2.numel() == 1
+            and wsf2.dim() <= input.dim()  # broadcasting adds no leading dimension
+            and input.dim() >= 1
+            and isinstance(block_size, int)
+            and block_size > 0
+            and input.shape[-1] % block_size == 0
+        ):
+            blocks = input.reshape(*input.shape[:-1], -1, block_size)
+            fused = kernels.run("nvfp4_scales", blocks, wsf2.reshape(()), elements=input.numel())
+            if fused is not None and not bool(fused[1]):
+                return fused[0], wsf2
+        return original(cls, input, block_size, wsf2, keep_high_precision)
+
+    return get_weights_scaling_factor
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -297,7 +368,7 @@ def fast_packing():
     orig_cast = NVFP4QTensor.__dict__["_cast_fp4"]
     orig_block_amax = nvfp4_module.reduce_block_amax
     orig_scales = NVFP4QTensor.__dict__["get_weights_scaling_factor"]
-    scales_once = _BlockScalesOnce(orig_scales.__func__)
+    scales_once = _BlockScalesOnce(_fused_block_scales(orig_scales.__func__))
 
     def to_quantized_weight(weight, weights_scaling_factor, quantization, *args, **kwargs):
         scales_once.clear()  # both scale computations of this weight are behind it
