@@ -19,6 +19,7 @@ F8 = torch.float8_e4m3fn
 def compiled(monkeypatch):
     """Kernels on for every size, with this test's own failure state."""
     monkeypatch.setattr(kernels, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(kernels, "FIXED_SECONDS", -1.0)  # every export pays for them
     monkeypatch.setattr(kernels, "_off", [])
     monkeypatch.delenv("OMNIQUANT_COMPILE", raising=False)
     return kernels
@@ -226,3 +227,16 @@ def test_a_failed_compile_warns_once_and_the_export_packs_eagerly(compiled, monk
         assert (
             kernels.run("nvfp4_pairs", torch.zeros(8, dtype=torch.int16), elements=1 << 30) is None
         )
+
+
+def test_an_export_compiles_only_where_it_pays():
+    """The slice's NVFP4 experts (2.6 G elements) pay for the process's compile; its FP8
+    ones (2.6 G) do not, the released model's (31 G) do; nothing is compiled inside an
+    export that does not pay."""
+    slice_experts = 512 * 1856 * 2688
+    assert kernels.worth_compiling({"nvfp4": slice_experts, "fp8": 10**8})
+    assert not kernels.worth_compiling({"fp8": slice_experts, "bf16": 10**10})
+    assert kernels.worth_compiling({"fp8": 31 * 10**9})
+    w = torch.ones(4, 16, dtype=torch.bfloat16)
+    with kernels.allowed(False):
+        assert kernels.run("fp8", w, torch.tensor(1.0), elements=1 << 30) is None

@@ -112,6 +112,17 @@ def quantized_hub_modules(loaded, plan) -> dict[str, str]:
     return out
 
 
+def _packed_elements(loaded, plan) -> dict[str, int]:
+    """Format -> weight elements of the plan's quantized modules (their own parameters: a
+    fused expert container's stacked weights count whole)."""
+    modules = dict(loaded.model.named_modules())
+    totals: dict[str, int] = {}
+    for name, fmt in plan.quantized().items():
+        n = sum(p.numel() for p in modules[name].parameters(recurse=False))
+        totals[fmt] = totals.get(fmt, 0) + n
+    return totals
+
+
 def _pointers(modules) -> set[int]:
     """Data pointers of the live (not meta) parameters and buffers of ``modules``."""
     return {
@@ -398,6 +409,7 @@ def write_checkpoint(
         ``{"shards": {file: sha256}, "hf_quant_config": {...}, "tensors": n}``;
         ``omniquant.json`` is the caller's to write (last).
     """
+    from omniquant.quantize import kernels
     from omniquant.quantize.heap import lean_heap
     from omniquant.quantize.packing import fast_packing
 
@@ -411,7 +423,8 @@ def write_checkpoint(
         )
     out.mkdir(parents=True, exist_ok=True)
     # Per-weight temporaries go back to the OS when freed (omniquant/quantize/heap.py).
-    with lean_heap(), fast_packing(), _ShardWriter() as writer:
+    compiled = kernels.allowed(kernels.worth_compiling(_packed_elements(loaded, plan)))
+    with lean_heap(), fast_packing(), compiled, _ShardWriter() as writer:
         exporter = _LayerwiseQuantExport(loaded)
         if release:
             exporter.release_outside_units()

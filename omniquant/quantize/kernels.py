@@ -31,14 +31,17 @@ bf16 value through FP8, blocks of zeros, tiny and huge blocks; the export pins h
 bytes of whole checkpoints.
 
 When they do not run (the caller then runs the eager ops, which give the same bytes):
-a weight of fewer than ``MIN_ELEMENTS`` elements (a first compile takes seconds, more
-than the demo's whole export saves); ``OMNIQUANT_COMPILE=0`` in the environment; or a
-compile that fails (inductor needs a C++ compiler: ``g++``), which is warned about once,
-naming the cause, after which the process stays on the eager ops.
+an export they would not pay for (``worth_compiling``: each process pays about 3.5 s to
+import dynamo and inductor and load the kernels from inductor's on-disk cache, about
+10 s more the first time on a machine, to build them); a weight of fewer than
+``MIN_ELEMENTS`` elements; ``OMNIQUANT_COMPILE=0`` in the environment; or a compile that
+fails (inductor needs a C++ compiler: ``g++``), which is warned about once, naming the
+cause, after which the process stays on the eager ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -46,6 +49,38 @@ import torch
 
 #: Weights with fewer elements use the eager ops (tests lower it to 0).
 MIN_ELEMENTS = 1 << 20
+
+#: What compiling costs a process with inductor's cache warm (seconds; measured on the
+#: 2-core machine: imports about 1.7 s, the four kernels' first calls about 1.8 s).
+FIXED_SECONDS = 3.5
+#: Export wall seconds the kernels save per weight element packed, by format (measured
+#: on the 2-core machine on the real-width slice's 1856 x 2688 expert weights: NVFP4
+#: block scales and packing about 10 ms eager, 4-6 ms compiled in the export; FP8
+#: 2.5 ms against 0.66 ms). On the slice an NVFP4 export gains (2.6 G elements: about
+#: 5 s), an FP8 one does not (about 1 s); the released model's gain either way.
+SECONDS_SAVED_PER_ELEMENT = {"nvfp4": 2.0e-9, "fp8": 0.37e-9}
+
+
+def worth_compiling(elements_by_format: dict[str, int]) -> bool:
+    """Whether an export packing these weight elements (format -> count) saves more with
+    the kernels than the process pays to compile them (``FIXED_SECONDS``)."""
+    saved = sum(
+        SECONDS_SAVED_PER_ELEMENT.get(fmt, 0.0) * n for fmt, n in elements_by_format.items()
+    )
+    return saved > FIXED_SECONDS
+
+
+_allowed = [True]
+
+
+@contextlib.contextmanager
+def allowed(flag: bool):
+    """Within it, ``run`` runs kernels only if ``flag`` (an export's ``worth_compiling``)."""
+    _allowed.append(bool(flag))
+    try:
+        yield
+    finally:
+        _allowed.pop()
 
 #: modelopt 0.47's ``E2M1_MAX`` and ``E4M3_MAX`` (``modelopt.torch.quantization.utils.
 #: numeric_utils``; tests/test_kernels.py checks they are still modelopt's).
@@ -119,9 +154,9 @@ def disabled_reason() -> str | None:
 
 def run(name: str, *args, elements: int):
     """``name``'s compiled kernel on ``args``, or None where it does not run (too few
-    ``elements``, switched off, or its compile failed: warned once); the caller then runs
-    the eager ops."""
-    if elements < MIN_ELEMENTS or disabled_reason() is not None:
+    ``elements``, not ``allowed`` for this export, switched off, or its compile failed:
+    warned once); the caller then runs the eager ops."""
+    if elements < MIN_ELEMENTS or not _allowed[-1] or disabled_reason() is not None:
         return None
     fn = _compiled.get(name)
     if fn is None:
