@@ -58,8 +58,9 @@ def test_cpu_rehearsal_runs_every_step_end_to_end(tmp_path):
 
 def test_real_scale_budget_fits_six_minutes_and_is_printed_first(tmp_path, capsys):
     out = tmp_path / "plan.json"
+    # The GPU machine's 64 GiB disk, not this machine's free space (which other work moves).
     gpu_check.main(["--scale", "real", "--device", "cpu", "--plan-only", "--out", str(out),
-                    "--work", str(tmp_path / "w")])  # fmt: skip
+                    "--work", str(tmp_path / "w"), "--free-disk", str(64 * 2**30)])  # fmt: skip
     res = json.loads(out.read_text())
     assert res["estimated_total_s"] <= budget.TOTAL_BUDGET_S
     assert res["preflight"]["layers"] == 8 and res["preflight"]["fits"]
