@@ -82,6 +82,7 @@ def allowed(flag: bool):
     finally:
         _allowed.pop()
 
+
 #: modelopt 0.47's ``E2M1_MAX`` and ``E4M3_MAX`` (``modelopt.torch.quantization.utils.
 #: numeric_utils``; tests/test_kernels.py checks they are still modelopt's).
 E2M1_MAX = 6.0
