@@ -196,6 +196,11 @@ def test_small_weights_and_the_switch_keep_the_eager_ops(monkeypatch):
     monkeypatch.delenv("OMNIQUANT_COMPILE", raising=False)
     w = torch.ones(4, 16, dtype=torch.bfloat16)
     assert kernels.run("fp8", w, torch.tensor(1.0), elements=kernels.MIN_ELEMENTS - 1) is None
+    off_cpu = torch.empty(4, 16, dtype=torch.bfloat16, device="meta")  # CPU code only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # declined up front: no compile tried, none failed
+        assert kernels.run("fp8", off_cpu, torch.tensor(1.0), elements=1 << 30) is None
+    assert kernels._off == []
     monkeypatch.setenv("OMNIQUANT_COMPILE", "0")
     assert kernels.disabled_reason() == "OMNIQUANT_COMPILE=0"
     assert kernels.run("fp8", w, torch.tensor(1.0), elements=1 << 30) is None

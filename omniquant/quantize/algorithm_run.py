@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from omniquant.errors import CalibrationError, arg_ref
 from omniquant.quantize.algorithms import get_algorithm
+from omniquant.quantize.plan import weight_elements
 
 #: An estimate above this many seconds is printed as a warning before calibration.
 SLOW_ESTIMATE_S = 3600.0
@@ -31,17 +32,6 @@ SLOW_ESTIMATE_S = 3600.0
 #: multipliers; GPTQ re-quantizes the whole matrix once per input column (its unfused
 #: CPU path), counted per module below.
 _EVALS_PER_ELEMENT = {"mse": 126, "local_hessian": 126 * 16, "four_over_six": 2}
-
-
-def _weight_elements(plan, loaded) -> dict[str, int]:
-    """Module -> elements of its quantized weights (fused containers: all experts)."""
-    modules = dict(loaded.model.named_modules())
-    out = {}
-    for name in plan.quantized():
-        mod = modules.get(name)
-        if mod is not None:
-            out[name] = sum(p.numel() for p in mod.parameters(recurse=False) if p.dim() >= 2)
-    return out
 
 
 def _fake_quant_rate() -> float:
@@ -62,7 +52,7 @@ def estimate_cost(plan, loaded) -> tuple[float, str]:
     algos = plan.algorithms
     if algos is None or algos.active == "max":
         return 0.0, "max: no search"
-    active, elems = algos.active, _weight_elements(plan, loaded)
+    active, elems = algos.active, weight_elements(plan, loaded)
     mine = {n: e for n, e in elems.items() if plan.module_algorithm(n) == active}
     if active == "gptq":
         modules = dict(loaded.model.named_modules())

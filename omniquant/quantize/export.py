@@ -112,17 +112,6 @@ def quantized_hub_modules(loaded, plan) -> dict[str, str]:
     return out
 
 
-def _packed_elements(loaded, plan) -> dict[str, int]:
-    """Format -> weight elements of the plan's quantized modules (their own parameters: a
-    fused expert container's stacked weights count whole)."""
-    modules = dict(loaded.model.named_modules())
-    totals: dict[str, int] = {}
-    for name, fmt in plan.quantized().items():
-        n = sum(p.numel() for p in modules[name].parameters(recurse=False))
-        totals[fmt] = totals.get(fmt, 0) + n
-    return totals
-
-
 def _pointers(modules) -> set[int]:
     """Data pointers of the live (not meta) parameters and buffers of ``modules``."""
     return {
@@ -412,6 +401,7 @@ def write_checkpoint(
     from omniquant.quantize import kernels
     from omniquant.quantize.heap import lean_heap
     from omniquant.quantize.packing import fast_packing
+    from omniquant.quantize.plan import weight_elements
 
     src = SourceIndex.read(loaded.path)
     qmods = quantized_hub_modules(loaded, plan)
@@ -422,8 +412,12 @@ def write_checkpoint(
             f"names (layout mismatch): {', '.join(missing[:5])}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    # Per-weight temporaries go back to the OS when freed (omniquant/quantize/heap.py).
-    compiled = kernels.allowed(kernels.worth_compiling(_packed_elements(loaded, plan)))
+    # Per-weight temporaries reuse freed heap memory (omniquant/quantize/heap.py).
+    formats = plan.quantized()
+    packed: dict[str, int] = {}  # format -> weight elements the export packs
+    for name, n in weight_elements(plan, loaded).items():
+        packed[formats[name]] = packed.get(formats[name], 0) + n
+    compiled = kernels.allowed(kernels.worth_compiling(packed))
     with lean_heap(), fast_packing(), compiled, _ShardWriter() as writer:
         exporter = _LayerwiseQuantExport(loaded)
         if release:

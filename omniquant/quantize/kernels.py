@@ -155,10 +155,12 @@ def disabled_reason() -> str | None:
 
 def run(name: str, *args, elements: int):
     """``name``'s compiled kernel on ``args``, or None where it does not run (too few
-    ``elements``, not ``allowed`` for this export, switched off, or its compile failed:
-    warned once); the caller then runs the eager ops."""
+    ``elements``, not ``allowed`` for this export, switched off, a tensor off the CPU, or
+    its compile failed: warned once); the caller then runs the eager ops."""
     if elements < MIN_ELEMENTS or not _allowed[-1] or disabled_reason() is not None:
         return None
+    if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args):
+        return None  # written and tested for inductor's CPU code only
     fn = _compiled.get(name)
     if fn is None:
         fn = _compiled[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)

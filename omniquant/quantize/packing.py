@@ -64,10 +64,9 @@ def _fp8_single_rounded(
     """
     from omniquant.quantize import kernels
 
-    if weight.device.type == "cpu" and scale.device.type == "cpu":
-        fused = kernels.run("fp8", weight, scale, elements=weight.numel())
-        if fused is not None:  # the same expression in one pass (omniquant.quantize.kernels)
-            return fused
+    fused = kernels.run("fp8", weight, scale, elements=weight.numel())
+    if fused is not None:  # the same expression in one pass (omniquant.quantize.kernels)
+        return fused
     rows = weight.shape[0] if weight.dim() else 1
     if weight.dim() == 0 or rows <= 1:
         return (weight.float() / scale).to(torch.float8_e4m3fn)
@@ -151,8 +150,6 @@ def _nvfp4_slice_fused(w, block_scale, scale, block_size, packed, elements: int)
     (``elements``: the whole weight's, which decides), and nothing was written."""
     from omniquant.quantize import kernels
 
-    if w.device.type != "cpu" or block_scale.device.type != "cpu" or scale.device.type != "cpu":
-        return False
     blocks = w.view((*w.shape[:-1], -1, block_size))
     per_block = scale.unsqueeze(-1) if scale.dim() else scale  # [e, 1, 1] -> [e, 1, 1, 1]
     coded = kernels.run("nvfp4_codes", blocks, block_scale.unsqueeze(-1), per_block,
@@ -244,7 +241,7 @@ def _last_dim_block_amax(original, scratch: dict | None = None):
 def _fused_block_scales(original):
     """modelopt 0.47's ``NVFP4QTensor.get_weights_scaling_factor`` (its function, not the
     classmethod) with the common case computed by the compiled ``nvfp4_scales`` kernel
-    (``omniquant.quantize.kernels``): a CPU weight of an exactly-upcast dtype, blocks
+    (``omniquant.quantize.kernels``): a weight of an exactly-upcast dtype, blocks
     along the last dimension, a given float32 ``weights_scaling_factor_2`` of one element,
     E4M3 output. The same expression (block amax, ``/ (E2M1_MAX * wsf2)``, zeros to 1,
     clamp, cast) in one pass; a block holding NaN, and every other case, go to
@@ -259,8 +256,6 @@ def _fused_block_scales(original):
             not keep_high_precision
             and isinstance(input, torch.Tensor)
             and isinstance(wsf2, torch.Tensor)
-            and input.device.type == "cpu"
-            and wsf2.device.type == "cpu"
             and input.dtype in _UPCAST_EXACTLY
             and wsf2.dtype == torch.float32
             and wsf2.numel() == 1

@@ -111,6 +111,17 @@ class Plan:
         }
 
 
+def weight_elements(plan: Plan, loaded) -> dict[str, int]:
+    """Module -> elements of its quantized weights (fused containers: all experts)."""
+    modules = dict(loaded.model.named_modules())
+    out = {}
+    for name in plan.quantized():
+        mod = modules.get(name)
+        if mod is not None:
+            out[name] = sum(p.numel() for p in mod.parameters(recurse=False) if p.dim() >= 2)
+    return out
+
+
 def resolve_plan(recipe: Recipe, loaded) -> Plan:
     """Resolve ``recipe``'s rules against the loaded model.
 
