@@ -134,9 +134,11 @@ def test_audit_checks_every_scale_the_entry_declares(fmt_name):
     fmt = FORMATS[fmt_name]
     stored = _stored(fmt_name)
 
+    reads = []
+
     def audit(tensors):
         report = AuditReport(path=None)
-        _check_scales("m", fmt, tensors["m.weight"], tensors.get, report)
+        _check_scales("m", fmt, lambda: reads.append(1) or tensors["m.weight"], tensors.get, report)
         return report.problems
 
     assert audit(stored) == []
@@ -146,6 +148,9 @@ def test_audit_checks_every_scale_the_entry_declares(fmt_name):
         nan = dict(stored, **{f"m.{suffix}": torch.full_like(stored[f"m.{suffix}"], float("nan"))})
         problems = audit(nan)
         assert len(problems) == 1 and problems[0].startswith(f"m.{suffix}: "), problems
+    # the stored weight is read only where a per-block scale needs its codes
+    per_block = any(s.kind == "per_block" for s in fmt.scales)
+    assert bool(reads) == per_block, (fmt_name, len(reads))
 
 
 def test_audit_message_order_and_text():
@@ -154,7 +159,7 @@ def test_audit_message_order_and_text():
 
     def audit(fmt_name, tensors):
         report = AuditReport(path=None)
-        _check_scales("m", FORMATS[fmt_name], tensors["m.weight"], tensors.get, report)
+        _check_scales("m", FORMATS[fmt_name], lambda: tensors["m.weight"], tensors.get, report)
         return report.problems
 
     assert audit("fp8", {"m.weight": _stored("fp8")["m.weight"]}) == [

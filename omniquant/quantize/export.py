@@ -50,7 +50,6 @@ from omniquant.checkpoint.layout import (
     INDEX_JSON,
     WRITTEN_FILES,
     QuantConfig,
-    sha256_file,
     write_config_json,
     write_json,
 )
@@ -315,25 +314,25 @@ def remote_code_files(remote_code: Path) -> tuple[dict, list[Path]]:
 
 
 class _ShardWriter:
-    """Saves output shards on a background thread, and hashes each on a third, while the
-    caller exports the next shard's layers.
+    """Writes output shards on a background thread while the caller exports the next
+    shard's layers.
 
-    safetensors' ``save_file`` and hashlib release the GIL, so the saving of shard N, the
-    hashing of shard N-1 and modelopt's export of shard N+1's layers run at once. The
-    writes are what take longest (the kernel throttles a writer to the disk once dirty
-    pages pile up), so the hash is kept off their thread: hashing after each save on the
-    same thread put 2.2 s of the FP8 slice's export on its critical path. At most one shard
-    is being saved while the next is assembled (``submit`` waits for the previous save
-    first), so memory holds at most two output shards. The sha256 is taken by reading the
-    written file back, so it is the file's, not the tensors' in memory. A failure to write
-    or hash is raised by the next ``submit`` or by ``checksums``.
+    Each shard goes out through ``SafetensorsWriter`` (``omniquant.checkpoint.safetensors_file``):
+    direct I/O from two reused chunk buffers, each chunk hashed on a third thread while it
+    is written, so no shard is read back to be hashed. The copies into the chunks, the
+    writes and hashlib all release the GIL, so they run beside modelopt's export of the
+    next shard's layers. At most one shard is being written while the next is assembled
+    (``submit`` waits for the previous write first), so memory holds at most two output
+    shards. A failure to write is raised by the next ``submit`` or by ``checksums``.
     """
 
     def __init__(self):
         from concurrent.futures import ThreadPoolExecutor
 
+        from omniquant.checkpoint.safetensors_file import SafetensorsWriter
+
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omniquant-writer")
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="omniquant-sha256")
+        self._files = SafetensorsWriter()
         self._saves: dict = {}
         self._last = None
 
@@ -342,7 +341,7 @@ class _ShardWriter:
 
     def __exit__(self, *exc) -> None:
         self._saver.shutdown(wait=True)
-        self._hasher.shutdown(wait=True)
+        self._files.close()
 
     def submit(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         """Write ``tensors`` to ``path`` in the background; the dict is emptied once written."""
@@ -350,16 +349,14 @@ class _ShardWriter:
             self._last.result()
         self._last = self._saves[path.name] = self._saver.submit(self._save, path, tensors)
 
-    def _save(self, path: Path, tensors: dict[str, torch.Tensor]):
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(path), metadata={"format": "pt"})
+    def _save(self, path: Path, tensors: dict[str, torch.Tensor]) -> str:
+        digest = self._files.write(path, tensors, metadata={"format": "pt"})
         tensors.clear()  # the shard's memory goes now, not when the caller's loop moves on
-        return self._hasher.submit(sha256_file, path)
+        return digest
 
     def checksums(self) -> dict[str, str]:
-        """``{shard file: sha256}`` of every shard, once all are written and hashed."""
-        return {name: save.result().result() for name, save in self._saves.items()}
+        """``{shard file: sha256}`` of every shard, once all are written."""
+        return {name: save.result() for name, save in self._saves.items()}
 
 
 def write_checkpoint(
