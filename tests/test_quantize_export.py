@@ -278,6 +278,23 @@ def test_nan_block_scale_byte(quantized, tmp_path):
     assert f"{name}: 1 NaN/Inf block scale(s)" in report.problems
 
 
+def test_zero_block_scale_on_non_zero_codes_is_found_in_the_file(quantized, tmp_path):
+    """The audit reads the codes from the file (direct I/O, omniquant.checkpoint
+    .safetensors_file) to tell a zero block scale on data from a zero block."""
+    out = tmp_path / "zero_block"
+    shutil.copytree(quantized("nvfp4_omni"), out)
+    t = _tensors(out)
+    module = "language_model.backbone.layers.1.mixer.experts.0.up_proj"
+    codes = t[f"{module}.weight"].view(t[f"{module}.weight"].shape[0], -1, 8)
+    row, block = (codes != 0).any(-1).nonzero()[0].tolist()
+    scale = t[f"{module}.weight_scale"].view(torch.uint8).clone()
+    scale[row, block] = 0
+    t[f"{module}.weight_scale"] = scale.view(torch.float8_e4m3fn)
+    save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    report = audit_checkpoint(out, checksums=False)
+    assert report.problems == [f"{module}.weight_scale: 1 zero block scale(s) on non-zero blocks"]
+
+
 @pytest.mark.parametrize("recipe", ["fp8_omni", "nvfp4_omni"])
 def test_quantized_layer_also_excluded_fails_audit(quantized, tmp_path, recipe):
     """Single-format and MIXED_PRECISION configs alike: a quantized layer must not be excluded."""
@@ -494,3 +511,23 @@ def test_a_weight_that_overflows_bfloat16_on_load_is_refused_by_name(tiny_dir, t
     with pytest.raises(ModelLoadError, match="loaded weights hold NaN/Inf although the files do not"):
         quantize(src, "fp8_omni", tmp_path / "out", calib="synthetic", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("per_block", [8, 4, 2, 3])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_nonzero_blocks_wide_view_equals_bytewise(per_block, offset):
+    """The audit's one-integer-per-block test agrees with the bytewise one: blocks that are
+    all zero, one non-zero byte at every position, and a storage offset that forbids the
+    wide view (``offset`` 3)."""
+    from omniquant.checkpoint.audit import _nonzero_blocks
+
+    rows, blocks = 5, 2 * per_block + 1
+    w = torch.zeros(rows, blocks * per_block, dtype=torch.uint8)
+    for b in range(blocks - 1):  # block b has one non-zero byte, at position b % per_block
+        w[b % rows, b * per_block + b % per_block] = 1 + b
+    base = torch.zeros(w.numel() + offset, dtype=torch.uint8)
+    shifted = base[offset:].view(w.shape)
+    shifted.copy_(w)
+    want = (w.view(rows, -1, per_block) != 0).any(-1)
+    assert want.sum() == blocks - 1
+    assert torch.equal(_nonzero_blocks(shifted, rows, per_block), want)

@@ -158,3 +158,33 @@ def test_refused_tensors_name_themselves(tmp_path, tensors, match):
     with SafetensorsWriter() as w, pytest.raises(ValueError, match=match):
         w.write(tmp_path / "x.safetensors", tensors)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_the_reader_gives_back_every_tensor_as_stored(tmp_path, monkeypatch, direct):
+    """Tensors at every alignment (odd sizes shift each next one), scalars and empties."""
+    from omniquant.checkpoint.safetensors_file import DirectTensorReader
+
+    monkeypatch.setenv("OMNIQUANT_DIRECT_IO", direct)
+    tensors = _every_dtype()
+    tensors.update({f"odd{i}": torch.randn(i * 997 + 3, dtype=torch.float16) for i in range(6)})
+    tensors["big"] = torch.randint(0, 255, (3, 5000), dtype=torch.uint8)
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"format": "pt"})
+    with DirectTensorReader(tmp_path / "x.safetensors") as r:
+        r.read("big")
+        grown = r._buf
+        for name in ["big", *sorted(tensors)]:
+            got, want = r.read(name), tensors[name]
+            assert got.dtype == want.dtype and got.shape == want.shape, name
+            assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
+        assert r._buf is grown  # smaller reads after the largest reuse its buffer
+
+
+def test_the_reader_refuses_a_file_cut_short(tmp_path):
+    from omniquant.checkpoint.safetensors_file import DirectTensorReader
+
+    f = tmp_path / "x.safetensors"
+    save_file({"a": torch.ones(10_000)}, str(f))
+    os.truncate(f, f.stat().st_size - 100)
+    with DirectTensorReader(f) as r, pytest.raises(OSError, match="ends before tensor 'a' does"):
+        r.read("a")

@@ -23,6 +23,7 @@ import fnmatch
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -97,8 +98,6 @@ def audit_checkpoint(
     Raises:
         AuditError: if ``raise_on_error`` and the audit found problems.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     report = AuditReport(path=path)
     record = read_record(path, AuditError)  # a newer format_version: refused here
@@ -108,7 +107,7 @@ def audit_checkpoint(
             "(an interrupted run, or not written by omniquant)."
         )
         return _finish(report, raise_on_error)
-    from omniquant.checkpoint.verify import open_safetensors, shard_problems
+    from omniquant.checkpoint.verify import shard_problems
 
     qc = read_quant_config(path, AuditError)
     quant = qc.quantization if qc is not None else None
@@ -124,43 +123,100 @@ def audit_checkpoint(
         _check_config_block(path, report)
         return _finish(report, raise_on_error)
 
-    # Headers only up front; tensors are read one module at a time (a 30B checkpoint
-    # must not be loaded whole to be audited).
-    index: dict[str, tuple[str, str, tuple[int, ...]]] = {}
-    handles = {}
-    for shard in sorted(record.shards):
-        f = path / shard
-        if not f.is_file():
-            continue
-        with open_safetensors(f, AuditError):  # a damaged header: a clean error, not a traceback
-            pass
-        handles[shard] = fh = safe_open(f, "pt")
-        for k in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-            sl = fh.get_slice(k)
-            index[k] = (shard, sl.get_dtype(), tuple(sl.get_shape()))
+    with _ShardTensors(path, record.shards) as tensors:
+        weights = tensors.weight_modules()
+        _check_weights(tensors, weights, quant, report, progress)
+        for k in tensors.index:
+            module, leaf = k.rsplit(".", 1)
+            if leaf in SCALE_SUFFIXES and module not in weights:
+                report.problems.append(f"{k}: scale without a weight beside it")
+        if quant is not None and quant.kv_cache_quant_algo == KV_CACHE_FORMAT.hf_quant_algo:
+            kv = [k for k in tensors.index if k.rsplit(".", 1)[-1] in KV_SCALE_SUFFIXES]
+            if not kv:
+                report.problems.append(
+                    "kv_cache_quant_algo is FP8 but no k_scale/v_scale tensors exist"
+                )
+            for k in kv:
+                _check_scalar(k, tensors.load(k), report)
+    _check_config_block(path, report)
+    return _finish(report, raise_on_error)
 
-    def load(name: str) -> torch.Tensor | None:
-        return handles[index[name][0]].get_tensor(name) if name in index else None
 
-    excluded_patterns = quant.exclude_modules if quant is not None else []
-    weights = {
-        k[: -len(".weight")]
-        for k, (_, _, shape) in index.items()
-        if k.endswith(".weight") and len(shape) >= 2
-    }
+class _ShardTensors:
+    """The tensors of a checkpoint's shards, by name: headers read up front, tensors one
+    at a time (a 30B checkpoint must not be loaded whole to be audited)."""
 
-    def stored_bytes(name: str) -> int:
-        _, dtype, shape = index[name]
+    def __init__(self, path: Path, shards):
+        from safetensors import safe_open
+
+        from omniquant.checkpoint.verify import open_safetensors
+
+        self.path = path
+        #: tensor name -> (shard, safetensors dtype, shape)
+        self.index: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+        self.handles = {}
+        for shard in sorted(shards):
+            f = path / shard
+            if not f.is_file():
+                continue
+            with open_safetensors(f, AuditError):  # a damaged header: a clean error, not a traceback
+                pass
+            self.handles[shard] = fh = safe_open(f, "pt")
+            for k in fh.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                sl = fh.get_slice(k)
+                self.index[k] = (shard, sl.get_dtype(), tuple(sl.get_shape()))
+        # Weights are read only for their block scales, one at a time, straight from the
+        # disk into one reused buffer: a fresh export is not in the page cache
+        # (omniquant.checkpoint.safetensors_file).
+        self.readers: dict = {}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for reader in self.readers.values():
+            reader.close()
+
+    def load(self, name: str) -> torch.Tensor | None:
+        return self.handles[self.index[name][0]].get_tensor(name) if name in self.index else None
+
+    def load_weight(self, module: str) -> torch.Tensor:
+        """``module.weight``, valid until the next ``load_weight``."""
+        from omniquant.checkpoint.safetensors_file import DirectTensorReader
+
+        shard = self.index[f"{module}.weight"][0]
+        if shard not in self.readers:
+            self.readers[shard] = DirectTensorReader(self.path / shard)
+        return self.readers[shard].read(f"{module}.weight")
+
+    def weight_modules(self) -> set[str]:
+        """Modules with a weight of two or more dimensions."""
+        return {
+            k[: -len(".weight")]
+            for k, (_, _, shape) in self.index.items()
+            if k.endswith(".weight") and len(shape) >= 2
+        }
+
+    def stored_bytes(self, name: str) -> int:
+        _, dtype, shape = self.index[name]
         return DTYPE_BYTES.get(dtype, 1) * math.prod(shape)
 
+
+def _check_weights(
+    tensors: _ShardTensors, weights: set[str], quant: Quantization | None, report: AuditReport,
+    progress,
+) -> None:  # fmt: skip
+    """Each weight against ``hf_quant_config``: stored as declared, excluded when not
+    quantized, and every scale its format declares."""
+    excluded_patterns = quant.exclude_modules if quant is not None else []
     todo = sorted(weights)
-    all_bytes = sum(stored_bytes(f"{m}.weight") for m in todo)
+    all_bytes = sum(tensors.stored_bytes(f"{m}.weight") for m in todo)
     done_bytes = 0
     for i, module in enumerate(todo, start=1):
-        _, dtype, _ = index[f"{module}.weight"]
+        _, dtype, _ = tensors.index[f"{module}.weight"]
         stored = by_stored_dtype(dtype)
         fmt = stored.name if stored is not None and stored.quantized else None
-        done_bytes += stored_bytes(f"{module}.weight")
+        done_bytes += tensors.stored_bytes(f"{module}.weight")
         if progress is not None:
             progress(done_bytes, all_bytes, f"weight {i}/{len(todo)}")
         declared = layer_format(module, quant)
@@ -188,22 +244,7 @@ def audit_checkpoint(
                 f"{module}.weight: stored as {fmt} but hf_quant_config declares "
                 f"{declared or 'it unquantized/excluded'}"
             )
-        _check_scales(module, stored, lambda m=module: load(f"{m}.weight"), load, report)
-
-    for k in index:
-        module, leaf = k.rsplit(".", 1)
-        if leaf in SCALE_SUFFIXES and module not in weights:
-            report.problems.append(f"{k}: scale without a weight beside it")
-    if quant is not None and quant.kv_cache_quant_algo == KV_CACHE_FORMAT.hf_quant_algo:
-        kv = [k for k in index if k.rsplit(".", 1)[-1] in KV_SCALE_SUFFIXES]
-        if not kv:
-            report.problems.append(
-                "kv_cache_quant_algo is FP8 but no k_scale/v_scale tensors exist"
-            )
-        for k in kv:
-            _check_scalar(k, load(k), report)
-    _check_config_block(path, report)
-    return _finish(report, raise_on_error)
+        _check_scales(module, stored, lambda m=module: tensors.load_weight(m), tensors.load, report)
 
 
 def _check_config_block(path: Path, report: AuditReport) -> None:
@@ -292,12 +333,31 @@ def _check_block_scales(
         report.problems.append(f"{name}: block scale(s) outside the E4M3 range")
     # Stored elements per block (8 packed NVFP4 bytes = 16 values).
     per_block = fmt.block_size // fmt.values_per_element
-    nonzero_blocks = (w.view(out_f, -1, per_block) != 0).any(-1)
+    nonzero_blocks = _nonzero_blocks(w, out_f, per_block)
     zero_on_data = (f == 0) & nonzero_blocks
     if zero_on_data.any():
         report.problems.append(
             f"{name}: {int(zero_on_data.sum())} zero block scale(s) on non-zero blocks"
         )
+
+
+#: A block of this many stored bytes is one integer: non-zero exactly when a byte is.
+_BLOCK_AS_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _nonzero_blocks(w: torch.Tensor, out_f: int, per_block: int) -> torch.Tensor:
+    """``[out, blocks]``: which blocks of ``per_block`` stored bytes hold a non-zero byte.
+
+    An NVFP4 block is 8 bytes, read as one int64 (one compare per block instead of eight
+    and a reduction); where the tensor's offset does not allow that view, bytewise.
+    """
+    wide = _BLOCK_AS_INT.get(per_block * w.element_size())
+    if wide is not None and w.is_contiguous():
+        try:
+            return w.view(wide).view(out_f, -1) != 0
+        except RuntimeError:  # storage offset not a multiple of the wider element
+            pass
+    return (w.view(out_f, -1, per_block) != 0).any(-1)
 
 
 def _finish(report: AuditReport, raise_on_error: bool) -> AuditReport:

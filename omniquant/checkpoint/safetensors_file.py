@@ -1,4 +1,5 @@
-"""Write one safetensors file with direct I/O, hashing its bytes while they are written.
+"""Write one safetensors file with direct I/O, hashing its bytes while they are written;
+read a freshly written one's tensors back the same way.
 
 Policy: the export's shards are written here, not by safetensors' ``save_file``. The file
 is safetensors' own format, byte for byte. This module only writes it differently. Why
@@ -30,6 +31,13 @@ buffer. The last one is padded to ``BLOCK`` bytes, and ``ftruncate`` then cuts t
 back to its length. Where the file system refuses ``O_DIRECT`` (tmpfs refuses it when the
 file is opened; another may refuse a write with ``EINVAL``), the file is written through
 the page cache instead, from the same chunks. ``OMNIQUANT_DIRECT_IO=0`` asks for that.
+
+**Reading back** (``DirectTensorReader``): the writer's own audit reads every NVFP4 weight
+to check its block scales. A file written with direct I/O is not in the page cache, and a
+cold read through it costs the same fresh pages: 0.47 GB/s, all kernel time, against
+1.6 GB/s with almost no CPU for ``O_DIRECT`` into a reused buffer (1.6 GB read each way on
+this machine's disk). The header is parsed by safetensors first (``open_safetensors``
+refuses a damaged file); this reader takes a tensor's offsets from the same JSON.
 
 The sha256 is of the bytes handed to ``write(2)``, in file order, as each call returns,
 not of the file read back. ``omniquant verify`` and the engine bundle read the files back
@@ -258,3 +266,79 @@ class _ChunkedFile:
             if fut is not None:
                 fut.exception()
         os.close(self.fd)
+
+
+class DirectTensorReader:
+    """Reads one safetensors file's tensors with ``O_DIRECT`` into one reused buffer.
+
+    A returned tensor is a view of that buffer, valid until the next ``read``: callers use
+    it and drop it (the audit checks one weight at a time). Where ``O_DIRECT`` is refused,
+    the file is read through the page cache into the same buffer. The file's header must
+    already have been checked by safetensors (``omniquant.checkpoint.verify``).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        self.data_start = 8 + n
+        self.entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        self._by_name = {name: dtype for dtype, name in _DTYPES.items()}
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        self.direct = direct_io_wanted() and hasattr(os, "O_DIRECT")
+        self.fd = -1
+        if self.direct:
+            try:
+                self.fd = os.open(self.path, flags | os.O_DIRECT)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+        if self.fd < 0:
+            self.fd = os.open(self.path, flags)
+        self._buf: mmap.mmap | None = None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` (a view of the reused buffer: valid until the next read)."""
+        info = self.entries[name]
+        begin, end = info["data_offsets"]
+        start, stop = self.data_start + begin, self.data_start + end
+        dtype = self._by_name[info["dtype"]]
+        if stop == start:
+            return torch.empty(info["shape"], dtype=dtype)
+        first = start - start % BLOCK
+        length = stop - first + (-(stop - first) % BLOCK)
+        if self._buf is None or len(self._buf) < length:
+            # a tensor still viewing the old buffer keeps it alive; it is not reused
+            self._buf = mmap.mmap(-1, max(length, BLOCK))
+        view = memoryview(self._buf)[:length]
+        got = 0
+        while got < stop - first:
+            n = self._pread(view[got:], first + got)
+            if n == 0:
+                raise OSError(errno.EIO, f"{self.path}: ends before tensor {name!r} does")
+            got += n
+        data = torch.frombuffer(self._buf, dtype=torch.uint8, count=stop - start, offset=start - first)
+        return data.view(dtype).reshape(info["shape"])
+
+    def _pread(self, view: memoryview, offset: int) -> int:
+        try:
+            return os.preadv(self.fd, [view], offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not self.direct:
+                raise
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self.direct = False
+            return os.preadv(self.fd, [view], offset)
