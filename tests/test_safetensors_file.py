@@ -188,3 +188,24 @@ def test_the_reader_refuses_a_file_cut_short(tmp_path):
     os.truncate(f, f.stat().st_size - 100)
     with DirectTensorReader(f) as r, pytest.raises(OSError, match="ends before tensor 'a' does"):
         r.read("a")
+
+
+def test_the_reader_goes_on_through_the_page_cache_when_a_direct_read_is_refused(tmp_path, monkeypatch):
+    from omniquant.checkpoint.safetensors_file import DirectTensorReader
+
+    f = tmp_path / "x.safetensors"
+    tensors = {"a": torch.randn(3000), "b": torch.randn(5, 7)}
+    save_file(tensors, str(f))
+    real, calls = os.preadv, []
+
+    def refuse_first(fd, views, offset):
+        calls.append(offset)
+        if len(calls) == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, views, offset)
+
+    monkeypatch.setattr(sf.os, "preadv", refuse_first)
+    with DirectTensorReader(f) as r:
+        assert all(torch.equal(r.read(k), v) for k, v in tensors.items())
+        assert not r.direct
+    assert len(calls) >= 3

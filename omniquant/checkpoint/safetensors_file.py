@@ -94,6 +94,25 @@ def direct_io_wanted() -> bool:
     return os.environ.get("OMNIQUANT_DIRECT_IO", "1").strip() != "0"
 
 
+def _open(path: Path, flags: int, direct: bool) -> tuple[int, bool]:
+    """``(fd, direct)``: ``path`` opened with ``O_DIRECT`` where asked and the file system
+    takes it (tmpfs answers ``EINVAL``), else through the page cache."""
+    flags |= getattr(os, "O_CLOEXEC", 0)
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o666), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, 0o666), False
+
+
+def _without_direct(fd: int) -> None:
+    """Clear ``O_DIRECT`` on ``fd``: a file system that took it at open may refuse an I/O
+    with ``EINVAL``; the rest goes through the page cache (same bytes, same offsets)."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+
+
 def header_bytes(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
 ) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
@@ -194,18 +213,7 @@ class _ChunkedFile:
     def __init__(self, path: Path, writer: SafetensorsWriter, direct: bool):
         self.w, self.path = writer, path
         self.digest = hashlib.sha256()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        self.direct = direct and hasattr(os, "O_DIRECT")
-        self.fd = -1
-        if self.direct:
-            try:
-                self.fd = os.open(path, flags | os.O_DIRECT, 0o666)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self.direct = False
-        if self.fd < 0:
-            self.fd = os.open(path, flags, 0o666)
+        self.fd, self.direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, direct)
         self.buf, self.fill, self.size = 0, 0, 0
         self.pending: list[Future | None] = [None, None]
 
@@ -244,9 +252,7 @@ class _ChunkedFile:
             except OSError as exc:
                 if exc.errno != errno.EINVAL or not self.direct:
                     raise
-                # This file system took O_DIRECT at open() but refuses the write: the rest
-                # goes through the page cache (same bytes, same offsets).
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                _without_direct(self.fd)
                 self.direct = False
                 continue
             view = view[n:]
@@ -285,18 +291,7 @@ class DirectTensorReader:
         self.data_start = 8 + n
         self.entries = {k: v for k, v in header.items() if k != "__metadata__"}
         self._by_name = {name: dtype for dtype, name in _DTYPES.items()}
-        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-        self.direct = direct_io_wanted() and hasattr(os, "O_DIRECT")
-        self.fd = -1
-        if self.direct:
-            try:
-                self.fd = os.open(self.path, flags | os.O_DIRECT)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self.direct = False
-        if self.fd < 0:
-            self.fd = os.open(self.path, flags)
+        self.fd, self.direct = _open(self.path, os.O_RDONLY, direct_io_wanted())
         self._buf: mmap.mmap | None = None
 
     def close(self) -> None:
@@ -339,6 +334,6 @@ class DirectTensorReader:
         except OSError as exc:
             if exc.errno != errno.EINVAL or not self.direct:
                 raise
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+            _without_direct(self.fd)
             self.direct = False
             return os.preadv(self.fd, [view], offset)
