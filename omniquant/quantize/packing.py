@@ -125,22 +125,32 @@ def _nvfp4_sliced(orig, weight, block_scale, quantization, global_scale, block_s
     rows = weight.shape[0]
     step = max(1, _NVFP4_SLICE_ELEMENTS // max(1, weight[0].numel()))
     need = min(step, rows) * weight[0].numel()
-    quotient = _reused(scratch, _F32, need, torch.float32, weight.device)
-    denominators = _reused(scratch, "nvfp4 denominators", need // block_size, torch.float32,
-                           weight.device)  # fmt: skip
-    codes = _reused(scratch, "nvfp4 codes", need, torch.uint8, weight.device)
-    work = scratch.setdefault("e2m1 work", {}) if scratch is not None else None
+    eager = None  # the eager path's kept buffers, taken only when a slice needs them
     out = torch.empty(
         (*weight.shape[:-1], weight.shape[-1] // 2), dtype=torch.uint8, device=weight.device
     )
     with torch.no_grad():
         for i in range(0, rows, step):
             scale = global_scale[i : i + step].view(-1, 1, 1) if per_expert else global_scale
-            if not _nvfp4_slice_fused(weight[i : i + step], block_scale[i : i + step], scale,
-                                      block_size, out[i : i + step], weight.numel()):  # fmt: skip
-                _nvfp4_slice(weight[i : i + step], block_scale[i : i + step], scale,
-                             block_size, quotient, denominators, codes, work, out[i : i + step])  # fmt: skip
+            if _nvfp4_slice_fused(weight[i : i + step], block_scale[i : i + step], scale,
+                                  block_size, out[i : i + step], weight.numel()):  # fmt: skip
+                continue
+            if eager is None:
+                eager = _eager_buffers(scratch, need, block_size, weight.device)
+            _nvfp4_slice(weight[i : i + step], block_scale[i : i + step], scale, block_size,
+                         *eager, out[i : i + step])  # fmt: skip
     return out
+
+
+def _eager_buffers(scratch: dict | None, need: int, block_size: int, device) -> tuple:
+    """``_nvfp4_slice``'s quotient, denominators, codes and E2M1 work buffers for slices of
+    ``need`` elements, kept in ``scratch`` (``_reused``)."""
+    return (
+        _reused(scratch, _F32, need, torch.float32, device),
+        _reused(scratch, "nvfp4 denominators", need // block_size, torch.float32, device),
+        _reused(scratch, "nvfp4 codes", need, torch.uint8, device),
+        scratch.setdefault("e2m1 work", {}) if scratch is not None else None,
+    )
 
 
 def _nvfp4_slice_fused(w, block_scale, scale, block_size, packed, elements: int) -> bool:
