@@ -82,6 +82,7 @@ _DTYPES: dict[torch.dtype, str] = {
 }  # fmt: skip
 if hasattr(torch, "float8_e8m0fnu"):
     _DTYPES[torch.float8_e8m0fnu] = "F8_E8M0"
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
 
 #: Bytes per write: two such buffers alternate (one hashed and written, one filled).
 CHUNK = 8 << 20
@@ -290,7 +291,6 @@ class DirectTensorReader:
             header = json.loads(f.read(n))
         self.data_start = 8 + n
         self.entries = {k: v for k, v in header.items() if k != "__metadata__"}
-        self._by_name = {name: dtype for dtype, name in _DTYPES.items()}
         self.fd, self.direct = _open(self.path, os.O_RDONLY, direct_io_wanted())
         self._buf: mmap.mmap | None = None
 
@@ -310,7 +310,7 @@ class DirectTensorReader:
         info = self.entries[name]
         begin, end = info["data_offsets"]
         start, stop = self.data_start + begin, self.data_start + end
-        dtype = self._by_name[info["dtype"]]
+        dtype = _TORCH_DTYPES[info["dtype"]]
         if stop == start:
             return torch.empty(info["shape"], dtype=dtype)
         first = start - start % BLOCK
